@@ -1,0 +1,60 @@
+# Qwen3.5 toolkit: one entry point for set-up, tests and the patched llama.cpp build.
+#   make setup             venv + Python deps + pinned, patched llama.cpp (one CMake build) + bindings
+#   make test              setup, then the whole test suite (GPU tests skip without a GPU)
+#   make llama-upstream    the same llama.cpp unpatched, in its own build directory (A/B, compatibility)
+#   make patches-export    rewrite cpp_patches/*.patch from the commits in build/src/vendor/llama.cpp
+#   make cuda-check        compile the CUDA files the series touches with nvcc (no GPU needed)
+# Variables: BACKEND=cpu|cuda|metal|vulkan (detected when empty), CUDA_ARCHS="86;89;90a;120",
+#            JOBS (default: all cores), PYTHON (interpreter for the venv, default python3).
+
+PYTHON  ?= python3
+BACKEND ?= $(shell $(PYTHON) cpp_patches/tree.py backend)
+CUDA_ARCHS ?=
+JOBS    ?= $(shell nproc 2>/dev/null || sysctl -n hw.ncpu)
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+TREE    := $(PYTHON) cpp_patches/tree.py
+SRC     := build/src
+BUILD   := build/$(BACKEND)
+UP_SRC  := build/upstream-src
+UP_BUILD:= build/upstream-$(BACKEND)
+
+.PHONY: setup venv llama bindings test llama-upstream patches-export cuda-check clean help
+.DEFAULT_GOAL := help
+
+help:
+	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+
+setup: venv llama bindings
+	@$(VENV)/bin/qwen35 build-info
+
+# Re-installs only when pyproject.toml changed.
+$(VENV)/.stamp: pyproject.toml
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	@touch $@
+
+venv: $(VENV)/.stamp
+
+llama:
+	@$(TREE) prepare $(SRC)
+	@$(TREE) build $(SRC) $(BUILD) --backend $(BACKEND) --cuda-archs "$(CUDA_ARCHS)" --jobs $(JOBS)
+
+bindings: venv llama
+	@$(TREE) bindings $(SRC) $(BUILD) --python $(VPY)
+
+llama-upstream:
+	@$(TREE) prepare $(UP_SRC) --upstream
+	@$(TREE) build $(UP_SRC) $(UP_BUILD) --upstream --backend $(BACKEND) --cuda-archs "$(CUDA_ARCHS)" --jobs $(JOBS)
+
+test: setup
+	$(VPY) -m pytest -q
+
+patches-export:
+	@$(TREE) export $(SRC)
+
+cuda-check:
+	@$(PYTHON) cpp_patches/cuda_check.py $(SRC)
+
+clean:
+	rm -rf build $(VENV)

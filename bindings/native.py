@@ -1,0 +1,117 @@
+"""Load the patched llama.cpp library and check that it carries this toolkit's patch series.
+
+The check runs before ``llama_cpp`` binds its functions, so a stock or stale library gives one
+clear error instead of a missing-symbol traceback or, worse, silently different kernels.
+
+>>> from qwen35.bindings import native
+>>> native.expected_series_id().startswith("qwen35-")
+True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ALLOW_STOCK_ENV = "QWEN35_ALLOW_STOCK_LLAMA"
+LIB_PATH_ENV = "LLAMA_CPP_LIB_PATH"  # llama-cpp-python's own override, honoured here too
+SYMBOL = "llama_qwen35_patch_series"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class NativeLibraryError(RuntimeError):
+    """The native library is missing, stock, or built from another patch series."""
+
+
+@dataclass(frozen=True)
+class NativeInfo:
+    path: Path          # the libllama that was loaded
+    series_id: str      # what the library reports ("stock" when it lacks the symbol)
+    expected: str       # what cpp_patches/ in this source tree hashes to
+    patched: bool       # series_id == expected
+
+
+def _tree_module():
+    path = REPO_ROOT / "cpp_patches" / "tree.py"
+    if not path.exists():
+        raise NativeLibraryError(
+            f"cannot find {path}: qwen35.bindings must be installed from the source tree "
+            "(`make setup` installs it in editable mode)")
+    spec = importlib.util.spec_from_file_location("qwen35_cpp_tree", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def expected_series_id() -> str:
+    """Content hash of ``cpp_patches/series`` and its patches (the id the build embeds)."""
+    return _tree_module().series_id()
+
+
+def library_dir() -> Path:
+    """Directory llama-cpp-python loads ``libllama`` from (honours ``LLAMA_CPP_LIB_PATH``)."""
+    override = os.environ.get(LIB_PATH_ENV)
+    if override:
+        return Path(override)
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise NativeLibraryError("llama-cpp-python is not installed; run `make setup`")
+    return Path(spec.origin).parent / "lib"
+
+
+def _libllama(directory: Path) -> Path:
+    names = {"darwin": ["libllama.dylib", "libllama.so"], "win32": ["llama.dll", "libllama.dll"]}
+    for name in names.get(sys.platform, ["libllama.so"]):
+        if (directory / name).exists():
+            return directory / name
+    raise NativeLibraryError(f"no libllama in {directory}; run `make setup` to build the patched library")
+
+
+def probe(lib_path: Path) -> str:
+    """Series id reported by the library at lib_path, or ``"stock"`` when it has no id symbol."""
+    lib = ctypes.CDLL(str(lib_path), mode=getattr(ctypes, "RTLD_GLOBAL", 0))
+    try:
+        fn = getattr(lib, SYMBOL)
+    except AttributeError:
+        return "stock"
+    fn.restype = ctypes.c_char_p
+    fn.argtypes = []
+    return fn().decode()
+
+
+def check(lib_path: Path, expected: str | None = None, allow_stock: bool | None = None) -> NativeInfo:
+    """Raise :class:`NativeLibraryError` unless lib_path carries the expected patch series."""
+    expected = expected or expected_series_id()
+    if allow_stock is None:
+        allow_stock = os.environ.get(ALLOW_STOCK_ENV, "") not in ("", "0")
+    got = probe(lib_path)
+    info = NativeInfo(path=lib_path, series_id=got, expected=expected, patched=got == expected)
+    if info.patched:
+        return info
+    if allow_stock:
+        log.warning("using %s (series %s, expected %s) because %s is set", lib_path, got, expected,
+                    ALLOW_STOCK_ENV)
+        return info
+    if got == "stock":
+        raise NativeLibraryError(
+            f"{lib_path} is a stock llama.cpp without the Qwen3.5 patch series; run `make setup` "
+            f"to build the patched library, or set {ALLOW_STOCK_ENV}=1 to use it knowingly")
+    raise NativeLibraryError(
+        f"{lib_path} was built from patch series {got} but cpp_patches/ is {expected}; run "
+        f"`make setup` to rebuild, or set {ALLOW_STOCK_ENV}=1 to use it knowingly")
+
+
+@functools.cache
+def load() -> NativeInfo:
+    """Check the library, then import ``llama_cpp`` bound to it. Cached: runs once per process."""
+    info = check(_libllama(library_dir()))
+    import llama_cpp  # noqa: F401  (binds every function; must come after the check)
+    return info
