@@ -53,8 +53,8 @@ test: setup
 patches-export:
 	@$(TREE) export $(SRC)
 
-cuda-check:
-	@$(PYTHON) cpp_patches/cuda_check.py $(SRC)
+cuda-check: venv
+	$(VPY) -m pytest -q tests/test_cuda_compile.py
 
 clean:
 	rm -rf build $(VENV)

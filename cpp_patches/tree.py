@@ -38,9 +38,10 @@ SDIST_FILE = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 LLAMA_CPP_COMMIT = "0c1e570"
 
-PATCH_DIR = Path(__file__).resolve().parent
-ROOT = PATCH_DIR.parent
-CACHE = ROOT / ".cache"
+ROOT = Path(__file__).resolve().parent.parent
+# QWEN35_PATCH_DIR points the tool at another copy of the series (tests use it).
+PATCH_DIR = Path(os.environ.get("QWEN35_PATCH_DIR") or ROOT / "cpp_patches").resolve()
+CACHE = Path(os.environ.get("QWEN35_CACHE_DIR") or ROOT / ".cache")
 STAMP = ".qwen35-stamp"
 
 # The tools the toolkit drives, besides the shared libraries.
