@@ -1,5 +1,6 @@
 # Qwen3.5 toolkit: one entry point for set-up, tests and the patched llama.cpp build.
 #   make setup             venv + Python deps + pinned, patched llama.cpp (one CMake build) + bindings
+#   make demo              setup, then checkpoint -> GGUF -> one chat reply through the bindings, timed
 #   make test              setup, then the whole test suite (GPU tests skip without a GPU)
 #   make llama-upstream    the same llama.cpp unpatched, in its own build directory (A/B, compatibility)
 #   make patches-export    rewrite cpp_patches/*.patch from the commits in build/src/vendor/llama.cpp
@@ -19,11 +20,11 @@ BUILD   := build/$(BACKEND)
 UP_SRC  := build/upstream-src
 UP_BUILD:= build/upstream-$(BACKEND)
 
-.PHONY: setup venv llama bindings test llama-upstream patches-export cuda-check clean help
+.PHONY: demo setup venv llama bindings test llama-upstream patches-export cuda-check clean help
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '2,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: venv llama bindings
 	@$(VENV)/bin/qwen35 build-info
@@ -46,6 +47,9 @@ bindings: venv llama
 llama-upstream:
 	@$(TREE) prepare $(UP_SRC) --upstream
 	@$(TREE) build $(UP_SRC) $(UP_BUILD) --upstream --backend $(BACKEND) --cuda-archs "$(CUDA_ARCHS)" --jobs $(JOBS)
+
+demo: setup
+	$(VPY) examples/demo.py
 
 test: setup
 	$(VPY) -m pytest -q

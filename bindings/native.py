@@ -109,9 +109,32 @@ def check(lib_path: Path, expected: str | None = None, allow_stock: bool | None 
         f"`make setup` to rebuild, or set {ALLOW_STOCK_ENV}=1 to use it knowingly")
 
 
+_LOG_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_llama_log = logging.getLogger("qwen35.llama_cpp")
+_log_callback = None  # keeps the ctypes callback alive
+
+
+def _route_native_log() -> None:
+    """llama.cpp's log goes to the ``qwen35.llama_cpp`` logger (stderr only with QWEN35_DEBUG=1)."""
+    global _log_callback
+    import llama_cpp
+
+    def cb(level, text, _user):
+        _llama_log.log(_LOG_LEVELS.get(level, logging.DEBUG), "%s", text.decode("utf-8", "replace").rstrip())
+
+    _log_callback = llama_cpp.llama_log_callback(cb)
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+    if os.environ.get("QWEN35_DEBUG"):
+        logging.basicConfig(level=logging.DEBUG)
+    else:
+        _llama_log.setLevel(logging.ERROR)
+
+
 @functools.cache
 def load() -> NativeInfo:
     """Check the library, then import ``llama_cpp`` bound to it. Cached: runs once per process."""
     info = check(_libllama(library_dir()))
     import llama_cpp  # noqa: F401  (binds every function; must come after the check)
+
+    _route_native_log()
     return info

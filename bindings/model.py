@@ -1,0 +1,280 @@
+"""Load a Qwen3.5 GGUF and generate chat replies through the patched llama.cpp.
+
+>>> from qwen35.bindings.model import SamplingParams
+>>> SamplingParams().temperature
+0.0
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import native
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("qwen35", "qwen35moe")
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be used, with the reason and the fix."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the next token is chosen. temperature 0 is greedy (deterministic)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    max_tokens: int = 128
+
+
+@dataclass(frozen=True)
+class Timings:
+    prompt_tokens: int
+    prompt_ms: float
+    generated_tokens: int
+    generate_ms: float
+
+    @property
+    def prompt_tok_s(self) -> float:
+        return self.prompt_tokens / max(self.prompt_ms, 1e-9) * 1e3
+
+    @property
+    def generate_tok_s(self) -> float:
+        return self.generated_tokens / max(self.generate_ms, 1e-9) * 1e3
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    text: str
+    finish_reason: str  # "stop" (end-of-generation token) or "length" (max_tokens)
+    tokens: list[int]
+    timings: Timings
+
+
+def _meta(model_p, key: str) -> str | None:
+    import llama_cpp
+
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = llama_cpp.llama_model_meta_val_str(model_p, key.encode(), buf, len(buf))
+    if n < 0:
+        return None
+    if n >= len(buf):
+        buf = ctypes.create_string_buffer(n + 1)
+        llama_cpp.llama_model_meta_val_str(model_p, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", errors="replace")
+
+
+def _gguf_architecture(path: Path) -> str:
+    """``general.architecture`` read from the GGUF header only (the full reader parses the
+    whole vocabulary, seconds for Qwen3.5's 248K tokens)."""
+    import struct
+
+    from gguf import GGUFValueType
+
+    scalar = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
+              GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4, GGUFValueType.BOOL: 1,
+              GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
+
+    def fail(why: str) -> ModelError:
+        return ModelError(f"{path} is not a readable GGUF file ({why}); convert the checkpoint first")
+
+    with open(path, "rb") as f:
+        def read(n: int) -> bytes:
+            b = f.read(n)
+            if len(b) != n:
+                raise fail("truncated header")
+            return b
+
+        def u(n: int) -> int:
+            return int.from_bytes(read(n), "little")
+
+        def string() -> bytes:
+            return read(u(8))
+
+        def skip(vtype: int) -> None:
+            if vtype == GGUFValueType.STRING:
+                string()
+            elif vtype == GGUFValueType.ARRAY:
+                etype, count = u(4), u(8)
+                if etype in scalar:
+                    f.seek(scalar[etype] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(etype)
+            elif vtype in scalar:
+                read(scalar[vtype])
+            else:
+                raise fail(f"unknown value type {vtype}")
+
+        if read(4) != b"GGUF":
+            raise fail("bad magic")
+        struct.unpack("<I", read(4))
+        u(8)
+        for _ in range(u(8)):
+            key, vtype = string(), u(4)
+            if key == b"general.architecture" and vtype == GGUFValueType.STRING:
+                return string().decode()
+            skip(vtype)
+    raise ModelError(f"{path} has no general.architecture; it is not a llama.cpp model file")
+
+
+class Model:
+    """A loaded Qwen3.5 GGUF. Use as a context manager, or call close()."""
+
+    def __init__(self, path: Path, model_p, ctx_p, n_ctx: int):
+        self.path, self._model, self._ctx, self.n_ctx = path, model_p, ctx_p, n_ctx
+        import llama_cpp
+
+        self._vocab = llama_cpp.llama_model_get_vocab(model_p)
+        self.architecture = _meta(model_p, "general.architecture")
+        self.chat_template = _meta(model_p, "tokenizer.chat_template")
+
+    @classmethod
+    def load(cls, path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
+             n_gpu_layers: int = 0) -> "Model":
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"{path} does not exist; pass the path of a .gguf file")
+        arch = _gguf_architecture(path)
+        if arch not in ARCHITECTURES:
+            raise ModelError(f"{path} is a {arch!r} model, not Qwen3.5 ({' or '.join(ARCHITECTURES)})")
+        native.load()
+        import os
+
+        import llama_cpp
+
+        llama_cpp.llama_backend_init()
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        model_p = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+        if not model_p:
+            raise ModelError(f"llama.cpp could not load {path}; run with QWEN35_DEBUG=1 to see its log")
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = cp.n_ubatch = min(512, n_ctx)
+        threads = n_threads or max(1, os.cpu_count() or 1)
+        cp.n_threads = cp.n_threads_batch = threads
+        ctx_p = llama_cpp.llama_init_from_model(model_p, cp)
+        if not ctx_p:
+            llama_cpp.llama_model_free(model_p)
+            raise ModelError(f"could not create a {n_ctx}-token context for {path}; lower n_ctx")
+        return cls(path, model_p, ctx_p, n_ctx)
+
+    def close(self) -> None:
+        import llama_cpp
+
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ text
+
+    def render(self, messages: list[dict], *, enable_thinking: bool = True) -> str:
+        """The prompt for messages, rendered with the GGUF's own chat template (jinja2)."""
+        if not self.chat_template:
+            raise ModelError(f"{self.path} has no tokenizer.chat_template; re-convert it with a template")
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise jinja2.TemplateError(msg)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=True, enable_thinking=enable_thinking)
+
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        import llama_cpp
+
+        data = text.encode()
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, cap, False, special)
+        if n < 0:
+            buf = (llama_cpp.llama_token * -n)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, -n, False, special)
+        return list(buf[:n])
+
+    def _piece(self, token: int) -> bytes:
+        import llama_cpp
+
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
+        return buf.raw[:max(n, 0)]
+
+    def _decode(self, tokens: list[int], pos: int) -> None:
+        import llama_cpp
+
+        step = 512
+        for i in range(0, len(tokens), step):
+            part = tokens[i:i + step]
+            batch = llama_cpp.llama_batch_init(len(part), 0, 1)
+            try:
+                for j, tok in enumerate(part):
+                    batch.token[j] = tok
+                    batch.pos[j] = pos + i + j
+                    batch.n_seq_id[j] = 1
+                    batch.seq_id[j][0] = 0
+                    batch.logits[j] = i + j == len(tokens) - 1
+                batch.n_tokens = len(part)
+                if llama_cpp.llama_decode(self._ctx, batch) != 0:
+                    raise ModelError("llama_decode failed")
+            finally:
+                llama_cpp.llama_batch_free(batch)
+
+    def chat(self, messages: list[dict], sampling: SamplingParams = SamplingParams(), *,
+             enable_thinking: bool = True) -> ChatResult:
+        """Generate the assistant's reply to messages (the conversation starts fresh)."""
+        import llama_cpp
+
+        prompt = self.tokenize(self.render(messages, enable_thinking=enable_thinking))
+        if len(prompt) + sampling.max_tokens > self.n_ctx:
+            raise ModelError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds "
+                             f"n_ctx={self.n_ctx}; load the model with a larger n_ctx")
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if sampling.temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            if sampling.top_k > 0:
+                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(sampling.seed))
+        try:
+            t0 = time.perf_counter()
+            self._decode(prompt, 0)
+            t1 = time.perf_counter()
+            out: list[int] = []
+            finish = "length"
+            while len(out) < sampling.max_tokens:
+                tok = llama_cpp.llama_sampler_sample(chain, self._ctx, -1)
+                if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
+                    finish = "stop"
+                    break
+                out.append(tok)
+                self._decode([tok], len(prompt) + len(out) - 1)
+            t2 = time.perf_counter()
+        finally:
+            llama_cpp.llama_sampler_free(chain)
+        text = b"".join(self._piece(t) for t in out).decode("utf-8", errors="replace")
+        return ChatResult(text=text, finish_reason=finish, tokens=out,
+                          timings=Timings(len(prompt), (t1 - t0) * 1e3, len(out), (t2 - t1) * 1e3))
