@@ -58,7 +58,7 @@ def test_corrupted_patch_stops_make_setup_naming_it(tmp_path, patch_copy):
     broken = text.replace(" set(LLAMA_PUBLIC_HEADERS", " set(LLAMA_PUBLIC_HEADERS_RENAMED", 1)
     assert broken != text
     victim.write_text(broken)
-    r = subprocess.run(["make", "-C", str(ROOT), "llama", f"SRC={tmp_path / 'src'}",
+    r = subprocess.run(["make", "-C", str(ROOT), "setup", f"SRC={tmp_path / 'src'}",
                         f"BUILD={tmp_path / 'build'}", "BACKEND=cpu"],
                        env=_env(patch_copy), capture_output=True, text=True)
     assert r.returncode != 0
