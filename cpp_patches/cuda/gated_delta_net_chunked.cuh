@@ -48,10 +48,21 @@ static __host__ __device__ inline int64_t n_chunks(int64_t T) { return (T + C - 
 
 // ---------------------------------------------------------------- 3xTF32 tensor-core tile
 
+// TF32 tensor cores exist from sm_80 on NVIDIA; other targets compile to a trap and the host
+// dispatcher never launches these kernels there (see available()).
+#if !defined(GGML_USE_HIP) && !defined(GGML_USE_MUSA) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
+#define GDN_CHUNKED_TF32 1
+#endif
+
 static __device__ __forceinline__ uint32_t to_tf32(float x) {
+#ifdef GDN_CHUNKED_TF32
     uint32_t r;
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
     return r;
+#else
+    __trap();
+    return __float_as_uint(x);
+#endif
 }
 
 static __device__ __forceinline__ void split_tf32(float x, uint32_t & hi, uint32_t & lo) {
@@ -60,10 +71,14 @@ static __device__ __forceinline__ void split_tf32(float x, uint32_t & hi, uint32
 }
 
 static __device__ __forceinline__ void mma_tf32(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+#ifndef GDN_CHUNKED_TF32
+    __trap();
+#else
     asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
                  "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
                  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
 }
 
 // d (16x8 tile at rows m0.., cols n0..) += sum_{k < kdim} a(m, k) * b(k, n), one warp.
@@ -366,8 +381,17 @@ static cudaError_t launch_s(const params & p, cudaStream_t stream) {
     return cudaGetLastError();
 }
 
-// True when the chunked path covers this shape (S_v, scalar gate).
+// True when the chunked path covers this shape (S_v, scalar gate) on a device of compute
+// capability cc (major * 100 + minor * 10, NVIDIA only).
 static inline bool supported(int64_t S_v, bool kda) { return !kda && (S_v == 64 || S_v == 128); }
+static inline bool available(int cc) {
+#if defined(GGML_USE_HIP) || defined(GGML_USE_MUSA)
+    (void) cc;
+    return false;
+#else
+    return cc >= 800;
+#endif
+}
 
 // Runs the op for p.T tokens; p.Tm/QKm/cum must hold scratch_floats(p.T, p.H, p.n_seqs) floats.
 static inline cudaError_t launch(const params & p, int64_t S_v, cudaStream_t stream) {
