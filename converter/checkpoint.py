@@ -1,0 +1,177 @@
+"""Read a Hugging Face Qwen3.5 checkpoint directory: config, shards, lazily loaded tensors.
+
+Only safetensors are read (never pickle). Tensors are memory-mapped and materialised one at
+a time as float32 numpy arrays, so memory stays bounded by the tensors in flight. The
+safetensors header (8-byte length + JSON) is parsed here because the safetensors package
+cannot hand bf16 data to numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ARCHITECTURES = {
+    "Qwen3_5ForCausalLM": "qwen35",
+    "Qwen3_5ForConditionalGeneration": "qwen35",
+    "Qwen3_5MoeForCausalLM": "qwen35moe",
+    "Qwen3_5MoeForConditionalGeneration": "qwen35moe",
+}
+
+# transformers' Qwen3_5TextConfig / Qwen3_5MoeTextConfig defaults for keys that reach the GGUF
+# (a config.json written by save_pretrained carries them all; hand-written ones may not).
+TEXT_DEFAULTS = {
+    "vocab_size": 248320, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "head_dim": 256,
+    "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+    "linear_num_key_heads": 16, "linear_num_value_heads": 32, "tie_word_embeddings": False,
+}
+MOE_DEFAULTS = {"moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
+                "num_experts": 256, "num_experts_per_tok": 8}
+ROPE_DEFAULTS = {"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"}
+
+DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
+
+
+class CheckpointError(ValueError):
+    """A problem with the input checkpoint; the message names it and the fix."""
+
+
+@dataclass
+class TensorRef:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str              # bf16 | f16 | f32
+    shard: Path
+    begin: int              # absolute byte offset in the shard
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict                    # the text model's config: text_config merged over the root
+    arch: str                       # qwen35 | qwen35moe
+    hf_arch: str
+    tensors: dict[str, TensorRef]   # HF name -> reference, in shard/file order
+    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as float32 (bf16 and f16 widened exactly)."""
+        ref = self.tensors[name]
+        mm = self._maps.get(ref.shard)
+        if mm is None:
+            with open(ref.shard, "rb") as f:
+                mm = self._maps[ref.shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = memoryview(mm)[ref.begin:ref.end]
+        if ref.dtype == "bf16":
+            raw = np.frombuffer(buf, dtype=np.uint16)
+            out = (raw.astype(np.uint32) << 16).view(np.float32)
+        elif ref.dtype == "f16":
+            out = np.frombuffer(buf, dtype=np.float16).astype(np.float32)
+        else:
+            out = np.frombuffer(buf, dtype=np.float32).copy()
+        return out.reshape(ref.shape)
+
+    def close(self) -> None:
+        for mm in self._maps.values():
+            mm.close()
+        self._maps.clear()
+
+
+def _read_header(shard: Path) -> dict[str, TensorRef]:
+    try:
+        with open(shard, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 * 2**20:
+                raise ValueError("header too large")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise CheckpointError(f"{shard.name} is not a readable safetensors file ({e})") from e
+    base = 8 + n
+    refs = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{shard.name}: tensor {name} has dtype {info.get('dtype')}; "
+                                  "only BF16, F16 and F32 checkpoints are supported")
+        b, e = info["data_offsets"]
+        refs[name] = TensorRef(name, tuple(info["shape"]), dtype, shard, base + b, base + e)
+    return refs  # header order: the order upstream's converter iterates
+
+
+def _shards(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{index.name} is not a valid index ({e}); re-download it") from e
+        shards = []
+        root = path.resolve()
+        for rel in dict.fromkeys(weight_map.values()):
+            p = (path / rel).resolve()
+            if root not in p.parents:
+                raise CheckpointError(f"{index.name} points at {rel!r}, outside the model directory; refusing it")
+            if not p.is_file():
+                raise CheckpointError(f"shard {rel} listed in {index.name} is missing; download it")
+            shards.append(p)
+        return sorted(shards)
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        return shards
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise CheckpointError(f"{path} has only pickle weights ({pickles[0]}); safetensors is required "
+                              "(pickle can execute code): download the .safetensors files")
+    raise CheckpointError(f"{path} has no *.safetensors files; point at a Hugging Face model directory")
+
+
+def text_config(config: dict) -> dict:
+    """The text model's hyper-parameters: root keys, then text_config over them, then defaults."""
+    merged = {**config, **config.get("text_config", {})}
+    arch = ARCHITECTURES.get((config.get("architectures") or [""])[0])
+    for k, v in {**TEXT_DEFAULTS, **(MOE_DEFAULTS if arch == "qwen35moe" else {})}.items():
+        merged.setdefault(k, v)
+    rope = dict(merged.get("rope_parameters") or merged.get("rope_scaling") or {})
+    for k, v in ROPE_DEFAULTS.items():
+        rope.setdefault(k, merged.get(k, v))
+    merged["rope_parameters"] = rope
+    n = merged["num_hidden_layers"]
+    interval = merged.get("full_attention_interval", 4)
+    if "layer_types" not in merged:
+        merged["layer_types"] = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                                 for i in range(n)]
+    types = merged["layer_types"]
+    if len(types) != n or any(t not in ("linear_attention", "full_attention") for t in types):
+        raise CheckpointError(f"config layer_types has {len(types)} entries {sorted(set(types))}, expected "
+                              f"{n} of linear_attention/full_attention (num_hidden_layers={n})")
+    return merged
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json; point at a Hugging Face model directory")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({e})") from e
+    hf_arch = (config.get("architectures") or ["<none>"])[0]
+    if hf_arch not in ARCHITECTURES:
+        raise CheckpointError(f"{path} is a {hf_arch} checkpoint; supported: {', '.join(ARCHITECTURES)}")
+    tensors: dict[str, TensorRef] = {}
+    for shard in _shards(path):
+        tensors.update(_read_header(shard))
+    return Checkpoint(path=path, config=text_config(config), arch=ARCHITECTURES[hf_arch], hf_arch=hf_arch,
+                      tensors=tensors)

@@ -1,0 +1,85 @@
+"""``qwen35-convert`` (also ``qwen35 convert``): Hugging Face Qwen3.5 checkpoint -> GGUF."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def convert(
+    hf_dir: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer)."),
+    outfile: Path = typer.Option(None, "--outfile", "-o", help="Output .gguf (default: HF_DIR-TYPE.gguf beside it)."),
+    type_: str = typer.Option("BF16", "--type", "-t", help="F32, F16, BF16 or Q8_0."),
+    mtp: str = typer.Option("keep", "--mtp", help="keep: append the MTP block; drop: leave it out; only: the draft head alone."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    threads: int = typer.Option(0, "--threads", help="Quantization threads (default: all cores)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan; write nothing."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Convert a Qwen3.5 checkpoint to GGUF in one streaming pass."""
+    from .convert import convert as run
+
+    type_ = type_.upper()
+    suffix = "-mtp" if mtp == "only" else ""
+    out = outfile or hf_dir.resolve().parent / f"{hf_dir.resolve().name}{suffix}-{type_}.gguf"
+    progress = None
+    bar = None
+    if sys.stderr.isatty() and not dry_run:
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+
+        bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                       TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
+        task = bar.add_task(f"converting to {type_}", total=None)
+        bar.start()
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+    try:
+        s = run(hf_dir, out, file_type=type_, mtp=mtp, force=force, threads=threads or None,
+                dry_run=dry_run, on_progress=progress)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if as_json:
+        print(json.dumps(s.__dict__))
+        return
+    if dry_run:
+        for t in s.plan:
+            print(f"{t['name']:40s} {str(t['shape']):24s} {t['type']:6s} {t['bytes']:>14,d}")
+    print(f"{'planned' if dry_run else 'wrote'} {s.path}: {_human(s.bytes)}, {s.params:,} parameters, "
+          f"{s.bits_per_weight:.2f} bits/weight, "
+          + ", ".join(f"{n} {k}" for k, n in sorted(s.tensors_per_type.items())) + f", {s.seconds:.1f} s")
+
+
+def main() -> None:
+    """Entry point: known errors become one line on stderr and exit 1 (traceback with QWEN35_DEBUG=1)."""
+    from qwen35.bindings.native import NativeLibraryError
+
+    from .convert import ConvertError
+
+    try:
+        app()
+    except (ConvertError, NativeLibraryError) as e:
+        if os.environ.get("QWEN35_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,216 @@
+"""One streaming pass: Hugging Face checkpoint -> (quantized) GGUF.
+
+read (checkpoint.py) -> map (qwen35.py) -> transform (transforms.py) -> quantize (quantize.py)
+-> write (here). The header, with every tensor's final type and size, is written before any
+weight is read; tensors then stream in order with a small window of work in flight, so memory
+is bounded by a few tensors whatever the model size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+
+from . import qwen35, quantize, vocab
+from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+
+log = logging.getLogger(__name__)
+
+MTP_MODES = ("keep", "drop", "only")
+WINDOW = 3  # tensors built ahead of the writer
+
+
+class ConvertError(RuntimeError):
+    """A conversion that cannot proceed; the message names the problem and the fix."""
+
+
+@dataclass
+class PlannedTensor:
+    out: qwen35.OutTensor
+    qtype: gguf.GGMLQuantizationType
+    nbytes: int
+
+
+@dataclass
+class Plan:
+    ckpt: Checkpoint
+    file_type: str
+    mtp: str
+    n_mtp: int
+    tensors: list[PlannedTensor]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def n_params(self) -> int:
+        return sum(int(np.prod(t.out.shape)) for t in self.tensors)
+
+
+@dataclass
+class Summary:
+    path: str
+    file_type: str
+    bytes: int
+    params: int
+    bits_per_weight: float
+    tensors_per_type: dict[str, int]
+    seconds: float
+    dry_run: bool = False
+    plan: list[dict] = field(default_factory=list)
+
+
+def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep") -> Plan:
+    if mtp not in MTP_MODES:
+        raise ConvertError(f"--mtp {mtp} is not one of {', '.join(MTP_MODES)}")
+    ckpt = open_checkpoint(hf_dir)
+    outs = qwen35.plan_tensors(ckpt, mtp)
+    n_mtp = qwen35.n_mtp_layers(ckpt) if mtp != "drop" else 0
+    planned = []
+    for o in outs:
+        qtype = quantize.choose_type(o.name, o.kind, o.shape, o.keep_f32, file_type)
+        planned.append(PlannedTensor(o, qtype, quantize.nbytes(qtype, o.shape)))
+    return Plan(ckpt, file_type, mtp, n_mtp, planned)
+
+
+def _add_metadata(w: gguf.GGUFWriter, plan: Plan) -> None:
+    """The same keys, types and values as upstream's Qwen3_5[Moe]TextModel."""
+    c = plan.ckpt.config
+    n_layer = c["num_hidden_layers"]
+    rope = c["rope_parameters"]
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(plan.ckpt.path.resolve().name)
+    w.add_block_count(n_layer + plan.n_mtp)
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    if "intermediate_size" in c:
+        w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(c["num_attention_heads"])
+    w.add_head_count_kv(c["num_key_value_heads"])
+    if "mrope_section" in rope:
+        w.add_rope_dimension_sections((list(rope["mrope_section"]) + [0, 0, 0, 0])[:4])
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    if plan.ckpt.arch == "qwen35moe":
+        w.add_expert_count(c["num_experts"])
+        w.add_expert_used_count(c["num_experts_per_tok"])
+    w.add_key_length(c["head_dim"])
+    w.add_value_length(c["head_dim"])
+    w.add_file_type(quantize.FILE_TYPES[plan.file_type][0])
+    if plan.ckpt.arch == "qwen35moe":
+        w.add_expert_feed_forward_length(c["moe_intermediate_size"])
+        w.add_expert_shared_feed_forward_length(c["shared_expert_intermediate_size"])
+    if plan.n_mtp:
+        w.add_nextn_predict_layers(plan.n_mtp)
+    w.add_ssm_conv_kernel(c["linear_conv_kernel_dim"])
+    w.add_ssm_state_size(c["linear_key_head_dim"])
+    w.add_ssm_group_count(c["linear_num_key_heads"])
+    w.add_ssm_time_step_rank(c["linear_num_value_heads"])
+    w.add_ssm_inner_size(c["linear_value_head_dim"] * c["linear_num_value_heads"])
+    w.add_recurrent_layers([t == "linear_attention" for t in c["layer_types"]] + [False] * plan.n_mtp)
+    w.add_full_attention_interval(c.get("full_attention_interval", 4))
+    w.add_rope_dimension_count(int(c["head_dim"] * rope.get("partial_rotary_factor", 0.25)))
+    if "mrope_section" not in rope:
+        w.add_rope_dimension_sections([11, 11, 10, 0])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    vocab.add_vocab(w, plan.ckpt.path, c["vocab_size"])
+
+
+def _check_output(out: Path, force: bool, need: int) -> None:
+    if out.exists() and not force:
+        raise ConvertError(f"{out} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise ConvertError(f"output folder {out.parent} does not exist; create it first")
+    free = shutil.disk_usage(out.parent).free
+    if free < need + (64 << 20):
+        raise ConvertError(f"{out.parent} has {free / 2**30:.1f} GiB free, the GGUF needs {need / 2**30:.1f} GiB; "
+                           "free space or write elsewhere")
+
+
+def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp: str = "keep",
+            force: bool = False, threads: int | None = None, dry_run: bool = False,
+            on_progress: Callable[[int, int], None] | None = None) -> Summary:
+    """Convert hf_dir to out in one pass. The output appears atomically or not at all."""
+    t0 = time.perf_counter()
+    try:
+        plan = make_plan(hf_dir, file_type, mtp)
+    except (CheckpointError, quantize.QuantizeError) as e:
+        raise ConvertError(str(e)) from e
+    out = Path(out)
+    counts = Counter(t.qtype.name for t in plan.tensors)
+    summary = Summary(str(out), file_type, plan.total_bytes, plan.n_params,
+                      8 * plan.total_bytes / max(plan.n_params, 1), dict(counts), 0.0, dry_run)
+    if dry_run:
+        summary.plan = [{"name": t.out.name, "shape": list(reversed(t.out.shape)), "type": t.qtype.name,
+                         "bytes": t.nbytes} for t in plan.tensors]
+        summary.seconds = time.perf_counter() - t0
+        plan.ckpt.close()
+        return summary
+    _check_output(out, force, plan.total_bytes)
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        _write(plan, tmp, threads or quantize.default_threads(), on_progress)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plan.ckpt.close()
+    summary.bytes = out.stat().st_size
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _write(plan: Plan, path: Path, threads: int,
+           on_progress: Callable[[int, int], None] | None) -> None:
+    heads = qwen35.heads(plan.ckpt.config)
+    w = gguf.GGUFWriter(path=None, arch=plan.ckpt.arch)
+    try:
+        _add_metadata(w, plan)
+    except CheckpointError as e:
+        raise ConvertError(str(e)) from e
+    for t in plan.tensors:
+        # logical shape (numpy order) with raw_dtype: the writer stores it as ggml ne reversed
+        w.add_tensor_info(t.out.name, t.out.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    w.write_header_to_file(path=path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    done = 0
+    with ThreadPoolExecutor(max_workers=threads) as pool, ThreadPoolExecutor(max_workers=1) as builder:
+        def build(t: PlannedTensor) -> np.ndarray:
+            data = quantize.quantize(t.out.build(plan.ckpt, heads), t.qtype, pool)
+            if data.nbytes != t.nbytes:
+                raise ConvertError(f"{t.out.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
+            return data
+
+        window: deque = deque()
+        todo = iter(plan.tensors)
+        for t in todo:
+            window.append((t, builder.submit(build, t)))
+            if len(window) >= WINDOW:
+                break
+        while window:
+            t, fut = window.popleft()
+            data = fut.result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                window.append((nxt, builder.submit(build, nxt)))
+            w.write_tensor_data(data)
+            done += t.nbytes
+            if on_progress:
+                on_progress(done, plan.total_bytes)
+    for f in w.fout or []:
+        f.flush()
+        os.fsync(f.fileno())
+    w.close()

@@ -1,0 +1,111 @@
+"""Per-tensor type choice (one pure function) and quantization with the patched build's ggml.
+
+>>> from gguf import GGMLQuantizationType as Q, MODEL_TENSOR as T
+>>> choose_type("blk.0.attn_qkv.weight", T.ATTN_QKV, (128, 64), False, "Q8_0")
+<GGMLQuantizationType.Q8_0: 8>
+>>> choose_type("blk.0.ssm_alpha.weight", T.SSM_ALPHA, (4, 48), False, "Q8_0")  # 48 % 32 != 0
+<GGMLQuantizationType.F16: 1>
+>>> choose_type("blk.0.ssm_a", T.SSM_A, (4,), True, "BF16")
+<GGMLQuantizationType.F32: 0>
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf import MODEL_TENSOR as T
+from gguf import quants as gquants
+
+Q = GGMLQuantizationType
+
+# --type names -> (GGUF file type, base tensor type). Mixes of K-quants and i-quants need
+# llama-quantize's per-tensor rules (--recipe upstream), which are not implemented yet.
+FILE_TYPES: dict[str, tuple[LlamaFileType, Q]] = {
+    "F32": (LlamaFileType.ALL_F32, Q.F32),
+    "F16": (LlamaFileType.MOSTLY_F16, Q.F16),
+    "BF16": (LlamaFileType.MOSTLY_BF16, Q.BF16),
+    "Q8_0": (LlamaFileType.MOSTLY_Q8_0, Q.Q8_0),
+}
+
+
+class QuantizeError(ValueError):
+    pass
+
+
+def choose_type(name: str, kind: T, shape: tuple[int, ...], keep_f32: bool, file_type: str) -> Q:
+    """The tensor type for one GGUF tensor; shape in numpy order (ggml ne reversed).
+
+    The rules of upstream's converter: 1-D tensors, norms, names without a .weight suffix and
+    the contract's F32 tensors (router, shared-expert gate, conv1d) stay F32; the rest take the
+    file type's base type, falling back to F16 when a row does not fill whole blocks.
+    """
+    if file_type not in FILE_TYPES:
+        raise QuantizeError(f"--type {file_type} is not supported yet; use one of {', '.join(FILE_TYPES)}")
+    if keep_f32 or len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+        return Q.F32
+    base = FILE_TYPES[file_type][1]
+    block = GGML_QUANT_SIZES[base][0]
+    if shape[-1] % block:
+        return Q.F16
+    return base
+
+
+def nbytes(qtype: Q, shape: tuple[int, ...]) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
+
+
+@functools.cache
+def _ggml_base():
+    from qwen35.bindings import native
+
+    directory = native.library_dir()
+    native.check(next(directory.glob("libllama.*")))
+    lib = ctypes.CDLL(str(directory / ("libggml-base.dylib" if (directory / "libggml-base.dylib").exists()
+                                       else "libggml-base.so")))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    return lib
+
+
+def quantize(data: np.ndarray, qtype: Q, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """data (float32, numpy order) as qtype bytes, exactly as llama.cpp would store it."""
+    if qtype == Q.F32:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if qtype in (Q.F16, Q.BF16):
+        return gquants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+    lib = _ggml_base()
+    lib.ggml_quantize_init(int(qtype))
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    n_per_row = data.shape[-1]
+    nrows = data.size // n_per_row
+    row_bytes = lib.ggml_row_size(int(qtype), n_per_row)
+    out = np.empty(nrows * row_bytes, dtype=np.uint8)
+    step = max(1, min(nrows, (1 << 22) // max(n_per_row, 1)))
+
+    def work(start: int) -> None:
+        # ggml offsets both buffers itself from the element index start * n_per_row
+        n = min(step, nrows - start)
+        lib.ggml_quantize_chunk(int(qtype), ctypes.c_void_p(data.ctypes.data), ctypes.c_void_p(out.ctypes.data),
+                                start * n_per_row, n, n_per_row, None)
+
+    starts = range(0, nrows, step)
+    if pool is None or len(starts) == 1:
+        for s in starts:
+            work(s)
+    else:
+        list(pool.map(work, starts))
+    return out.reshape(*data.shape[:-1], row_bytes)
+
+
+def default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
