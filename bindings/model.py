@@ -18,6 +18,7 @@ from . import native
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("qwen35", "qwen35moe")
+KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # ggml_type of the full-attention KV cache
 
 
 class ModelError(RuntimeError):
@@ -73,57 +74,16 @@ def _meta(model_p, key: str) -> str | None:
 
 
 def _gguf_architecture(path: Path) -> str:
-    """``general.architecture`` read from the GGUF header only (the full reader parses the
-    whole vocabulary, seconds for Qwen3.5's 248K tokens)."""
-    import struct
+    """``general.architecture`` from the GGUF header (no tensor data is read)."""
+    from qwen35.converter.gguf_scan import GGUFScanError, scan
 
-    from gguf import GGUFValueType
-
-    scalar = {GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
-              GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4, GGUFValueType.BOOL: 1,
-              GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8}
-
-    def fail(why: str) -> ModelError:
-        return ModelError(f"{path} is not a readable GGUF file ({why}); convert the checkpoint first")
-
-    with open(path, "rb") as f:
-        def read(n: int) -> bytes:
-            b = f.read(n)
-            if len(b) != n:
-                raise fail("truncated header")
-            return b
-
-        def u(n: int) -> int:
-            return int.from_bytes(read(n), "little")
-
-        def string() -> bytes:
-            return read(u(8))
-
-        def skip(vtype: int) -> None:
-            if vtype == GGUFValueType.STRING:
-                string()
-            elif vtype == GGUFValueType.ARRAY:
-                etype, count = u(4), u(8)
-                if etype in scalar:
-                    f.seek(scalar[etype] * count, 1)
-                else:
-                    for _ in range(count):
-                        skip(etype)
-            elif vtype in scalar:
-                read(scalar[vtype])
-            else:
-                raise fail(f"unknown value type {vtype}")
-
-        if read(4) != b"GGUF":
-            raise fail("bad magic")
-        struct.unpack("<I", read(4))
-        u(8)
-        for _ in range(u(8)):
-            key, vtype = string(), u(4)
-            if key == b"general.architecture" and vtype == GGUFValueType.STRING:
-                return string().decode()
-            skip(vtype)
-    raise ModelError(f"{path} has no general.architecture; it is not a llama.cpp model file")
+    try:
+        arch = scan(path).get("general.architecture")
+    except (GGUFScanError, ValueError, OSError) as e:
+        raise ModelError(f"{path} is not a readable GGUF file ({e}); convert the checkpoint first") from e
+    if not isinstance(arch, str):
+        raise ModelError(f"{path} has no general.architecture; it is not a llama.cpp model file")
+    return arch
 
 
 class Model:
@@ -139,7 +99,7 @@ class Model:
 
     @classmethod
     def load(cls, path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
-             n_gpu_layers: int = 0) -> "Model":
+             n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None) -> "Model":
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path} does not exist; pass the path of a .gguf file")
@@ -162,6 +122,10 @@ class Model:
         cp.n_batch = cp.n_ubatch = min(512, n_ctx)
         threads = n_threads or max(1, os.cpu_count() or 1)
         cp.n_threads = cp.n_threads_batch = threads
+        if kv_type not in KV_TYPES:
+            raise ModelError(f"kv_type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
+        cp.type_k = cp.type_v = KV_TYPES[kv_type]
+        cp.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]  # auto / disabled / enabled
         ctx_p = llama_cpp.llama_init_from_model(model_p, cp)
         if not ctx_p:
             llama_cpp.llama_model_free(model_p)
@@ -220,8 +184,22 @@ class Model:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
         return buf.raw[:max(n, 0)]
 
-    def _decode(self, tokens: list[int], pos: int) -> None:
+    def logits(self, tokens: list[int]) -> "np.ndarray":
+        """Logits for every position of tokens, evaluated from an empty context: [n_tokens, n_vocab]."""
         import llama_cpp
+        import numpy as np
+
+        if len(tokens) > self.n_ctx:
+            raise ModelError(f"{len(tokens)} tokens exceed n_ctx={self.n_ctx}")
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        out = np.empty((len(tokens), n_vocab), np.float32)
+        self._decode(tokens, 0, all_logits=True, sink=out)
+        return out
+
+    def _decode(self, tokens: list[int], pos: int, all_logits: bool = False, sink=None) -> None:
+        import llama_cpp
+        import numpy as np
 
         step = 512
         for i in range(0, len(tokens), step):
@@ -233,10 +211,14 @@ class Model:
                     batch.pos[j] = pos + i + j
                     batch.n_seq_id[j] = 1
                     batch.seq_id[j][0] = 0
-                    batch.logits[j] = i + j == len(tokens) - 1
+                    batch.logits[j] = all_logits or i + j == len(tokens) - 1
                 batch.n_tokens = len(part)
                 if llama_cpp.llama_decode(self._ctx, batch) != 0:
                     raise ModelError("llama_decode failed")
+                if sink is not None:
+                    for j in range(len(part)):
+                        ptr = llama_cpp.llama_get_logits_ith(self._ctx, j)
+                        sink[i + j] = np.ctypeslib.as_array(ptr, shape=(sink.shape[1],))
             finally:
                 llama_cpp.llama_batch_free(batch)
 

@@ -72,6 +72,9 @@ class Checkpoint:
             with open(ref.shard, "rb") as f:
                 mm = self._maps[ref.shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         buf = memoryview(mm)[ref.begin:ref.end]
+        if len(buf) != ref.nbytes:
+            buf.release()
+            raise CheckpointError(f"{ref.shard.name} is truncated inside tensor {name}; re-download the shard")
         if ref.dtype == "bf16":
             raw = np.frombuffer(buf, dtype=np.uint16)
             out = (raw.astype(np.uint32) << 16).view(np.float32)
@@ -83,7 +86,10 @@ class Checkpoint:
 
     def close(self) -> None:
         for mm in self._maps.values():
-            mm.close()
+            try:
+                mm.close()
+            except BufferError:  # arrays still view it (an error mid-way); unmapped when they go
+                pass
         self._maps.clear()
 
 

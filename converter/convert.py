@@ -162,6 +162,9 @@ def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp
     try:
         _write(plan, tmp, threads or quantize.default_threads(), on_progress)
         os.replace(tmp, out)
+    except CheckpointError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConvertError(str(e)) from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -176,10 +179,7 @@ def _write(plan: Plan, path: Path, threads: int,
            on_progress: Callable[[int, int], None] | None) -> None:
     heads = qwen35.heads(plan.ckpt.config)
     w = gguf.GGUFWriter(path=None, arch=plan.ckpt.arch)
-    try:
-        _add_metadata(w, plan)
-    except CheckpointError as e:
-        raise ConvertError(str(e)) from e
+    _add_metadata(w, plan)
     for t in plan.tensors:
         # logical shape (numpy order) with raw_dtype: the writer stores it as ggml ne reversed
         w.add_tensor_info(t.out.name, t.out.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)

@@ -181,19 +181,25 @@ def plan_tensors(ckpt: Checkpoint, mtp: str = "keep") -> list[OutTensor]:
         scope, block, rest = _split_name(hf)
         if scope == "skip":
             continue
-        if scope in ("mtp", "mtp_layer"):
-            if mtp == "drop" or n_mtp == 0:
-                continue
-            bid = n_layer + (int(block) if block is not None else 0)
+        if scope in ("mtp", "mtp_layer") and (mtp == "drop" or n_mtp == 0):
+            continue
+        if scope == "mtp":
+            row = rows.get(rest)
+            if row is None or not rest.startswith("mtp."):
+                raise CheckpointError(f"unknown tensor {hf} {list(ref.shape)}: not part of the Qwen3.5 MTP head")
+            add(row, n_layer, [hf], ref.shape)
+            continue
+        if scope == "mtp_layer":
+            bid = n_layer + int(block)
         else:
             if mtp == "only" and rest not in ("embed_tokens.weight", "norm.weight", "lm_head.weight"):
                 continue
             bid = int(block) if block is not None else None
         if bid is None:
-            row = grows.get(rest) or (rows.get(rest) if scope == "mtp" else None)
+            row = grows.get(rest)
             if row is None:
                 raise CheckpointError(f"unknown tensor {hf} {list(ref.shape)}: not part of the Qwen3.5 text model")
-            add(row, n_layer if scope == "mtp" else None, [hf], ref.shape)
+            add(row, None, [hf], ref.shape)
             continue
         if bid >= n_layer + max(n_mtp, 0) or (scope == "model" and bid >= n_layer):
             raise CheckpointError(f"tensor {hf} is in block {bid}, but the config has {n_layer} layers")
@@ -241,8 +247,14 @@ def _shape_of(key: str, hf_shape) -> tuple[int, ...]:
 
 
 def _check_complete(out: list[OutTensor], ckpt: Checkpoint, n_layer: int, n_mtp: int, mtp: str) -> None:
-    names = {o.name for o in out}
     types = ckpt.config["layer_types"]
+    for o in out:  # layer_types must match the tensors each block actually has
+        if o.bid is not None and o.bid < n_layer:
+            linear = types[o.bid] == "linear_attention"
+            if (linear and o.kind in (T.ATTN_Q, T.ATTN_K, T.ATTN_V)) or (not linear and o.kind in (T.SSM_A, T.ATTN_QKV)):
+                raise CheckpointError(f"config layer_types[{o.bid}] = {types[o.bid]} but the checkpoint has "
+                                      f"{o.sources[0]}; fix layer_types in config.json")
+    names = {o.name for o in out}
     moe = ckpt.arch == "qwen35moe"
     need = []
     if mtp != "only":
@@ -255,10 +267,6 @@ def _check_complete(out: list[OutTensor], ckpt: Checkpoint, n_layer: int, n_mtp:
         need += [f"blk.{b}.nextn.eh_proj.weight", f"blk.{b}.attn_q.weight"]
     for n in need:
         if n not in names:
-            raise CheckpointError(f"missing tensor for {n} (layer types {''.join('L' if t[0] == 'l' else 'A' for t in types)}): "
+            raise CheckpointError(f"missing tensor for {n} (layer types "
+                                  f"{''.join('L' if t[0] == 'l' else 'A' for t in types)}): "
                                   "the checkpoint is incomplete or its config does not match its tensors")
-    for o in out:
-        if o.bid is not None and o.bid < n_layer:
-            linear = types[o.bid] == "linear_attention"
-            if linear and o.kind in (T.ATTN_Q, T.ATTN_K, T.ATTN_V) or not linear and o.kind in (T.SSM_A, T.ATTN_QKV):
-                raise CheckpointError(f"{o.sources[0]} does not fit layer_types[{o.bid}] = {types[o.bid]}")

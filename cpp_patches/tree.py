@@ -261,15 +261,20 @@ def install_bindings(src: Path, build_dir: Path, python: Path) -> None:
     r = run([str(python), "-c", "import importlib.metadata as m; print(m.version('llama_cpp_python'))"],
             capture=True)
     stamp = build_dir / ".qwen35-bindings"
-    want = json.dumps({"sdist": SDIST_SHA256, "python": str(python)})
+    want = json.dumps({"sdist": SDIST_SHA256, "python": str(python), "gguf-py": True})
     if r.returncode != 0 or r.stdout.strip() != SDIST_VERSION or not stamp.exists() \
             or stamp.read_text() != want:
-        log("installing llama-cpp-python bindings (no native build)")
+        log("installing llama-cpp-python bindings (no native build) and the tree's gguf-py")
         env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF")
         r = run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
                  "--no-deps", "--force-reinstall", str(src)], env=env)
         if r.returncode != 0:
             raise TreeError("installing the llama-cpp-python bindings failed; see pip's output above")
+        # gguf-py of the pinned tree: the constants and writer its loader and converter use
+        r = run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                 "--no-deps", "--force-reinstall", str(src / "vendor" / "llama.cpp" / "gguf-py")])
+        if r.returncode != 0:
+            raise TreeError("installing the pinned tree's gguf-py failed; see pip's output above")
         stamp.write_text(want)
     r = run([str(python), "-c", "import importlib.util, pathlib; "
              "print(pathlib.Path(importlib.util.find_spec('llama_cpp').origin).parent)"], capture=True)

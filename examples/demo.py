@@ -26,8 +26,9 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     args = ap.parse_args()
 
-    from qwen35 import tiny, upstream
+    from qwen35 import tiny
     from qwen35.bindings.model import Model, SamplingParams
+    from qwen35.converter.convert import convert
 
     t = {}
     hf = args.hf
@@ -37,10 +38,10 @@ def main() -> int:
         if not (hf / "config.json").exists():
             tiny.make_checkpoint(hf)
         t["checkpoint_s"] = time.perf_counter() - start
-    gguf = DEMO_DIR / f"{hf.name}-f16.gguf"
+    gguf = DEMO_DIR / f"{hf.name}-Q8_0.gguf"
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    upstream.convert(hf, gguf, "f16")
+    convert(hf, gguf, file_type="Q8_0", force=True)
     t["convert_s"] = time.perf_counter() - start
 
     start = time.perf_counter()

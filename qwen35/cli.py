@@ -38,13 +38,43 @@ def build_info(as_json: bool = typer.Option(False, "--json", help="Print JSON fo
         raise typer.Exit(1)
 
 
+@app.command("inspect")
+def inspect_cmd(
+    path: str = typer.Argument(..., help="A Qwen3.5 .gguf file or Hugging Face model directory."),
+    ctx: int = typer.Option(4096, "--ctx", help="Total context (llama.cpp -c) for the memory plan."),
+    kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f32, f16, bf16, q8_0, q4_0."),
+    parallel: int = typer.Option(1, "--parallel", help="Sequences served at once (each keeps its own state)."),
+    file_type: str = typer.Option("BF16", "--type", help="For a HF directory: plan as if converted to this type."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Architecture, block map, tensor types and sizes, and a memory plan."""
+    from qwen35.converter.inspect import as_dict, inspect, render
+
+    try:
+        rep = inspect(path, ctx=ctx, kv_type=kv_type, parallel=parallel, file_type=file_type.upper())
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(1)
+    print(json.dumps(as_dict(rep)) if as_json else render(rep))
+
+
+def _mount_convert() -> None:
+    from qwen35.converter.cli import convert
+
+    app.command("convert", help="Convert a Qwen3.5 checkpoint to GGUF (same as qwen35-convert).")(convert)
+
+
+_mount_convert()
+
+
 def main() -> None:
     """Entry point: known errors become one line on stderr (traceback with QWEN35_DEBUG=1)."""
     from qwen35.bindings.native import NativeLibraryError
+    from qwen35.converter.convert import ConvertError
 
     try:
         app()
-    except NativeLibraryError as e:
+    except (NativeLibraryError, ConvertError) as e:
         if os.environ.get("QWEN35_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

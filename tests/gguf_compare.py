@@ -3,49 +3,34 @@
 from __future__ import annotations
 
 import numpy as np
-from gguf import GGUFReader
 
-
-def _value(field):
-    v = field.contents()
-    return v
-
-
-def metadata(path, skip_general=True) -> dict:
-    r = GGUFReader(str(path))
-    return {k: _value(f) for k, f in r.fields.items()
-            if not k.startswith("GGUF.") and not (skip_general and k.startswith("general."))}
-
-
-def tensors(path) -> dict:
-    r = GGUFReader(str(path))
-    return {t.name: (t.tensor_type.name, tuple(int(x) for x in t.shape), np.asarray(t.data).tobytes())
-            for t in r.tensors}
+from qwen35.converter.gguf_scan import scan
 
 
 def tensor_order(path) -> list[str]:
-    return [t.name for t in GGUFReader(str(path)).tensors]
+    return [t.name for t in scan(path).tensors]
 
 
 def differences(a, b, skip_general=True) -> list[str]:
     """Human-readable differences between GGUF files a and b (empty when identical)."""
+    sa, sb = scan(a), scan(b)
     out = []
-    ma, mb = metadata(a, skip_general), metadata(b, skip_general)
-    for k in sorted(set(ma) | set(mb)):
-        if k not in ma or k not in mb:
-            out.append(f"key {k}: only in {'a' if k in ma else 'b'}")
-        elif ma[k] != mb[k]:
-            va, vb = ma[k], mb[k]
-            out.append(f"key {k}: {str(va)[:80]} != {str(vb)[:80]}")
-    ta, tb = tensors(a), tensors(b)
+    keys = {k for k in set(sa.kv) | set(sb.kv) if not (skip_general and k.startswith("general."))}
+    for k in sorted(keys):
+        if k not in sa.kv or k not in sb.kv:
+            out.append(f"key {k}: only in {'a' if k in sa.kv else 'b'}")
+        elif (sa.kv[k].vtype, sa.kv[k].raw) != (sb.kv[k].vtype, sb.kv[k].raw):
+            out.append(f"key {k}: {str(sa.kv[k].value)[:80]} != {str(sb.kv[k].value)[:80]}")
+    ta, tb = {t.name: t for t in sa.tensors}, {t.name: t for t in sb.tensors}
     for k in sorted(set(ta) | set(tb)):
         if k not in ta or k not in tb:
             out.append(f"tensor {k}: only in {'a' if k in ta else 'b'}")
             continue
-        (ya, sa, da), (yb, sb, db) = ta[k], tb[k]
-        if ya != yb or sa != sb:
-            out.append(f"tensor {k}: {ya}{list(sa)} != {yb}{list(sb)}")
-        elif da != db:
-            n = sum(x != y for x, y in zip(da, db))
-            out.append(f"tensor {k}: {n} of {len(da)} bytes differ")
+        x, y = ta[k], tb[k]
+        if (x.qtype, x.ne) != (y.qtype, y.ne):
+            out.append(f"tensor {k}: {x.qtype.name}{list(x.ne)} != {y.qtype.name}{list(y.ne)}")
+            continue
+        dx, dy = sa.data(x), sb.data(y)
+        if not np.array_equal(dx, dy):
+            out.append(f"tensor {k}: {int((dx != dy).sum())} of {x.nbytes} bytes differ")
     return out

@@ -1,0 +1,119 @@
+"""A fast read-only scan of a GGUF file: raw metadata values and tensor locations.
+
+gguf's GGUFReader builds Python objects for every token of a 248K-token vocabulary (seconds per
+file); this keeps each value as its raw bytes and decodes only scalars and short strings, which
+is what comparing, inspecting and verifying files needs.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+_SCALAR = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+           GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+           GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+           GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
+
+
+class GGUFScanError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class KV:
+    vtype: int
+    raw: bytes          # the value's bytes exactly as stored (type tag of arrays included)
+    value: object       # decoded scalar / string / short array; None for long arrays
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ne: tuple[int, ...]     # ggml order
+    qtype: GGMLQuantizationType
+    offset: int             # absolute file offset
+    nbytes: int
+
+
+@dataclass
+class GGUFScan:
+    path: Path
+    version: int
+    kv: dict[str, KV]
+    tensors: list[TensorInfo]
+
+    def data(self, t: TensorInfo) -> np.ndarray:
+        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,))
+
+    def get(self, key: str, default=None):
+        kv = self.kv.get(key)
+        return default if kv is None else kv.value
+
+
+def scan(path: str | Path) -> GGUFScan:
+    path = Path(path)
+    with open(path, "rb", buffering=1 << 20) as f:
+        return _scan(path, f)
+
+
+def _scan(path: Path, f) -> GGUFScan:
+    """Reads the header only (metadata and tensor infos), never the tensor data."""
+
+    def take(n: int) -> bytes:
+        b = f.read(n)
+        if len(b) != n:
+            raise GGUFScanError(f"{path} is truncated")
+        return b
+
+    def u(fmt: str):
+        return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
+
+    def string() -> str:
+        return take(u("<Q")).decode("utf-8", errors="replace")
+
+    def value(vtype: int, decode: bool):
+        if vtype == GGUFValueType.STRING:
+            return string()
+        if vtype in _SCALAR:
+            return u(_SCALAR[vtype])
+        if vtype == GGUFValueType.ARRAY:
+            etype, count = u("<I"), u("<Q")
+            keep = decode and count <= 64
+            if etype in _SCALAR:
+                size = struct.calcsize(_SCALAR[etype])
+                raw = take(size * count)
+                return list(struct.unpack(f"<{count}{_SCALAR[etype][1]}", raw)) if keep else None
+            items = [value(etype, keep) for _ in range(count)]
+            return items if keep else None
+        raise GGUFScanError(f"{path}: unknown metadata value type {vtype}")
+
+    if take(4) != b"GGUF":
+        raise GGUFScanError(f"{path} is not a GGUF file")
+    version, n_tensors, n_kv = u("<I"), u("<Q"), u("<Q")
+    kv = {}
+    for _ in range(n_kv):
+        key, vtype = string(), u("<I")
+        start = f.tell()
+        val = value(vtype, True)
+        end = f.tell()
+        f.seek(start)
+        kv[key] = KV(vtype, f.read(end - start), val)
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        ne = tuple(u("<Q") for _ in range(u("<I")))
+        qtype, offset = GGMLQuantizationType(u("<I")), u("<Q")
+        infos.append((name, ne, qtype, offset))
+    align = kv["general.alignment"].value if "general.alignment" in kv else 32
+    data_start = (f.tell() + align - 1) // align * align
+    tensors = []
+    for name, ne, qtype, offset in infos:
+        block, size = GGML_QUANT_SIZES[qtype]
+        n = int(np.prod(ne, dtype=np.int64))
+        tensors.append(TensorInfo(name, ne, qtype, data_start + offset, n // block * size))
+    return GGUFScan(path, version, kv, tensors)

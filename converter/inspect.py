@@ -1,0 +1,141 @@
+"""What a Qwen3.5 GGUF (or Hugging Face directory) holds, and what running it will cost in memory.
+
+>>> kv_bytes_per_token(n_attn_layers=16, n_kv_heads=4, head_dim=256, kv_type="f16")
+65536
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GPU_SIZES_GB = (8, 12, 16, 24, 48, 80)
+KV_ELEMENT_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def kv_bytes_per_token(n_attn_layers: int, n_kv_heads: int, head_dim: int, kv_type: str) -> int:
+    """K and V for one token across the full-attention layers (DeltaNet layers keep no KV)."""
+    return int(2 * n_attn_layers * n_kv_heads * head_dim * KV_ELEMENT_BYTES[kv_type])
+
+
+def recurrent_bytes_per_seq(n_linear_layers: int, conv_kernel: int, n_k: int, d_k: int, n_v: int, d_v: int) -> int:
+    """The fixed F32 state of one sequence: conv window + delta-rule matrix per DeltaNet layer."""
+    conv = (conv_kernel - 1) * (2 * n_k * d_k + n_v * d_v)
+    ssm = n_v * d_k * d_v
+    return 4 * n_linear_layers * (conv + ssm)
+
+
+@dataclass
+class Report:
+    path: str
+    architecture: str
+    blocks: str                     # one letter per block: L = DeltaNet, A = attention, M = MTP
+    n_params: int
+    weight_bytes: int
+    tensors_per_type: dict[str, int]
+    bits_per_weight: float
+    hparams: dict
+    memory: dict = field(default_factory=dict)
+
+
+def _from_gguf(path: Path) -> Report:
+    from .gguf_scan import scan
+
+    s = scan(path)
+    arch = s.get("general.architecture")
+    if arch not in ("qwen35", "qwen35moe"):
+        raise ValueError(f"{path} is a {arch!r} model, not Qwen3.5")
+
+    def g(k, d=None):
+        return s.get(f"{arch}.{k}", d)
+
+    n_block = g("block_count")
+    n_mtp = g("nextn_predict_layers", 0) or 0
+    n_layer = n_block - n_mtp
+    recurrent = g("attention.recurrent_layers")
+    if recurrent is None:
+        interval = g("full_attention_interval", 4)
+        recurrent = [(i + 1) % interval != 0 for i in range(n_layer)]
+    blocks = "".join("L" if r else "A" for r in recurrent[:n_layer]) + "M" * n_mtp
+    n_params = 0
+    for t in s.tensors:
+        n = 1
+        for d in t.ne:
+            n *= d
+        n_params += n
+    hp = dict(n_layer=n_layer, n_mtp=n_mtp, hidden=g("embedding_length"), n_head=g("attention.head_count"),
+              n_kv_head=g("attention.head_count_kv"), head_dim=g("attention.key_length"),
+              conv_kernel=g("ssm.conv_kernel"), n_k=g("ssm.group_count"), d_k=g("ssm.state_size"),
+              n_v=g("ssm.time_step_rank"), d_v=g("ssm.inner_size") // max(g("ssm.time_step_rank"), 1),
+              n_expert=g("expert_count", 0), n_expert_used=g("expert_used_count", 0),
+              context_length=g("context_length"))
+    wbytes = sum(t.nbytes for t in s.tensors)
+    types = Counter(t.qtype.name for t in s.tensors)
+    return Report(str(path), arch, blocks, n_params, wbytes, dict(types), 8 * wbytes / max(n_params, 1), hp)
+
+
+def _from_hf(path: Path, file_type: str) -> Report:
+    from .convert import make_plan
+
+    plan = make_plan(path, file_type)
+    c = plan.ckpt.config
+    plan.ckpt.close()
+    blocks = "".join("L" if t == "linear_attention" else "A" for t in c["layer_types"]) + "M" * plan.n_mtp
+    hp = dict(n_layer=c["num_hidden_layers"], n_mtp=plan.n_mtp, hidden=c["hidden_size"],
+              n_head=c["num_attention_heads"], n_kv_head=c["num_key_value_heads"], head_dim=c["head_dim"],
+              conv_kernel=c["linear_conv_kernel_dim"], n_k=c["linear_num_key_heads"], d_k=c["linear_key_head_dim"],
+              n_v=c["linear_num_value_heads"], d_v=c["linear_value_head_dim"], n_expert=c.get("num_experts", 0),
+              n_expert_used=c.get("num_experts_per_tok", 0), context_length=c["max_position_embeddings"])
+    types = Counter(t.qtype.name for t in plan.tensors)
+    return Report(str(path), plan.ckpt.arch, blocks, plan.n_params, plan.total_bytes, dict(types),
+                  8 * plan.total_bytes / max(plan.n_params, 1), hp)
+
+
+def inspect(path: str | Path, *, ctx: int = 4096, kv_type: str = "f16", parallel: int = 1,
+            file_type: str = "BF16") -> Report:
+    """Report for a GGUF file or, planned as if converted to file_type, a Hugging Face directory.
+
+    ctx is the total context of all sequences (llama.cpp's -c); each of the parallel sequences
+    also holds its fixed recurrent state."""
+    if kv_type not in KV_ELEMENT_BYTES:
+        raise ValueError(f"--kv-type {kv_type} is not one of {', '.join(KV_ELEMENT_BYTES)}")
+    path = Path(path)
+    rep = _from_hf(path, file_type) if path.is_dir() else _from_gguf(path)
+    hp = rep.hparams
+    n_attn = rep.blocks[: hp["n_layer"]].count("A")
+    n_lin = rep.blocks[: hp["n_layer"]].count("L")
+    kv = ctx * kv_bytes_per_token(n_attn, hp["n_kv_head"], hp["head_dim"], kv_type)
+    state = parallel * recurrent_bytes_per_seq(n_lin, hp["conv_kernel"], hp["n_k"], hp["d_k"], hp["n_v"], hp["d_v"])
+    total = rep.weight_bytes + kv + state
+    rep.memory = {"ctx": ctx, "kv_type": kv_type, "parallel": parallel, "weights": rep.weight_bytes,
+                  "kv_cache": kv, "recurrent_state": state, "total": total,
+                  "fits_gb": [gb for gb in GPU_SIZES_GB if total * 1.05 + (512 << 20) <= gb * 1e9]}
+    return rep
+
+
+def render(rep: Report) -> str:
+    gib = 2**30
+    m, hp = rep.memory, rep.hparams
+    lines = [
+        f"{rep.path}",
+        f"architecture   {rep.architecture}  ({hp['n_layer']} layers"
+        + (f", {hp['n_expert']} experts top-{hp['n_expert_used']}" if hp["n_expert"] else "")
+        + (f", MTP {hp['n_mtp']}" if hp["n_mtp"] else "") + ")",
+        f"blocks         {rep.blocks}   (L DeltaNet, A attention, M MTP)",
+        f"parameters     {rep.n_params:,}   weights {rep.weight_bytes / gib:.2f} GiB, "
+        f"{rep.bits_per_weight:.2f} bits/weight",
+        "types          " + ", ".join(f"{n} {t}" for t, n in sorted(rep.tensors_per_type.items())),
+        f"memory plan    ctx {m['ctx']} ({m['kv_type']} KV), {m['parallel']} sequence(s):",
+        f"  weights          {m['weights'] / gib:8.2f} GiB",
+        f"  KV cache         {m['kv_cache'] / gib:8.2f} GiB   (full-attention layers only)",
+        f"  recurrent state  {m['recurrent_state'] / gib:8.2f} GiB   (fixed per sequence, F32)",
+        f"  total            {m['total'] / gib:8.2f} GiB   + compute buffers",
+        "  fits in         " + (", ".join(f"{g} GB" for g in m["fits_gb"]) or "none of 8-80 GB"),
+    ]
+    return "\n".join(lines)
+
+
+def as_dict(rep: Report) -> dict:
+    return asdict(rep)
+

@@ -1,0 +1,204 @@
+"""qwen35-convert against its oracles: upstream's converter from the pinned sdist (byte identity),
+transformers (logits), and one-line errors that leave no file behind."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gguf_compare import differences, tensor_order
+
+ROOT = Path(__file__).resolve().parent.parent
+CONVERT = str(Path(sys.executable).parent / "qwen35-convert")
+
+# llama.cpp f32 weights + F32 KV cache (flash attention off: its CPU kernel rounds through F16,
+# measured 2.1e-3 x std with it, 5.7e-5 x std without) vs transformers float32, relative to the
+# logits' spread
+TOL_LOGITS_REL_STD = 2e-3
+
+VARIANTS = {
+    "dense": dict(),
+    "dense-mtp": dict(mtp=True),
+    "moe-multimodal-mtp-sharded": dict(moe=True, layout="multimodal", mtp=True, shards=2),
+    "moe-per-expert": dict(moe=True, fused_experts=False),
+}
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory, lib_dir):
+    from qwen35 import tiny
+
+    d = tmp_path_factory.mktemp("ckpts")
+    return {name: tiny.make_checkpoint(d / name, **kw) for name, kw in VARIANTS.items()}
+
+
+def _ours(src: Path, out: Path, type_: str, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run([CONVERT, str(src), "-o", str(out), "--type", type_, *extra],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("variant,type_,mtp", [
+    ("dense", "F32", "keep"), ("dense", "BF16", "keep"), ("dense", "Q8_0", "keep"), ("dense", "F16", "keep"),
+    ("dense-mtp", "Q8_0", "keep"), ("dense-mtp", "BF16", "drop"), ("dense-mtp", "Q8_0", "only"),
+    ("moe-multimodal-mtp-sharded", "BF16", "keep"), ("moe-multimodal-mtp-sharded", "Q8_0", "keep"),
+    ("moe-per-expert", "Q8_0", "keep"),
+])
+def test_identical_to_upstream_converter(ckpts, tmp_path, variant, type_, mtp):
+    from qwen35 import upstream
+
+    src = ckpts[variant]
+    ref = upstream.convert(src, tmp_path / "upstream.gguf", type_.lower(), mtp=mtp)
+    r = _ours(src, tmp_path / "ours.gguf", type_, "--mtp", mtp)
+    assert r.returncode == 0, r.stderr
+    assert differences(tmp_path / "ours.gguf", ref) == []
+    assert tensor_order(tmp_path / "ours.gguf") == tensor_order(ref)
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe-per-expert"])
+def test_f32_logits_match_transformers(ckpts, tmp_path, variant):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qwen35.bindings.model import Model
+
+    src = ckpts[variant]
+    out = tmp_path / "f32.gguf"
+    assert _ours(src, out, "F32").returncode == 0
+    rng = np.random.default_rng(3)
+    tokens = [int(t) for t in rng.integers(0, 240_000, size=48)]
+    ref_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([tokens])).logits[0].numpy()
+    with Model.load(out, n_ctx=128, n_threads=2, kv_type="f32", flash_attn=False) as m:
+        ours = m.logits(tokens)[:, : ref.shape[1]]
+    err = np.abs(ours - ref).max()
+    assert err <= TOL_LOGITS_REL_STD * ref.std(), (err, ref.std())
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_v_head_reorder_is_what_makes_it_work(ckpts, tmp_path, monkeypatch):
+    """Without the grouped->tiled reorder the file loads and runs but the logits are wrong."""
+    from qwen35.bindings.model import Model
+    from qwen35.converter import convert as conv
+    from qwen35.converter import transforms as tf
+
+    monkeypatch.setattr(tf, "tile_v_heads", lambda x, h, axis, head_dim: x)
+    bad = tmp_path / "bad.gguf"
+    conv.convert(ckpts["dense"], bad, file_type="F32")
+    good = tmp_path / "good.gguf"
+    monkeypatch.undo()
+    conv.convert(ckpts["dense"], good, file_type="F32")
+    tokens = list(range(1000, 1032))
+    with Model.load(good, n_ctx=64, n_threads=2, kv_type="f32", flash_attn=False) as m:
+        a = m.logits(tokens)
+    with Model.load(bad, n_ctx=64, n_threads=2, kv_type="f32", flash_attn=False) as m:
+        b = m.logits(tokens)
+    assert np.abs(a - b).max() > 10 * TOL_LOGITS_REL_STD * a.std()
+
+
+def test_dry_run_json_plan_matches_the_written_file(ckpts, tmp_path):
+    from gguf import GGUFReader
+
+    out = tmp_path / "q8.gguf"
+    r = subprocess.run([CONVERT, str(ckpts["dense"]), "-o", str(out), "--type", "Q8_0", "--dry-run", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert not out.exists() and plan["dry_run"]
+    assert _ours(ckpts["dense"], out, "Q8_0").returncode == 0
+    written = {t.name: (t.tensor_type.name, [int(x) for x in t.shape], int(t.n_bytes)) for t in GGUFReader(str(out)).tensors}
+    assert {p["name"]: (p["type"], p["shape"], p["bytes"]) for p in plan["plan"]} == written
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(d: Path, **changes) -> None:
+    c = json.loads((d / "config.json").read_text())
+    c.update(changes)
+    (d / "config.json").write_text(json.dumps(c))
+
+
+def _rewrite_tensors(d: Path, fn) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = d / "model.safetensors"
+    state = fn(load_file(f))
+    save_file(state, f, metadata={"format": "pt"})
+
+
+def _bad_cases(dense: Path, tmp: Path):
+    import torch
+
+    d = tmp / "pickle"
+    d.mkdir()
+    (d / "config.json").write_text((dense / "config.json").read_text())
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    yield "pickle", d, "safetensors is required"
+
+    d = _copy(dense, tmp / "escape")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "../../etc/passwd"}}))
+    yield "escape", d, "outside the model directory"
+
+    d = _copy(dense, tmp / "missing")
+    _rewrite_tensors(d, lambda s: {k: v for k, v in s.items() if k != "model.layers.3.self_attn.q_proj.weight"})
+    yield "missing", d, "blk.3.attn_q.weight"
+
+    d = _copy(dense, tmp / "shape")
+    _rewrite_tensors(d, lambda s: {**s, "model.layers.0.linear_attn.in_proj_z.weight":
+                                   s["model.layers.0.linear_attn.in_proj_z.weight"][:32]})
+    yield "shape", d, "model.layers.0.linear_attn.in_proj_z.weight has shape [32, 64], expected [64, 64]"
+
+    d = _copy(dense, tmp / "unknown")
+    _rewrite_tensors(d, lambda s: {**s, "model.layers.0.mystery.weight": torch.zeros(4, 4, dtype=torch.bfloat16)})
+    yield "unknown", d, "unknown tensor model.layers.0.mystery.weight"
+
+    d = _copy(dense, tmp / "layer_types")
+    c = json.loads((d / "config.json").read_text())
+    _edit_config(d, layer_types=list(reversed(c["layer_types"])))
+    yield "layer_types", d, "layer_types"
+
+    d = _copy(dense, tmp / "short_layer_types")
+    _edit_config(d, layer_types=["linear_attention"] * 3)
+    yield "short_layer_types", d, "layer_types has 3 entries"
+
+    d = _copy(dense, tmp / "llama")
+    _edit_config(d, architectures=["LlamaForCausalLM"])
+    yield "llama", d, "LlamaForCausalLM"
+
+    d = _copy(dense, tmp / "truncated")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-4096])
+    yield "truncated", d, "truncated"
+
+
+def test_bad_inputs_fail_in_one_line_without_output(ckpts, tmp_path):
+    for name, src, expect in _bad_cases(ckpts["dense"], tmp_path):
+        out = tmp_path / f"{name}.gguf"
+        r = _ours(src, out, "BF16")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1, (name, r.stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], (name, r.stderr)
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists(), name
+
+
+def test_refusals_name_the_fix(ckpts, tmp_path):
+    out = tmp_path / "x.gguf"
+    out.write_bytes(b"keep me")
+    r = _ours(ckpts["dense"], out, "BF16")
+    assert r.returncode == 1 and "--force" in r.stderr and out.read_bytes() == b"keep me"
+    r = _ours(ckpts["dense"], tmp_path / "y.gguf", "Q4_K_M")
+    assert r.returncode == 1 and "not supported yet" in r.stderr and not (tmp_path / "y.gguf").exists()
+    r = _ours(ckpts["dense"], tmp_path / "z.gguf", "BF16", "--mtp", "only")
+    assert r.returncode == 1 and "no MTP head" in r.stderr and not (tmp_path / "z.gguf").exists()
+    r = _ours(ckpts["dense"], tmp_path / "missing-dir" / "w.gguf", "BF16")
+    assert r.returncode == 1 and "does not exist" in r.stderr

@@ -1,0 +1,78 @@
+"""qwen35 inspect: the memory plan equals what llama.cpp allocates, HF and GGUF reports agree."""
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+QWEN35 = str(Path(sys.executable).parent / "qwen35")
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory, lib_dir):
+    from qwen35 import tiny
+    from qwen35.converter.convert import convert
+
+    d = tmp_path_factory.mktemp("inspect")
+    hf = tiny.make_checkpoint(d / "hf", moe=True, mtp=True)
+    convert(hf, d / "q8.gguf", file_type="Q8_0")
+    return hf, d / "q8.gguf"
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.mark.parametrize("ctx,kv_type", [(4096, "f16"), (8192, "q8_0"), (2048, "f32")])
+def test_memory_plan_matches_llama_cpp_allocation(moe, ctx, kv_type):
+    from qwen35.bindings.model import Model
+    from qwen35.converter.inspect import inspect
+
+    _, gguf = moe
+    plan = inspect(gguf, ctx=ctx, kv_type=kv_type).memory
+    cap = _Capture()
+    log = logging.getLogger("qwen35.llama_cpp")
+    log.addHandler(cap)
+    old = log.level
+    log.setLevel(logging.DEBUG)
+    try:
+        with Model.load(gguf, n_ctx=ctx, n_threads=2, kv_type=kv_type):
+            pass
+    finally:
+        log.removeHandler(cap)
+        log.setLevel(old)
+    text = "\n".join(cap.lines)
+    kv = float(re.search(r"CPU KV buffer size =\s+([\d.]+) MiB", text).group(1))
+    rs = float(re.search(r"CPU RS buffer size =\s+([\d.]+) MiB", text).group(1))
+    assert abs(plan["kv_cache"] / 2**20 - kv) <= 0.005
+    assert abs(plan["recurrent_state"] / 2**20 - rs) <= 0.005
+
+
+def test_cli_reports_agree_for_hf_dir_and_gguf(moe):
+    hf, gguf = moe
+    a = json.loads(subprocess.run([QWEN35, "inspect", str(hf), "--type", "Q8_0", "--json"],
+                                  capture_output=True, text=True, check=True).stdout)
+    b = json.loads(subprocess.run([QWEN35, "inspect", str(gguf), "--json"],
+                                  capture_output=True, text=True, check=True).stdout)
+    for k in ("architecture", "blocks", "n_params", "weight_bytes", "tensors_per_type", "hparams"):
+        assert a[k] == b[k], k
+    assert b["blocks"] == "LLLALLLAM" and b["architecture"] == "qwen35moe"
+    text = subprocess.run([QWEN35, "inspect", str(gguf), "--ctx", "262144", "--parallel", "8"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "KV cache" in text and "fits in" in text
+
+
+def test_inspect_errors_are_one_line(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"nope")
+    r = subprocess.run([QWEN35, "inspect", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not a GGUF" in r.stderr
