@@ -99,7 +99,11 @@ class Model:
 
     @classmethod
     def load(cls, path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
-             n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None) -> "Model":
+             n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None,
+             repack: bool = True) -> "Model":
+        """repack=False keeps weights in their file layout (llama.cpp --no-repack): the pinned
+        llama.cpp's AMX Q8_0 path crashes computing several output rows of tiny models (seen with
+        llama-perplexity too); logits of every position (verify, quality reports) avoid it."""
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path} does not exist; pass the path of a .gguf file")
@@ -114,6 +118,7 @@ class Model:
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        mp.use_extra_bufts = repack
         model_p = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         if not model_p:
             raise ModelError(f"llama.cpp could not load {path}; run with QWEN35_DEBUG=1 to see its log")

@@ -28,11 +28,13 @@ def convert(
     mtp: str = typer.Option("keep", "--mtp", help="keep: append the MTP block; drop: leave it out; only: the draft head alone."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     threads: int = typer.Option(0, "--threads", help="Quantization threads (default: all cores)."),
+    split_max_size: str = typer.Option("0", "--split-max-size", help="Write llama.cpp split files of at most this size (e.g. 2G, 500M)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan; write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
     """Convert a Qwen3.5 checkpoint to GGUF in one streaming pass."""
     from .convert import convert as run
+    from .convert import parse_size
 
     type_ = type_.upper()
     suffix = "-mtp" if mtp == "only" else ""
@@ -52,7 +54,7 @@ def convert(
             bar.update(task, completed=done, total=total)
     try:
         s = run(hf_dir, out, file_type=type_, mtp=mtp, force=force, threads=threads or None,
-                dry_run=dry_run, on_progress=progress)
+                dry_run=dry_run, split_max_size=parse_size(split_max_size), on_progress=progress)
     finally:
         if bar is not None:
             bar.stop()
@@ -62,7 +64,8 @@ def convert(
     if dry_run:
         for t in s.plan:
             print(f"{t['name']:40s} {str(t['shape']):24s} {t['type']:6s} {t['bytes']:>14,d}")
-    print(f"{'planned' if dry_run else 'wrote'} {s.path}: {_human(s.bytes)}, {s.params:,} parameters, "
+    where = s.path if len(s.files) <= 1 else f"{len(s.files)} split files {s.files[0]} …"
+    print(f"{'planned' if dry_run else 'wrote'} {where}: {_human(s.bytes)}, {s.params:,} parameters, "
           f"{s.bits_per_weight:.2f} bits/weight, "
           + ", ".join(f"{n} {k}" for k, n in sorted(s.tensors_per_type.items())) + f", {s.seconds:.1f} s")
 

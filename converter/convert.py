@@ -69,6 +69,7 @@ class Summary:
     seconds: float
     dry_run: bool = False
     plan: list[dict] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
 
 
 def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep") -> Plan:
@@ -138,10 +139,28 @@ def _check_output(out: Path, force: bool, need: int) -> None:
                            "free space or write elsewhere")
 
 
+def parse_size(text: str) -> int:
+    """llama.cpp's --split-max-size syntax: bytes, or a number with K, M or G (powers of 1000).
+
+    >>> parse_size("2G"), parse_size("500M"), parse_size("0")
+    (2000000000, 500000000, 0)
+    """
+    text = text.strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:], 1)
+    try:
+        n = float(text[:-1] if scale != 1 else text)
+    except ValueError:
+        raise ConvertError(f"--split-max-size {text!r} is not a size; write e.g. 2G, 500M or 1000000") from None
+    return int(n * scale)
+
+
 def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp: str = "keep",
-            force: bool = False, threads: int | None = None, dry_run: bool = False,
+            force: bool = False, threads: int | None = None, dry_run: bool = False, split_max_size: int = 0,
             on_progress: Callable[[int, int], None] | None = None) -> Summary:
-    """Convert hf_dir to out in one pass. The output appears atomically or not at all."""
+    """Convert hf_dir to out in one pass. The output appears atomically or not at all.
+
+    With split_max_size > 0 the model is written as llama.cpp split files
+    (OUT-00001-of-0000N.gguf ...), each at most that many bytes of tensor data."""
     t0 = time.perf_counter()
     try:
         plan = make_plan(hf_dir, file_type, mtp)
@@ -158,31 +177,43 @@ def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp
         plan.ckpt.close()
         return summary
     _check_output(out, force, plan.total_bytes)
-    tmp = out.with_name(out.name + ".partial")
+    # splits are written into a hidden folder beside the output and moved out when all are complete
+    tmp_dir = out.parent / f".{out.name}.partial"
+    tmp = tmp_dir / out.name if split_max_size else out.with_name(out.name + ".partial")
     try:
-        _write(plan, tmp, threads or quantize.default_threads(), on_progress)
-        os.replace(tmp, out)
+        if split_max_size:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir()
+        written = _write(plan, tmp, threads or quantize.default_threads(), on_progress, split_max_size)
+        finals = [out.parent / p.name for p in written] if split_max_size else [out]
+        for f in finals:
+            if f.exists() and not force and f != out:
+                raise ConvertError(f"{f} exists; pass --force to overwrite it")
+        for src, dst in zip(written, finals):
+            os.replace(src, dst)
     except CheckpointError as e:
-        tmp.unlink(missing_ok=True)
         raise ConvertError(str(e)) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         plan.ckpt.close()
-    summary.bytes = out.stat().st_size
+        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    summary.path = str(finals[0])
+    summary.files = [str(f) for f in finals]
+    summary.bytes = sum(f.stat().st_size for f in finals)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _write(plan: Plan, path: Path, threads: int,
-           on_progress: Callable[[int, int], None] | None) -> None:
+def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int], None] | None,
+           split_max_size: int = 0) -> list[Path]:
+    """Write the GGUF (or its splits) at path; returns the files written."""
     heads = qwen35.heads(plan.ckpt.config)
-    w = gguf.GGUFWriter(path=None, arch=plan.ckpt.arch)
+    w = gguf.GGUFWriter(path=None, arch=plan.ckpt.arch, split_max_size=split_max_size)
     _add_metadata(w, plan)
     for t in plan.tensors:
         # logical shape (numpy order) with raw_dtype: the writer stores it as ggml ne reversed
         w.add_tensor_info(t.out.name, t.out.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    files = w.format_shard_names(path)
     w.write_header_to_file(path=path)
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -214,3 +245,4 @@ def _write(plan: Plan, path: Path, threads: int,
         f.flush()
         os.fsync(f.fileno())
     w.close()
+    return files

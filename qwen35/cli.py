@@ -58,6 +58,32 @@ def inspect_cmd(
     print(json.dumps(as_dict(rep)) if as_json else render(rep))
 
 
+@app.command("verify")
+def verify_cmd(
+    hf_dir: str = typer.Argument(..., help="The Hugging Face checkpoint the GGUF was made from."),
+    gguf: str = typer.Argument(..., help="The .gguf file to check."),
+    text: str = typer.Option(None, "--text", help="Text to run (default: a built-in sample)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens of the text to use."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Compare the GGUF's logits with transformers' on the same tokens (for small checkpoints)."""
+    from qwen35.converter.verify import DEFAULT_TEXT, verify
+
+    try:
+        m = verify(hf_dir, gguf, text=text or DEFAULT_TEXT, max_tokens=max_tokens)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(m))
+        return
+    print(f"tokens          {m['n_tokens']}")
+    print(f"max |dlogit|    {m['max_abs']:.3g}   ({m['max_abs'] / max(m['logit_std'], 1e-12):.2g} x logit std)")
+    print(f"mean |dlogit|   {m['mean_abs']:.3g}")
+    print(f"top-1 agreement {100 * m['top1_agreement']:.1f} %")
+    print(f"KLD mean / max  {m['kld_mean']:.3g} / {m['kld_max']:.3g} nats")
+
+
 def _mount_convert() -> None:
     from qwen35.converter.cli import convert
 

@@ -202,3 +202,20 @@ def test_refusals_name_the_fix(ckpts, tmp_path):
     assert r.returncode == 1 and "no MTP head" in r.stderr and not (tmp_path / "z.gguf").exists()
     r = _ours(ckpts["dense"], tmp_path / "missing-dir" / "w.gguf", "BF16")
     assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_split_files_load_in_llama_cpp_like_the_whole_file(ckpts, tmp_path):
+    from qwen35.bindings.model import Model
+
+    whole, split = tmp_path / "whole.gguf", tmp_path / "split.gguf"
+    assert _ours(ckpts["moe-per-expert"], whole, "Q8_0").returncode == 0
+    r = _ours(ckpts["moe-per-expert"], split, "Q8_0", "--split-max-size", "8M")
+    assert r.returncode == 0, r.stderr
+    parts = sorted(tmp_path.glob("split-*-of-*.gguf"))
+    assert len(parts) >= 2 and not split.exists() and not list(tmp_path.glob(".*partial*"))
+    tokens = list(range(2000, 2024))
+    with Model.load(whole, n_ctx=64, n_threads=2, repack=False) as m:
+        a = m.logits(tokens)
+    with Model.load(parts[0], n_ctx=64, n_threads=2, repack=False) as m:
+        b = m.logits(tokens)
+    assert np.array_equal(a, b)

@@ -76,3 +76,38 @@ def test_inspect_errors_are_one_line(tmp_path):
     bad.write_bytes(b"nope")
     r = subprocess.run([QWEN35, "inspect", str(bad)], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not a GGUF" in r.stderr
+
+
+def test_logit_metrics_match_torch():
+    """verify's numbers against an independent computation (torch's kl_div and argmax)."""
+    import numpy as np
+    import torch
+
+    from qwen35.converter.verify import logit_metrics
+
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((7, 50)).astype(np.float32) * 3
+    ours = ref + rng.standard_normal((7, 50)).astype(np.float32) * 0.3
+    m = logit_metrics(ref, ours)
+    p = torch.log_softmax(torch.tensor(ref, dtype=torch.float64), -1)
+    q = torch.log_softmax(torch.tensor(ours, dtype=torch.float64), -1)
+    kld = torch.nn.functional.kl_div(q, p, log_target=True, reduction="none").sum(-1)
+    assert abs(m["kld_mean"] - kld.mean().item()) < 1e-12 and abs(m["kld_max"] - kld.max().item()) < 1e-12
+    assert m["top1_agreement"] == (ref.argmax(-1) == ours.argmax(-1)).mean()
+    assert m["max_abs"] == pytest.approx(float(np.abs(ref - ours).max()))
+
+
+def test_verify_cli_on_a_converted_checkpoint(tmp_path, lib_dir):
+    from qwen35 import tiny
+    from qwen35.converter.convert import convert
+
+    hf = tiny.make_checkpoint(tmp_path / "hf")
+    convert(hf, tmp_path / "f32.gguf", file_type="F32")
+    convert(hf, tmp_path / "q8.gguf", file_type="Q8_0")
+    f32 = json.loads(subprocess.run([QWEN35, "verify", str(hf), str(tmp_path / "f32.gguf"), "--json"],
+                                    capture_output=True, text=True, check=True).stdout)
+    q8 = json.loads(subprocess.run([QWEN35, "verify", str(hf), str(tmp_path / "q8.gguf"), "--json"],
+                                   capture_output=True, text=True, check=True).stdout)
+    assert f32["n_tokens"] > 20 and f32["top1_agreement"] == 1.0
+    assert f32["max_abs"] <= 2e-3 * f32["logit_std"]
+    assert q8["kld_mean"] > f32["kld_mean"]  # rounding to Q8_0 moves the distribution, measurably
