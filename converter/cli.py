@@ -24,7 +24,9 @@ def _human(n: float) -> str:
 def convert(
     hf_dir: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer)."),
     outfile: Path = typer.Option(None, "--outfile", "-o", help="Output .gguf (default: HF_DIR-TYPE.gguf beside it)."),
-    type_: str = typer.Option("BF16", "--type", "-t", help="F32, F16, BF16 or Q8_0."),
+    type_: str = typer.Option("BF16", "--type", "-t", help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q5_0, IQ4_NL, IQ4_XS, Q3_K_M, Q2_K."),
+    recipe: str = typer.Option("upstream", "--recipe", help="Per-tensor type recipe for quantized mixes: upstream (llama-quantize's choices)."),
+    tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override, as llama-quantize's (repeatable)."),
     mtp: str = typer.Option("keep", "--mtp", help="keep: append the MTP block; drop: leave it out; only: the draft head alone."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     threads: int = typer.Option(0, "--threads", help="Quantization threads (default: all cores)."),
@@ -53,7 +55,8 @@ def convert(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
     try:
-        s = run(hf_dir, out, file_type=type_, mtp=mtp, force=force, threads=threads or None,
+        s = run(hf_dir, out, file_type=type_, mtp=mtp, recipe=recipe, tensor_types=tensor_type,
+                force=force, threads=threads or None,
                 dry_run=dry_run, split_max_size=parse_size(split_max_size), on_progress=progress)
     finally:
         if bar is not None:

@@ -21,7 +21,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from . import qwen35, quantize, vocab
+from . import qwen35, quantize, recipes, vocab
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,10 @@ class PlannedTensor:
     out: qwen35.OutTensor
     qtype: gguf.GGMLQuantizationType
     nbytes: int
+    shape: tuple[int, ...] = ()     # as stored (numpy order); defaults to out.shape
+
+    def __post_init__(self):
+        self.shape = self.shape or self.out.shape
 
 
 @dataclass
@@ -72,16 +76,38 @@ class Summary:
     files: list[str] = field(default_factory=list)
 
 
-def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep") -> Plan:
+def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep", recipe: str = "upstream",
+              tensor_types: list[str] = ()) -> Plan:
     if mtp not in MTP_MODES:
         raise ConvertError(f"--mtp {mtp} is not one of {', '.join(MTP_MODES)}")
+    if recipe != "upstream":
+        raise ConvertError(f"--recipe {recipe} is not known; available: upstream")
+    quantize.check_file_type(file_type)
+    try:
+        overrides = recipes.parse_overrides(list(tensor_types))
+    except ValueError as e:
+        raise ConvertError(str(e)) from e
+    if overrides and file_type in quantize.CONVERTER_TYPES:
+        raise ConvertError(f"--tensor-type applies to quantized mixes (Q4_K_M, Q6_K, ...), not --type {file_type}")
     ckpt = open_checkpoint(hf_dir)
     outs = qwen35.plan_tensors(ckpt, mtp)
     n_mtp = qwen35.n_mtp_layers(ckpt) if mtp != "drop" else 0
-    planned = []
-    for o in outs:
-        qtype = quantize.choose_type(o.name, o.kind, o.shape, o.keep_f32, file_type)
-        planned.append(PlannedTensor(o, qtype, quantize.nbytes(qtype, o.shape)))
+    if file_type in quantize.CONVERTER_TYPES:
+        types = [quantize.choose_type(o.name, o.kind, o.shape, o.keep_f32, file_type) for o in outs]
+    else:
+        c = ckpt.config
+        model = recipes.ModelDesc(c["num_hidden_layers"] + n_mtp, c.get("num_experts", 0) if ckpt.arch == "qwen35moe"
+                                  else 0, c["num_attention_heads"] // c["num_key_value_heads"])
+        descs = [recipes.TensorDesc(o.name, tuple(reversed(o.shape))) for o in outs]
+        chosen = recipes.upstream_types(descs, quantize.FILE_TYPES[file_type][0], model, overrides)
+        types = [q if q is not None else gguf.GGMLQuantizationType.F32 for q in chosen]
+    planned = [PlannedTensor(o, q, quantize.nbytes(q, o.shape)) for o, q in zip(outs, types)]
+    if file_type not in quantize.CONVERTER_TYPES:
+        for t in planned:  # llama-quantize stores ggml_n_dims dimensions: trailing size-1 dims go
+            shape = t.out.shape
+            while len(shape) > 1 and shape[0] == 1:
+                shape = shape[1:]
+            t.shape = shape
     return Plan(ckpt, file_type, mtp, n_mtp, planned)
 
 
@@ -155,6 +181,7 @@ def parse_size(text: str) -> int:
 
 
 def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp: str = "keep",
+            recipe: str = "upstream", tensor_types: list[str] = (),
             force: bool = False, threads: int | None = None, dry_run: bool = False, split_max_size: int = 0,
             on_progress: Callable[[int, int], None] | None = None) -> Summary:
     """Convert hf_dir to out in one pass. The output appears atomically or not at all.
@@ -163,7 +190,7 @@ def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp
     (OUT-00001-of-0000N.gguf ...), each at most that many bytes of tensor data."""
     t0 = time.perf_counter()
     try:
-        plan = make_plan(hf_dir, file_type, mtp)
+        plan = make_plan(hf_dir, file_type, mtp, recipe, tensor_types)
     except (CheckpointError, quantize.QuantizeError) as e:
         raise ConvertError(str(e)) from e
     out = Path(out)
@@ -171,7 +198,7 @@ def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp
     summary = Summary(str(out), file_type, plan.total_bytes, plan.n_params,
                       8 * plan.total_bytes / max(plan.n_params, 1), dict(counts), 0.0, dry_run)
     if dry_run:
-        summary.plan = [{"name": t.out.name, "shape": list(reversed(t.out.shape)), "type": t.qtype.name,
+        summary.plan = [{"name": t.out.name, "shape": list(reversed(t.shape)), "type": t.qtype.name,
                          "bytes": t.nbytes} for t in plan.tensors]
         summary.seconds = time.perf_counter() - t0
         plan.ckpt.close()
@@ -212,7 +239,7 @@ def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int
     _add_metadata(w, plan)
     for t in plan.tensors:
         # logical shape (numpy order) with raw_dtype: the writer stores it as ggml ne reversed
-        w.add_tensor_info(t.out.name, t.out.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        w.add_tensor_info(t.out.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
     files = w.format_shard_names(path)
     w.write_header_to_file(path=path)
     w.write_kv_data_to_file()

@@ -23,18 +23,41 @@ from gguf import quants as gquants
 
 Q = GGMLQuantizationType
 
-# --type names -> (GGUF file type, base tensor type). Mixes of K-quants and i-quants need
-# llama-quantize's per-tensor rules (--recipe upstream), which are not implemented yet.
+# --type names -> (GGUF file type, base tensor type). F32/F16/BF16/Q8_0 follow upstream's
+# converter; the others follow llama-quantize's per-tensor rules (recipes.py).
 FILE_TYPES: dict[str, tuple[LlamaFileType, Q]] = {
     "F32": (LlamaFileType.ALL_F32, Q.F32),
     "F16": (LlamaFileType.MOSTLY_F16, Q.F16),
     "BF16": (LlamaFileType.MOSTLY_BF16, Q.BF16),
     "Q8_0": (LlamaFileType.MOSTLY_Q8_0, Q.Q8_0),
+    "Q6_K": (LlamaFileType.MOSTLY_Q6_K, Q.Q6_K),
+    "Q5_K_M": (LlamaFileType.MOSTLY_Q5_K_M, Q.Q5_K),
+    "Q5_K_S": (LlamaFileType.MOSTLY_Q5_K_S, Q.Q5_K),
+    "Q4_K_M": (LlamaFileType.MOSTLY_Q4_K_M, Q.Q4_K),
+    "Q4_K_S": (LlamaFileType.MOSTLY_Q4_K_S, Q.Q4_K),
+    "Q4_0": (LlamaFileType.MOSTLY_Q4_0, Q.Q4_0),
+    "Q5_0": (LlamaFileType.MOSTLY_Q5_0, Q.Q5_0),
+    "IQ4_NL": (LlamaFileType.MOSTLY_IQ4_NL, Q.IQ4_NL),
+    "IQ4_XS": (LlamaFileType.MOSTLY_IQ4_XS, Q.IQ4_XS),
+    "Q3_K_M": (LlamaFileType.MOSTLY_Q3_K_M, Q.Q3_K),
+    "Q2_K": (LlamaFileType.MOSTLY_Q2_K, Q.Q2_K),
 }
+CONVERTER_TYPES = ("F32", "F16", "BF16", "Q8_0")
+# low-bit i-quants: without an importance matrix they are unusable (llama-quantize refuses too)
+NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M")
 
 
 class QuantizeError(ValueError):
     pass
+
+
+def check_file_type(file_type: str) -> None:
+    if file_type in NEEDS_IMATRIX:
+        raise QuantizeError(f"--type {file_type} needs an importance matrix (--imatrix FILE): at this few bits "
+                            "the quantizer must know which weights matter; imatrix input is not supported yet, "
+                            "use IQ4_XS or Q3_K_M and up")
+    if file_type not in FILE_TYPES:
+        raise QuantizeError(f"--type {file_type} is not supported; use one of {', '.join(FILE_TYPES)}")
 
 
 def choose_type(name: str, kind: T, shape: tuple[int, ...], keep_f32: bool, file_type: str) -> Q:
@@ -44,8 +67,7 @@ def choose_type(name: str, kind: T, shape: tuple[int, ...], keep_f32: bool, file
     the contract's F32 tensors (router, shared-expert gate, conv1d) stay F32; the rest take the
     file type's base type, falling back to F16 when a row does not fill whole blocks.
     """
-    if file_type not in FILE_TYPES:
-        raise QuantizeError(f"--type {file_type} is not supported yet; use one of {', '.join(FILE_TYPES)}")
+    check_file_type(file_type)
     if keep_f32 or len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return Q.F32
     base = FILE_TYPES[file_type][1]

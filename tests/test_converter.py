@@ -196,8 +196,10 @@ def test_refusals_name_the_fix(ckpts, tmp_path):
     out.write_bytes(b"keep me")
     r = _ours(ckpts["dense"], out, "BF16")
     assert r.returncode == 1 and "--force" in r.stderr and out.read_bytes() == b"keep me"
-    r = _ours(ckpts["dense"], tmp_path / "y.gguf", "Q4_K_M")
-    assert r.returncode == 1 and "not supported yet" in r.stderr and not (tmp_path / "y.gguf").exists()
+    r = _ours(ckpts["dense"], tmp_path / "y.gguf", "Q4_1")
+    assert r.returncode == 1 and "is not supported" in r.stderr and not (tmp_path / "y.gguf").exists()
+    r = _ours(ckpts["dense"], tmp_path / "y.gguf", "Q8_0", "--tensor-type", "ffn_down=q6_k")
+    assert r.returncode == 1 and "quantized mixes" in r.stderr and not (tmp_path / "y.gguf").exists()
     r = _ours(ckpts["dense"], tmp_path / "z.gguf", "BF16", "--mtp", "only")
     assert r.returncode == 1 and "no MTP head" in r.stderr and not (tmp_path / "z.gguf").exists()
     r = _ours(ckpts["dense"], tmp_path / "missing-dir" / "w.gguf", "BF16")

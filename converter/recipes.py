@@ -1,0 +1,179 @@
+"""Per-tensor type recipes for quantized file types.
+
+``upstream`` reproduces llama-quantize's choices (src/llama-quant.cpp of the pinned llama.cpp:
+tensor_allows_quantization, llama_tensor_get_type_impl, tensor_type_fallback) for the tensors a
+Qwen3.5 GGUF holds, as if llama-quantize ran on this converter's F32 output. It is one pure
+function over the ordered tensor list, because llama-quantize's choices depend on counters that
+advance in file order.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from gguf import GGML_QUANT_SIZES, LlamaFileType
+from gguf import GGMLQuantizationType as Q
+
+F = LlamaFileType
+
+# ftype -> default tensor type (llama_ftype_get_default_type)
+DEFAULT_TYPE = {
+    F.MOSTLY_Q4_0: Q.Q4_0, F.MOSTLY_Q5_0: Q.Q5_0, F.MOSTLY_Q8_0: Q.Q8_0, F.MOSTLY_Q2_K: Q.Q2_K,
+    F.MOSTLY_Q3_K_M: Q.Q3_K, F.MOSTLY_Q4_K_S: Q.Q4_K, F.MOSTLY_Q4_K_M: Q.Q4_K, F.MOSTLY_Q5_K_S: Q.Q5_K,
+    F.MOSTLY_Q5_K_M: Q.Q5_K, F.MOSTLY_Q6_K: Q.Q6_K, F.MOSTLY_IQ4_NL: Q.IQ4_NL, F.MOSTLY_IQ4_XS: Q.IQ4_XS,
+}
+
+# tensor_type_fallback: a type whose block does not divide the row length falls back to these
+FALLBACK = {Q.IQ4_XS: Q.IQ4_NL, Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1,
+            Q.Q6_K: Q.Q8_0}
+
+
+@dataclass(frozen=True)
+class TensorDesc:
+    name: str
+    ne: tuple[int, ...]      # ggml order (ne[0] = row length)
+
+
+@dataclass(frozen=True)
+class ModelDesc:
+    n_layer_all: int         # block_count, MTP blocks included
+    n_expert: int
+    n_gqa: int               # attention heads per KV head
+
+
+def _category(name: str) -> str:
+    if name == "output.weight":
+        return "output"
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "token_embd"
+    for key, cat in (("attn_qkv.weight", "attn_qkv"), ("attn_kv_b.weight", "attn_kv_b"), ("attn_v.weight", "attn_v"),
+                     ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
+                     ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down")):
+        if key in name:
+            return cat
+    return "other"
+
+
+def allows_quantization(t: TensorDesc) -> bool:
+    n_dims = len(t.ne)
+    while n_dims > 1 and t.ne[n_dims - 1] == 1:
+        n_dims -= 1
+    if n_dims < 2 or not t.name.endswith("weight"):
+        return False
+    return not any(s in t.name for s in ("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d"))
+
+
+def _fallback(t: TensorDesc, qtype: Q) -> Q:
+    ncols = t.ne[0]
+    if ncols % GGML_QUANT_SIZES[qtype][0] == 0:
+        return qtype
+    out = FALLBACK.get(qtype, qtype)
+    return out if ncols % GGML_QUANT_SIZES[out][0] == 0 else Q.F16
+
+
+def upstream_types(tensors: list[TensorDesc], ftype: LlamaFileType, model: ModelDesc,
+                   overrides: list[tuple[str, Q]] = (), has_imatrix: bool = False) -> list[Q | None]:
+    """llama-quantize's type for each tensor, in order; None = not quantized (stays F32)."""
+    default = DEFAULT_TYPE[ftype]
+    cats = [_category(t.name) for t in tensors]
+    n_attention_wv = sum(c in ("attn_v", "attn_qkv", "attn_kv_b") for c in cats)
+    tied = "output" not in cats
+    n_ffn = model.n_layer_all
+    i = {"attn_wv": 0, "ffn_down": 0, "ffn_gate": 0, "ffn_up": 0}
+    compiled = [(re.compile(p), q) for p, q in overrides]
+
+    def more_bits(il: int, n: int) -> bool:
+        return il < n // 8 or il >= 7 * n // 8 or (il - n // 8) % 3 == 2
+
+    def layer(counter: str, name: str) -> int:
+        if max(1, model.n_expert) > 1:
+            m = re.match(r"blk\.(\d+)\.", name)
+            return int(m.group(1))
+        return i[counter]
+
+    out: list[Q | None] = []
+    for t, cat in zip(tensors, cats):
+        if not allows_quantization(t):
+            out.append(None)
+            continue
+        new = default
+        manual = next((q for rx, q in compiled if rx.search(t.name)), None)
+        if manual is not None:
+            new = manual
+        elif cat == "output" or (tied and cat == "token_embd"):
+            new = Q.Q8_0 if t.ne[0] % GGML_QUANT_SIZES[new][0] else (new if new == Q.Q8_0 else Q.Q6_K)
+        elif cat == "token_embd":
+            pass
+        elif cat in ("attn_v", "attn_qkv", "attn_kv_b"):
+            gqa = model.n_gqa
+            if ftype == F.MOSTLY_Q2_K:
+                new = Q.Q4_K if gqa >= 4 else Q.Q3_K
+            elif ftype == F.MOSTLY_Q3_K_M:
+                new = Q.Q5_K if i["attn_wv"] < 2 else Q.Q4_K
+            elif ftype in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and gqa >= 4:
+                new = Q.Q5_K
+            elif ftype in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and more_bits(i["attn_wv"], n_attention_wv):
+                new = Q.Q6_K
+            elif ftype == F.MOSTLY_Q4_K_S and i["attn_wv"] < 4:
+                new = Q.Q5_K
+            if model.n_expert == 8:
+                new = Q.Q8_0
+            i["attn_wv"] += 1
+        elif cat == "attn_k":
+            if model.n_expert == 8:
+                new = Q.Q8_0
+        elif cat == "ffn_down":
+            il, n = layer("ffn_down", t.name), n_ffn
+            if ftype == F.MOSTLY_Q2_K:
+                new = Q.Q3_K
+            elif ftype == F.MOSTLY_Q3_K_M:
+                new = Q.Q5_K if il < n // 16 else Q.Q4_K
+            elif ftype == F.MOSTLY_Q4_K_M:
+                if more_bits(il, n):
+                    new = Q.Q6_K
+            elif il < n // 8 and ftype in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and not has_imatrix:
+                new = Q.Q5_K
+            elif ftype == F.MOSTLY_Q5_K_M and more_bits(il, n):
+                new = Q.Q6_K
+            elif ftype == F.MOSTLY_Q4_K_S and il < n // 8:
+                new = Q.Q5_K
+            elif ftype in (F.MOSTLY_Q4_0, F.MOSTLY_Q5_0) and has_imatrix and il < n // 8:
+                new = Q.Q4_1 if ftype == F.MOSTLY_Q4_0 else Q.Q5_1
+            i["ffn_down"] += 1
+        elif cat == "attn_output":
+            if model.n_expert == 8:
+                if ftype in (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_M, F.MOSTLY_IQ4_NL, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M,
+                             F.MOSTLY_IQ4_XS):
+                    new = Q.Q5_K
+            elif ftype == F.MOSTLY_Q2_K:
+                new = Q.Q3_K
+            elif ftype == F.MOSTLY_Q3_K_M:
+                new = Q.Q4_K
+        elif cat == "ffn_gate":
+            layer("ffn_gate", t.name)
+            i["ffn_gate"] += 1
+        elif cat == "ffn_up":
+            layer("ffn_up", t.name)
+            i["ffn_up"] += 1
+        out.append(_fallback(t, new))
+    return out
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Q]]:
+    """llama-quantize's --tensor-type REGEX=TYPE (type names as ggml spells them, any case)."""
+    out = []
+    for item in items:
+        pattern, sep, name = item.rpartition("=")
+        try:
+            qtype = Q[name.strip().upper()]
+        except KeyError:
+            qtype = None
+        if not sep or not pattern or qtype is None:
+            raise ValueError(f"--tensor-type {item!r}: write REGEX=TYPE, e.g. 'ffn_down=q6_k'")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"--tensor-type {item!r}: bad regex ({e})") from None
+        out.append((pattern, qtype))
+    return out

@@ -1,0 +1,111 @@
+"""--recipe upstream: the per-tensor types (and bytes) llama-quantize gives, in one pass."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from gguf import GGMLQuantizationType as Q
+from gguf import LlamaFileType as F
+
+from gguf_compare import differences
+from qwen35.converter.recipes import ModelDesc, TensorDesc, parse_overrides, upstream_types
+
+ROOT = Path(__file__).resolve().parent.parent
+CONVERT = str(Path(sys.executable).parent / "qwen35-convert")
+LLAMA_QUANTIZE = ROOT / "build" / "cpu" / "bin" / "llama-quantize"
+
+DENSE8 = ModelDesc(n_layer_all=8, n_expert=0, n_gqa=2)
+
+
+def _types(names_ne, ftype, model=DENSE8, overrides=()):
+    return upstream_types([TensorDesc(n, ne) for n, ne in names_ne], ftype, model, list(overrides))
+
+
+# Each case is read off src/llama-quant.cpp of the pinned llama.cpp (function and rule named).
+CASES = [
+    # tied embeddings: token_embd takes the output rule -> Q6_K (llama_tensor_get_type_impl, OUTPUT branch)
+    ("tied token_embd", [("token_embd.weight", (256, 1000))], F.MOSTLY_Q4_K_M, DENSE8, [Q.Q6_K]),
+    # a separate output.weight: token_embd keeps the base type, output gets Q6_K
+    ("untied", [("token_embd.weight", (256, 1000)), ("output.weight", (256, 1000))], F.MOSTLY_Q4_K_M,
+     DENSE8, [Q.Q4_K, Q.Q6_K]),
+    # output row not a multiple of the block -> Q8_0 (nx % qk_k != 0)
+    ("odd output", [("output.weight", (96, 1000))], F.MOSTLY_Q4_K_M, DENSE8, [Q.Q8_0]),
+    # norms, 1-D, conv1d and the router are never quantized (tensor_allows_quantization)
+    ("kept", [("blk.0.attn_norm.weight", (256,)), ("blk.0.ssm_conv1d.weight", (4, 512)),
+              ("blk.0.ffn_gate_inp.weight", (256, 8)), ("blk.0.ssm_a", (4,)), ("blk.0.ssm_dt.bias", (4,)),
+              ("blk.0.ffn_gate_inp_shexp.weight", (256, 1))], F.MOSTLY_Q4_K_M, DENSE8, [None] * 6),
+    # ffn_down with Q4_K_M: use_more_bits(i, 8) = i < 1 || i >= 7 || (i - 1) % 3 == 2 -> Q6_K for
+    # i in {0, 3, 6, 7}, Q4_K otherwise
+    ("ffn_down layers", [(f"blk.{i}.ffn_down.weight", (512, 256)) for i in range(8)], F.MOSTLY_Q4_K_M, DENSE8,
+     [Q.Q6_K, Q.Q4_K, Q.Q4_K, Q.Q6_K, Q.Q4_K, Q.Q4_K, Q.Q6_K, Q.Q6_K]),
+    # attn_qkv counts as attention-V-like: Q3_K_M gives Q5_K to the first two, Q4_K after
+    ("qkv Q3_K_M", [(f"blk.{i}.attn_qkv.weight", (256, 512)) for i in range(3)], F.MOSTLY_Q3_K_M, DENSE8,
+     [Q.Q5_K, Q.Q5_K, Q.Q4_K]),
+    # 8 experts: attention V/QKV and K to Q8_0
+    ("8 experts", [("blk.0.attn_v.weight", (256, 64)), ("blk.0.attn_k.weight", (256, 64))], F.MOSTLY_Q4_K_M,
+     ModelDesc(8, 8, 2), [Q.Q8_0, Q.Q8_0]),
+    # fallbacks for rows that do not fill 256-blocks (tensor_type_fallback): Q4_K -> Q5_0, Q2_K -> Q4_0
+    ("fallback", [("blk.0.ssm_alpha.weight", (96, 4))], F.MOSTLY_Q4_K_S, DENSE8, [Q.Q5_0]),
+    ("fallback Q2_K", [("blk.0.ssm_out.weight", (96, 256))], F.MOSTLY_Q2_K, DENSE8, [Q.Q4_0]),
+    # not even 32-divisible -> F16
+    ("F16 fallback", [("blk.0.ssm_beta.weight", (48, 4))], F.MOSTLY_Q4_K_M, DENSE8, [Q.F16]),
+]
+
+
+@pytest.mark.parametrize("name,tensors,ftype,model,expected", CASES, ids=[c[0] for c in CASES])
+def test_recipe_table(name, tensors, ftype, model, expected):
+    assert _types(tensors, ftype, model) == expected
+
+
+def test_overrides_win_and_skip_the_mixture_rules():
+    t = [("blk.0.ffn_down.weight", (512, 256)), ("blk.1.ffn_down.weight", (512, 256))]
+    # a manual type skips llama_tensor_get_type_impl, so i_ffn_down does not advance: blk.1 is
+    # judged as layer 0 of the dense counter (use_more_bits(0, 8) -> Q6_K)
+    assert _types(t, F.MOSTLY_Q4_K_M, overrides=parse_overrides(["blk\\.0\\.ffn_down=q8_0"])) == [Q.Q8_0, Q.Q6_K]
+    with pytest.raises(ValueError, match="REGEX=TYPE"):
+        parse_overrides(["ffn_down"])
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory, lib_dir):
+    """Rows that fill 256-blocks, so the K-quant rules (not only the fallbacks) are exercised."""
+    from qwen35 import tiny
+    from qwen35.converter.convert import convert
+
+    cfg = tiny.TinyConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=1,
+                          head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64)
+    d = tmp_path_factory.mktemp("wide")
+    out = {}
+    for name, kw in (("dense", {}), ("moe", dict(moe=True, mtp=True))):
+        hf = tiny.make_checkpoint(d / name, cfg, **kw)
+        f32 = d / f"{name}-f32.gguf"
+        convert(hf, f32, file_type="F32")
+        out[name] = (hf, f32)
+    return out
+
+
+@pytest.mark.parametrize("model,type_,extra", [
+    ("dense", "Q4_K_M", []), ("dense", "Q3_K_M", []), ("dense", "IQ4_XS", []),
+    ("moe", "Q4_K_M", []), ("moe", "Q2_K", []), ("moe", "Q5_K_S", ["--tensor-type", "ffn_down_exps=q8_0"]),
+])
+def test_one_pass_equals_llama_quantize_on_our_f32(wide, tmp_path, model, type_, extra):
+    hf, f32 = wide[model]
+    ref = tmp_path / "llama-quantize.gguf"
+    lq_extra = []
+    if extra:
+        lq_extra = ["--tensor-type", extra[1]]
+    r = subprocess.run([str(LLAMA_QUANTIZE), *lq_extra, str(f32), str(ref), type_, "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours = tmp_path / "ours.gguf"
+    r = subprocess.run([CONVERT, str(hf), "-o", str(ours), "--type", type_, "--recipe", "upstream", *extra],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert differences(ours, ref) == []
+
+
+def test_low_bit_iquants_refuse_without_imatrix(wide, tmp_path):
+    hf, _ = wide["dense"]
+    r = subprocess.run([CONVERT, str(hf), "-o", str(tmp_path / "x.gguf"), "--type", "IQ2_XS"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "importance matrix" in r.stderr and not (tmp_path / "x.gguf").exists()
