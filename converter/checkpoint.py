@@ -1,7 +1,7 @@
 """Read a Hugging Face Qwen3.5 checkpoint directory: config, shards, lazily loaded tensors.
 
-Only safetensors are read (never pickle). Tensors are memory-mapped and materialised one at
-a time as float32 numpy arrays, so memory stays bounded by the tensors in flight. The
+Only safetensors are read (never pickle). Tensors are read with pread, whole or a row range at
+a time, as float32 numpy arrays, so memory stays bounded by the data in flight. The
 safetensors header (8-byte length + JSON) is parsed here because the safetensors package
 cannot hand bf16 data to numpy.
 """
@@ -9,7 +9,7 @@ cannot hand bf16 data to numpy.
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,35 +62,34 @@ class Checkpoint:
     arch: str                       # qwen35 | qwen35moe
     hf_arch: str
     tensors: dict[str, TensorRef]   # HF name -> reference, in shard/file order
-    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+    _files: dict[Path, int] = field(default_factory=dict, repr=False)
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as float32 (bf16 and f16 widened exactly)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor (or rows [a, b) of its first axis) as float32; bf16 and f16 widen exactly.
+
+        Read with pread: nothing stays mapped, so memory is what the caller holds."""
         ref = self.tensors[name]
-        mm = self._maps.get(ref.shard)
-        if mm is None:
-            with open(ref.shard, "rb") as f:
-                mm = self._maps[ref.shard] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        buf = memoryview(mm)[ref.begin:ref.end]
-        if len(buf) != ref.nbytes:
-            buf.release()
+        a, b = rows if rows is not None else (0, ref.shape[0] if ref.shape else 1)
+        row = ref.nbytes // max(ref.shape[0], 1) if ref.shape else ref.nbytes
+        fd = self._files.get(ref.shard)
+        if fd is None:
+            fd = self._files[ref.shard] = os.open(ref.shard, os.O_RDONLY)
+        want = (b - a) * row
+        buf = os.pread(fd, want, ref.begin + a * row)
+        if len(buf) != want:
             raise CheckpointError(f"{ref.shard.name} is truncated inside tensor {name}; re-download the shard")
         if ref.dtype == "bf16":
-            raw = np.frombuffer(buf, dtype=np.uint16)
-            out = (raw.astype(np.uint32) << 16).view(np.float32)
+            out = (np.frombuffer(buf, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
         elif ref.dtype == "f16":
             out = np.frombuffer(buf, dtype=np.float16).astype(np.float32)
         else:
             out = np.frombuffer(buf, dtype=np.float32).copy()
-        return out.reshape(ref.shape)
+        return out.reshape((b - a, *ref.shape[1:]) if ref.shape else ())
 
     def close(self) -> None:
-        for mm in self._maps.values():
-            try:
-                mm.close()
-            except BufferError:  # arrays still view it (an error mid-way); unmapped when they go
-                pass
-        self._maps.clear()
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
 
 
 def _read_header(shard: Path) -> dict[str, TensorRef]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import shutil
+import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from typing import Callable
 
 import gguf
 import numpy as np
+from gguf.gguf_writer import WriterState
 
 from . import qwen35, quantize, recipes, vocab
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
@@ -27,7 +30,7 @@ from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 log = logging.getLogger(__name__)
 
 MTP_MODES = ("keep", "drop", "only")
-WINDOW = 3  # tensors built ahead of the writer
+QUEUE_CHUNKS = 4  # quantized chunks (each from <= 64 MiB of float32) waiting for the writer
 
 
 class ConvertError(RuntimeError):
@@ -231,6 +234,18 @@ def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp
     return summary
 
 
+def _begin_tensor(w: gguf.GGUFWriter, nbytes: int):
+    """Start the next tensor's data in the writer's file, as GGUFWriter.write_tensor_data does for
+    a whole array (its info popped, the file aligned); the caller writes the bytes in pieces."""
+    file_id = next(i for i, tensors in enumerate(w.tensors) if tensors)
+    fout = w.fout[file_id]
+    info = w.tensors[file_id].pop(next(iter(w.tensors[file_id])))
+    if info.nbytes != nbytes:
+        raise ConvertError(f"tensor data out of order: expected {info.nbytes} bytes, got {nbytes}")
+    w.write_padding(fout, fout.tell())
+    return fout
+
+
 def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int], None] | None,
            split_max_size: int = 0) -> list[Path]:
     """Write the GGUF (or its splits) at path; returns the files written."""
@@ -244,30 +259,52 @@ def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int
     w.write_header_to_file(path=path)
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    done = 0
-    with ThreadPoolExecutor(max_workers=threads) as pool, ThreadPoolExecutor(max_workers=1) as builder:
-        def build(t: PlannedTensor) -> np.ndarray:
-            data = quantize.quantize(t.out.build(plan.ckpt, heads), t.qtype, pool)
-            if data.nbytes != t.nbytes:
-                raise ConvertError(f"{t.out.name}: produced {data.nbytes} bytes, planned {t.nbytes}")
-            return data
+    # a producer thread reads, transforms and quantizes tensors in row chunks; the writer drains a
+    # bounded queue, so memory holds a few chunks whatever the model size
+    chunks: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
+    stop = threading.Event()
 
-        window: deque = deque()
-        todo = iter(plan.tensors)
-        for t in todo:
-            window.append((t, builder.submit(build, t)))
-            if len(window) >= WINDOW:
-                break
-        while window:
-            t, fut = window.popleft()
-            data = fut.result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                window.append((nxt, builder.submit(build, nxt)))
-            w.write_tensor_data(data)
-            done += t.nbytes
-            if on_progress:
-                on_progress(done, plan.total_bytes)
+    def produce() -> None:
+        try:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                for t in plan.tensors:
+                    for x in t.out.chunks(plan.ckpt, heads):
+                        if stop.is_set():
+                            return
+                        chunks.put((t, quantize.quantize(x, t.qtype, pool)))
+                    chunks.put((t, None))
+        except BaseException as e:  # handed to the writer, which raises it
+            chunks.put((None, e))
+
+    producer = threading.Thread(target=produce, name="qwen35-convert-producer", daemon=True)
+    producer.start()
+    done = 0
+    try:
+        for t in plan.tensors:
+            fout = _begin_tensor(w, t.nbytes)
+            written = 0
+            while True:
+                got, data = chunks.get()
+                if got is None:
+                    raise data
+                if data is None:
+                    break
+                data.tofile(fout)
+                written += data.nbytes
+                done += data.nbytes
+                if on_progress:
+                    on_progress(done, plan.total_bytes)
+            if written != t.nbytes:
+                raise ConvertError(f"{t.out.name}: produced {written} bytes, planned {t.nbytes}")
+            w.write_padding(fout, t.nbytes)
+        w.state = WriterState.WEIGHTS
+    finally:
+        stop.set()
+        while producer.is_alive():
+            try:
+                chunks.get(timeout=0.1)
+            except queue.Empty:
+                pass
     for f in w.fout or []:
         f.flush()
         os.fsync(f.fileno())

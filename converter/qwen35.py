@@ -91,6 +91,24 @@ class OutTensor:
             x = np.stack([ckpt.read(s) for s in self.sources])
         return np.ascontiguousarray(self.transform(x, heads), dtype=np.float32)
 
+    def chunks(self, ckpt: Checkpoint, heads: tf.Heads, max_bytes: int = 64 << 20):
+        """The tensor in pieces along its first axis, each at most ~max_bytes of float32, for the
+        transforms that act row by row (identity, +1, expert halves, stacking); else whole."""
+        row_wise = self.transform in (tf.identity, tf.norm_plus_one, tf.gate_half, tf.up_half)
+        total = 4 * int(np.prod(self.shape))
+        if not row_wise or total <= max_bytes or not self.shape:
+            yield self.build(ckpt, heads)
+            return
+        if len(self.sources) > 1:  # per-expert stacking: one expert at a time
+            for s in self.sources:
+                yield np.ascontiguousarray(ckpt.read(s)[None], dtype=np.float32)
+            return
+        n = self.shape[0]
+        step = max(1, n * max_bytes // total)
+        for a in range(0, n, step):
+            x = ckpt.read(self.sources[0], (a, min(n, a + step)))
+            yield np.ascontiguousarray(self.transform(x, heads), dtype=np.float32)
+
 
 def _split_name(hf: str) -> tuple[str, str | None, str]:
     """HF name -> (scope, block, rest): scope is 'model', 'mtp', 'mtp_layer', 'lm_head' or 'skip'."""
