@@ -86,6 +86,12 @@ def _gguf_architecture(path: Path) -> str:
     return arch
 
 
+def _cpu_has_amx() -> bool:
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
 class Model:
     """A loaded Qwen3.5 GGUF. Use as a context manager, or call close()."""
 
@@ -100,10 +106,11 @@ class Model:
     @classmethod
     def load(cls, path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
              n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None,
-             repack: bool = True) -> "Model":
-        """repack=False keeps weights in their file layout (llama.cpp --no-repack): the pinned
-        llama.cpp's AMX Q8_0 path crashes computing several output rows of tiny models (seen with
-        llama-perplexity too); logits of every position (verify, quality reports) avoid it."""
+             repack: bool | None = None) -> "Model":
+        """repack: let llama.cpp move weights into its CPU extra buffer types (AMX, repacked
+        layouts; llama.cpp's default). None = on, except on CPUs with AMX, where the pinned
+        llama.cpp crashes (SIGSEGV) evaluating Qwen3.5 Q8_0 models from such buffers — reproduced
+        with its own llama-perplexity — so weights stay in their file layout there."""
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path} does not exist; pass the path of a .gguf file")
@@ -118,6 +125,10 @@ class Model:
         llama_cpp.llama_backend_init()
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        if repack is None:
+            repack = not _cpu_has_amx()
+            if not repack:
+                log.info("AMX CPU: loading without extra buffer types (llama.cpp --no-repack)")
         mp.use_extra_bufts = repack
         model_p = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         if not model_p:
