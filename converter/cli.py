@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -74,18 +73,6 @@ def convert(
 
 
 def main() -> None:
-    """Entry point: known errors become one line on stderr and exit 1 (traceback with QWEN35_DEBUG=1)."""
-    from qwen35.bindings.native import NativeLibraryError
+    from qwen35.errors import run_app
 
-    from .convert import ConvertError
-
-    try:
-        app()
-    except (ConvertError, NativeLibraryError) as e:
-        if os.environ.get("QWEN35_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        sys.exit(130)
+    run_app(app)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import typer
@@ -94,14 +93,6 @@ _mount_convert()
 
 
 def main() -> None:
-    """Entry point: known errors become one line on stderr (traceback with QWEN35_DEBUG=1)."""
-    from qwen35.bindings.native import NativeLibraryError
-    from qwen35.converter.convert import ConvertError
+    from qwen35.errors import run_app
 
-    try:
-        app()
-    except (NativeLibraryError, ConvertError) as e:
-        if os.environ.get("QWEN35_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_app(app)

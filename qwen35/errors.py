@@ -1,0 +1,24 @@
+"""Shared entry-point behaviour of the console scripts: known errors become one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def run_app(app) -> None:
+    """Run a typer app; known errors print one line on stderr and exit 1 (a traceback instead
+    with QWEN35_DEBUG=1); Ctrl-C exits 130."""
+    from qwen35.bindings.native import NativeLibraryError
+    from qwen35.converter.convert import ConvertError
+
+    try:
+        app()
+    except (NativeLibraryError, ConvertError) as e:
+        if os.environ.get("QWEN35_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was written", file=sys.stderr)
+        sys.exit(130)
