@@ -23,7 +23,8 @@ def _human(n: float) -> str:
 def convert(
     hf_dir: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer)."),
     outfile: Path = typer.Option(None, "--outfile", "-o", help="Output .gguf (default: HF_DIR-TYPE.gguf beside it)."),
-    type_: str = typer.Option("BF16", "--type", "-t", help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q5_0, IQ4_NL, IQ4_XS, Q3_K_M, Q2_K."),
+    type_: str = typer.Option("BF16", "--type", "-t", help="F32, F16, BF16, Q8_0 (as upstream's converter); Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q5_0, IQ4_NL, IQ4_XS, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, IQ3_M, IQ3_S (as llama-quantize); IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S (need --imatrix)."),
+    imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix from llama-imatrix (GGUF or legacy .dat), as llama-quantize's --imatrix."),
     recipe: str = typer.Option("upstream", "--recipe", help="Per-tensor type recipe for quantized mixes: upstream (llama-quantize's choices)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override, as llama-quantize's (repeatable)."),
     mtp: str = typer.Option("keep", "--mtp", help="keep: append the MTP block; drop: leave it out; only: the draft head alone."),
@@ -54,12 +55,15 @@ def convert(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
     try:
-        s = run(hf_dir, out, file_type=type_, mtp=mtp, recipe=recipe, tensor_types=tensor_type,
+        s = run(hf_dir, out, file_type=type_, mtp=mtp, recipe=recipe, tensor_types=tensor_type, imatrix=imatrix,
                 force=force, threads=threads or None,
                 dry_run=dry_run, split_max_size=parse_size(split_max_size), on_progress=progress)
     finally:
         if bar is not None:
             bar.stop()
+    if s.imatrix_missing:
+        typer.echo(f"note: the imatrix has no weights for {len(s.imatrix_missing)} quantized tensors (e.g. "
+                   f"{s.imatrix_missing[0]}); they are quantized without, as llama-quantize does", err=True)
     if as_json:
         print(json.dumps(s.__dict__))
         return

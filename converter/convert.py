@@ -24,12 +24,14 @@ import gguf
 import numpy as np
 from gguf.gguf_writer import WriterState
 
+from . import imatrix as imx
 from . import qwen35, quantize, recipes, vocab
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
 log = logging.getLogger(__name__)
 
 MTP_MODES = ("keep", "drop", "only")
+Q = gguf.GGMLQuantizationType
 QUEUE_CHUNKS = 4  # quantized chunks (each from <= 64 MiB of float32) waiting for the writer
 
 
@@ -55,6 +57,8 @@ class Plan:
     mtp: str
     n_mtp: int
     tensors: list[PlannedTensor]
+    imatrix: imx.Imatrix | None = None
+    imatrix_missing: list[str] = field(default_factory=list)   # quantized without importance weights
 
     @property
     def total_bytes(self) -> int:
@@ -77,10 +81,11 @@ class Summary:
     dry_run: bool = False
     plan: list[dict] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    imatrix_missing: list[str] = field(default_factory=list)
 
 
 def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep", recipe: str = "upstream",
-              tensor_types: list[str] = ()) -> Plan:
+              tensor_types: list[str] = (), imatrix: str | Path | None = None) -> Plan:
     if mtp not in MTP_MODES:
         raise ConvertError(f"--mtp {mtp} is not one of {', '.join(MTP_MODES)}")
     if recipe != "upstream":
@@ -92,9 +97,17 @@ def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep", re
         raise ConvertError(str(e)) from e
     if overrides and file_type in quantize.CONVERTER_TYPES:
         raise ConvertError(f"--tensor-type applies to quantized mixes (Q4_K_M, Q6_K, ...), not --type {file_type}")
+    if imatrix is not None and file_type in quantize.CONVERTER_TYPES:
+        raise ConvertError(f"--imatrix has no effect on --type {file_type}; use it with K- and i-quant mixes "
+                           "(Q4_K_M, IQ4_XS, IQ2_XS, ...)")
+    try:
+        im = imx.load(imatrix) if imatrix is not None else None
+    except imx.ImatrixError as e:
+        raise ConvertError(str(e)) from e
     ckpt = open_checkpoint(hf_dir)
     outs = qwen35.plan_tensors(ckpt, mtp)
     n_mtp = qwen35.n_mtp_layers(ckpt) if mtp != "drop" else 0
+    missing: list[str] = []
     if file_type in quantize.CONVERTER_TYPES:
         types = [quantize.choose_type(o.name, o.kind, o.shape, o.keep_f32, file_type) for o in outs]
     else:
@@ -102,7 +115,9 @@ def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep", re
         model = recipes.ModelDesc(c["num_hidden_layers"] + n_mtp, c.get("num_experts", 0) if ckpt.arch == "qwen35moe"
                                   else 0, c["num_attention_heads"] // c["num_key_value_heads"])
         descs = [recipes.TensorDesc(o.name, tuple(reversed(o.shape))) for o in outs]
-        chosen = recipes.upstream_types(descs, quantize.FILE_TYPES[file_type][0], model, overrides)
+        chosen = recipes.upstream_types(descs, quantize.FILE_TYPES[file_type][0], model, overrides,
+                                        has_imatrix=im is not None)
+        missing = _check_imatrix(outs, chosen, file_type, im, c["num_hidden_layers"])
         types = [q if q is not None else gguf.GGMLQuantizationType.F32 for q in chosen]
     planned = [PlannedTensor(o, q, quantize.nbytes(q, o.shape)) for o, q in zip(outs, types)]
     if file_type not in quantize.CONVERTER_TYPES:
@@ -111,7 +126,48 @@ def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep", re
             while len(shape) > 1 and shape[0] == 1:
                 shape = shape[1:]
             t.shape = shape
-    return Plan(ckpt, file_type, mtp, n_mtp, planned)
+    return Plan(ckpt, file_type, mtp, n_mtp, planned, im, missing if im is not None else [])
+
+
+def _check_imatrix(outs: list[qwen35.OutTensor], chosen: list, file_type: str, im: imx.Imatrix | None,
+                   n_layer: int) -> list[str]:
+    """Before anything is written: every tensor whose type is garbage without importance weights
+    has them, and every importance vector fits its tensor (llama-quantize finds out mid-file).
+    Returns the quantized tensors the imatrix has no weights for, token_embd (a lookup table) and
+    output (llama-imatrix skips it unless --process-output) aside."""
+    missing = []
+    for o, q in zip(outs, chosen):
+        if q is None or q in (Q.F32, Q.F16, Q.BF16):
+            continue
+        if im is not None:
+            try:
+                w = im.for_tensor(o.name, o.shape[-1], _n_matrices(o.shape))
+            except imx.ImatrixError as e:
+                raise ConvertError(str(e)) from e
+        else:
+            w = None
+        if w is None and recipes.requires_imatrix(o.name, q):
+            if im is None:
+                raise ConvertError(f"--type {file_type} needs an importance matrix (--imatrix FILE): {o.name} "
+                                   f"would be {q.name}, which is garbage without one; compute it with "
+                                   "`llama-imatrix -m MODEL.gguf -f TEXT -o imatrix.gguf`")
+            raise ConvertError(f"imatrix {im.path} has no entry for {o.name}, which --type {file_type} makes "
+                               f"{q.name} (garbage without one); compute the imatrix on this model"
+                               + (" (llama-imatrix does not run the MTP block: add --mtp drop)"
+                                  if _block(o.name) >= n_layer else "")
+                               + f", or keep the tensor above 3 bits with --tensor-type '{o.name}=q4_k'")
+        if w is None and o.name not in ("token_embd.weight", "output.weight"):
+            missing.append(o.name)
+    return missing
+
+
+def _n_matrices(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) > 2 else 1
+
+
+def _block(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit() else -1
 
 
 def _add_metadata(w: gguf.GGUFWriter, plan: Plan) -> None:
@@ -155,6 +211,14 @@ def _add_metadata(w: gguf.GGUFWriter, plan: Plan) -> None:
         w.add_rope_dimension_sections([11, 11, 10, 0])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab.add_vocab(w, plan.ckpt.path, c["vocab_size"])
+    if plan.imatrix is not None:  # as llama-quantize records it (its kv overrides, 127-byte strings)
+        im = plan.imatrix
+        w.add_string(imx.KV_FILE, im.path.encode()[:127].decode(errors="ignore"))
+        if im.datasets:
+            w.add_string(imx.KV_DATASET, im.datasets[0].encode()[:127].decode(errors="ignore"))
+        w.add_uint32(imx.KV_N_ENTRIES, len(im.entries))
+        if im.chunk_count > 0:
+            w.add_uint32(imx.KV_N_CHUNKS, im.chunk_count)
 
 
 def _check_output(out: Path, force: bool, need: int) -> None:
@@ -184,7 +248,7 @@ def parse_size(text: str) -> int:
 
 
 def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp: str = "keep",
-            recipe: str = "upstream", tensor_types: list[str] = (),
+            recipe: str = "upstream", tensor_types: list[str] = (), imatrix: str | Path | None = None,
             force: bool = False, threads: int | None = None, dry_run: bool = False, split_max_size: int = 0,
             on_progress: Callable[[int, int], None] | None = None) -> Summary:
     """Convert hf_dir to out in one pass. The output appears atomically or not at all.
@@ -193,13 +257,14 @@ def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp
     (OUT-00001-of-0000N.gguf ...), each at most that many bytes of tensor data."""
     t0 = time.perf_counter()
     try:
-        plan = make_plan(hf_dir, file_type, mtp, recipe, tensor_types)
+        plan = make_plan(hf_dir, file_type, mtp, recipe, tensor_types, imatrix)
     except (CheckpointError, quantize.QuantizeError) as e:
         raise ConvertError(str(e)) from e
     out = Path(out)
     counts = Counter(t.qtype.name for t in plan.tensors)
     summary = Summary(str(out), file_type, plan.total_bytes, plan.n_params,
-                      8 * plan.total_bytes / max(plan.n_params, 1), dict(counts), 0.0, dry_run)
+                      8 * plan.total_bytes / max(plan.n_params, 1), dict(counts), 0.0, dry_run,
+                      imatrix_missing=plan.imatrix_missing)
     if dry_run:
         summary.plan = [{"name": t.out.name, "shape": list(reversed(t.shape)), "type": t.qtype.name,
                          "bytes": t.nbytes} for t in plan.tensors]
@@ -268,10 +333,17 @@ def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int
         try:
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 for t in plan.tensors:
+                    weights = None
+                    if plan.imatrix is not None and t.qtype not in (Q.F32, Q.F16, Q.BF16):
+                        weights = plan.imatrix.for_tensor(t.out.name, t.out.shape[-1], _n_matrices(t.out.shape))
+                    first = 0  # the first matrix (expert) of this chunk: chunks hold whole experts
                     for x in t.out.chunks(plan.ckpt, heads):
                         if stop.is_set():
                             return
-                        chunks.put((t, quantize.quantize(x, t.qtype, pool)))
+                        n_mat = _n_matrices(x.shape)
+                        w_chunk = None if weights is None else weights[first: first + n_mat]
+                        first += n_mat
+                        chunks.put((t, quantize.quantize(x, t.qtype, pool, w_chunk)))
                     chunks.put((t, None))
         except BaseException as e:  # handed to the writer, which raises it
             chunks.put((None, e))

@@ -39,12 +39,23 @@ FILE_TYPES: dict[str, tuple[LlamaFileType, Q]] = {
     "Q5_0": (LlamaFileType.MOSTLY_Q5_0, Q.Q5_0),
     "IQ4_NL": (LlamaFileType.MOSTLY_IQ4_NL, Q.IQ4_NL),
     "IQ4_XS": (LlamaFileType.MOSTLY_IQ4_XS, Q.IQ4_XS),
+    "Q3_K_L": (LlamaFileType.MOSTLY_Q3_K_L, Q.Q3_K),
     "Q3_K_M": (LlamaFileType.MOSTLY_Q3_K_M, Q.Q3_K),
+    "Q3_K_S": (LlamaFileType.MOSTLY_Q3_K_S, Q.Q3_K),
     "Q2_K": (LlamaFileType.MOSTLY_Q2_K, Q.Q2_K),
+    # i-quants below 4 bits; those marked in recipes.REQUIRES_IMATRIX need --imatrix
+    "IQ3_M": (LlamaFileType.MOSTLY_IQ3_M, Q.IQ3_S),
+    "IQ3_S": (LlamaFileType.MOSTLY_IQ3_S, Q.IQ3_S),
+    "IQ3_XS": (LlamaFileType.MOSTLY_IQ3_XS, Q.IQ3_S),
+    "IQ3_XXS": (LlamaFileType.MOSTLY_IQ3_XXS, Q.IQ3_XXS),
+    "IQ2_M": (LlamaFileType.MOSTLY_IQ2_M, Q.IQ2_S),
+    "IQ2_S": (LlamaFileType.MOSTLY_IQ2_S, Q.IQ2_XS),
+    "IQ2_XS": (LlamaFileType.MOSTLY_IQ2_XS, Q.IQ2_XS),
+    "IQ2_XXS": (LlamaFileType.MOSTLY_IQ2_XXS, Q.IQ2_XXS),
+    "IQ1_M": (LlamaFileType.MOSTLY_IQ1_M, Q.IQ1_M),
+    "IQ1_S": (LlamaFileType.MOSTLY_IQ1_S, Q.IQ1_S),
 }
 CONVERTER_TYPES = ("F32", "F16", "BF16", "Q8_0")
-# low-bit i-quants: without an importance matrix they are unusable (llama-quantize refuses too)
-NEEDS_IMATRIX = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M")
 
 
 class QuantizeError(ValueError):
@@ -52,10 +63,6 @@ class QuantizeError(ValueError):
 
 
 def check_file_type(file_type: str) -> None:
-    if file_type in NEEDS_IMATRIX:
-        raise QuantizeError(f"--type {file_type} needs an importance matrix (--imatrix FILE): at this few bits "
-                            "the quantizer must know which weights matter; imatrix input is not supported yet, "
-                            "use IQ4_XS or Q3_K_M and up")
     if file_type not in FILE_TYPES:
         raise QuantizeError(f"--type {file_type} is not supported; use one of {', '.join(FILE_TYPES)}")
 
@@ -99,8 +106,12 @@ def _ggml_base():
     return lib
 
 
-def quantize(data: np.ndarray, qtype: Q, pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-    """data (float32, numpy order) as qtype bytes, exactly as llama.cpp would store it."""
+def quantize(data: np.ndarray, qtype: Q, pool: ThreadPoolExecutor | None = None,
+             imatrix: np.ndarray | None = None) -> np.ndarray:
+    """data (float32, numpy order) as qtype bytes, exactly as llama.cpp would store it.
+
+    imatrix: importance weights [n_matrices, n_per_row], one row per matrix of data (experts of
+    a 3-D tensor; 1 for 2-D), as llama-quantize passes them to ggml_quantize_chunk."""
     if qtype == Q.F32:
         return np.ascontiguousarray(data, dtype=np.float32)
     if qtype in (Q.F16, Q.BF16):
@@ -110,22 +121,31 @@ def quantize(data: np.ndarray, qtype: Q, pool: ThreadPoolExecutor | None = None)
     data = np.ascontiguousarray(data, dtype=np.float32)
     n_per_row = data.shape[-1]
     nrows = data.size // n_per_row
+    n_mat = 1 if imatrix is None else imatrix.shape[0]
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imatrix.shape != (n_mat, n_per_row) or nrows % n_mat:
+            raise QuantizeError(f"importance weights {imatrix.shape} do not fit data {data.shape}")
+    rows_per_mat = nrows // n_mat
     row_bytes = lib.ggml_row_size(int(qtype), n_per_row)
     out = np.empty(nrows * row_bytes, dtype=np.uint8)
-    step = max(1, min(nrows, (1 << 22) // max(n_per_row, 1)))
+    step = max(1, min(rows_per_mat, (1 << 22) // max(n_per_row, 1)))
 
-    def work(start: int) -> None:
-        # ggml offsets both buffers itself from the element index start * n_per_row
-        n = min(step, nrows - start)
+    def work(job: tuple[int, int]) -> None:
+        # ggml offsets both buffers itself from the element index start * n_per_row; a job never
+        # crosses a matrix boundary, so it takes that matrix's importance weights
+        start, n = job
+        w = None if imatrix is None else ctypes.c_void_p(imatrix[start // rows_per_mat].ctypes.data)
         lib.ggml_quantize_chunk(int(qtype), ctypes.c_void_p(data.ctypes.data), ctypes.c_void_p(out.ctypes.data),
-                                start * n_per_row, n, n_per_row, None)
+                                start * n_per_row, n, n_per_row, w)
 
-    starts = range(0, nrows, step)
-    if pool is None or len(starts) == 1:
-        for s in starts:
-            work(s)
+    jobs = [(m * rows_per_mat + r, min(step, rows_per_mat - r))
+            for m in range(n_mat) for r in range(0, rows_per_mat, step)]
+    if pool is None or len(jobs) == 1:
+        for j in jobs:
+            work(j)
     else:
-        list(pool.map(work, starts))
+        list(pool.map(work, jobs))
     return out.reshape(*data.shape[:-1], row_bytes)
 
 

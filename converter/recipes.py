@@ -20,13 +20,24 @@ F = LlamaFileType
 # ftype -> default tensor type (llama_ftype_get_default_type)
 DEFAULT_TYPE = {
     F.MOSTLY_Q4_0: Q.Q4_0, F.MOSTLY_Q5_0: Q.Q5_0, F.MOSTLY_Q8_0: Q.Q8_0, F.MOSTLY_Q2_K: Q.Q2_K,
-    F.MOSTLY_Q3_K_M: Q.Q3_K, F.MOSTLY_Q4_K_S: Q.Q4_K, F.MOSTLY_Q4_K_M: Q.Q4_K, F.MOSTLY_Q5_K_S: Q.Q5_K,
+    F.MOSTLY_Q3_K_S: Q.Q3_K, F.MOSTLY_Q3_K_M: Q.Q3_K, F.MOSTLY_Q3_K_L: Q.Q3_K,
+    F.MOSTLY_Q4_K_S: Q.Q4_K, F.MOSTLY_Q4_K_M: Q.Q4_K, F.MOSTLY_Q5_K_S: Q.Q5_K,
     F.MOSTLY_Q5_K_M: Q.Q5_K, F.MOSTLY_Q6_K: Q.Q6_K, F.MOSTLY_IQ4_NL: Q.IQ4_NL, F.MOSTLY_IQ4_XS: Q.IQ4_XS,
+    F.MOSTLY_IQ2_XXS: Q.IQ2_XXS, F.MOSTLY_IQ2_XS: Q.IQ2_XS, F.MOSTLY_IQ2_S: Q.IQ2_XS, F.MOSTLY_IQ2_M: Q.IQ2_S,
+    F.MOSTLY_IQ3_XXS: Q.IQ3_XXS, F.MOSTLY_IQ3_XS: Q.IQ3_S, F.MOSTLY_IQ3_S: Q.IQ3_S, F.MOSTLY_IQ3_M: Q.IQ3_S,
+    F.MOSTLY_IQ1_S: Q.IQ1_S, F.MOSTLY_IQ1_M: Q.IQ1_M,
 }
 
 # tensor_type_fallback: a type whose block does not divide the row length falls back to these
-FALLBACK = {Q.IQ4_XS: Q.IQ4_NL, Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1,
-            Q.Q6_K: Q.Q8_0}
+FALLBACK = {Q.IQ1_S: Q.IQ4_NL, Q.IQ1_M: Q.IQ4_NL, Q.IQ2_XXS: Q.IQ4_NL, Q.IQ2_XS: Q.IQ4_NL, Q.IQ2_S: Q.IQ4_NL,
+            Q.IQ3_XXS: Q.IQ4_NL, Q.IQ3_S: Q.IQ4_NL, Q.IQ4_XS: Q.IQ4_NL,
+            Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+
+# tensor types that are garbage without an importance matrix (tensor_requires_imatrix)
+REQUIRES_IMATRIX = frozenset({Q.IQ3_XXS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_M, Q.IQ1_S})
+
+# ftypes of the very-low-bit i-quant branch of llama_tensor_get_type_impl
+_IQ12 = (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M, F.MOSTLY_IQ1_M)
 
 
 @dataclass(frozen=True)
@@ -72,14 +83,26 @@ def _fallback(t: TensorDesc, qtype: Q) -> Q:
     return out if ncols % GGML_QUANT_SIZES[out][0] == 0 else Q.F16
 
 
+def requires_imatrix(name: str, qtype: Q | None) -> bool:
+    """tensor_requires_imatrix: token_embd and output never do (Q2_K_S is not offered here)."""
+    if qtype is None or name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
+        return False
+    return qtype in REQUIRES_IMATRIX
+
+
 def upstream_types(tensors: list[TensorDesc], ftype: LlamaFileType, model: ModelDesc,
                    overrides: list[tuple[str, Q]] = (), has_imatrix: bool = False) -> list[Q | None]:
-    """llama-quantize's type for each tensor, in order; None = not quantized (stays F32)."""
+    """llama-quantize's type for each tensor, in order; None = not quantized (stays F32).
+
+    A port of llama_tensor_get_type_impl for arch qwen35/qwen35moe (the Falcon, GLM, MXFP4,
+    ternary and 70B branches cannot trigger); branch order and counters as in the C++."""
     default = DEFAULT_TYPE[ftype]
     cats = [_category(t.name) for t in tensors]
     n_attention_wv = sum(c in ("attn_v", "attn_qkv", "attn_kv_b") for c in cats)
     tied = "output" not in cats
     n_ffn = model.n_layer_all
+    n_expert = model.n_expert
+    gqa = model.n_gqa
     i = {"attn_wv": 0, "ffn_down": 0, "ffn_gate": 0, "ffn_up": 0}
     compiled = [(re.compile(p), q) for p, q in overrides]
 
@@ -87,48 +110,89 @@ def upstream_types(tensors: list[TensorDesc], ftype: LlamaFileType, model: Model
         return il < n // 8 or il >= 7 * n // 8 or (il - n // 8) % 3 == 2
 
     def layer(counter: str, name: str) -> int:
-        if max(1, model.n_expert) > 1:
+        if max(1, n_expert) > 1:
             m = re.match(r"blk\.(\d+)\.", name)
             return int(m.group(1))
         return i[counter]
 
-    out: list[Q | None] = []
-    for t, cat in zip(tensors, cats):
-        if not allows_quantization(t):
-            out.append(None)
-            continue
-        new = default
-        manual = next((q for rx, q in compiled if rx.search(t.name)), None)
-        if manual is not None:
-            new = manual
-        elif cat == "output" or (tied and cat == "token_embd"):
-            new = Q.Q8_0 if t.ne[0] % GGML_QUANT_SIZES[new][0] else (new if new == Q.Q8_0 else Q.Q6_K)
-        elif cat == "token_embd":
-            pass
-        elif cat in ("attn_v", "attn_qkv", "attn_kv_b"):
-            gqa = model.n_gqa
+    def impl(t: TensorDesc, cat: str, new: Q) -> Q:
+        if cat == "output" or (tied and cat == "token_embd"):
+            if t.ne[0] % GGML_QUANT_SIZES[new][0]:
+                return Q.Q8_0
+            if ftype in _IQ12 or ftype == F.MOSTLY_IQ3_XXS:
+                return Q.Q5_K
+            return new if new == Q.Q8_0 else Q.Q6_K
+        if cat == "token_embd":
+            if ftype in (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M):
+                return Q.Q2_K
+            if ftype in (F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M, F.MOSTLY_IQ3_XXS):
+                return Q.IQ3_S
+            return new
+        if ftype in _IQ12:
+            iq2sm = ftype in (F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M)
+            if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
+                new = Q.Q4_K if gqa >= 4 or n_expert >= 4 else (Q.IQ3_S if iq2sm else Q.Q2_K)
+                i["attn_wv"] += 1
+            elif n_expert == 8 and cat == "attn_k":
+                new = Q.Q4_K
+            elif cat == "ffn_down":
+                if i["ffn_down"] < n_ffn // 8:
+                    new = Q.IQ3_S if iq2sm else Q.Q2_K
+                i["ffn_down"] += 1
+            elif cat == "attn_output":
+                if n_expert == 8:
+                    new = Q.Q5_K
+                elif ftype in (F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M):
+                    new = Q.IQ2_XXS
+                elif iq2sm:
+                    new = Q.IQ3_S
+            return new
+        if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
             if ftype == F.MOSTLY_Q2_K:
                 new = Q.Q4_K if gqa >= 4 else Q.Q3_K
+            elif ftype == F.MOSTLY_IQ3_XXS:
+                new = Q.Q4_K if gqa >= 4 else (Q.IQ3_S if not has_imatrix else Q.IQ3_XXS)
+            elif ftype in (F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_S) and gqa >= 4:
+                new = Q.Q4_K
+            elif ftype == F.MOSTLY_IQ3_M:
+                new = Q.Q4_K
             elif ftype == F.MOSTLY_Q3_K_M:
                 new = Q.Q5_K if i["attn_wv"] < 2 else Q.Q4_K
+            elif ftype == F.MOSTLY_Q3_K_L:
+                new = Q.Q5_K
             elif ftype in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and gqa >= 4:
                 new = Q.Q5_K
             elif ftype in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and more_bits(i["attn_wv"], n_attention_wv):
                 new = Q.Q6_K
             elif ftype == F.MOSTLY_Q4_K_S and i["attn_wv"] < 4:
                 new = Q.Q5_K
-            if model.n_expert == 8:
+            if n_expert == 8:
                 new = Q.Q8_0
             i["attn_wv"] += 1
         elif cat == "attn_k":
-            if model.n_expert == 8:
+            if n_expert == 8:
                 new = Q.Q8_0
+            elif ftype == F.MOSTLY_IQ3_XS:
+                new = Q.IQ3_XXS
+            elif ftype == F.MOSTLY_IQ3_XXS:
+                new = Q.IQ2_S
+        elif cat == "attn_q":
+            if ftype == F.MOSTLY_IQ3_XS:
+                new = Q.IQ3_XXS
+            elif ftype == F.MOSTLY_IQ3_XXS:
+                new = Q.IQ2_S
         elif cat == "ffn_down":
             il, n = layer("ffn_down", t.name), n_ffn
             if ftype == F.MOSTLY_Q2_K:
                 new = Q.Q3_K
+            elif ftype == F.MOSTLY_IQ3_XXS and not has_imatrix:
+                new = Q.Q4_K if il < n // 8 else Q.Q3_K
             elif ftype == F.MOSTLY_Q3_K_M:
                 new = Q.Q5_K if il < n // 16 else Q.Q4_K
+            elif ftype == F.MOSTLY_IQ3_M and (il < n // 8 or (n_expert == 8 and more_bits(il, n))):
+                new = Q.Q4_K
+            elif ftype == F.MOSTLY_Q3_K_L:
+                new = Q.Q5_K
             elif ftype == F.MOSTLY_Q4_K_M:
                 if more_bits(il, n):
                     new = Q.Q6_K
@@ -142,20 +206,28 @@ def upstream_types(tensors: list[TensorDesc], ftype: LlamaFileType, model: Model
                 new = Q.Q4_1 if ftype == F.MOSTLY_Q4_0 else Q.Q5_1
             i["ffn_down"] += 1
         elif cat == "attn_output":
-            if model.n_expert == 8:
-                if ftype in (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_M, F.MOSTLY_IQ4_NL, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M,
+            if n_expert == 8:
+                if ftype in (F.MOSTLY_Q2_K, F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_XXS, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M,
+                             F.MOSTLY_IQ4_NL, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M, F.MOSTLY_IQ3_S, F.MOSTLY_IQ3_M,
                              F.MOSTLY_IQ4_XS):
                     new = Q.Q5_K
-            elif ftype == F.MOSTLY_Q2_K:
-                new = Q.Q3_K
-            elif ftype == F.MOSTLY_Q3_K_M:
-                new = Q.Q4_K
-        elif cat == "ffn_gate":
-            layer("ffn_gate", t.name)
-            i["ffn_gate"] += 1
-        elif cat == "ffn_up":
-            layer("ffn_up", t.name)
-            i["ffn_up"] += 1
+            else:
+                new = {F.MOSTLY_Q2_K: Q.Q3_K, F.MOSTLY_IQ3_XXS: Q.IQ3_S, F.MOSTLY_Q3_K_M: Q.Q4_K,
+                       F.MOSTLY_Q3_K_L: Q.Q5_K, F.MOSTLY_IQ3_M: Q.Q4_K}.get(ftype, new)
+        elif cat in ("ffn_gate", "ffn_up"):
+            il, n = layer(cat, t.name), n_ffn
+            if ftype == F.MOSTLY_IQ3_XS and n // 8 <= il < 7 * n // 8:
+                new = Q.IQ3_XXS
+            i[cat] += 1
+        return new
+
+    out: list[Q | None] = []
+    for t, cat in zip(tensors, cats):
+        if not allows_quantization(t):
+            out.append(None)
+            continue
+        manual = next((q for rx, q in compiled if rx.search(t.name)), None)
+        new = manual if manual is not None else impl(t, cat, default)
         out.append(_fallback(t, new))
     return out
 

@@ -4,16 +4,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
+from gguf import GGUFEndian, GGUFWriter
 from gguf import LlamaFileType as F
 
 from gguf_compare import differences
+from qwen35.converter.gguf_scan import scan
 from qwen35.converter.recipes import ModelDesc, TensorDesc, parse_overrides, upstream_types
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVERT = str(Path(sys.executable).parent / "qwen35-convert")
 LLAMA_QUANTIZE = ROOT / "build" / "cpu" / "bin" / "llama-quantize"
+LLAMA_IMATRIX = ROOT / "build" / "cpu" / "bin" / "llama-imatrix"
 
 DENSE8 = ModelDesc(n_layer_all=8, n_expert=0, n_gqa=2)
 
@@ -50,12 +54,41 @@ CASES = [
     ("fallback Q2_K", [("blk.0.ssm_out.weight", (96, 256))], F.MOSTLY_Q2_K, DENSE8, [Q.Q4_0]),
     # not even 32-divisible -> F16
     ("F16 fallback", [("blk.0.ssm_beta.weight", (48, 4))], F.MOSTLY_Q4_K_M, DENSE8, [Q.F16]),
+    # very-low-bit i-quants: tied token_embd takes the output rule -> Q5_K; untied token_embd -> Q2_K
+    ("IQ2_XXS tied", [("token_embd.weight", (256, 1000))], F.MOSTLY_IQ2_XXS, DENSE8, [Q.Q5_K]),
+    ("IQ2_XXS untied", [("token_embd.weight", (256, 1000)), ("output.weight", (256, 1000))], F.MOSTLY_IQ2_XXS,
+     DENSE8, [Q.Q2_K, Q.Q5_K]),
+    # IQ2_S/IQ2_M: attention-V-like and attn_output to IQ3_S when gqa < 4 and no experts
+    ("IQ2_M qkv/output", [("blk.0.attn_qkv.weight", (256, 512)), ("blk.3.attn_output.weight", (256, 256))],
+     F.MOSTLY_IQ2_M, DENSE8, [Q.IQ3_S, Q.IQ3_S]),
+    # ...but Q4_K with >= 4 experts
+    ("IQ2_XS qkv MoE", [("blk.0.attn_qkv.weight", (256, 512))], F.MOSTLY_IQ2_XS, ModelDesc(8, 4, 2), [Q.Q4_K]),
+    # first n/8 ffn_down counted by tensor (not by layer) -> Q2_K, then the base IQ2_XS
+    ("IQ2_XS ffn_down", [(f"blk.{i}.ffn_down.weight", (512, 256)) for i in range(2)], F.MOSTLY_IQ2_XS, DENSE8,
+     [Q.Q2_K, Q.IQ2_XS]),
+    # IQ3_XXS: attn_q/attn_k to IQ2_S, attention-V-like to IQ3_XXS only with an imatrix (see below)
+    ("IQ3_XXS q/k", [("blk.3.attn_q.weight", (256, 512)), ("blk.3.attn_k.weight", (256, 64))], F.MOSTLY_IQ3_XXS,
+     DENSE8, [Q.IQ2_S, Q.IQ2_S]),
+    # IQ3_XS: ffn gate/up in the middle layers (n/8 <= i < 7n/8) to IQ3_XXS
+    ("IQ3_XS gate", [(f"blk.{i}.ffn_gate.weight", (256, 512)) for i in range(2)], F.MOSTLY_IQ3_XS, DENSE8,
+     [Q.IQ3_S, Q.IQ3_XXS]),
+    # an i-quant row that does not fill 256-blocks falls back to IQ4_NL
+    ("IQ fallback", [("blk.0.ssm_alpha.weight", (96, 4))], F.MOSTLY_IQ2_XXS, DENSE8, [Q.IQ4_NL]),
 ]
 
 
 @pytest.mark.parametrize("name,tensors,ftype,model,expected", CASES, ids=[c[0] for c in CASES])
 def test_recipe_table(name, tensors, ftype, model, expected):
     assert _types(tensors, ftype, model) == expected
+
+
+def test_imatrix_changes_the_choice_where_llama_quantize_does():
+    qkv = [("blk.0.attn_qkv.weight", (256, 512))]
+    assert upstream_types([TensorDesc(*qkv[0])], F.MOSTLY_IQ3_XXS, DENSE8, has_imatrix=False) == [Q.IQ3_S]
+    assert upstream_types([TensorDesc(*qkv[0])], F.MOSTLY_IQ3_XXS, DENSE8, has_imatrix=True) == [Q.IQ3_XXS]
+    down = [TensorDesc("blk.0.ffn_down.weight", (512, 256))]
+    assert upstream_types(down, F.MOSTLY_Q4_0, DENSE8, has_imatrix=True) == [Q.Q4_1]
+    assert upstream_types(down, F.MOSTLY_Q4_0, DENSE8, has_imatrix=False) == [Q.Q4_0]
 
 
 def test_overrides_win_and_skip_the_mixture_rules():
@@ -82,7 +115,93 @@ def wide(tmp_path_factory, lib_dir):
         f32 = d / f"{name}-f32.gguf"
         convert(hf, f32, file_type="F32")
         out[name] = (hf, f32)
+    f32 = d / "moe-nomtp-f32.gguf"  # llama-imatrix does not run the MTP block: low-bit files drop it
+    convert(out["moe"][0], f32, file_type="F32", mtp="drop")
+    out["moe-nomtp"] = (out["moe"][0], f32)
     return out
+
+
+@pytest.fixture(scope="module")
+def imatrices(wide, tmp_path_factory):
+    """Importance matrices from the patched llama-imatrix over a short text, both file formats."""
+    d = tmp_path_factory.mktemp("imatrix")
+    text = d / "text.txt"
+    text.write_text((ROOT / "README.md").read_text() * 2)
+    out = {}
+    for model, fmt in (("dense", "gguf"), ("dense", "dat"), ("moe-nomtp", "gguf")):
+        path = d / f"{model}.{fmt}"
+        r = subprocess.run([str(LLAMA_IMATRIX), "-m", str(wide[model][1]), "-f", str(text), "-o", str(path),
+                            "--output-format", fmt, "-c", "128", "--chunks", "6", "-t", "2", "--no-repack"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and path.exists(), r.stderr[-2000:]
+        out[model, fmt] = path
+    return out
+
+
+@pytest.mark.parametrize("model,fmt,type_,mtp", [
+    ("dense", "gguf", "IQ2_XS", "keep"), ("dense", "gguf", "IQ3_XXS", "keep"), ("dense", "dat", "IQ1_M", "keep"),
+    ("dense", "dat", "Q4_K_M", "keep"), ("moe-nomtp", "gguf", "IQ2_XXS", "drop"),
+    ("moe-nomtp", "gguf", "Q4_0", "drop"),
+])
+def test_imatrix_quantization_equals_llama_quantize(wide, imatrices, tmp_path, model, fmt, type_, mtp):
+    """Per-expert importance weights, the imatrix-dependent type choices and the quantize.imatrix.*
+    keys, all as llama-quantize --imatrix writes them from our F32 output."""
+    hf, f32 = wide[model]
+    im = imatrices[model, fmt]
+    ref = tmp_path / "llama-quantize.gguf"
+    r = subprocess.run([str(LLAMA_QUANTIZE), "--imatrix", str(im), str(f32), str(ref), type_, "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:]
+    ours = tmp_path / "ours.gguf"
+    r = subprocess.run([CONVERT, str(hf), "-o", str(ours), "--type", type_, "--imatrix", str(im), "--mtp", mtp],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert differences(ours, ref) == []
+    assert scan(ours).kv["quantize.imatrix.file"].value == str(im)
+
+
+def _imatrix_file(path, n, value=1.0):
+    """A one-entry imatrix in llama-imatrix's GGUF layout, written with gguf-py."""
+    w = GGUFWriter(path, arch="", endianess=GGUFEndian.LITTLE)
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["x.txt"])
+    w.add_uint32("imatrix.chunk_count", 1)
+    w.add_uint32("imatrix.chunk_size", 128)
+    w.add_tensor("blk.0.attn_qkv.weight.in_sum2", np.full((1, n), value, dtype=np.float32))
+    w.add_tensor("blk.0.attn_qkv.weight.counts", np.ones((1, 1), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_imatrix_errors_are_caught_before_writing(wide, imatrices, tmp_path):
+    hf, _ = wide["moe"]
+    out = tmp_path / "x.gguf"
+
+    def run(*args):
+        r = subprocess.run([CONVERT, str(hf), "-o", str(out), *args], capture_output=True, text=True)
+        assert r.returncode == 1 and not out.exists() and not list(tmp_path.iterdir()), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        return r.stderr
+
+    # the MTP block has no importance weights: llama-quantize fails mid-file, we say so up front
+    assert "--mtp drop" in run("--type", "IQ2_XS", "--imatrix", str(imatrices["moe-nomtp", "gguf"]))
+    # importance weights that do not fit the tensor, and non-finite ones
+    assert "another model" in run("--type", "Q4_K_M", "--imatrix", str(_imatrix_file(tmp_path.parent / "a.gguf", 17)))
+    assert "non-finite" in run("--type", "Q4_K_M", "--imatrix",
+                               str(_imatrix_file(tmp_path.parent / "b.gguf", 256, np.nan)))
+    assert "does not exist" in run("--type", "IQ2_XS", "--imatrix", str(tmp_path.parent / "none.gguf"))
+    bad = tmp_path.parent / "bad-imatrix.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 40)
+    assert "imatrix" in run("--type", "IQ2_XS", "--imatrix", str(bad))
+    assert "no effect" in run("--type", "Q8_0", "--imatrix", str(imatrices["dense", "gguf"]))
+    # a dense model's imatrix on the MoE model fits only the attention and DeltaNet tensors: the
+    # experts go without, as in llama-quantize, and the user is told
+    r = subprocess.run([CONVERT, str(hf), "-o", str(out), "--type", "Q4_K_M", "--mtp", "drop", "--imatrix",
+                        str(imatrices["dense", "gguf"])], capture_output=True, text=True)
+    assert r.returncode == 0 and "no weights for" in r.stderr and "ffn_" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("model,type_,extra", [
