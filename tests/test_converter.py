@@ -58,7 +58,7 @@ def test_identical_to_upstream_converter(ckpts, tmp_path, variant, type_, mtp):
     assert tensor_order(tmp_path / "ours.gguf") == tensor_order(ref)
 
 
-@pytest.mark.parametrize("variant", ["dense", "moe-per-expert"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_f32_logits_match_transformers(ckpts, tmp_path, variant):
     import torch
     from transformers import AutoModelForCausalLM

@@ -228,3 +228,24 @@ def test_low_bit_iquants_refuse_without_imatrix(wide, tmp_path):
     r = subprocess.run([CONVERT, str(hf), "-o", str(tmp_path / "x.gguf"), "--type", "IQ2_XS"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "importance matrix" in r.stderr and not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("split", [[], ["--split-max-size", "40M"]], ids=["whole", "split"])
+def test_ctrl_c_leaves_nothing_behind(wide, tmp_path, split):
+    """SIGINT while tensors are being written: exit 130, one line, no output, no partial file."""
+    import signal
+    import time
+
+    hf, _ = wide["moe"]
+    out = tmp_path / "x.gguf"
+    p = subprocess.Popen([CONVERT, str(hf), "-o", str(out), "--type", "Q4_K_M", *split],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(tmp_path.iterdir()) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.3)  # into the tensor data
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert err.strip().splitlines() == ["error: interrupted; no output was written"]
+    assert list(tmp_path.iterdir()) == []
