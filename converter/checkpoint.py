@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,33 +64,41 @@ class Checkpoint:
     hf_arch: str
     tensors: dict[str, TensorRef]   # HF name -> reference, in shard/file order
     _files: dict[Path, int] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        """The tensor (or rows [a, b) of its first axis) as float32; bf16 and f16 widen exactly.
+        """The tensor (or rows [a, b) of its first axis) as float32; bf16 and f16 widen exactly."""
+        return widen(self.read_raw(name, rows))
 
-        Read with pread: nothing stays mapped, so memory is what the caller holds."""
+    def read_raw(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor (or rows [a, b) of its first axis) as stored: float32, float16, or bf16 as
+        uint16 bit patterns. Read with pread: nothing stays mapped, so memory is what the caller
+        holds; safe to call from several threads."""
         ref = self.tensors[name]
         a, b = rows if rows is not None else (0, ref.shape[0] if ref.shape else 1)
         row = ref.nbytes // max(ref.shape[0], 1) if ref.shape else ref.nbytes
-        fd = self._files.get(ref.shard)
-        if fd is None:
-            fd = self._files[ref.shard] = os.open(ref.shard, os.O_RDONLY)
+        with self._lock:
+            fd = self._files.get(ref.shard)
+            if fd is None:
+                fd = self._files[ref.shard] = os.open(ref.shard, os.O_RDONLY)
         want = (b - a) * row
         buf = os.pread(fd, want, ref.begin + a * row)
         if len(buf) != want:
             raise CheckpointError(f"{ref.shard.name} is truncated inside tensor {name}; re-download the shard")
-        if ref.dtype == "bf16":
-            out = (np.frombuffer(buf, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif ref.dtype == "f16":
-            out = np.frombuffer(buf, dtype=np.float16).astype(np.float32)
-        else:
-            out = np.frombuffer(buf, dtype=np.float32).copy()
-        return out.reshape((b - a, *ref.shape[1:]) if ref.shape else ())
+        dtype = {"bf16": np.uint16, "f16": np.float16}.get(ref.dtype, np.float32)
+        return np.frombuffer(buf, dtype=dtype).reshape((b - a, *ref.shape[1:]) if ref.shape else ())
 
     def close(self) -> None:
         for fd in self._files.values():
             os.close(fd)
         self._files.clear()
+
+
+def widen(raw: np.ndarray) -> np.ndarray:
+    """Stored values (read_raw) as float32, exactly: bf16 bit patterns shift into the high half."""
+    if raw.dtype == np.uint16:
+        return np.left_shift(raw, 16, dtype=np.uint32).view(np.float32)
+    return raw.astype(np.float32)
 
 
 def _read_header(shard: Path) -> dict[str, TensorRef]:

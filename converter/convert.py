@@ -8,10 +8,12 @@ is bounded by a few tensors whatever the model size.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
 import shutil
+import struct
 import threading
 import time
 from collections import Counter
@@ -32,7 +34,6 @@ log = logging.getLogger(__name__)
 
 MTP_MODES = ("keep", "drop", "only")
 Q = gguf.GGMLQuantizationType
-QUEUE_CHUNKS = 4  # quantized chunks (each from <= 64 MiB of float32) waiting for the writer
 
 
 class ConvertError(RuntimeError):
@@ -299,6 +300,13 @@ def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp
     return summary
 
 
+def _encode(load, qtype, weights: np.ndarray | None, first: int) -> np.ndarray:
+    """One piece, read and encoded (runs on a pool thread)."""
+    x = load()
+    w = None if weights is None else weights[first: first + _n_matrices(x.shape)]
+    return quantize.encode(x, qtype, w)
+
+
 def _begin_tensor(w: gguf.GGUFWriter, nbytes: int):
     """Start the next tensor's data in the writer's file, as GGUFWriter.write_tensor_data does for
     a whole array (its info popped, the file aligned); the caller writes the bytes in pieces."""
@@ -311,22 +319,39 @@ def _begin_tensor(w: gguf.GGUFWriter, nbytes: int):
     return fout
 
 
+class _Writer(gguf.GGUFWriter):
+    """GGUFWriter with vectorised packing of long string and integer arrays (the 248K-token list,
+    its types and the merges took ~3 s in the per-item packer). Same bytes: the tests compare the
+    metadata with upstream's converter, which uses the stock writer."""
+
+    def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+        if (vtype != gguf.GGUFValueType.ARRAY or sub_type is not None or self.endianess != gguf.GGUFEndian.LITTLE
+                or not isinstance(val, (list, tuple)) or len(val) < 1024):
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+        head = struct.pack("<I", vtype) if add_vtype else b""
+        if all(type(v) is str for v in val):
+            enc = [v.encode("utf-8") for v in val]
+            lens = np.fromiter(map(len, enc), dtype="<u8", count=len(enc)).tobytes()
+            body = b"".join(itertools.chain.from_iterable(zip((lens[i:i + 8] for i in range(0, len(lens), 8)), enc)))
+            return head + struct.pack("<IQ", gguf.GGUFValueType.STRING, len(val)) + body
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in val):
+            arr = np.asarray(val, dtype=np.int64)
+            if arr.min() >= -2**31 and arr.max() < 2**31:  # get_type(int) is INT32, as the stock packer
+                return head + struct.pack("<IQ", gguf.GGUFValueType.INT32, len(val)) + arr.astype("<i4").tobytes()
+        return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
 def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int], None] | None,
            split_max_size: int = 0) -> list[Path]:
     """Write the GGUF (or its splits) at path; returns the files written."""
     heads = qwen35.heads(plan.ckpt.config)
-    w = gguf.GGUFWriter(path=None, arch=plan.ckpt.arch, split_max_size=split_max_size)
-    _add_metadata(w, plan)
-    for t in plan.tensors:
-        # logical shape (numpy order) with raw_dtype: the writer stores it as ggml ne reversed
-        w.add_tensor_info(t.out.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-    files = w.format_shard_names(path)
-    w.write_header_to_file(path=path)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    # a producer thread reads, transforms and quantizes tensors in row chunks; the writer drains a
-    # bounded queue, so memory holds a few chunks whatever the model size
-    chunks: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
+    # a producer thread cuts tensors into pieces and hands them to a pool that reads, transforms
+    # and quantizes them in parallel; the writer takes the results in file order from a bounded
+    # queue, so memory holds a few pieces whatever the model size. The pool starts at once, so
+    # it works while this thread builds the header (vocabulary: ~2 s of Python)
+    chunks: queue.Queue = queue.Queue(maxsize=max(threads + 2, 8))
+    # pieces of at most 64 MiB of float32, smaller on many cores: ~0.5 GiB in flight at most
+    piece_bytes = max(8 << 20, min(64 << 20, (512 << 20) // (threads + 2)))
     stop = threading.Event()
 
     def produce() -> None:
@@ -336,14 +361,10 @@ def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int
                     weights = None
                     if plan.imatrix is not None and t.qtype not in (Q.F32, Q.F16, Q.BF16):
                         weights = plan.imatrix.for_tensor(t.out.name, t.out.shape[-1], _n_matrices(t.out.shape))
-                    first = 0  # the first matrix (expert) of this chunk: chunks hold whole experts
-                    for x in t.out.chunks(plan.ckpt, heads):
+                    for first, load in t.out.pieces(plan.ckpt, heads, piece_bytes):
                         if stop.is_set():
                             return
-                        n_mat = _n_matrices(x.shape)
-                        w_chunk = None if weights is None else weights[first: first + n_mat]
-                        first += n_mat
-                        chunks.put((t, quantize.quantize(x, t.qtype, pool, w_chunk)))
+                        chunks.put((t, pool.submit(_encode, load, t.qtype, weights, first)))
                     chunks.put((t, None))
         except BaseException as e:  # handed to the writer, which raises it
             chunks.put((None, e))
@@ -351,16 +372,26 @@ def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int
     producer = threading.Thread(target=produce, name="qwen35-convert-producer", daemon=True)
     producer.start()
     done = 0
+    w = _Writer(path=None, arch=plan.ckpt.arch, split_max_size=split_max_size)
     try:
+        _add_metadata(w, plan)
+        for t in plan.tensors:
+            # logical shape (numpy order) with raw_dtype: the writer stores it as ggml ne reversed
+            w.add_tensor_info(t.out.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        files = w.format_shard_names(path)
+        w.write_header_to_file(path=path)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
         for t in plan.tensors:
             fout = _begin_tensor(w, t.nbytes)
             written = 0
             while True:
-                got, data = chunks.get()
+                got, item = chunks.get()
                 if got is None:
-                    raise data
-                if data is None:
+                    raise item
+                if item is None:
                     break
+                data = item.result()
                 data.tofile(fout)
                 written += data.nbytes
                 done += data.nbytes
@@ -370,11 +401,17 @@ def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int
                 raise ConvertError(f"{t.out.name}: produced {written} bytes, planned {t.nbytes}")
             w.write_padding(fout, t.nbytes)
         w.state = WriterState.WEIGHTS
+    except BaseException:
+        for f in w.fout or []:
+            f.close()
+        raise
     finally:
         stop.set()
-        while producer.is_alive():
+        while producer.is_alive() or not chunks.empty():
             try:
-                chunks.get(timeout=0.1)
+                _, item = chunks.get(timeout=0.1)
+                if hasattr(item, "cancel"):
+                    item.cancel()
             except queue.Empty:
                 pass
     for f in w.fout or []:

@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf import MODEL_TENSOR as T
-from gguf import quants as gquants
 
 Q = GGMLQuantizationType
 
@@ -114,8 +113,7 @@ def quantize(data: np.ndarray, qtype: Q, pool: ThreadPoolExecutor | None = None,
     a 3-D tensor; 1 for 2-D), as llama-quantize passes them to ggml_quantize_chunk."""
     if qtype == Q.F32:
         return np.ascontiguousarray(data, dtype=np.float32)
-    if qtype in (Q.F16, Q.BF16):
-        return gquants.quantize(np.ascontiguousarray(data, dtype=np.float32), qtype)
+    # F16 and BF16 too: ggml's own rounding (the same as gguf-py's, in C and without the GIL)
     lib = _ggml_base()
     lib.ggml_quantize_init(int(qtype))
     data = np.ascontiguousarray(data, dtype=np.float32)
@@ -147,6 +145,39 @@ def quantize(data: np.ndarray, qtype: Q, pool: ThreadPoolExecutor | None = None,
     else:
         list(pool.map(work, jobs))
     return out.reshape(*data.shape[:-1], row_bytes)
+
+
+def encode(x: np.ndarray, qtype: Q, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """A piece as stored (bf16 bits as uint16, float16, float32) or as float32, encoded as
+    qtype. Same-type pieces are copied: bf16 -> BF16 equals widening and rounding back (only NaNs
+    change, made quiet as ggml does), f16 -> F16 and f32 -> F32 are exact."""
+    if x.dtype == np.uint16 and qtype == Q.BF16:
+        return _quiet_bf16_nans(x)
+    if (x.dtype == np.float16 and qtype == Q.F16) or (x.dtype == np.float32 and qtype == Q.F32):
+        return x
+    if x.dtype == np.uint16:
+        x = np.left_shift(x, 16, dtype=np.uint32).view(np.float32)
+    return quantize(x, qtype, None, imatrix)
+
+
+_EXP_MANT = np.uint64(0x7FFF_7FFF_7FFF_7FFF)
+_NAN_CARRY = np.uint64(0x007F_007F_007F_007F)   # a lane above 0x7f80 (NaN) carries into its top bit
+_TOP = np.uint64(0x8000_8000_8000_8000)
+
+
+def _quiet_bf16_nans(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x)
+    if x.size % 4 == 0 and x.size:
+        t = x.reshape(-1).view(np.uint64) & _EXP_MANT
+        t += _NAN_CARRY
+        if not np.bitwise_or.reduce(t) & _TOP:
+            return x
+    nan = (x & 0x7FFF) > 0x7F80
+    if not nan.any():
+        return x
+    x = x.copy()
+    x[nan] |= 0x0040
+    return x
 
 
 def default_threads() -> int:

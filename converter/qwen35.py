@@ -16,7 +16,7 @@ from gguf import MODEL_TENSOR as T
 from gguf import TENSOR_NAMES
 
 from . import transforms as tf
-from .checkpoint import Checkpoint, CheckpointError
+from .checkpoint import Checkpoint, CheckpointError, widen
 
 F32, QUANT = True, False
 
@@ -85,29 +85,50 @@ class OutTensor:
     order: tuple                # upstream's write order: (position of the HF tensor read last, sub-index)
 
     def build(self, ckpt: Checkpoint, heads: tf.Heads) -> np.ndarray:
-        if len(self.sources) == 1:
-            x = ckpt.read(self.sources[0])
-        else:
-            x = np.stack([ckpt.read(s) for s in self.sources])
-        return np.ascontiguousarray(self.transform(x, heads), dtype=np.float32)
+        """The whole tensor as float32."""
+        return widen_transformed(next(self.pieces(ckpt, heads, max_bytes=1 << 62))[1]())
 
-    def chunks(self, ckpt: Checkpoint, heads: tf.Heads, max_bytes: int = 64 << 20):
-        """The tensor in pieces along its first axis, each at most ~max_bytes of float32, for the
-        transforms that act row by row (identity, +1, expert halves, stacking); else whole."""
+    def pieces(self, ckpt: Checkpoint, heads: tf.Heads, max_bytes: int = 64 << 20):
+        """The tensor in pieces along its first axis, each at most ~max_bytes of float32: yields
+        (first matrix, loader). A loader may run on any thread; it returns the piece either as
+        stored (bf16 as uint16, f16, f32) with a reordering transform already applied — no
+        arithmetic, so a same-type output can copy it — or, for transforms that compute
+        (norm + 1, -exp), as transformed float32. Row-wise transforms are cut into row ranges
+        (per-expert stacks one expert at a time), the others come whole. For 3-D tensors a
+        piece holds whole matrices (experts) and the first matrix index says which."""
+        permutes = self.transform in tf.REORDERS
         row_wise = self.transform in (tf.identity, tf.norm_plus_one, tf.gate_half, tf.up_half)
         total = 4 * int(np.prod(self.shape))
+
+        def load(sources, rows=None, one_expert=False):
+            def run():
+                if one_expert:
+                    x = ckpt.read_raw(sources[0])[None]
+                elif len(sources) == 1:
+                    x = ckpt.read_raw(sources[0], rows)
+                else:
+                    x = np.stack([ckpt.read_raw(s) for s in sources])
+                if permutes:
+                    return self.transform(x, heads)
+                return np.ascontiguousarray(self.transform(widen(x), heads), dtype=np.float32)
+            return run
+
         if not row_wise or total <= max_bytes or not self.shape:
-            yield self.build(ckpt, heads)
+            yield 0, load(self.sources)
             return
         if len(self.sources) > 1:  # per-expert stacking: one expert at a time
-            for s in self.sources:
-                yield np.ascontiguousarray(ckpt.read(s)[None], dtype=np.float32)
+            for i, s in enumerate(self.sources):
+                yield i, load([s], one_expert=True)
             return
         n = self.shape[0]
         step = max(1, n * max_bytes // total)
         for a in range(0, n, step):
-            x = ckpt.read(self.sources[0], (a, min(n, a + step)))
-            yield np.ascontiguousarray(self.transform(x, heads), dtype=np.float32)
+            yield (a if len(self.shape) > 2 else 0), load(self.sources, (a, min(n, a + step)))
+
+
+def widen_transformed(x: np.ndarray) -> np.ndarray:
+    """A piece (see OutTensor.pieces) as contiguous float32."""
+    return np.ascontiguousarray(x if x.dtype == np.float32 else widen(x))
 
 
 def _split_name(hf: str) -> tuple[str, str | None, str]:

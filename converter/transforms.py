@@ -90,3 +90,8 @@ def gate_half(x: np.ndarray, h: Heads) -> np.ndarray:
 def up_half(x: np.ndarray, h: Heads) -> np.ndarray:
     """Fused experts gate_up_proj [E, 2I, H] -> up [E, I, H]."""
     return np.ascontiguousarray(x[:, x.shape[1] // 2:])
+
+
+# transforms that only move values (reshape, reorder, slice): they act on stored bits as well as
+# on float32, so a tensor kept in its source type is copied, not converted
+REORDERS = frozenset({identity, qkv_rows, v_rows, head_rows, v_cols, conv1d, gate_half, up_half})
