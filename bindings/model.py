@@ -106,11 +106,15 @@ class Model:
     @classmethod
     def load(cls, path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
              n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None,
-             repack: bool | None = None) -> "Model":
+             repack: bool | None = None, n_seq_max: int = 1, n_rs_seq: int = 0) -> "Model":
         """repack: let llama.cpp move weights into its CPU extra buffer types (AMX, repacked
         layouts; llama.cpp's default). None = on, except on CPUs with AMX, where the pinned
         llama.cpp crashes (SIGSEGV) evaluating Qwen3.5 Q8_0 models from such buffers — reproduced
-        with its own llama-perplexity — so weights stay in their file layout there."""
+        with its own llama-perplexity — so weights stay in their file layout there.
+
+        n_seq_max: independent sequences (sessions) the context holds. n_rs_seq: recurrent-state
+        snapshots kept per sequence, so that the last n_rs_seq tokens can be undone without a
+        checkpoint (llama.cpp's experimental rollback)."""
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path} does not exist; pass the path of a .gguf file")
@@ -135,6 +139,8 @@ class Model:
             raise ModelError(f"llama.cpp could not load {path}; run with QWEN35_DEBUG=1 to see its log")
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = n_ctx
+        cp.n_seq_max = n_seq_max
+        cp.n_rs_seq = n_rs_seq
         cp.n_batch = cp.n_ubatch = min(512, n_ctx)
         threads = n_threads or max(1, os.cpu_count() or 1)
         cp.n_threads = cp.n_threads_batch = threads
@@ -213,7 +219,16 @@ class Model:
         self._decode(tokens, 0, all_logits=True, sink=out)
         return out
 
-    def _decode(self, tokens: list[int], pos: int, all_logits: bool = False, sink=None) -> None:
+    def _decode_seq(self, tokens: list[int], pos: int, seq_id: int) -> "np.ndarray":
+        """Evaluate tokens at positions pos.. of sequence seq_id; the logits after the last one."""
+        import llama_cpp
+        import numpy as np
+
+        self._decode(tokens, pos, seq_id=seq_id)
+        n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(n_vocab,)).copy()
+
+    def _decode(self, tokens: list[int], pos: int, all_logits: bool = False, sink=None, seq_id: int = 0) -> None:
         import llama_cpp
         import numpy as np
 
@@ -226,7 +241,7 @@ class Model:
                     batch.token[j] = tok
                     batch.pos[j] = pos + i + j
                     batch.n_seq_id[j] = 1
-                    batch.seq_id[j][0] = 0
+                    batch.seq_id[j][0] = seq_id
                     batch.logits[j] = all_logits or i + j == len(tokens) - 1
                 batch.n_tokens = len(part)
                 if llama_cpp.llama_decode(self._ctx, batch) != 0:

@@ -1,0 +1,159 @@
+"""Prompt reuse on Qwen3.5's hybrid memory: evaluate only what is new.
+
+The DeltaNet layers keep one recurrent state per sequence that cannot be truncated, so a prompt
+that diverges from what was evaluated cannot simply drop the KV cache past the divergence (what
+llama-cpp-python's ``Llama`` tries; the recurrent memory refuses and it re-evaluates everything).
+Instead a ``PromptCache`` keeps, beside the evaluated tokens, checkpoints of the recurrent state
+(``llama_state_seq_get_data_ext`` with ``LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY``: the DeltaNet and
+conv states only, not the KV cache) taken at chosen positions. On divergence it restores the
+newest checkpoint at or before the divergence point, drops the KV cache past it, and evaluates
+from there. A divergence within the last ``n_rs_seq`` tokens is undone by llama.cpp's own
+recurrent-state rollback, without a checkpoint.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .model import Model
+
+PARTIAL_ONLY = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int      # tokens of the prompt
+    reused_tokens: int      # taken from the cache without evaluation
+    evaluated_tokens: int   # run through the model for this prompt
+    restored_from: int | None = None   # checkpoint position restored (None: none needed)
+    rolled_back: int = 0    # tokens undone by llama.cpp's recurrent rollback (n_rs_seq)
+
+
+class PromptCache:
+    """The evaluated tokens of one sequence of a loaded model, with recurrent checkpoints.
+
+    checkpoint_every: also take a checkpoint every this many tokens (0: only at marks).
+    budget_bytes: RAM for checkpoints; the least recently used go first when it is exceeded.
+    """
+
+    def __init__(self, model: "Model", seq_id: int = 0, *, checkpoint_every: int = 1024,
+                 budget_bytes: int = 512 << 20):
+        self.model, self.seq_id = model, seq_id
+        self.checkpoint_every, self.budget_bytes = checkpoint_every, budget_bytes
+        self.tokens: list[int] = []
+        self.checkpoints: OrderedDict[int, bytes] = OrderedDict()  # position -> state after tokens[:position]
+        self._last_logits: "np.ndarray | None" = None
+
+    # ---------------------------------------------------------------- state
+    @property
+    def checkpoint_bytes(self) -> int:
+        return sum(len(b) for b in self.checkpoints.values())
+
+    def reset(self) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_memory_seq_rm(self._mem, self.seq_id, -1, -1)
+        self.tokens, self._last_logits = [], None
+        self.checkpoints.clear()
+
+    @property
+    def _mem(self):
+        import llama_cpp
+
+        return llama_cpp.llama_get_memory(self.model._ctx)
+
+    def _save_checkpoint(self) -> None:
+        import llama_cpp
+
+        ctx = self.model._ctx
+        size = llama_cpp.llama_state_seq_get_size_ext(ctx, self.seq_id, PARTIAL_ONLY)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data_ext(ctx, buf, size, self.seq_id, PARTIAL_ONLY)
+        if n != size:
+            return
+        pos = len(self.tokens)
+        self.checkpoints[pos] = bytes(buf)
+        self.checkpoints.move_to_end(pos)
+        while self.checkpoint_bytes > self.budget_bytes and len(self.checkpoints) > 1:
+            self.checkpoints.popitem(last=False)
+
+    def _restore(self, pos: int) -> bool:
+        import llama_cpp
+
+        data = self.checkpoints[pos]
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_seq_set_data_ext(self.model._ctx, buf, len(data), self.seq_id, PARTIAL_ONLY) == 0:
+            return False
+        # the KV cache (full-attention layers) past the checkpoint goes; the recurrent part now
+        # ends at pos - 1, so removing [pos, end) leaves it alone
+        if not llama_cpp.llama_memory_seq_rm(self._mem, self.seq_id, pos, -1):
+            return False
+        self.checkpoints.move_to_end(pos)
+        self.tokens = self.tokens[:pos]
+        return True
+
+    # ---------------------------------------------------------------- eval
+    def eval(self, prompt: list[int], marks: Iterable[int] = ()) -> tuple["np.ndarray", Usage]:
+        """Make the sequence hold exactly prompt; returns the logits after its last token and
+        what was reused. marks: positions (token counts) at which to take a checkpoint when
+        they are evaluated, e.g. the start of each assistant turn."""
+        import llama_cpp
+
+        if not prompt:
+            raise ValueError("empty prompt")
+        if len(prompt) > self.model.n_ctx:
+            from .model import ModelError
+
+            raise ModelError(f"{len(prompt)} tokens exceed n_ctx={self.model.n_ctx}; load the model with a "
+                             "larger n_ctx or shorten the conversation")
+        common = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            common += 1
+        if common == len(self.tokens) == len(prompt) and self._last_logits is not None:
+            return self._last_logits, Usage(len(prompt), len(prompt), 0)
+        # at least the last prompt token must be evaluated for its logits
+        target = min(common, len(prompt) - 1)
+        restored, rolled = None, 0
+        if target < len(self.tokens):
+            n_back = len(self.tokens) - target
+            if (0 < target and n_back <= llama_cpp.llama_n_rs_seq(self.model._ctx)
+                    and llama_cpp.llama_memory_seq_rm(self._mem, self.seq_id, target, -1)):
+                rolled = n_back
+                self.tokens = self.tokens[:target]
+            else:
+                usable = [p for p in self.checkpoints if p <= target]
+                if usable and self._restore(max(usable)):
+                    restored = max(usable)
+                else:
+                    self.reset()
+            for p in [p for p in self.checkpoints if p > len(self.tokens)]:
+                del self.checkpoints[p]
+        reused = len(self.tokens)
+        todo = prompt[reused:]
+        stops = sorted({m for m in marks if reused < m < len(prompt)}
+                       | ({p for p in range(0, len(prompt), self.checkpoint_every) if p > reused}
+                          if self.checkpoint_every else set()))
+        start = reused
+        for end in [*stops, len(prompt)]:
+            part = prompt[start:end]
+            if part:
+                self._last_logits = self.model._decode_seq(part, start, self.seq_id)
+                self.tokens.extend(part)
+            if end < len(prompt):
+                self._save_checkpoint()
+            start = end
+        return self._last_logits.copy(), Usage(len(prompt), reused, len(todo), restored, rolled)
+
+    def append(self, token: int) -> "np.ndarray":
+        """Evaluate one more token (generation); returns its logits."""
+        self._last_logits = self.model._decode_seq([token], len(self.tokens), self.seq_id)
+        self.tokens.append(token)
+        return self._last_logits.copy()
