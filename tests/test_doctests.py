@@ -1,0 +1,16 @@
+"""The examples in the docstrings run."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["qwen35.converter.quantize", "qwen35.converter.convert", "qwen35.converter.inspect",
+           "qwen35.converter.verify", "qwen35.bindings.native", "qwen35.bindings.model",
+           "qwen35.bindings.toolcalls"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.attempted > 0 and result.failed == 0
