@@ -86,6 +86,37 @@ def _gguf_architecture(path: Path) -> str:
     return arch
 
 
+def _check_fit(path: Path, devs: list, n_gpu_layers: int, n_cpu_moe: int) -> None:
+    """Refuse a model whose weights cannot fit: on the offload devices (by the share of blocks
+    offloaded; experts kept on the CPU by n_cpu_moe do not count), else in RAM."""
+    from qwen35.converter.gguf_scan import scan
+
+    from . import devices as dv
+
+    info = scan(path)
+    n_layer = int(info.get(f"{info.get('general.architecture')}.block_count") or 1)
+    sizes = {t.name: t.nbytes for t in info.tensors}
+    total = sum(sizes.values())
+    gib = 2**30
+    if devs:
+        import re
+
+        cpu_moe = [re.compile(p) for p in dv.n_cpu_moe_patterns(n_cpu_moe)]
+        share = 1.0 if n_gpu_layers < 0 else min(1.0, n_gpu_layers / n_layer)
+        blocks = sum(b for n, b in sizes.items() if n.startswith("blk.") and not any(r.search(n) for r in cpu_moe))
+        need = int(blocks * share + (total - sum(b for n, b in sizes.items() if n.startswith("blk."))) * (share >= 1))
+        free = sum(dv.device_memory(d)[0] for d in devs)
+        if need > free:
+            raise ModelError(f"{path.name} needs ~{need / gib:.1f} GiB on the offload devices for n_gpu_layers="
+                             f"{n_gpu_layers}, they have {free / gib:.1f} GiB free; offload fewer layers, keep experts "
+                             "on the CPU with n_cpu_moe, or use a smaller quantization")
+    else:
+        avail, total_ram = dv.host_memory()
+        if total > total_ram:
+            raise ModelError(f"{path.name} has {total / gib:.1f} GiB of weights, this machine {total_ram / gib:.1f} GiB "
+                             "of RAM; use a smaller quantization or offload layers to a GPU (n_gpu_layers)")
+
+
 def _cpu_has_amx() -> bool:
     import llama_cpp
 
@@ -106,7 +137,8 @@ class Model:
     @classmethod
     def load(cls, path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
              n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None,
-             repack: bool | None = None, n_seq_max: int = 1, n_rs_seq: int = 0) -> "Model":
+             repack: bool | None = None, n_seq_max: int = 1, n_rs_seq: int = 0, n_cpu_moe: int = 0,
+             rpc_servers: list[str] | None = None, check_fit: bool = True) -> "Model":
         """repack: let llama.cpp move weights into its CPU extra buffer types (AMX, repacked
         layouts; llama.cpp's default). None = on, except on CPUs with AMX, where the pinned
         llama.cpp crashes (SIGSEGV) evaluating Qwen3.5 Q8_0 models from such buffers — reproduced
@@ -114,7 +146,11 @@ class Model:
 
         n_seq_max: independent sequences (sessions) the context holds. n_rs_seq: recurrent-state
         snapshots kept per sequence, so that the last n_rs_seq tokens can be undone without a
-        checkpoint (llama.cpp's experimental rollback)."""
+        checkpoint (llama.cpp's experimental rollback). n_cpu_moe: keep the routed experts of the
+        first n_cpu_moe blocks in CPU memory (llama.cpp's --n-cpu-moe), for MoE models that do
+        not fit the GPU. rpc_servers: "HOST:PORT" of ggml-rpc-server processes on other machines;
+        offloaded layers (n_gpu_layers) are spread over them and the local GPUs. check_fit: refuse
+        up front, with the numbers, a model whose weights do not fit where they would go."""
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path} does not exist; pass the path of a .gguf file")
@@ -127,14 +163,38 @@ class Model:
         import llama_cpp
 
         llama_cpp.llama_backend_init()
+        from . import devices as dv
+
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        keep = []  # ctypes buffers the params point to, alive until the model is loaded
+        try:
+            devs = dv.gpu_devices() + (dv.rpc_devices(rpc_servers) if rpc_servers else [])
+        except dv.DeviceError as e:
+            raise ModelError(str(e)) from None
+        if rpc_servers:
+            arr = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
+            keep.append(arr)
+            mp.devices = ctypes.cast(arr, ctypes.c_void_p)
+        if n_cpu_moe:
+            patterns = [p.encode() for p in dv.n_cpu_moe_patterns(n_cpu_moe)]
+
+            class _Override(ctypes.Structure):
+                _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+            arr = (_Override * (len(patterns) + 1))(*[_Override(p, dv.cpu_buffer_type()) for p in patterns],
+                                                     _Override(None, None))
+            keep += [arr, patterns]
+            mp.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
+        if check_fit:
+            _check_fit(path, devs if n_gpu_layers else [], n_gpu_layers, n_cpu_moe)
         if repack is None:
             repack = not _cpu_has_amx()
             if not repack:
                 log.info("AMX CPU: loading without extra buffer types (llama.cpp --no-repack)")
         mp.use_extra_bufts = repack
         model_p = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+        del keep
         if not model_p:
             raise ModelError(f"llama.cpp could not load {path}; run with QWEN35_DEBUG=1 to see its log")
         cp = llama_cpp.llama_context_default_params()
@@ -172,7 +232,7 @@ class Model:
 
     # ------------------------------------------------------------------ text
 
-    def render(self, messages: list[dict], *, enable_thinking: bool = True) -> str:
+    def render(self, messages: list[dict], *, enable_thinking: bool = True, tools: list[dict] | None = None) -> str:
         """The prompt for messages, rendered with the GGUF's own chat template (jinja2)."""
         if not self.chat_template:
             raise ModelError(f"{self.path} has no tokenizer.chat_template; re-convert it with a template")
@@ -185,7 +245,7 @@ class Model:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=True, enable_thinking=enable_thinking)
+            messages=messages, tools=tools, add_generation_prompt=True, enable_thinking=enable_thinking)
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         import llama_cpp
@@ -198,6 +258,42 @@ class Model:
             buf = (llama_cpp.llama_token * -n)()
             n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, -n, False, special)
         return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one token (may be part of a UTF-8 character)."""
+        return self._piece(token)
+
+    def is_eog(self, token: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    @property
+    def n_ctx_seq(self) -> int:
+        """Tokens one sequence may hold (n_ctx split over n_seq_max)."""
+        import llama_cpp
+
+        return int(llama_cpp.llama_n_ctx_seq(self._ctx))
+
+    def identity(self) -> str:
+        """What a saved session must match: the model file's name and size."""
+        return f"{self.path.name} ({self.path.stat().st_size} bytes)"
+
+    def seq_state(self, seq_id: int) -> bytes:
+        """The whole state of one sequence (KV cache and recurrent state)."""
+        import llama_cpp
+
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, seq_id)
+        return bytes(buf[:n])
+
+    def set_seq_state(self, seq_id: int, data: bytes) -> None:
+        import llama_cpp
+
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(data), seq_id) == 0:
+            raise ModelError("llama.cpp could not restore the saved state (different model or context settings)")
 
     def _piece(self, token: int) -> bytes:
         import llama_cpp

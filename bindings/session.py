@@ -49,6 +49,7 @@ class PromptCache:
         self.tokens: list[int] = []
         self.checkpoints: OrderedDict[int, bytes] = OrderedDict()  # position -> state after tokens[:position]
         self._last_logits: "np.ndarray | None" = None
+        self.reset()  # the cache owns its sequence: whatever an earlier user left there goes
 
     # ---------------------------------------------------------------- state
     @property
@@ -151,6 +152,20 @@ class PromptCache:
                 self._save_checkpoint()
             start = end
         return self._last_logits.copy(), Usage(len(prompt), reused, len(todo), restored, rolled)
+
+    def last_logits(self) -> "np.ndarray":
+        """Logits after the last evaluated token (for saving a session)."""
+        import numpy as np
+
+        if self._last_logits is None:
+            return np.zeros(0, np.float32)
+        return self._last_logits.copy()
+
+    def adopt(self, tokens: list[int], logits: "np.ndarray", checkpoints: dict[int, bytes]) -> None:
+        """Take over a sequence whose state was restored from a saved session."""
+        self.tokens = list(tokens)
+        self._last_logits = logits.copy() if logits.size else None
+        self.checkpoints = OrderedDict(sorted(checkpoints.items()))
 
     def append(self, token: int) -> "np.ndarray":
         """Evaluate one more token (generation); returns its logits."""

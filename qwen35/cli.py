@@ -92,6 +92,15 @@ def _mount_convert() -> None:
 _mount_convert()
 
 
+def _mount_chat() -> None:
+    from qwen35.bindings.chat_cli import chat
+
+    app.command("chat", help="Chat with a Qwen3.5 GGUF; each turn evaluates only what is new.")(chat)
+
+
+_mount_chat()
+
+
 def main() -> None:
     from qwen35.errors import run_app
 

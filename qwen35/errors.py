@@ -19,13 +19,14 @@ def _interrupt(signum, frame):
 def run_app(app) -> None:
     """Run a typer app; known errors print one line on stderr and exit 1 (a traceback instead
     with QWEN35_DEBUG=1); Ctrl-C exits 130 after the command's cleanup has run."""
+    from qwen35.bindings.model import ModelError
     from qwen35.bindings.native import NativeLibraryError
     from qwen35.converter.convert import ConvertError
 
     signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
-    except (NativeLibraryError, ConvertError) as e:
+    except (NativeLibraryError, ConvertError, ModelError) as e:
         if os.environ.get("QWEN35_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,146 @@
+"""Multi-turn chat benchmark: qwen35.bindings.chat.Chat vs llama-cpp-python's Llama.create_chat_completion.
+
+    .venv/bin/python bench/chat_bench.py [--turns 8] [--reps 3] [--workdir build/bench-chat]
+
+Makes a tiny-but-wide Qwen3.5 (hidden 1024, 8 layers 3:1, the real 248K vocabulary and template,
+random weights), converts it to Q8_0, and runs the same 8-turn conversation (each user message
+~560 tokens, so the history passes 4K tokens; greedy replies of 32 tokens) through both on the
+same file and thread count. Per turn: prompt tokens, tokens evaluated, time to first token; and
+decode tok/s. Medians over --reps runs; ratios printed against llama-cpp-python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REPLY_TOKENS = 32
+WORDS = ("river stone cloud lantern harbor meadow copper violin orchard glacier thunder pepper "
+         "compass ember willow marble canyon falcon saddle velvet").split()
+
+
+def user_message(turn: int) -> str:
+    words = [WORDS[(turn * 7 + i * 3) % len(WORDS)] for i in range(520)]
+    return f"Turn {turn}: summarise these notes. " + " ".join(words)
+
+
+def make_model(work: Path) -> Path:
+    from qwen35 import tiny
+    from qwen35.converter.convert import convert
+
+    out = work / "wide-q8_0.gguf"
+    if not out.exists():
+        cfg = tiny.TinyConfig(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=2,
+                              head_dim=128, linear_key_head_dim=128, linear_value_head_dim=128,
+                              linear_num_key_heads=4, linear_num_value_heads=8)
+        hf = tiny.make_checkpoint(work / "wide-hf", cfg)
+        convert(hf, out, file_type="Q8_0", force=True)
+    return out
+
+
+def run_ours(path: Path, turns: int, threads: int) -> list[dict]:
+    from qwen35.bindings.chat import Chat
+    from qwen35.bindings.model import Model, SamplingParams
+
+    rows = []
+    with Model.load(path, n_ctx=8192, n_threads=threads) as m:
+        chat = Chat(m, enable_thinking=False)
+        for t in range(turns):
+            t0 = time.perf_counter()
+            first = None
+            for _ in chat.stream(user_message(t), SamplingParams(max_tokens=REPLY_TOKENS)):
+                if first is None:
+                    first = time.perf_counter()
+            r = chat.last
+            rows.append({"prompt": r.usage.prompt_tokens, "evaluated": r.usage.evaluated_tokens,
+                         "ttft_s": r.timings.prompt_ms / 1e3 + (first - t0 - r.timings.prompt_ms / 1e3 if first else 0),
+                         "decode_tok_s": r.timings.decode_tok_s})
+    return rows
+
+
+def run_llama_cpp_python(path: Path, turns: int, threads: int) -> list[dict]:
+    import llama_cpp
+
+    from qwen35.bindings import native
+
+    native.load()
+    llm = llama_cpp.Llama(str(path), n_ctx=8192, n_threads=threads, n_threads_batch=threads, verbose=False)
+    messages, rows = [], []
+    state = {"prompt_phase": True, "evaluated": 0}
+    orig_eval = llm.eval
+
+    def counting_eval(tokens):
+        if state["prompt_phase"]:
+            state["evaluated"] += len(tokens)
+        return orig_eval(tokens)
+
+    llm.eval = counting_eval
+    for t in range(turns):
+        messages.append({"role": "user", "content": user_message(t)})
+        state.update(prompt_phase=True, evaluated=0)
+        t0 = time.perf_counter()
+        first, n = None, 0
+        text = []
+        for chunk in llm.create_chat_completion(messages, max_tokens=REPLY_TOKENS, temperature=0.0, stream=True,
+                                                chat_template_kwargs={"enable_thinking": False}):
+            delta = chunk["choices"][0]["delta"].get("content")
+            if delta is not None:
+                if first is None:
+                    first = time.perf_counter()
+                    state["prompt_phase"] = False
+                n += 1
+                text.append(delta)
+        t2 = time.perf_counter()
+        messages.append({"role": "assistant", "content": "".join(text)})
+        rows.append({"prompt": None, "evaluated": state["evaluated"],
+                     "ttft_s": (first or t2) - t0, "decode_tok_s": (n - 1) / max(t2 - (first or t2), 1e-9)})
+    llm.close()
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench-chat")
+    a = ap.parse_args()
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    path = make_model(a.workdir)
+    runs = {"ours": [], "llama-cpp-python": []}
+    for _ in range(a.reps):
+        runs["ours"].append(run_ours(path, a.turns, a.threads))
+        runs["llama-cpp-python"].append(run_llama_cpp_python(path, a.turns, a.threads))
+
+    def med(name, turn, key):
+        vals = [r[turn][key] for r in runs[name] if r[turn][key] is not None]
+        return statistics.median(vals) if vals else float("nan")
+
+    print(f"{path.name}, {a.turns} turns, replies of {REPLY_TOKENS} tokens, {a.threads} threads, medians of {a.reps}")
+    print(f"{'turn':>4} {'prompt':>7} | {'ours eval':>9} {'ttft':>8} | {'llama-cpp-python eval':>21} {'ttft':>8} | ttft ratio")
+    table = []
+    for t in range(a.turns):
+        row = {"turn": t + 1, "prompt": med("ours", t, "prompt"),
+               "ours_evaluated": med("ours", t, "evaluated"), "ours_ttft_s": med("ours", t, "ttft_s"),
+               "lcp_evaluated": med("llama-cpp-python", t, "evaluated"),
+               "lcp_ttft_s": med("llama-cpp-python", t, "ttft_s")}
+        row["ttft_ratio"] = row["lcp_ttft_s"] / row["ours_ttft_s"]
+        table.append(row)
+        print(f"{t + 1:>4} {row['prompt']:>7.0f} | {row['ours_evaluated']:>9.0f} {row['ours_ttft_s']:>7.3f}s | "
+              f"{row['lcp_evaluated']:>21.0f} {row['lcp_ttft_s']:>7.3f}s | {row['ttft_ratio']:.1f}x")
+    dec_ours = statistics.median(r["decode_tok_s"] for run in runs["ours"] for r in run)
+    dec_lcp = statistics.median(r["decode_tok_s"] for run in runs["llama-cpp-python"] for r in run)
+    print(f"decode: ours {dec_ours:.1f} tok/s, llama-cpp-python {dec_lcp:.1f} tok/s ({dec_ours / dec_lcp:.2f}x)")
+    (a.workdir / "result.json").write_text(json.dumps({"turns": table, "decode_tok_s": {
+        "ours": dec_ours, "llama-cpp-python": dec_lcp}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Chat sessions that only ever evaluate what is new.
+
+>>> from qwen35.bindings.chat import ContentDelta
+>>> ContentDelta("hi").text
+'hi'
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Union
+
+from .model import ModelError, SamplingParams
+from .session import PromptCache
+from .toolcalls import MalformedToolCall, Text, ToolCall, ToolCallParser
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .model import Model
+
+THINK_END = "</think>"
+OVERFLOW_POLICIES = ("error", "drop_oldest")
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ContentDelta:
+    text: str
+
+
+Event = Union[ReasoningDelta, ContentDelta, ToolCall, MalformedToolCall]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    reused_tokens: int
+    evaluated_tokens: int       # prompt tokens run through the model this turn
+    completion_tokens: int
+    restored_from: int | None = None
+
+
+@dataclass(frozen=True)
+class Timings:
+    prompt_ms: float
+    generate_ms: float
+    evaluated_tokens: int
+    completion_tokens: int
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.evaluated_tokens / max(self.prompt_ms, 1e-9) * 1e3
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.completion_tokens / max(self.generate_ms, 1e-9) * 1e3
+
+
+@dataclass(frozen=True)
+class Reply:
+    content: str
+    reasoning: str
+    tool_calls: list[ToolCall]
+    malformed_tool_calls: list[MalformedToolCall]
+    finish_reason: str          # stop | length | tool_calls
+    usage: Usage
+    timings: Timings
+    tokens: list[int] = field(default_factory=list)
+
+
+def sample(logits: "np.ndarray", params: SamplingParams, rng) -> int:
+    """Greedy at temperature 0; else temperature, top-k, top-p over a softmax (numpy)."""
+    import numpy as np
+
+    if params.temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / params.temperature
+    idx = np.argsort(-z)
+    if params.top_k > 0:
+        idx = idx[: params.top_k]
+    p = np.exp(z[idx] - z[idx[0]])
+    p /= p.sum()
+    if params.top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), params.top_p) + 1)
+        idx, p = idx[:keep], p[:keep] / p[:keep].sum()
+    return int(idx[rng.choice(len(idx), p=p)])
+
+
+class Chat:
+    """A conversation on one sequence of a loaded model.
+
+    Each turn renders the whole conversation with the GGUF's chat template, and the prompt cache
+    evaluates only what differs from what the sequence already holds (a checkpoint of the
+    recurrent state is taken at the start of every assistant turn, whose re-rendering without
+    its thinking is where the history diverges)."""
+
+    def __init__(self, model: "Model", *, system: str | None = None, tools: list[dict] | None = None,
+                 enable_thinking: bool = True, seq_id: int = 0, checkpoint_every: int = 1024,
+                 checkpoint_budget: int = 512 << 20, overflow: str = "error"):
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(f"overflow={overflow!r} is not one of {', '.join(OVERFLOW_POLICIES)}")
+        self.model, self.tools, self.enable_thinking, self.overflow = model, tools, enable_thinking, overflow
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.cache = PromptCache(model, seq_id, checkpoint_every=checkpoint_every, budget_bytes=checkpoint_budget)
+        self._assistant_start = model.tokenize("<|im_start|>assistant", special=True)
+        self.last: Reply | None = None
+
+    # ---------------------------------------------------------------- conversation
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays) and the cached tokens."""
+        self.messages = [m for m in self.messages if m["role"] == "system"]
+        self.cache.reset()
+
+    def add_tool_result(self, content: str | dict, name: str | None = None) -> None:
+        msg = {"role": "tool", "content": content if isinstance(content, str) else json.dumps(content)}
+        if name:
+            msg["name"] = name
+        self.messages.append(msg)
+
+    def send(self, user: str | None = None, sampling: SamplingParams = SamplingParams()) -> Reply:
+        for _ in self.stream(user, sampling):
+            pass
+        return self.last
+
+    def _prompt(self, max_tokens: int) -> tuple[list[int], list[int]]:
+        while True:
+            text = self.model.render(self.messages, enable_thinking=self.enable_thinking, tools=self.tools)
+            tokens = self.model.tokenize(text)
+            limit = self.model.n_ctx_seq
+            if len(tokens) + max_tokens <= limit:
+                break
+            droppable = [i for i, m in enumerate(self.messages) if m["role"] != "system"]
+            if self.overflow == "error" or len(droppable) <= 1:
+                raise ModelError(f"the conversation ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                                 f"{limit}-token context; load the model with a larger n_ctx, lower max_tokens, "
+                                 "reset the chat, or choose overflow='drop_oldest'")
+            # drop the oldest exchange: everything up to the next user message
+            first = droppable[0]
+            nxt = next((i for i in droppable[1:] if self.messages[i]["role"] == "user"), None)
+            if nxt is None:
+                raise ModelError(f"the last message alone ({len(tokens)} tokens) does not fit the {limit}-token context")
+            del self.messages[first:nxt]
+        n = len(self._assistant_start)
+        marks = [i for i in range(len(tokens) - n + 1) if tokens[i:i + n] == self._assistant_start]
+        return tokens, marks
+
+    def stream(self, user: str | None = None, sampling: SamplingParams = SamplingParams()) -> Iterator[Event]:
+        """Add the user message (if any) and generate the reply as events; the whole reply is in
+        ``self.last`` afterwards and the assistant message is appended to the conversation."""
+        import numpy as np
+
+        if user is not None:
+            self.messages.append({"role": "user", "content": user})
+        prompt, marks = self._prompt(sampling.max_tokens)
+        t0 = time.perf_counter()
+        logits, u = self.cache.eval(prompt, marks=marks)
+        t1 = time.perf_counter()
+        rng = np.random.default_rng(sampling.seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        parser = ToolCallParser(self.tools)
+        thinking = self.enable_thinking
+        held = ""               # reasoning text that might be the start of </think>
+        reasoning, content, calls, bad, out = [], [], [], [], []
+        finish = "length"
+
+        def emit_content(text: str) -> Iterator[Event]:
+            for e in parser.feed(text):
+                yield from self._event(e, content, calls, bad)
+
+        while len(out) < sampling.max_tokens:
+            tok = sample(logits, sampling, rng)
+            if self.model.is_eog(tok):
+                finish = "stop"
+                break
+            out.append(tok)
+            text = decoder.decode(self.model.piece(tok))
+            if thinking:
+                held += text
+                if THINK_END in held:
+                    before, after = held.split(THINK_END, 1)
+                    if before:
+                        reasoning.append(before)
+                        yield ReasoningDelta(before)
+                    thinking, held = False, ""
+                    yield from emit_content(after.lstrip("\n"))
+                else:
+                    keep = next((k for k in range(min(len(THINK_END) - 1, len(held)), 0, -1)
+                                 if THINK_END.startswith(held[-k:])), 0)
+                    if len(held) > keep:
+                        reasoning.append(held[: len(held) - keep])
+                        yield ReasoningDelta(held[: len(held) - keep])
+                        held = held[len(held) - keep:]
+            elif content or text.strip() or calls:
+                yield from emit_content(text)
+            else:
+                yield from emit_content(text.lstrip("\n"))
+            logits = self.cache.append(tok)
+        t2 = time.perf_counter()
+        tail = decoder.decode(b"", final=True)
+        if thinking:
+            held += tail
+            if held:
+                reasoning.append(held)
+                yield ReasoningDelta(held)
+        else:
+            yield from emit_content(tail)
+        for e in parser.finish():
+            yield from self._event(e, content, calls, bad)
+        if calls and finish == "stop":
+            finish = "tool_calls"
+        text_content = "".join(content).strip()
+        msg = {"role": "assistant", "content": text_content}
+        if reasoning:
+            msg["reasoning_content"] = "".join(reasoning).strip()
+        if calls:
+            msg["tool_calls"] = [c.as_message_call() for c in calls]
+        self.messages.append(msg)
+        usage = Usage(u.prompt_tokens, u.reused_tokens, u.evaluated_tokens, len(out), u.restored_from)
+        self.last = Reply(text_content, "".join(reasoning).strip(), calls, bad, finish, usage,
+                          Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, u.evaluated_tokens, len(out)), out)
+
+    @staticmethod
+    def _event(e, content, calls, bad) -> Iterator[Event]:
+        if isinstance(e, Text):
+            content.append(e.text)
+            yield ContentDelta(e.text)
+        elif isinstance(e, ToolCall):
+            calls.append(e)
+            yield e
+        else:
+            bad.append(e)
+            yield e
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> None:
+        """The conversation, its tokens, the sequence's whole state (KV cache + recurrent) and the
+        checkpoints, in one safetensors file (numbers and JSON only), written atomically."""
+        import os
+
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        state = self.model.seq_state(self.cache.seq_id)
+        tensors = {"state": np.frombuffer(state, dtype=np.uint8),
+                   "tokens": np.asarray(self.cache.tokens, dtype=np.int32),
+                   "logits": self.cache.last_logits()}
+        for pos, blob in self.cache.checkpoints.items():
+            tensors[f"checkpoint.{pos}"] = np.frombuffer(blob, dtype=np.uint8)
+        meta = {"format": "qwen35-chat-1", "model": self.model.identity(),
+                "messages": json.dumps(self.messages), "tools": json.dumps(self.tools),
+                "enable_thinking": json.dumps(self.enable_thinking)}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".partial")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load(self, path: str | Path) -> None:
+        """Resume a conversation saved with save() on the same model file, without re-evaluating it."""
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError) as e:
+            raise ModelError(f"{path} is not a saved chat ({e})") from None
+        if meta.get("format") != "qwen35-chat-1":
+            raise ModelError(f"{path} is not a saved chat (no qwen35-chat-1 format tag)")
+        if meta.get("model") != self.model.identity():
+            raise ModelError(f"{path} was saved with another model ({meta.get('model')}); load it with that model")
+        self.model.set_seq_state(self.cache.seq_id, tensors["state"].tobytes())
+        self.messages = json.loads(meta["messages"])
+        self.tools = json.loads(meta["tools"])
+        self.enable_thinking = json.loads(meta["enable_thinking"])
+        self.cache.adopt([int(t) for t in tensors["tokens"]], tensors["logits"],
+                         {int(k.split(".", 1)[1]): v.tobytes() for k, v in tensors.items()
+                          if k.startswith("checkpoint.")})

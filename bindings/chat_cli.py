@@ -1,0 +1,149 @@
+"""``qwen35 chat MODEL.gguf``: an interactive terminal chat, or one reply with ``-p``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+HELP = """commands: /think on|off  /reset  /save FILE  /load FILE  /stats  /help  /quit
+multi-line input: end a line with \\ to continue it, or enclose lines in triple quotes (\"\"\")"""
+
+
+def chat(
+    model: Path = typer.Argument(..., help="A Qwen3.5 GGUF file."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Reply to this one message and exit."),
+    system: str = typer.Option(None, "--system", help="System message."),
+    think: bool = typer.Option(True, "--think/--no-think", help="Let the model reason before answering."),
+    n_ctx: int = typer.Option(8192, "--ctx", help="Context size in tokens."),
+    n_gpu_layers: int = typer.Option(0, "--gpu-layers", "-ngl", help="Layers to offload to the GPU."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads (default: all cores)."),
+    temperature: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: int = typer.Option(0, "--seed"),
+    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens per reply."),
+    as_json: bool = typer.Option(False, "--json", help="With -p: print the reply as JSON."),
+) -> None:
+    """Chat with a Qwen3.5 GGUF; each turn evaluates only what is new."""
+    from rich.console import Console
+
+    from .chat import Chat, ContentDelta, ReasoningDelta
+    from .model import Model, ModelError, SamplingParams
+    from .toolcalls import MalformedToolCall, ToolCall
+
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
+    out = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False)
+    with Model.load(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads or None) as m:
+        session = Chat(m, system=system, enable_thinking=think)
+
+        def turn(text: str | None) -> None:
+            shown_reasoning = False
+            for e in session.stream(text, sampling):
+                if isinstance(e, ReasoningDelta) and not as_json:
+                    out.print(e.text, end="", style="dim")
+                    shown_reasoning = True
+                elif isinstance(e, ContentDelta) and not as_json:
+                    if shown_reasoning:
+                        out.print()
+                        shown_reasoning = False
+                    out.print(e.text, end="", markup=False)
+                elif isinstance(e, ToolCall) and not as_json:
+                    out.print(f"\n[tool call] {e.name}({json.dumps(e.arguments, ensure_ascii=False)})", style="cyan",
+                              markup=False)
+                elif isinstance(e, MalformedToolCall) and not as_json:
+                    out.print(f"\n[malformed tool call: {e.reason}]", style="red", markup=False)
+            if not as_json:
+                out.print()
+
+        if prompt is not None:
+            turn(prompt)
+            r = session.last
+            if as_json:
+                print(json.dumps({"content": r.content, "reasoning": r.reasoning, "finish_reason": r.finish_reason,
+                                  "tool_calls": [c.as_message_call() for c in r.tool_calls],
+                                  "usage": r.usage.__dict__,
+                                  "timings": {**r.timings.__dict__, "prefill_tok_s": r.timings.prefill_tok_s,
+                                              "decode_tok_s": r.timings.decode_tok_s}}))
+            return
+
+        if sys.stdin.isatty():
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
+        err.print(f"{m.path.name}: {m.n_ctx} tokens of context, thinking {'on' if think else 'off'}. {HELP}",
+                  style="dim", markup=False)
+        while True:
+            try:
+                text = _read_message()
+            except EOFError:
+                out.print()
+                return
+            if text is None:
+                continue
+            if text.startswith("/"):
+                cmd, _, arg = text.partition(" ")
+                arg = arg.strip()
+                try:
+                    if cmd in ("/quit", "/exit"):
+                        return
+                    if cmd == "/help":
+                        err.print(HELP, markup=False)
+                    elif cmd == "/think" and arg in ("on", "off"):
+                        session.enable_thinking = arg == "on"
+                        err.print(f"thinking {arg}", style="dim")
+                    elif cmd == "/reset":
+                        session.reset()
+                        err.print("conversation cleared", style="dim")
+                    elif cmd == "/save" and arg:
+                        session.save(arg)
+                        err.print(f"saved to {arg}", style="dim", markup=False)
+                    elif cmd == "/load" and arg:
+                        session.load(arg)
+                        err.print(f"loaded {arg}: {len(session.messages)} messages, "
+                                  f"{len(session.cache.tokens)} tokens, nothing re-evaluated", style="dim", markup=False)
+                    elif cmd == "/stats":
+                        r = session.last
+                        if r is None:
+                            err.print("no reply yet", style="dim")
+                        else:
+                            err.print(f"prompt {r.usage.prompt_tokens} tokens: {r.usage.reused_tokens} reused, "
+                                      f"{r.usage.evaluated_tokens} evaluated at {r.timings.prefill_tok_s:.1f} tok/s | "
+                                      f"reply {r.usage.completion_tokens} tokens at {r.timings.decode_tok_s:.1f} tok/s | "
+                                      f"{len(session.cache.checkpoints)} checkpoints "
+                                      f"({session.cache.checkpoint_bytes / 2**20:.1f} MiB)", style="dim")
+                    else:
+                        err.print(f"unknown command {text!r}; {HELP}", style="red", markup=False)
+                except ModelError as e:
+                    err.print(f"error: {e}", style="red", markup=False)
+                continue
+            try:
+                turn(text)
+            except ModelError as e:
+                err.print(f"error: {e}", style="red", markup=False)
+
+
+def _read_message() -> str | None:
+    """One message from the terminal: continuation lines with a trailing \\, or a \"\"\" block."""
+    line = input("> ")
+    if line.strip() == '"""':
+        lines = []
+        while True:
+            nxt = input(". ")
+            if nxt.strip() == '"""':
+                break
+            lines.append(nxt)
+        text = "\n".join(lines)
+    else:
+        lines = [line]
+        while lines[-1].endswith("\\"):
+            lines[-1] = lines[-1][:-1]
+            lines.append(input(". "))
+        text = "\n".join(lines)
+    text = text.strip()
+    return text or None
+

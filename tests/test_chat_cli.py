@@ -1,0 +1,94 @@
+"""`qwen35 chat` as a real terminal program (driven through a pseudo-terminal), and -p one-shot."""
+
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+QWEN35 = str(Path(sys.executable).parent / "qwen35")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+@pytest.fixture(scope="module")
+def gguf(tmp_path_factory, lib_dir):
+    from qwen35 import tiny
+    from qwen35.converter.convert import convert
+
+    d = tmp_path_factory.mktemp("chatcli")
+    out = d / "q8.gguf"
+    convert(tiny.make_checkpoint(d / "hf"), out, file_type="Q8_0")
+    return out
+
+
+class Terminal:
+    def __init__(self, argv):
+        self.master, slave = pty.openpty()
+        self.p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                                  env={**os.environ, "TERM": "xterm", "COLUMNS": "120"})
+        os.close(slave)
+        self.seen = ""
+
+    def expect(self, pattern, timeout=120):
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            m = rx.search(self.seen)
+            if m:
+                self.seen = self.seen[m.end():]
+                return m
+            r, _, _ = select.select([self.master], [], [], 0.5)
+            if r:
+                try:
+                    self.seen += ANSI.sub("", os.read(self.master, 65536).decode(errors="replace")).replace("\r", "")
+                except OSError:
+                    break
+        raise AssertionError(f"{pattern!r} not seen; got {self.seen[-2000:]!r}")
+
+    def send(self, line):
+        os.write(self.master, line.encode() + b"\r")
+
+
+def test_interactive_chat_in_a_terminal(gguf, tmp_path):
+    t = Terminal([QWEN35, "chat", str(gguf), "--ctx", "2048", "-n", "6", "--no-think", "--threads", "2"])
+    t.expect(r"thinking off")
+    t.expect(r"> ")
+    t.send("Hello, how are you?")
+    t.expect(r"\n> ")
+    t.send("/stats")
+    first = t.expect(r"prompt (\d+) tokens: (\d+) reused, (\d+) evaluated")
+    assert int(first.group(2)) == 0 and int(first.group(3)) == int(first.group(1))
+    t.send("a second line \\")          # continuation line
+    t.expect(r"\. ")
+    t.send("that goes on")
+    t.expect(r"\n> ")
+    t.send("/stats")
+    second = t.expect(r"prompt (\d+) tokens: (\d+) reused, (\d+) evaluated")
+    assert int(second.group(2)) > 0 and int(second.group(3)) < int(second.group(1))
+    t.send(f"/save {tmp_path / 's.chat'}")
+    t.expect(r"saved to")
+    t.send("/reset")
+    t.expect(r"conversation cleared")
+    t.send(f"/load {tmp_path / 's.chat'}")
+    t.expect(r"loaded .*: 4 messages, \d+ tokens, nothing re-evaluated")
+    t.send("/think on")
+    t.expect(r"thinking on")
+    t.send("/bogus")
+    t.expect(r"unknown command")
+    t.send("/quit")
+    assert t.p.wait(timeout=60) == 0
+
+
+def test_one_shot_json(gguf):
+    r = subprocess.run([QWEN35, "chat", str(gguf), "-p", "Hi!", "-n", "5", "--json", "--threads", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["usage"]["completion_tokens"] == 5 and out["finish_reason"] == "length"
+    assert out["usage"]["evaluated_tokens"] == out["usage"]["prompt_tokens"] > 0

@@ -1,0 +1,92 @@
+"""Model placement: ggml RPC servers on loopback, experts kept in CPU memory, the fit check."""
+
+import logging
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qwen35.bindings.model import Model, ModelError
+
+ROOT = Path(__file__).resolve().parent.parent
+RPC_SERVER = ROOT / "build" / "cpu" / "bin" / "ggml-rpc-server"
+TOKENS = list(range(3000, 3040))
+
+
+@pytest.fixture(scope="module")
+def moe_f32(tmp_path_factory, lib_dir):
+    from qwen35 import tiny
+    from qwen35.converter.convert import convert
+
+    d = tmp_path_factory.mktemp("devices")
+    out = d / "moe-f32.gguf"
+    convert(tiny.make_checkpoint(d / "hf", moe=True), out, file_type="F32")
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _logits(path, **kw):
+    with Model.load(path, n_ctx=128, n_threads=2, kv_type="f32", flash_attn=False, **kw) as m:
+        return m.logits(TOKENS)
+
+
+def test_rpc_on_loopback_gives_the_local_logits(moe_f32, caplog):
+    local = _logits(moe_f32)
+    ports = [_free_port(), _free_port()]
+    servers = [subprocess.Popen([str(RPC_SERVER), "-H", "127.0.0.1", "-p", str(p), "-t", "1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]
+    try:
+        for p in ports:  # wait until both listen
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", p), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "rpc-server did not start"
+                    time.sleep(0.1)
+        with caplog.at_level(logging.DEBUG, logger="qwen35.llama_cpp"):
+            remote = _logits(moe_f32, n_gpu_layers=99, rpc_servers=[f"127.0.0.1:{p}" for p in ports])
+        # llama.cpp put weights on both servers (its load log names each RPC buffer)
+        log = caplog.text
+        assert "RPC0" in log and "RPC1" in log, log[-3000:]
+    finally:
+        for s in servers:
+            s.terminate()
+            s.wait(timeout=30)
+    assert np.abs(remote - local).max() <= 1e-4 * max(1.0, np.abs(local).max())
+    assert (remote.argmax(-1) == local.argmax(-1)).all()
+    # a later local load is not affected by the RPC servers (which are gone)
+    assert np.array_equal(_logits(moe_f32), local)
+
+
+def test_unreachable_rpc_server_is_a_clear_error(moe_f32):
+    with pytest.raises(ModelError, match="not reachable.*ggml-rpc-server"):
+        Model.load(moe_f32, n_gpu_layers=99, rpc_servers=[f"127.0.0.1:{_free_port()}"])
+    with pytest.raises(ModelError, match="HOST:PORT"):
+        Model.load(moe_f32, rpc_servers=["nohostport"])
+
+
+def test_n_cpu_moe_loads_and_computes_the_same(moe_f32):
+    assert np.array_equal(_logits(moe_f32, n_cpu_moe=4), _logits(moe_f32))
+
+
+def test_a_model_that_does_not_fit_is_refused_with_numbers(moe_f32, monkeypatch):
+    from qwen35.bindings import devices
+
+    monkeypatch.setattr(devices, "host_memory", lambda: (1 << 20, 1 << 20))
+    with pytest.raises(ModelError, match=r"GiB of weights, this machine 0\.0 GiB of RAM; use a smaller"):
+        Model.load(moe_f32)
+    fake_gpu = 12345
+    monkeypatch.setattr(devices, "gpu_devices", lambda: [fake_gpu])
+    monkeypatch.setattr(devices, "device_memory", lambda d: (1 << 20, 8 << 30))
+    with pytest.raises(ModelError, match="offload fewer layers"):
+        Model.load(moe_f32, n_gpu_layers=99)
