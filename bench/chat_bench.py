@@ -2,11 +2,20 @@
 
     .venv/bin/python bench/chat_bench.py [--turns 8] [--reps 3] [--workdir build/bench-chat]
 
-Makes a tiny-but-wide Qwen3.5 (hidden 1024, 8 layers 3:1, the real 248K vocabulary and template,
-random weights), converts it to Q8_0, and runs the same 8-turn conversation (each user message
-~560 tokens, so the history passes 4K tokens; greedy replies of 32 tokens) through both on the
-same file and thread count. Per turn: prompt tokens, tokens evaluated, time to first token; and
-decode tok/s. Medians over --reps runs; ratios printed against llama-cpp-python.
+Makes a tiny-but-wide Qwen3.5 (hidden 768, 8 layers 3:1, the real 248K vocabulary and template,
+random weights), converts it to BF16 (Q8_0 weights crash the pinned llama.cpp in the extra CPU
+buffers that llama-cpp-python enables on AMX CPUs), and runs the same 8-turn conversation through both on the
+same file and thread count: a chat about a document — turn 1 hands over ~2.4K tokens of notes,
+turns 2-8 ask ~100-token questions, every reply is 100 tokens (greedy, thinking off for both:
+llama-cpp-python gets the GGUF's template with enable_thinking=False through its own
+Jinja2ChatFormatter) — so the history passes 4K tokens by turn 8. Per turn: prompt tokens,
+tokens evaluated, time to first token; and decode tok/s. Medians over --reps runs; ratios
+printed against llama-cpp-python.
+
+Each turn Chat evaluates the new question plus the previous answer: the Qwen3.5 template renders
+earlier answers without the empty think block the generation prompt had, so that answer's
+tokens change and are re-evaluated (from the checkpoint at its start); llama-cpp-python's prefix
+reuse fails on the recurrent memory and re-evaluates the whole history.
 """
 
 from __future__ import annotations
@@ -20,27 +29,30 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REPLY_TOKENS = 32
+REPLY_TOKENS = 100
 WORDS = ("river stone cloud lantern harbor meadow copper violin orchard glacier thunder pepper "
          "compass ember willow marble canyon falcon saddle velvet").split()
 
 
 def user_message(turn: int) -> str:
-    words = [WORDS[(turn * 7 + i * 3) % len(WORDS)] for i in range(520)]
-    return f"Turn {turn}: summarise these notes. " + " ".join(words)
+    """Turn 1 hands over a ~2.4K-token document, later turns ask ~100-token questions about it."""
+    n = 2400 if turn == 0 else 90
+    words = [WORDS[(turn * 7 + i * 3) % len(WORDS)] for i in range(n)]
+    head = "Here are my notes; I will ask about them." if turn == 0 else f"Question {turn}: what about these?"
+    return head + " " + " ".join(words)
 
 
 def make_model(work: Path) -> Path:
     from qwen35 import tiny
     from qwen35.converter.convert import convert
 
-    out = work / "wide-q8_0.gguf"
+    out = work / "wide-bf16.gguf"
     if not out.exists():
-        cfg = tiny.TinyConfig(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=2,
+        cfg = tiny.TinyConfig(hidden_size=768, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=2,
                               head_dim=128, linear_key_head_dim=128, linear_value_head_dim=128,
                               linear_num_key_heads=4, linear_num_value_heads=8)
         hf = tiny.make_checkpoint(work / "wide-hf", cfg)
-        convert(hf, out, file_type="Q8_0", force=True)
+        convert(hf, out, file_type="BF16", force=True)
     return out
 
 
@@ -52,15 +64,9 @@ def run_ours(path: Path, turns: int, threads: int) -> list[dict]:
     with Model.load(path, n_ctx=8192, n_threads=threads) as m:
         chat = Chat(m, enable_thinking=False)
         for t in range(turns):
-            t0 = time.perf_counter()
-            first = None
-            for _ in chat.stream(user_message(t), SamplingParams(max_tokens=REPLY_TOKENS)):
-                if first is None:
-                    first = time.perf_counter()
-            r = chat.last
+            r = chat.send(user_message(t), SamplingParams(max_tokens=REPLY_TOKENS))
             rows.append({"prompt": r.usage.prompt_tokens, "evaluated": r.usage.evaluated_tokens,
-                         "ttft_s": r.timings.prompt_ms / 1e3 + (first - t0 - r.timings.prompt_ms / 1e3 if first else 0),
-                         "decode_tok_s": r.timings.decode_tok_s})
+                         "ttft_s": r.timings.first_token_ms / 1e3, "decode_tok_s": r.timings.decode_tok_s})
     return rows
 
 
@@ -70,7 +76,13 @@ def run_llama_cpp_python(path: Path, turns: int, threads: int) -> list[dict]:
     from qwen35.bindings import native
 
     native.load()
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
     llm = llama_cpp.Llama(str(path), n_ctx=8192, n_threads=threads, n_threads_batch=threads, verbose=False)
+    fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="",
+                              stop_token_ids=[llm.token_eos()])
+    fmt._environment.globals["enable_thinking"] = False  # its __call__ passes no template variables
+    llm.chat_handler = fmt.to_chat_handler()
     messages, rows = [], []
     state = {"prompt_phase": True, "evaluated": 0}
     orig_eval = llm.eval
@@ -87,17 +99,21 @@ def run_llama_cpp_python(path: Path, turns: int, threads: int) -> list[dict]:
         t0 = time.perf_counter()
         first, n = None, 0
         text = []
-        for chunk in llm.create_chat_completion(messages, max_tokens=REPLY_TOKENS, temperature=0.0, stream=True,
-                                                chat_template_kwargs={"enable_thinking": False}):
+        for chunk in llm.create_chat_completion(messages, max_tokens=REPLY_TOKENS, temperature=0.0, stream=True):
             delta = chunk["choices"][0]["delta"].get("content")
-            if delta is not None:
+            if delta is not None:  # one chunk per generated token: the first marks the first token
                 if first is None:
                     first = time.perf_counter()
                     state["prompt_phase"] = False
                 n += 1
                 text.append(delta)
         t2 = time.perf_counter()
-        messages.append({"role": "assistant", "content": "".join(text)})
+        # the same assistant message as Chat keeps (reasoning apart), so both render the same prompts
+        reply = "".join(text)
+        reasoning, sep, content = reply.partition("</think>")
+        if not sep:
+            reasoning, content = reply, ""
+        messages.append({"role": "assistant", "content": content.strip(), "reasoning_content": reasoning.strip()})
         rows.append({"prompt": None, "evaluated": state["evaluated"],
                      "ttft_s": (first or t2) - t0, "decode_tok_s": (n - 1) / max(t2 - (first or t2), 1e-9)})
     llm.close()

@@ -51,10 +51,11 @@ class Usage:
 
 @dataclass(frozen=True)
 class Timings:
-    prompt_ms: float
+    prompt_ms: float            # evaluating the prompt (what was not reused)
     generate_ms: float
     evaluated_tokens: int
     completion_tokens: int
+    first_token_ms: float = 0.0  # from the call to the first sampled token: render, tokenize, prefill
 
     @property
     def prefill_tok_s(self) -> float:
@@ -158,6 +159,7 @@ class Chat:
         ``self.last`` afterwards and the assistant message is appended to the conversation."""
         import numpy as np
 
+        t_start = time.perf_counter()
         if user is not None:
             self.messages.append({"role": "user", "content": user})
         prompt, marks = self._prompt(sampling.max_tokens)
@@ -171,6 +173,7 @@ class Chat:
         held = ""               # reasoning text that might be the start of </think>
         reasoning, content, calls, bad, out = [], [], [], [], []
         finish = "length"
+        t_first = None
 
         def emit_content(text: str) -> Iterator[Event]:
             for e in parser.feed(text):
@@ -178,6 +181,8 @@ class Chat:
 
         while len(out) < sampling.max_tokens:
             tok = sample(logits, sampling, rng)
+            if t_first is None:
+                t_first = time.perf_counter()
             if self.model.is_eog(tok):
                 finish = "stop"
                 break
@@ -226,7 +231,8 @@ class Chat:
         self.messages.append(msg)
         usage = Usage(u.prompt_tokens, u.reused_tokens, u.evaluated_tokens, len(out), u.restored_from)
         self.last = Reply(text_content, "".join(reasoning).strip(), calls, bad, finish, usage,
-                          Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, u.evaluated_tokens, len(out)), out)
+                          Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, u.evaluated_tokens, len(out),
+                                  ((t_first or t2) - t_start) * 1e3), out)
 
     @staticmethod
     def _event(e, content, calls, bad) -> Iterator[Event]:

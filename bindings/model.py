@@ -128,6 +128,7 @@ class Model:
 
     def __init__(self, path: Path, model_p, ctx_p, n_ctx: int):
         self.path, self._model, self._ctx, self.n_ctx = path, model_p, ctx_p, n_ctx
+        self._one, self._n_vocab = None, 0  # the single-token batch of generation
         import llama_cpp
 
         self._vocab = llama_cpp.llama_model_get_vocab(model_p)
@@ -217,6 +218,9 @@ class Model:
     def close(self) -> None:
         import llama_cpp
 
+        if self._one is not None:
+            llama_cpp.llama_batch_free(self._one)
+            self._one = None
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
@@ -320,11 +324,22 @@ class Model:
         import llama_cpp
         import numpy as np
 
-        self._decode(tokens, pos, seq_id=seq_id)
-        n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        if len(tokens) == 1:  # generation: one persistent batch, no per-token allocation
+            if self._one is None:
+                self._one = llama_cpp.llama_batch_init(1, 0, 1)
+                self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+            b = self._one
+            b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0], b.n_tokens = \
+                tokens[0], pos, 1, seq_id, True, 1
+            if llama_cpp.llama_decode(self._ctx, b) != 0:
+                raise ModelError("llama_decode failed")
+        else:
+            self._decode(tokens, pos, seq_id=seq_id)
+        n_vocab = self._n_vocab or llama_cpp.llama_vocab_n_tokens(self._vocab)
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(n_vocab,)).copy()
 
-    def _decode(self, tokens: list[int], pos: int, all_logits: bool = False, sink=None, seq_id: int = 0) -> None:
+    def _decode(self, tokens: list[int], pos: int, all_logits: bool = False, sink=None, seq_id: int = 0,
+                last_logits: bool = True) -> None:
         import llama_cpp
         import numpy as np
 
@@ -338,7 +353,7 @@ class Model:
                     batch.pos[j] = pos + i + j
                     batch.n_seq_id[j] = 1
                     batch.seq_id[j][0] = seq_id
-                    batch.logits[j] = all_logits or i + j == len(tokens) - 1
+                    batch.logits[j] = all_logits or (last_logits and i + j == len(tokens) - 1)
                 batch.n_tokens = len(part)
                 if llama_cpp.llama_decode(self._ctx, batch) != 0:
                     raise ModelError("llama_decode failed")

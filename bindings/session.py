@@ -145,7 +145,10 @@ class PromptCache:
         start = reused
         for end in [*stops, len(prompt)]:
             part = prompt[start:end]
-            if part:
+            if part and end < len(prompt):  # up to a checkpoint: no logits needed
+                self.model._decode(part, start, seq_id=self.seq_id, last_logits=False)
+                self.tokens.extend(part)
+            elif part:
                 self._last_logits = self.model._decode_seq(part, start, self.seq_id)
                 self.tokens.extend(part)
             if end < len(prompt):
@@ -171,4 +174,4 @@ class PromptCache:
         """Evaluate one more token (generation); returns its logits."""
         self._last_logits = self.model._decode_seq([token], len(self.tokens), self.seq_id)
         self.tokens.append(token)
-        return self._last_logits.copy()
+        return self._last_logits  # callers must not modify it (it is also the cache's copy)
