@@ -25,7 +25,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA = ROOT / "build" / "src" / "vendor" / "llama.cpp"
-QUANTIZE = ROOT / "build" / "cpu" / "bin" / "llama-quantize"
+
+
+def _quantize_tool() -> Path:
+    """llama-quantize of the build the bindings load (build/$BACKEND/bin)."""
+    from qwen35.bindings import native
+
+    return next(native.library_dir().glob("libllama.*")).resolve().parent / "llama-quantize"
 
 H, FF, NQ, NKV, HD, NK, NV, DK, DV, V = 2560, 9216, 16, 4, 256, 16, 32, 128, 128, 248320
 
@@ -179,7 +185,7 @@ def main() -> int:
 
 def _two_step(up, env, out: Path) -> tuple[float, int]:
     w1, r1 = run(up + [str(out / "u-f16.gguf"), "--outtype", "f16"], env)
-    w2, r2 = run([str(QUANTIZE), str(out / "u-f16.gguf"), str(out / "u-q4km.gguf"), "Q4_K_M", str(os.cpu_count())])
+    w2, r2 = run([str(_quantize_tool()), str(out / "u-f16.gguf"), str(out / "u-q4km.gguf"), "Q4_K_M", str(os.cpu_count())])
     return w1 + w2, max(r1, r2)
 
 

@@ -15,3 +15,9 @@ def lib_dir() -> Path:
 
     native.load()  # fails the test with the clear message when the build is missing or stale
     return native.library_dir().resolve()
+
+
+@pytest.fixture(scope="session")
+def build_bin(lib_dir) -> Path:
+    """The build's bin folder (tools beside the libraries: build/$BACKEND/bin)."""
+    return next(lib_dir.glob("libllama.*")).resolve().parent

@@ -4,15 +4,12 @@ import logging
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from qwen35.bindings.model import Model, ModelError
 
-ROOT = Path(__file__).resolve().parent.parent
-RPC_SERVER = ROOT / "build" / "cpu" / "bin" / "ggml-rpc-server"
 TOKENS = list(range(3000, 3040))
 
 
@@ -38,10 +35,10 @@ def _logits(path, **kw):
         return m.logits(TOKENS)
 
 
-def test_rpc_on_loopback_gives_the_local_logits(moe_f32, caplog):
+def test_rpc_on_loopback_gives_the_local_logits(moe_f32, caplog, build_bin):
     local = _logits(moe_f32)
     ports = [_free_port(), _free_port()]
-    servers = [subprocess.Popen([str(RPC_SERVER), "-H", "127.0.0.1", "-p", str(p), "-t", "1"],
+    servers = [subprocess.Popen([str(build_bin / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(p), "-t", "1"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]
     try:
         for p in ports:  # wait until both listen

@@ -16,8 +16,6 @@ from qwen35.converter.recipes import ModelDesc, TensorDesc, parse_overrides, ups
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVERT = str(Path(sys.executable).parent / "qwen35-convert")
-LLAMA_QUANTIZE = ROOT / "build" / "cpu" / "bin" / "llama-quantize"
-LLAMA_IMATRIX = ROOT / "build" / "cpu" / "bin" / "llama-imatrix"
 
 DENSE8 = ModelDesc(n_layer_all=8, n_expert=0, n_gqa=2)
 
@@ -122,7 +120,7 @@ def wide(tmp_path_factory, lib_dir):
 
 
 @pytest.fixture(scope="module")
-def imatrices(wide, tmp_path_factory):
+def imatrices(wide, tmp_path_factory, build_bin):
     """Importance matrices from the patched llama-imatrix over a short text, both file formats."""
     d = tmp_path_factory.mktemp("imatrix")
     text = d / "text.txt"
@@ -130,7 +128,7 @@ def imatrices(wide, tmp_path_factory):
     out = {}
     for model, fmt in (("dense", "gguf"), ("dense", "dat"), ("moe-nomtp", "gguf")):
         path = d / f"{model}.{fmt}"
-        r = subprocess.run([str(LLAMA_IMATRIX), "-m", str(wide[model][1]), "-f", str(text), "-o", str(path),
+        r = subprocess.run([str(build_bin / "llama-imatrix"), "-m", str(wide[model][1]), "-f", str(text), "-o", str(path),
                             "--output-format", fmt, "-c", "128", "--chunks", "6", "-t", "2", "--no-repack"],
                            capture_output=True, text=True)
         assert r.returncode == 0 and path.exists(), r.stderr[-2000:]
@@ -143,13 +141,13 @@ def imatrices(wide, tmp_path_factory):
     ("dense", "dat", "Q4_K_M", "keep"), ("moe-nomtp", "gguf", "IQ2_XXS", "drop"),
     ("moe-nomtp", "gguf", "Q4_0", "drop"),
 ])
-def test_imatrix_quantization_equals_llama_quantize(wide, imatrices, tmp_path, model, fmt, type_, mtp):
+def test_imatrix_quantization_equals_llama_quantize(wide, imatrices, tmp_path, model, fmt, type_, mtp, build_bin):
     """Per-expert importance weights, the imatrix-dependent type choices and the quantize.imatrix.*
     keys, all as llama-quantize --imatrix writes them from our F32 output."""
     hf, f32 = wide[model]
     im = imatrices[model, fmt]
     ref = tmp_path / "llama-quantize.gguf"
-    r = subprocess.run([str(LLAMA_QUANTIZE), "--imatrix", str(im), str(f32), str(ref), type_, "2"],
+    r = subprocess.run([str(build_bin / "llama-quantize"), "--imatrix", str(im), str(f32), str(ref), type_, "2"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-2000:]
     ours = tmp_path / "ours.gguf"
@@ -208,13 +206,13 @@ def test_imatrix_errors_are_caught_before_writing(wide, imatrices, tmp_path):
     ("dense", "Q4_K_M", []), ("dense", "Q3_K_M", []), ("dense", "IQ4_XS", []),
     ("moe", "Q4_K_M", []), ("moe", "Q2_K", []), ("moe", "Q5_K_S", ["--tensor-type", "ffn_down_exps=q8_0"]),
 ])
-def test_one_pass_equals_llama_quantize_on_our_f32(wide, tmp_path, model, type_, extra):
+def test_one_pass_equals_llama_quantize_on_our_f32(wide, tmp_path, model, type_, extra, build_bin):
     hf, f32 = wide[model]
     ref = tmp_path / "llama-quantize.gguf"
     lq_extra = []
     if extra:
         lq_extra = ["--tensor-type", extra[1]]
-    r = subprocess.run([str(LLAMA_QUANTIZE), *lq_extra, str(f32), str(ref), type_, "2"], capture_output=True, text=True)
+    r = subprocess.run([str(build_bin / "llama-quantize"), *lq_extra, str(f32), str(ref), type_, "2"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     ours = tmp_path / "ours.gguf"
     r = subprocess.run([CONVERT, str(hf), "-o", str(ours), "--type", type_, "--recipe", "upstream", *extra],
