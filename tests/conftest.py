@@ -21,3 +21,15 @@ def lib_dir() -> Path:
 def build_bin(lib_dir) -> Path:
     """The build's bin folder (tools beside the libraries: build/$BACKEND/bin)."""
     return next(lib_dir.glob("libllama.*")).resolve().parent
+
+
+@pytest.fixture(scope="session")
+def tiny_f32_gguf(tmp_path_factory, lib_dir) -> Path:
+    """The dense tiny checkpoint (qwen35.tiny defaults) converted to F32 by qwen35-convert."""
+    from qwen35 import tiny
+    from qwen35.converter.convert import convert
+
+    d = tmp_path_factory.mktemp("tiny-f32")
+    out = d / "f32.gguf"
+    convert(tiny.make_checkpoint(d / "hf"), out, file_type="F32")
+    return out

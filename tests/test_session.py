@@ -8,15 +8,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def gguf_f32(tmp_path_factory, lib_dir):
-    from qwen35 import tiny
-    from qwen35.converter.convert import convert
-
-    d = tmp_path_factory.mktemp("session")
-    hf = tiny.make_checkpoint(d / "hf")
-    out = d / "f32.gguf"
-    convert(hf, out, file_type="F32")
-    return out
+def gguf_f32(tiny_f32_gguf):
+    return tiny_f32_gguf
 
 
 def _load(path, **kw):
