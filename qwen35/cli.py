@@ -101,6 +101,15 @@ def _mount_chat() -> None:
 _mount_chat()
 
 
+def _mount_quant() -> None:
+    from qwen35.quant_cli import app as quant_app
+
+    app.add_typer(quant_app, name="quant")
+
+
+_mount_quant()
+
+
 def main() -> None:
     from qwen35.errors import run_app
 

@@ -1,0 +1,108 @@
+"""Quantization quality: KLD, top-1 agreement and perplexity of GGUF files against a reference.
+
+The text is tokenized with the reference model and cut into chunks of ``n_ctx`` tokens; each
+chunk runs from an empty context through the reference and through every candidate (full
+logits from the bindings, F32 KV cache). As llama-perplexity does, the first half of each chunk
+only gives context: the statistics are over the positions of its second half.
+
+>>> kld_rows(np.array([[0.0, 0.0]]), np.array([[0.0, 0.0]]))
+array([0.])
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class EvalResult:
+    path: str
+    bytes: int
+    bits_per_weight: float
+    tokens: int             # positions scored
+    kld_mean: float         # nats, KL(reference || candidate) per position
+    kld_p99: float
+    kld_max: float
+    top1_agreement: float   # share of positions where both pick the same most likely token
+    ppl: float              # candidate's perplexity on the text
+    ref_ppl: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def kld_rows(ref_logits: np.ndarray, cand_logits: np.ndarray) -> np.ndarray:
+    """KL(softmax(ref) || softmax(cand)) for each row, in float64."""
+    lp, lq = log_softmax(ref_logits), log_softmax(cand_logits)
+    return np.maximum((np.exp(lp) * (lp - lq)).sum(axis=-1), 0.0)
+
+
+def file_stats(path: Path) -> tuple[int, float]:
+    """(file bytes, bits per weight of the tensor data)."""
+    from qwen35.converter.gguf_scan import scan
+
+    info = scan(path)
+    data = sum(t.nbytes for t in info.tensors)
+    params = sum(int(np.prod(t.ne)) for t in info.tensors)
+    return path.stat().st_size, 8 * data / max(params, 1)
+
+
+def chunks(tokens: list[int], n_ctx: int, max_chunks: int | None) -> list[list[int]]:
+    out = [tokens[i:i + n_ctx] for i in range(0, len(tokens) - n_ctx + 1, n_ctx)]
+    return out[:max_chunks] if max_chunks else out
+
+
+def evaluate(ref: str | Path, candidates: list[str | Path], text: str, *, n_ctx: int = 512,
+             max_chunks: int | None = None, n_threads: int | None = None,
+             on_progress: Callable[[int, int], None] | None = None) -> list[EvalResult]:
+    """Score each candidate against ref on text; raises ValueError when the text is too short."""
+    from qwen35.bindings.model import Model
+
+    def load(p):
+        return Model.load(p, n_ctx=n_ctx, n_threads=n_threads, kv_type="f32", flash_attn=False)
+
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        # all models at once (weights are memory-mapped), so the reference's full distributions
+        # never need storing: one chunk of log-probabilities is alive at a time
+        ref_m = stack.enter_context(load(ref))
+        cand_m = [stack.enter_context(load(c)) for c in candidates]
+        tokens = ref_m.tokenize(text, special=False)
+        parts = chunks(tokens, n_ctx, max_chunks)
+        if not parts:
+            raise ValueError(f"the text has {len(tokens)} tokens; it needs at least --ctx {n_ctx} "
+                             "(give a longer text or a smaller --ctx)")
+        ref_nll, klds, nll, agree = [], [[] for _ in candidates], [[] for _ in candidates], [[] for _ in candidates]
+        for i, c in enumerate(parts):
+            nxt = np.asarray(c[n_ctx // 2:])
+            rows = np.arange(len(nxt))
+            lp = log_softmax(ref_m.logits(c)[n_ctx // 2 - 1:-1])
+            ref_nll.append(-lp[rows, nxt])
+            top, p = lp.argmax(-1), np.exp(lp)
+            for j, m in enumerate(cand_m):
+                lq = log_softmax(m.logits(c)[n_ctx // 2 - 1:-1])
+                klds[j].append(np.maximum((p * (lp - lq)).sum(-1), 0.0))
+                nll[j].append(-lq[rows, nxt])
+                agree[j].append(lq.argmax(-1) == top)
+            if on_progress:
+                on_progress(i + 1, len(parts))
+    ref_ppl = float(np.exp(np.concatenate(ref_nll).mean()))
+    results = []
+    for j, cand in enumerate(candidates):
+        k = np.concatenate(klds[j])
+        size, bpw = file_stats(Path(cand))
+        results.append(EvalResult(str(cand), size, bpw, int(k.size), float(k.mean()), float(np.percentile(k, 99)),
+                                  float(k.max()), float(np.concatenate(agree[j]).mean()),
+                                  float(np.exp(np.concatenate(nll[j]).mean())), ref_ppl))
+    return results

@@ -1,0 +1,84 @@
+"""`qwen35 quant eval` against an independent numpy computation over logits from the bindings."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+QWEN35 = str(Path(sys.executable).parent / "qwen35")
+N_CTX = 64
+TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 12
+        + "Sphinx of black quartz, judge my vow; how vexingly quick daft zebras jump! " * 12)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, lib_dir):
+    from qwen35 import tiny
+    from qwen35.converter.convert import convert
+
+    d = tmp_path_factory.mktemp("quant-eval")
+    hf = tiny.make_checkpoint(d / "hf")
+    out = {}
+    for t in ("F32", "Q8_0", "Q4_0"):
+        out[t] = d / f"{t}.gguf"
+        convert(hf, out[t], file_type=t)
+    (d / "text.txt").write_text(TEXT)
+    out["text"] = d / "text.txt"
+    return out
+
+
+def _oracle(ref, cand):
+    """Softmax probabilities, their logs, KL and NLL written out plainly (no shared helpers)."""
+    from qwen35.bindings.model import Model
+
+    with Model.load(ref, n_ctx=N_CTX, n_threads=2, kv_type="f32", flash_attn=False) as m:
+        toks = m.tokenize(TEXT, special=False)
+        chunks = [toks[i:i + N_CTX] for i in range(0, len(toks) - N_CTX + 1, N_CTX)]
+        ref_logits = [m.logits(c) for c in chunks]
+    with Model.load(cand, n_ctx=N_CTX, n_threads=2, kv_type="f32", flash_attn=False) as m:
+        cand_logits = [m.logits(c) for c in chunks]
+    kl, nll, same = [], [], []
+    half = N_CTX // 2
+    for c, a, b in zip(chunks, ref_logits, cand_logits):
+        for t in range(half - 1, N_CTX - 1):
+            p = np.exp(a[t].astype(np.float64) - a[t].max())
+            p /= p.sum()
+            q = np.exp(b[t].astype(np.float64) - b[t].max())
+            q /= q.sum()
+            nz = p > 0
+            kl.append(float(np.sum(p[nz] * (np.log(p[nz]) - np.log(q[nz])))))
+            nll.append(-np.log(q[c[t + 1]]))
+            same.append(a[t].argmax() == b[t].argmax())
+    return np.array(kl), float(np.exp(np.mean(nll))), float(np.mean(same))
+
+
+def test_eval_numbers_equal_a_plain_numpy_computation(files):
+    from qwen35.quant import evaluate
+
+    results = evaluate(files["F32"], [files["Q8_0"], files["Q4_0"], files["F32"]], TEXT, n_ctx=N_CTX, n_threads=2)
+    for r, cand in zip(results[:2], ("Q8_0", "Q4_0")):
+        kl, ppl, top1 = _oracle(files["F32"], files[cand])
+        assert r.tokens == kl.size > 0
+        assert r.kld_mean == pytest.approx(kl.mean(), rel=1e-6, abs=1e-9)
+        assert r.kld_max == pytest.approx(kl.max(), rel=1e-6, abs=1e-9)
+        assert r.kld_p99 == pytest.approx(np.percentile(kl, 99), rel=1e-6, abs=1e-9)
+        assert r.ppl == pytest.approx(ppl, rel=1e-9) and r.top1_agreement == pytest.approx(top1)
+    assert results[1].kld_mean > results[0].kld_mean > 0  # 4-bit further from the reference than 8-bit
+    self_ = results[2]
+    assert self_.kld_max == pytest.approx(0, abs=1e-9) and self_.top1_agreement == 1 and self_.ppl == self_.ref_ppl
+
+
+def test_cli_json_and_short_text(files, tmp_path):
+    r = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), "--text", str(files["text"]),
+                        "--ctx", str(N_CTX), "--chunks", "2", "--json", "--threads", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(r.stdout)
+    assert row["tokens"] == 2 * (N_CTX // 2) and 0 < row["kld_mean"] < row["kld_max"]
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    r = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), "--text", str(short)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "--ctx" in r.stderr
