@@ -106,3 +106,57 @@ def evaluate(ref: str | Path, candidates: list[str | Path], text: str, *, n_ctx:
                                   float(k.max()), float(np.concatenate(agree[j]).mean()),
                                   float(np.exp(np.concatenate(nll[j]).mean())), ref_ppl))
     return results
+
+
+# ---------------------------------------------------------------- importance matrices
+
+def build_bin() -> Path:
+    """The patched build's tools (beside the libraries the bindings load)."""
+    from qwen35.bindings import native
+
+    return next(native.library_dir().glob("libllama.*")).resolve().parent
+
+
+def compute_imatrix(model: str | Path, text: str | Path, out: str | Path, *, n_ctx: int = 512, chunks: int = 0,
+                    n_threads: int | None = None, process_output: bool = False):
+    """Run the patched llama-imatrix over a text; the file appears atomically. Returns the loaded
+    imatrix (converter.imatrix.Imatrix, with per-tensor expert coverage)."""
+    import os
+    import subprocess
+
+    from qwen35.bindings.model import _cpu_has_amx
+    from qwen35.bindings import native
+    from qwen35.converter import imatrix as imx
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    cmd = [str(build_bin() / "llama-imatrix"), "-m", str(model), "-f", str(text), "-o", str(tmp),
+           "-c", str(n_ctx), "-t", str(n_threads or os.cpu_count() or 1)]
+    if chunks:
+        cmd += ["--chunks", str(chunks)]
+    if process_output:
+        cmd += ["--process-output"]
+    native.load()
+    if _cpu_has_amx():  # the pinned llama.cpp crashes evaluating Qwen3.5 from AMX/repacked buffers
+        cmd += ["--no-repack"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0 or not tmp.exists():
+            import re
+
+            # llama.cpp's log marks errors with " E " after the timestamp
+            errs = [m.group(1).strip() for ln in (r.stderr + r.stdout).splitlines()
+                    if (m := re.match(r"^[\d.]+\s+E\s+(?:\w+: )?(.*)$", ln))]
+            raise ValueError(f"llama-imatrix failed on {model}: {'; '.join(errs) or f'exit {r.returncode}'}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return imx.load(out)
+
+
+def coverage(im) -> dict:
+    """Expert coverage of an imatrix: per MoE tensor (covered, total), and the worst one."""
+    moe = {k: v for k, v in im.coverage.items() if v[1] > 1}
+    worst = min(moe.items(), key=lambda kv: kv[1][0] / kv[1][1]) if moe else None
+    return {"tensors": len(im.entries), "chunks": im.chunk_count, "moe_tensors": moe,
+            "worst": {"tensor": worst[0], "covered": worst[1][0], "experts": worst[1][1]} if worst else None}

@@ -82,3 +82,49 @@ def test_cli_json_and_short_text(files, tmp_path):
     r = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), "--text", str(short)],
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "--ctx" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def moe_f32(tmp_path_factory, lib_dir):
+    from qwen35 import tiny
+    from qwen35.converter.convert import convert
+
+    d = tmp_path_factory.mktemp("quant-imatrix")
+    hf = tiny.make_checkpoint(d / "hf", moe=True)
+    out = d / "moe-f32.gguf"
+    convert(hf, out, file_type="F32")
+    return hf, out
+
+
+def test_imatrix_command_reports_the_expert_coverage_in_the_file(moe_f32, files, tmp_path):
+    """Coverage read back independently from the file's *.counts tensors (gguf-py), and the
+    imatrix is usable by qwen35-convert --imatrix."""
+    from gguf import GGUFReader
+
+    hf, model = moe_f32
+    out = tmp_path / "imatrix.gguf"
+    r = subprocess.run([QWEN35, "quant", "imatrix", str(model), "--text", str(files["text"]), "-o", str(out),
+                        "--ctx", "64", "--json", "--threads", "2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    counts = {t.name[: -len(".counts")]: np.asarray(t.data).reshape(-1) for t in GGUFReader(out).tensors
+              if t.name.endswith(".counts")}
+    expected = {k: [int((c > 0).sum()), int(c.size)] for k, c in counts.items() if c.size > 1}
+    assert rep["moe_tensors"] == expected and len(expected) > 0
+    assert rep["tensors"] == len(counts)
+    worst = min(expected.items(), key=lambda kv: kv[1][0] / kv[1][1])
+    assert [rep["worst"]["covered"], rep["worst"]["experts"]] == worst[1]
+    q = subprocess.run([str(Path(sys.executable).parent / "qwen35-convert"), str(hf), "-o", str(tmp_path / "q.gguf"),
+                        "--type", "Q4_K_M", "--mtp", "drop", "--imatrix", str(out)], capture_output=True, text=True)
+    assert q.returncode == 0, q.stderr
+    # refusals: existing output, too little text for one chunk
+    r = subprocess.run([QWEN35, "quant", "imatrix", str(model), "--text", str(files["text"]), "-o", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "--force" in r.stderr
+    short = tmp_path / "short.txt"
+    short.write_text("Too short.")
+    r = subprocess.run([QWEN35, "quant", "imatrix", str(model), "--text", str(short), "-o", str(tmp_path / "x.gguf"),
+                        "--ctx", "64"], capture_output=True, text=True)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+    assert "llama-imatrix failed" in r.stderr and "you need at least 128 tokens" in r.stderr
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.partial").exists()
