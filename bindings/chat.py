@@ -266,11 +266,15 @@ class Chat:
                 "enable_thinking": json.dumps(self.enable_thinking)}
         path = Path(path)
         tmp = path.with_name(path.name + ".partial")
+        if not path.parent.is_dir():
+            raise ModelError(f"cannot save to {path}: folder {path.parent} does not exist")
         try:
             save_file(tensors, str(tmp), metadata=meta)
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as e:
+            raise ModelError(f"cannot save to {path}: {e.strerror or e}") from None
         finally:
             tmp.unlink(missing_ok=True)
 

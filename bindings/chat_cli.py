@@ -36,7 +36,7 @@ def chat(
 
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
     out = Console(highlight=False, soft_wrap=True)
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     with Model.load(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads or None) as m:
         session = Chat(m, system=system, enable_thinking=think)
 

@@ -33,3 +33,16 @@ def tiny_f32_gguf(tmp_path_factory, lib_dir) -> Path:
     out = d / "f32.gguf"
     convert(tiny.make_checkpoint(d / "hf"), out, file_type="F32")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_f32(tmp_path_factory, lib_dir) -> tuple[Path, Path]:
+    """(HF folder, F32 GGUF) of the tiny MoE checkpoint (8 experts, top-2, shared expert)."""
+    from qwen35 import tiny
+    from qwen35.converter.convert import convert
+
+    d = tmp_path_factory.mktemp("tiny-moe-f32")
+    hf = tiny.make_checkpoint(d / "hf", moe=True)
+    out = d / "f32.gguf"
+    convert(hf, out, file_type="F32")
+    return hf, out

@@ -71,6 +71,8 @@ def test_interactive_chat_in_a_terminal(gguf, tmp_path):
     t.send("/stats")
     second = t.expect(r"prompt (\d+) tokens: (\d+) reused, (\d+) evaluated")
     assert int(second.group(2)) > 0 and int(second.group(3)) < int(second.group(1))
+    t.send(f"/save {tmp_path / 'missing' / 's.chat'}")
+    t.expect(r"error: cannot save to .*does not exist")
     t.send(f"/save {tmp_path / 's.chat'}")
     t.expect(r"saved to")
     t.send("/reset")

@@ -14,14 +14,8 @@ TOKENS = list(range(3000, 3040))
 
 
 @pytest.fixture(scope="module")
-def moe_f32(tmp_path_factory, lib_dir):
-    from qwen35 import tiny
-    from qwen35.converter.convert import convert
-
-    d = tmp_path_factory.mktemp("devices")
-    out = d / "moe-f32.gguf"
-    convert(tiny.make_checkpoint(d / "hf", moe=True), out, file_type="F32")
-    return out
+def moe_f32(tiny_moe_f32):
+    return tiny_moe_f32[1]
 
 
 def _free_port() -> int:

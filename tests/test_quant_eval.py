@@ -85,15 +85,8 @@ def test_cli_json_and_short_text(files, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def moe_f32(tmp_path_factory, lib_dir):
-    from qwen35 import tiny
-    from qwen35.converter.convert import convert
-
-    d = tmp_path_factory.mktemp("quant-imatrix")
-    hf = tiny.make_checkpoint(d / "hf", moe=True)
-    out = d / "moe-f32.gguf"
-    convert(hf, out, file_type="F32")
-    return hf, out
+def moe_f32(tiny_moe_f32):
+    return tiny_moe_f32
 
 
 def test_imatrix_command_reports_the_expert_coverage_in_the_file(moe_f32, files, tmp_path):
