@@ -25,7 +25,7 @@ def convert(
     outfile: Path = typer.Option(None, "--outfile", "-o", help="Output .gguf (default: HF_DIR-TYPE.gguf beside it)."),
     type_: str = typer.Option("BF16", "--type", "-t", help="F32, F16, BF16, Q8_0 (as upstream's converter); Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q5_0, IQ4_NL, IQ4_XS, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, IQ3_M, IQ3_S (as llama-quantize); IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S (need --imatrix)."),
     imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix from llama-imatrix (GGUF or legacy .dat), as llama-quantize's --imatrix."),
-    recipe: str = typer.Option("upstream", "--recipe", help="Per-tensor type recipe for quantized mixes: upstream (llama-quantize's choices)."),
+    recipe: str = typer.Option("upstream", "--recipe", help="Per-tensor type recipe: upstream (llama-quantize's choices) or qwen35 (Qwen3.5-aware mixes for Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_XS, Q3_K_M, IQ3_XXS; see converter/recipes.py)."),
     tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override, as llama-quantize's (repeatable)."),
     mtp: str = typer.Option("keep", "--mtp", help="keep: append the MTP block; drop: leave it out; only: the draft head alone."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),

@@ -89,8 +89,11 @@ def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep", re
               tensor_types: list[str] = (), imatrix: str | Path | None = None) -> Plan:
     if mtp not in MTP_MODES:
         raise ConvertError(f"--mtp {mtp} is not one of {', '.join(MTP_MODES)}")
-    if recipe != "upstream":
-        raise ConvertError(f"--recipe {recipe} is not known; available: upstream")
+    if recipe not in recipes.RECIPES:
+        raise ConvertError(f"--recipe {recipe} is not known; available: {', '.join(recipes.RECIPES)}")
+    if recipe == "qwen35" and file_type not in recipes.QWEN35_TABLE:
+        raise ConvertError(f"--recipe qwen35 has mixes for {', '.join(recipes.QWEN35_TABLE)}; "
+                           f"use one of them or --recipe upstream for --type {file_type}")
     quantize.check_file_type(file_type)
     try:
         overrides = recipes.parse_overrides(list(tensor_types))
@@ -111,13 +114,21 @@ def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep", re
     missing: list[str] = []
     if file_type in quantize.CONVERTER_TYPES:
         types = [quantize.choose_type(o.name, o.kind, o.shape, o.keep_f32, file_type) for o in outs]
+        if recipe == "qwen35":  # Q8_0: the converter's choices, then the table's cells
+            rules = recipes.qwen35_rules(file_type, ckpt.config["num_hidden_layers"])
+            types = [max(q, next((r for rx, r in rules if rx.search(o.name)), q), key=recipes.bits_per_weight)
+                     if q == gguf.GGMLQuantizationType.Q8_0 else q for o, q in zip(outs, types)]
     else:
         c = ckpt.config
         model = recipes.ModelDesc(c["num_hidden_layers"] + n_mtp, c.get("num_experts", 0) if ckpt.arch == "qwen35moe"
                                   else 0, c["num_attention_heads"] // c["num_key_value_heads"])
         descs = [recipes.TensorDesc(o.name, tuple(reversed(o.shape))) for o in outs]
-        chosen = recipes.upstream_types(descs, quantize.FILE_TYPES[file_type][0], model, overrides,
-                                        has_imatrix=im is not None)
+        ftype = quantize.FILE_TYPES[file_type][0]
+        if recipe == "qwen35":
+            chosen = recipes.qwen35_types(descs, file_type, ftype, model, c["num_hidden_layers"], overrides,
+                                          has_imatrix=im is not None)
+        else:
+            chosen = recipes.upstream_types(descs, ftype, model, overrides, has_imatrix=im is not None)
         missing = _check_imatrix(outs, chosen, file_type, im, c["num_hidden_layers"])
         types = [q if q is not None else gguf.GGMLQuantizationType.F32 for q in chosen]
     planned = [PlannedTensor(o, q, quantize.nbytes(q, o.shape)) for o, q in zip(outs, types)]

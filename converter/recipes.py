@@ -249,3 +249,89 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Q]]:
             raise ValueError(f"--tensor-type {item!r}: bad regex ({e})") from None
         out.append((pattern, qtype))
     return out
+
+
+# ---------------------------------------------------------------- the qwen35 recipe
+#
+# Where llama-quantize spends bits by tensor kind for dense Llama-style models, Qwen3.5's hybrid
+# layers have their own sensitive parts. Measured on the trained demo checkpoints
+# (bench/quant_sensitivity.py, Q4_K_M base): the Gated DeltaNet projections buy the most quality
+# per extra byte -- its decay/beta gates (ssm_alpha, ssm_beta: tiny matrices whose error
+# compounds through the recurrent state), its output (ssm_out) and its input projections
+# (attn_qkv, and the output gate attn_gate) -- then the shared expert, which every token passes
+# through; the two full-attention layers of a 3:1 stack gained nothing from more bits, and the
+# MLP and routed experts gain least per byte. So the recipe raises the DeltaNet path and the
+# shared expert and keeps everything else at llama-quantize's choice.
+#
+# The table is applied over llama-quantize's own choices for the same target: a cell is a floor
+# for that group (a tensor upstream stores in fewer bits gets the cell's type; one upstream
+# already gives more keeps it), "." keeps upstream's choice, so the recipe only adds bits.
+# Row-length fallbacks and --tensor-type overrides apply as upstream. "mtp" is every tensor of
+# the MTP block: llama-imatrix never runs it, so low-bit targets keep it at 4 bits or more.
+
+QWEN35_GROUPS = {   # column -> GGUF tensor names (regex); "mtp" is every tensor of the MTP block
+    "gates": r"\.ssm_(alpha|beta)\.weight$",
+    "attn": r"\.attn_(q|k|v|output)\.weight$",
+    "dn_in": r"\.attn_(qkv|gate)\.weight$",
+    "dn_out": r"\.ssm_out\.weight$",
+    "shexp": r"\.ffn_(gate|up|down)_shexp\.weight$",
+    "exp_gu": r"\.ffn_(gate|up)_exps\.weight$",
+    "exp_down": r"\.ffn_down_exps\.weight$",
+    "ffn_gu": r"\.ffn_(gate|up)\.weight$",
+    "ffn_down": r"\.ffn_down\.weight$",
+    "output": r"^output\.weight$",
+    "embd": r"^token_embd\.weight$",
+}
+
+QWEN35_COLUMNS = ("mtp",) + tuple(QWEN35_GROUPS)
+QWEN35_TABLE = {
+    # target     mtp     gates  attn  dn_in   dn_out  shexp   exp_gu exp_down ffn_gu ffn_down output embd
+    "Q8_0":    (".",    "F16", ".", ".",     ".",    ".",    ".", ".", ".", ".", ".", "."),
+    "Q6_K":    (".",    "F16", ".", ".",     "Q8_0", "Q8_0", ".", ".", ".", ".", ".", "."),
+    "Q5_K_M":  (".",    "F16", ".", "Q6_K",  "Q6_K", "Q6_K", ".", ".", ".", ".", ".", "."),
+    "Q4_K_M":  ("Q4_K", "F16", ".", "Q5_K",  "Q6_K", "Q5_K", ".", ".", ".", ".", ".", "."),
+    "IQ4_XS":  ("Q4_K", "F16", ".", "Q5_K",  "Q5_K", "Q5_K", ".", ".", ".", ".", ".", "."),
+    "Q3_K_M":  ("Q4_K", "F16", ".", "Q4_K",  "Q5_K", "Q4_K", ".", ".", ".", ".", ".", "."),
+    "IQ3_XXS": ("Q4_K", "F16", ".", "IQ4_XS", "Q4_K", "IQ4_XS", ".", ".", ".", ".", ".", "."),
+}
+
+
+def qwen35_rules(target: str, n_layer: int) -> list[tuple[re.Pattern, Q]]:
+    """The table's row for target as (compiled regex, type) rules, first match wins; n_layer is
+    the trunk's block count (blocks from n_layer on are the MTP block)."""
+    if target not in QWEN35_TABLE:
+        raise KeyError(f"--recipe qwen35 has mixes for {', '.join(QWEN35_TABLE)}, not {target}")
+    rules = []
+    for col, cell in zip(QWEN35_COLUMNS, QWEN35_TABLE[target]):
+        if cell == ".":
+            continue
+        rx = rf"^blk\.(?!(?:{'|'.join(str(i) for i in range(n_layer))})\.)\d+\." if col == "mtp" \
+            else QWEN35_GROUPS[col]
+        rules.append((re.compile(rx), Q[cell]))
+    return rules
+
+
+def qwen35_types(tensors: list[TensorDesc], target: str, ftype: LlamaFileType, model: ModelDesc, n_layer: int,
+                 overrides: list[tuple[str, Q]] = (), has_imatrix: bool = False) -> list[Q | None]:
+    """The qwen35 recipe: upstream's types for ftype, then the table's cells for target on the
+    tensors upstream quantizes (a --tensor-type override still wins), with upstream's fallbacks."""
+    base = upstream_types(tensors, ftype, model, overrides, has_imatrix)
+    user = [re.compile(p) for p, _ in overrides]
+    rules = qwen35_rules(target, n_layer)
+    out = []
+    for t, q in zip(tensors, base):
+        cell = next((r for rx, r in rules if rx.search(t.name)), None)
+        if q is not None and cell is not None and not any(rx.search(t.name) for rx in user):
+            cand = _fallback(t, cell)
+            if bits_per_weight(cand) > bits_per_weight(q):
+                q = cand
+        out.append(q)
+    return out
+
+
+def bits_per_weight(q: Q) -> float:
+    block, size = GGML_QUANT_SIZES[q]
+    return 8 * size / block
+
+
+RECIPES = ("upstream", "qwen35")
