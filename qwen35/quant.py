@@ -160,3 +160,107 @@ def coverage(im) -> dict:
     worst = min(moe.items(), key=lambda kv: kv[1][0] / kv[1][1]) if moe else None
     return {"tensors": len(im.entries), "chunks": im.chunk_count, "moe_tensors": moe,
             "worst": {"tensor": worst[0], "covered": worst[1][0], "experts": worst[1][1]} if worst else None}
+
+
+# ---------------------------------------------------------------- plots and sweeps
+
+def plot(results: list[EvalResult], path: str | Path, *, labels: list[str] | None = None,
+         groups: list[str] | None = None, title: str = "") -> Path:
+    """A PNG of bits per weight vs mean KLD (log scale), one point per file, coloured by group
+    (e.g. the recipe); written atomically."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("plots need matplotlib: pip install 'qwen35-toolkit[plot]'") from None
+    import os
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    labels = labels or [Path(r.path).stem for r in results]
+    groups = groups or ["" for _ in results]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for g in dict.fromkeys(groups):
+        pts = sorted((r.bits_per_weight, max(r.kld_mean, 1e-6), lab)
+                     for r, lab, gg in zip(results, labels, groups) if gg == g)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1, label=g or None)
+        for x, y, lab in pts:
+            ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (whole file)")
+    ax.set_ylabel("mean KLD vs reference (nats)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    if any(groups):
+        ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".partial")
+    fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+@dataclass
+class SweepRow:
+    target: str
+    recipe: str
+    result: EvalResult
+    kld_vs_upstream: float | None = None     # this file's mean KLD / upstream's at the same target
+    size_vs_upstream: float | None = None
+
+    def as_dict(self) -> dict:
+        return {"target": self.target, "recipe": self.recipe, **self.result.as_dict(),
+                "kld_vs_upstream": self.kld_vs_upstream, "size_vs_upstream": self.size_vs_upstream}
+
+
+def sweep(hf_dir: str | Path, out_dir: str | Path, targets: list[str], recipes: list[str], text: str, *,
+          ref_type: str = "BF16", imatrix_text: str | Path | None = None, mtp: str = "keep", n_ctx: int = 512,
+          max_chunks: int | None = None, n_threads: int | None = None,
+          on_step: Callable[[str], None] | None = None,
+          on_progress: Callable[[int, int], None] | None = None) -> list[SweepRow]:
+    """Convert hf_dir to ref_type and to every target x recipe (with an imatrix computed on
+    imatrix_text from the reference, for all quantized files, when given), then score them all
+    against the reference on text. Files go to out_dir; returns one row per file."""
+    from qwen35.converter import recipes as rc
+    from qwen35.converter.convert import convert
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for r in recipes:
+        if r not in rc.RECIPES:
+            raise ValueError(f"--recipes: {r} is not known; available: {', '.join(rc.RECIPES)}")
+    if "qwen35" in recipes and (odd := [t for t in targets if t not in rc.QWEN35_TABLE]):
+        raise ValueError(f"--recipe qwen35 has mixes for {', '.join(rc.QWEN35_TABLE)}, not {', '.join(odd)}")
+    say = on_step or (lambda s: None)
+    name = Path(hf_dir).name
+    ref = out_dir / f"{name}-{ref_type}.gguf"
+    say(f"converting the reference ({ref_type})")
+    convert(hf_dir, ref, file_type=ref_type, mtp=mtp, force=True)
+    im = None
+    if imatrix_text is not None:
+        im = out_dir / f"{name}-imatrix.gguf"
+        say("computing the importance matrix")
+        compute_imatrix(ref, imatrix_text, im, n_ctx=n_ctx, n_threads=n_threads)
+    files, keys = [], []
+    for target in targets:
+        for recipe in recipes:
+            out = out_dir / f"{name}-{target}-{recipe}.gguf"
+            say(f"converting {target} ({recipe})")
+            convert(hf_dir, out, file_type=target, mtp=mtp, recipe=recipe, force=True,
+                    imatrix=im if target not in ("F32", "F16", "BF16", "Q8_0") else None)
+            files.append(out)
+            keys.append((target, recipe))
+    say(f"scoring {len(files)} files")
+    results = evaluate(ref, files, text, n_ctx=n_ctx, max_chunks=max_chunks, n_threads=n_threads,
+                       on_progress=on_progress)
+    rows = [SweepRow(t, r, res) for (t, r), res in zip(keys, results)]
+    base = {row.target: row.result for row in rows if row.recipe == "upstream"}
+    for row in rows:
+        b = base.get(row.target)
+        if b is not None and b.kld_mean > 0:
+            row.kld_vs_upstream = row.result.kld_mean / b.kld_mean
+            row.size_vs_upstream = row.result.bytes / b.bytes
+    return rows

@@ -27,6 +27,7 @@ def files(tmp_path_factory, lib_dir):
         convert(hf, out[t], file_type=t)
     (d / "text.txt").write_text(TEXT)
     out["text"] = d / "text.txt"
+    out["hf"] = hf
     return out
 
 
@@ -121,3 +122,56 @@ def test_imatrix_command_reports_the_expert_coverage_in_the_file(moe_f32, files,
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "llama-imatrix failed" in r.stderr and "you need at least 128 tokens" in r.stderr
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.partial").exists()
+
+
+def _one_line_error(r):
+    return r.returncode != 0 and r.stderr.strip().splitlines() == [r.stderr.strip()]
+
+
+def test_plot_is_a_png_of_every_file(files, tmp_path):
+    import matplotlib.image
+
+    png = tmp_path / "kld.png"
+    r = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), str(files["Q4_0"]),
+                        "--text", str(files["text"]), "--ctx", str(N_CTX), "--chunks", "2", "--threads", "2",
+                        "--plot", str(png)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(png).shape[0] > 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kld.png"]          # no partial file left
+    for bad in (tmp_path / "kld.jpg", tmp_path / "missing" / "kld.png"):
+        r = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), "--text",
+                            str(files["text"]), "--plot", str(bad)], capture_output=True, text=True)
+        assert _one_line_error(r) and "--plot" in r.stderr and not bad.exists()
+
+
+def test_sweep_converts_scores_and_compares_recipes(files, tmp_path):
+    """Every target x recipe file equals what qwen35-convert writes on its own, its tensor types
+    are the recipe's, and the ratios are the rows' own numbers divided."""
+    from gguf import GGUFReader
+
+    from qwen35.converter.convert import convert, make_plan
+
+    out = tmp_path / "sweep"
+    r = subprocess.run([QWEN35, "quant", "sweep", str(files["hf"]), "--targets", "Q8_0,Q4_K_M",
+                        "--recipes", "upstream,qwen35", "--text", str(files["text"]), "-o", str(out),
+                        "--ctx", str(N_CTX), "--chunks", "2", "--threads", "2", "--json",
+                        "--plot", str(tmp_path / "sweep.png")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [(x["target"], x["recipe"]) for x in rows] == [("Q8_0", "upstream"), ("Q8_0", "qwen35"),
+                                                          ("Q4_K_M", "upstream"), ("Q4_K_M", "qwen35")]
+    for x in rows:
+        alone = tmp_path / "alone.gguf"
+        convert(files["hf"], alone, file_type=x["target"], recipe=x["recipe"], force=True)
+        assert Path(x["path"]).read_bytes() == alone.read_bytes()
+        plan = {t.out.name: t.qtype for t in make_plan(files["hf"], x["target"], recipe=x["recipe"]).tensors}
+        assert {t.name: t.tensor_type for t in GGUFReader(x["path"]).tensors} == plan
+        up = next(y for y in rows if y["target"] == x["target"] and y["recipe"] == "upstream")
+        assert x["kld_vs_upstream"] == pytest.approx(x["kld_mean"] / up["kld_mean"])
+        assert x["size_vs_upstream"] == pytest.approx(x["bytes"] / up["bytes"])
+    q8 = {x["recipe"]: x for x in rows if x["target"] == "Q8_0"}
+    assert q8["qwen35"]["bytes"] > q8["upstream"]["bytes"]          # the DeltaNet gates went to F16
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    r = subprocess.run([QWEN35, "quant", "sweep", str(files["hf"]), "--targets", "Q4_K_S", "--recipes", "qwen35",
+                        "--text", str(files["text"]), "-o", str(tmp_path / "x")], capture_output=True, text=True)
+    assert _one_line_error(r) and "--recipe qwen35 has mixes for" in r.stderr
