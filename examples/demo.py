@@ -1,9 +1,11 @@
 """`make demo`: a Qwen3.5 checkpoint to a chat reply through the patched llama.cpp, with timings.
 
-Until a trained checkpoint ships, the checkpoint is a tiny one generated deterministically with
-random weights (qwen35.tiny): the reply is gibberish, every step on the way is real.
+The checkpoint is the small trained one shipped in examples/models/qwen35-dense-tiny (a 10M
+parameter Qwen3.5 trained on the Python documentation): it is converted to Q4_K_M in one pass,
+loaded through the bindings and asked one question in the chat format. Its answers are fluent-
+looking and often wrong; every step on the way is the real one.
 
-    .venv/bin/python examples/demo.py [--hf DIR] [--prompt TEXT] [--json]
+    .venv/bin/python examples/demo.py [--hf DIR] [--type Q4_K_M] [--prompt TEXT] [--json]
 """
 
 from __future__ import annotations
@@ -16,51 +18,49 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "build" / "demo"
+DEFAULT_HF = ROOT / "examples" / "models" / "qwen35-dense-tiny"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hf", type=Path, help="a Hugging Face Qwen3.5 checkpoint directory (default: the tiny one)")
-    ap.add_argument("--prompt", default="Give me one sentence about llamas.")
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--hf", type=Path, default=DEFAULT_HF, help="a Hugging Face Qwen3.5 checkpoint directory")
+    ap.add_argument("--type", default="Q4_K_M", help="GGUF type to convert to (default Q4_K_M)")
+    ap.add_argument("--prompt", default="What does json.dumps do?")
+    ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     args = ap.parse_args()
 
-    from qwen35 import tiny
+    from qwen35.bindings.chat import Chat
     from qwen35.bindings.model import Model, SamplingParams
     from qwen35.converter.convert import convert
 
     t = {}
-    hf = args.hf
-    if hf is None:
-        hf = DEMO_DIR / "tiny-qwen35"
-        start = time.perf_counter()
-        if not (hf / "config.json").exists():
-            tiny.make_checkpoint(hf)
-        t["checkpoint_s"] = time.perf_counter() - start
-    gguf = DEMO_DIR / f"{hf.name}-Q8_0.gguf"
+    gguf = DEMO_DIR / f"{args.hf.name}-{args.type}.gguf"
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    convert(hf, gguf, file_type="Q8_0", force=True)
+    convert(args.hf, gguf, file_type=args.type, force=True)
     t["convert_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
     with Model.load(gguf, n_ctx=1024) as model:
         t["load_s"] = time.perf_counter() - start
-        res = model.chat([{"role": "user", "content": args.prompt}],
-                         SamplingParams(max_tokens=args.max_tokens), enable_thinking=False)
-    tm = res.timings
+        chat = Chat(model, enable_thinking=False)
+        reply = chat.send(args.prompt, SamplingParams(max_tokens=args.max_tokens))
+    tm = reply.timings
+    result = {"gguf": str(gguf), "reply": reply.content, "finish_reason": reply.finish_reason,
+              "prompt_tokens": reply.usage.prompt_tokens, "generated_tokens": tm.completion_tokens,
+              "first_token_ms": tm.first_token_ms, "prompt_tok_s": tm.prefill_tok_s,
+              "generate_tok_s": tm.decode_tok_s, **t}
     if args.json:
-        print(json.dumps({"gguf": str(gguf), "reply": res.text, "finish_reason": res.finish_reason,
-                          "prompt_tokens": tm.prompt_tokens, "generated_tokens": tm.generated_tokens,
-                          "prompt_tok_s": tm.prompt_tok_s, "generate_tok_s": tm.generate_tok_s, **t}))
+        print(json.dumps(result))
         return 0
-    print(f"checkpoint  {hf}")
-    print(f"gguf        {gguf} ({gguf.stat().st_size / 2**20:.1f} MiB, converted in {t['convert_s']:.1f} s)")
+    print(f"checkpoint  {args.hf}")
+    print(f"gguf        {gguf} ({gguf.stat().st_size / 2**20:.1f} MiB {args.type}, converted in {t['convert_s']:.1f} s)")
     print(f"user        {args.prompt}")
-    print(f"assistant   {res.text!r}  [{res.finish_reason}]")
-    print(f"timings     load {t['load_s'] * 1e3:.0f} ms | prompt {tm.prompt_tokens} tok at {tm.prompt_tok_s:.0f} tok/s"
-          f" | generate {tm.generated_tokens} tok at {tm.generate_tok_s:.0f} tok/s")
+    print(f"assistant   {reply.content}  [{reply.finish_reason}]")
+    print(f"timings     load {t['load_s'] * 1e3:.0f} ms | first token {tm.first_token_ms:.0f} ms | prompt "
+          f"{reply.usage.prompt_tokens} tok at {tm.prefill_tok_s:.0f} tok/s | generate {tm.completion_tokens} tok "
+          f"at {tm.decode_tok_s:.0f} tok/s")
     return 0
 
 
