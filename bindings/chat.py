@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Union
 
-from .model import ModelError, SamplingParams
+from .model import DRAFT_MAX, ModelError, SamplingParams
 from .session import PromptCache
 from .toolcalls import MalformedToolCall, Text, ToolCall, ToolCallParser
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 THINK_END = "</think>"
 OVERFLOW_POLICIES = ("error", "drop_oldest")
+SPECULATIVE = (None, "mtp")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,24 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class Speculation:
+    """What speculative decoding did for one reply."""
+
+    steps: int          # target verification batches
+    drafted: int        # draft tokens proposed by the MTP head
+    accepted: int       # of which the target agreed with (each saves one target decode)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens the target produced per verification batch (1.0 = no gain)."""
+        return (self.steps + self.accepted) / self.steps if self.steps else 0.0
+
+
+@dataclass(frozen=True)
 class Reply:
     content: str
     reasoning: str
@@ -76,6 +95,7 @@ class Reply:
     usage: Usage
     timings: Timings
     tokens: list[int] = field(default_factory=list)
+    speculation: Speculation | None = None   # with speculative="mtp"
 
 
 def sample(logits: "np.ndarray", params: SamplingParams, rng) -> int:
@@ -102,13 +122,31 @@ class Chat:
     Each turn renders the whole conversation with the GGUF's chat template, and the prompt cache
     evaluates only what differs from what the sequence already holds (a checkpoint of the
     recurrent state is taken at the start of every assistant turn, whose re-rendering without
-    its thinking is where the history diverges)."""
+    its thinking is where the history diverges).
+
+    speculative="mtp": decode with the GGUF's MTP head as the draft model (load the model with
+    ``load_mtp=True``). Each step the head drafts up to draft_max tokens, the target evaluates
+    them in one batch, and the sampler walks the target's own logits, keeping drafts while they
+    agree; the rejected tail is undone by llama.cpp's recurrent rollback. draft_p_min: stop a
+    draft at the first token the head is less sure of (fewer wasted verifications). The sampler consumes
+    exactly what it would without speculation, so output is the same tokens (greedy or seeded)."""
 
     def __init__(self, model: "Model", *, system: str | None = None, tools: list[dict] | None = None,
                  enable_thinking: bool = True, seq_id: int = 0, checkpoint_every: int = 1024,
-                 checkpoint_budget: int = 512 << 20, overflow: str = "error"):
+                 checkpoint_budget: int = 512 << 20, overflow: str = "error",
+                 speculative: str | None = None, draft_max: int = DRAFT_MAX, draft_p_min: float = 0.0):
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow={overflow!r} is not one of {', '.join(OVERFLOW_POLICIES)}")
+        if speculative not in SPECULATIVE:
+            raise ValueError(f"speculative={speculative!r} is not one of None, 'mtp'")
+        if speculative == "mtp":
+            if model.mtp is None:
+                raise ModelError("speculative='mtp' needs the MTP head: load the model with load_mtp=True")
+            if not 1 <= draft_max <= model.n_rs_seq:
+                raise ModelError(f"draft_max={draft_max} must be between 1 and the model's n_rs_seq "
+                                 f"({model.n_rs_seq}): rejected drafts are undone by recurrent rollback; "
+                                 "load the model with a larger n_rs_seq")
+        self.speculative, self.draft_max, self.draft_p_min = speculative, draft_max, draft_p_min
         self.model, self.tools, self.enable_thinking, self.overflow = model, tools, enable_thinking, overflow
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.cache = PromptCache(model, seq_id, checkpoint_every=checkpoint_every, budget_bytes=checkpoint_budget)
@@ -179,8 +217,9 @@ class Chat:
             for e in parser.feed(text):
                 yield from self._event(e, content, calls, bad)
 
-        while len(out) < sampling.max_tokens:
-            tok = sample(logits, sampling, rng)
+        spec = [0, 0, 0]  # steps, drafted, accepted
+        tokens = self._tokens(logits, sampling, rng, spec)
+        for tok in tokens:
             if t_first is None:
                 t_first = time.perf_counter()
             if self.model.is_eog(tok):
@@ -208,7 +247,9 @@ class Chat:
                 yield from emit_content(text)
             else:
                 yield from emit_content(text.lstrip("\n"))
-            logits = self.cache.append(tok)
+            if len(out) >= sampling.max_tokens:
+                break
+        tokens.close()
         t2 = time.perf_counter()
         tail = decoder.decode(b"", final=True)
         if thinking:
@@ -232,7 +273,36 @@ class Chat:
         usage = Usage(u.prompt_tokens, u.reused_tokens, u.evaluated_tokens, len(out), u.restored_from)
         self.last = Reply(text_content, "".join(reasoning).strip(), calls, bad, finish, usage,
                           Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, u.evaluated_tokens, len(out),
-                                  ((t_first or t2) - t_start) * 1e3), out)
+                                  ((t_first or t2) - t_start) * 1e3), out,
+                          Speculation(*spec) if self.speculative else None)
+
+    def _tokens(self, logits: "np.ndarray", sampling: SamplingParams, rng, spec: list[int]) -> Iterator[int]:
+        """The sampled tokens of the reply, one at a time; a token is evaluated only when the
+        caller asks for the next one. spec: [steps, drafted, accepted], updated in place."""
+        cache, n = self.cache, 0
+        tok = sample(logits, sampling, rng)
+        while True:
+            yield tok
+            n += 1
+            pos = len(cache.tokens)
+            room = min(self.draft_max, sampling.max_tokens - n, self.model.n_ctx_seq - pos - 1)
+            if self.speculative is None or room <= 0:
+                tok = sample(cache.append(tok), sampling, rng)
+                continue
+            drafts = self.model.mtp.draft(cache.seq_id, tok, pos, room, self.draft_p_min)
+            verify = cache.extend([tok, *drafts])
+            spec[0] += 1
+            spec[1] += len(drafts)
+            for i in range(len(drafts) + 1):
+                nxt = sample(verify[i], sampling, rng)
+                if i < len(drafts) and nxt == drafts[i]:
+                    spec[2] += 1
+                    n += 1
+                    yield nxt
+                    continue
+                cache.truncate(pos + i + 1, verify[i])   # keep tok and the i accepted drafts
+                tok = nxt
+                break
 
     @staticmethod
     def _event(e, content, calls, bad) -> Iterator[Event]:
@@ -261,6 +331,14 @@ class Chat:
                    "logits": self.cache.last_logits()}
         for pos, blob in self.cache.checkpoints.items():
             tensors[f"checkpoint.{pos}"] = np.frombuffer(blob, dtype=np.uint8)
+        mtp = self.model.mtp
+        if mtp is not None:  # the draft head's cache and the hidden rows it pairs with
+            seq, n = self.cache.seq_id, len(self.cache.tokens)
+            tensors["mtp.state"] = np.frombuffer(mtp.state(seq), dtype=np.uint8)
+            if n and mtp.hidden(seq, n - 1) is not None:
+                tensors["mtp.hidden"] = mtp.hidden(seq, n - 1)
+            for pos, row in self.cache.checkpoint_hidden.items():
+                tensors[f"mtp.checkpoint.{pos}"] = row
         meta = {"format": "qwen35-chat-1", "model": self.model.identity(),
                 "messages": json.dumps(self.messages), "tools": json.dumps(self.tools),
                 "enable_thinking": json.dumps(self.enable_thinking)}
@@ -300,6 +378,12 @@ class Chat:
         self.messages = json.loads(meta["messages"])
         self.tools = json.loads(meta["tools"])
         self.enable_thinking = json.loads(meta["enable_thinking"])
-        self.cache.adopt([int(t) for t in tensors["tokens"]], tensors["logits"],
+        tokens = [int(t) for t in tensors["tokens"]]
+        self.cache.adopt(tokens, tensors["logits"],
                          {int(k.split(".", 1)[1]): v.tobytes() for k, v in tensors.items()
-                          if k.startswith("checkpoint.")})
+                          if k.startswith("checkpoint.")},
+                         {int(k.rsplit(".", 1)[1]): v for k, v in tensors.items() if k.startswith("mtp.checkpoint.")})
+        if self.model.mtp is not None:  # a chat saved without the head: drafts rebuild from the tokens
+            state = tensors.get("mtp.state")
+            self.model.mtp.set_state(self.cache.seq_id, tokens, None if state is None else state.tobytes(),
+                                     tensors.get("mtp.hidden"))

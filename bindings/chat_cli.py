@@ -26,6 +26,12 @@ def chat(
     seed: int = typer.Option(0, "--seed"),
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens per reply."),
     as_json: bool = typer.Option(False, "--json", help="With -p: print the reply as JSON."),
+    speculative: str = typer.Option(None, "--speculative", metavar="mtp",
+                                    help="Speculative decoding with the GGUF's MTP head (same output, drafts "
+                                         "verified by the model)."),
+    draft_max: int = typer.Option(3, "--draft-max", help="With --speculative: most tokens drafted per step."),
+    draft_p_min: float = typer.Option(0.0, "--draft-p-min",
+                                      help="With --speculative: stop a draft below this head probability."),
 ) -> None:
     """Chat with a Qwen3.5 GGUF; each turn evaluates only what is new."""
     from rich.console import Console
@@ -35,10 +41,16 @@ def chat(
     from .toolcalls import MalformedToolCall, ToolCall
 
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
+    if speculative not in (None, "mtp"):
+        raise typer.BadParameter(f"{speculative!r} is not a speculative mode; use --speculative mtp",
+                                 param_hint="--speculative")
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    with Model.load(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads or None) as m:
-        session = Chat(m, system=system, enable_thinking=think)
+    spec = speculative is not None
+    with Model.load(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads or None, load_mtp=spec,
+                    n_rs_seq=max(draft_max, 1) if spec else None) as m:
+        session = Chat(m, system=system, enable_thinking=think, speculative=speculative, draft_max=draft_max,
+                       draft_p_min=draft_p_min)
 
         def turn(text: str | None) -> None:
             shown_reasoning = False
@@ -66,6 +78,8 @@ def chat(
                 print(json.dumps({"content": r.content, "reasoning": r.reasoning, "finish_reason": r.finish_reason,
                                   "tool_calls": [c.as_message_call() for c in r.tool_calls],
                                   "usage": r.usage.__dict__,
+                                  "speculation": r.speculation and {**r.speculation.__dict__,
+                                                                    "acceptance_rate": r.speculation.acceptance_rate},
                                   "timings": {**r.timings.__dict__, "prefill_tok_s": r.timings.prefill_tok_s,
                                               "decode_tok_s": r.timings.decode_tok_s}}))
             return
@@ -115,7 +129,11 @@ def chat(
                                       f"{r.usage.evaluated_tokens} evaluated at {r.timings.prefill_tok_s:.1f} tok/s | "
                                       f"reply {r.usage.completion_tokens} tokens at {r.timings.decode_tok_s:.1f} tok/s | "
                                       f"{len(session.cache.checkpoints)} checkpoints "
-                                      f"({session.cache.checkpoint_bytes / 2**20:.1f} MiB)", style="dim")
+                                      f"({session.cache.checkpoint_bytes / 2**20:.1f} MiB)"
+                                      + (f" | MTP drafts: {r.speculation.accepted}/{r.speculation.drafted} accepted "
+                                         f"({r.speculation.acceptance_rate:.0%}), "
+                                         f"{r.speculation.tokens_per_step:.2f} tokens per step"
+                                         if r.speculation else ""), style="dim")
                     else:
                         err.print(f"unknown command {text!r}; {HELP}", style="red", markup=False)
                 except ModelError as e:

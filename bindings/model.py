@@ -18,6 +18,7 @@ from . import native
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("qwen35", "qwen35moe")
+DRAFT_MAX = 3  # default tokens drafted per speculative step (llama.cpp's --draft-max default)
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # ggml_type of the full-attention KV cache
 
 
@@ -126,20 +127,22 @@ def _cpu_has_amx() -> bool:
 class Model:
     """A loaded Qwen3.5 GGUF. Use as a context manager, or call close()."""
 
-    def __init__(self, path: Path, model_p, ctx_p, n_ctx: int):
+    def __init__(self, path: Path, model_p, ctx_p, n_ctx: int, mtp=None):
         self.path, self._model, self._ctx, self.n_ctx = path, model_p, ctx_p, n_ctx
         self._one, self._n_vocab = None, 0  # the single-token batch of generation
+        self.mtp = mtp  # MTPHead when loaded with load_mtp=True: drafts for speculative decoding
         import llama_cpp
 
         self._vocab = llama_cpp.llama_model_get_vocab(model_p)
         self.architecture = _meta(model_p, "general.architecture")
         self.chat_template = _meta(model_p, "tokenizer.chat_template")
+        self._template = None
 
     @classmethod
     def load(cls, path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
              n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None,
-             repack: bool | None = None, n_seq_max: int = 1, n_rs_seq: int = 0, n_cpu_moe: int = 0,
-             rpc_servers: list[str] | None = None, check_fit: bool = True) -> "Model":
+             repack: bool | None = None, n_seq_max: int = 1, n_rs_seq: int | None = None, n_cpu_moe: int = 0,
+             rpc_servers: list[str] | None = None, check_fit: bool = True, load_mtp: bool = False) -> "Model":
         """repack: let llama.cpp move weights into its CPU extra buffer types (AMX, repacked
         layouts; llama.cpp's default). None = on, except on CPUs with AMX, where the pinned
         llama.cpp crashes (SIGSEGV) evaluating Qwen3.5 Q8_0 models from such buffers — reproduced
@@ -147,11 +150,15 @@ class Model:
 
         n_seq_max: independent sequences (sessions) the context holds. n_rs_seq: recurrent-state
         snapshots kept per sequence, so that the last n_rs_seq tokens can be undone without a
-        checkpoint (llama.cpp's experimental rollback). n_cpu_moe: keep the routed experts of the
+        checkpoint (llama.cpp's experimental rollback); default 0, or DRAFT_MAX with load_mtp, the
+        longest draft a speculative step can reject. n_cpu_moe: keep the routed experts of the
         first n_cpu_moe blocks in CPU memory (llama.cpp's --n-cpu-moe), for MoE models that do
         not fit the GPU. rpc_servers: "HOST:PORT" of ggml-rpc-server processes on other machines;
         offloaded layers (n_gpu_layers) are spread over them and the local GPUs. check_fit: refuse
-        up front, with the numbers, a model whose weights do not fit where they would go."""
+        up front, with the numbers, a model whose weights do not fit where they would go.
+        load_mtp: also load the GGUF's MTP (NextN) block and give it a draft context, for
+        speculative decoding (``Chat(..., speculative="mtp")``); the GGUF must have one
+        (``qwen35-convert --mtp keep``, the default)."""
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path} does not exist; pass the path of a .gguf file")
@@ -194,6 +201,9 @@ class Model:
             if not repack:
                 log.info("AMX CPU: loading without extra buffer types (llama.cpp --no-repack)")
         mp.use_extra_bufts = repack
+        mp.load_mtp = load_mtp
+        if n_rs_seq is None:
+            n_rs_seq = DRAFT_MAX if load_mtp else 0
         model_p = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         del keep
         if not model_p:
@@ -209,11 +219,28 @@ class Model:
             raise ModelError(f"kv_type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
         cp.type_k = cp.type_v = KV_TYPES[kv_type]
         cp.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]  # auto / disabled / enabled
+        if load_mtp and llama_cpp.llama_model_n_layer_nextn(model_p) < 1:
+            llama_cpp.llama_model_free(model_p)
+            raise ModelError(f"{path.name} has no MTP block to draft with; convert the checkpoint with "
+                             "`qwen35-convert --mtp keep` (the default), or load without load_mtp")
         ctx_p = llama_cpp.llama_init_from_model(model_p, cp)
         if not ctx_p:
             llama_cpp.llama_model_free(model_p)
             raise ModelError(f"could not create a {n_ctx}-token context for {path}; lower n_ctx")
-        return cls(path, model_p, ctx_p, n_ctx)
+        mtp = None
+        if load_mtp:
+            from .mtp import MTPHead
+
+            cp.ctx_type = llama_cpp.LLAMA_CONTEXT_TYPE_MTP
+            cp.n_rs_seq = 0
+            mtp_ctx = llama_cpp.llama_init_from_model(model_p, cp)
+            if not mtp_ctx:
+                llama_cpp.llama_free(ctx_p)
+                llama_cpp.llama_model_free(model_p)
+                raise ModelError(f"could not create the MTP draft context for {path}; lower n_ctx")
+            native.ext().set_embeddings_nextn(ctx_p, True, False)  # the target's hidden row of every token
+            mtp = MTPHead(model_p, mtp_ctx, n_seq_max)
+        return cls(path, model_p, ctx_p, n_ctx, mtp)
 
     def close(self) -> None:
         import llama_cpp
@@ -221,6 +248,9 @@ class Model:
         if self._one is not None:
             llama_cpp.llama_batch_free(self._one)
             self._one = None
+        if self.mtp is not None:
+            self.mtp.close()
+            self.mtp = None
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
@@ -240,15 +270,17 @@ class Model:
         """The prompt for messages, rendered with the GGUF's own chat template (jinja2)."""
         if not self.chat_template:
             raise ModelError(f"{self.path} has no tokenizer.chat_template; re-convert it with a template")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if self._template is None:  # compiled once: compiling costs more than rendering
+            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(msg):
-            raise jinja2.TemplateError(msg)
+            def raise_exception(msg):
+                raise jinja2.TemplateError(msg)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(
             messages=messages, tools=tools, add_generation_prompt=True, enable_thinking=enable_thinking)
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
@@ -278,6 +310,13 @@ class Model:
         import llama_cpp
 
         return int(llama_cpp.llama_n_ctx_seq(self._ctx))
+
+    @property
+    def n_rs_seq(self) -> int:
+        """Tokens a sequence can be rolled back without a checkpoint (recurrent snapshots kept)."""
+        import llama_cpp
+
+        return int(llama_cpp.llama_n_rs_seq(self._ctx))
 
     def identity(self) -> str:
         """What a saved session must match: the model file's name and size."""
@@ -313,11 +352,51 @@ class Model:
 
         if len(tokens) > self.n_ctx:
             raise ModelError(f"{len(tokens)} tokens exceed n_ctx={self.n_ctx}")
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        self.clear()
         n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         out = np.empty((len(tokens), n_vocab), np.float32)
         self._decode(tokens, 0, all_logits=True, sink=out)
         return out
+
+    def clear(self) -> None:
+        """Empty every sequence (target and MTP draft caches)."""
+        import llama_cpp
+
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        if self.mtp is not None:
+            for seq in range(llama_cpp.llama_n_seq_max(self._ctx)):
+                self.mtp.remove(seq, 0)
+
+    def seq_rm(self, seq_id: int, p0: int) -> bool:
+        """Drop positions [p0, end) of a sequence (p0 <= 0: all of it). False when the recurrent
+        state cannot go back that far (more than n_rs_seq tokens, no checkpoint): nothing changed."""
+        import llama_cpp
+
+        if not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), seq_id, p0 if p0 > 0 else -1, -1):
+            return False
+        if self.mtp is not None:
+            self.mtp.remove(seq_id, p0)
+        return True
+
+    def eval_all(self, tokens: list[int], pos: int, seq_id: int) -> "np.ndarray":
+        """Evaluate tokens at positions pos.. of a sequence; the logits of every one [n, n_vocab]
+        (a speculative step's verification batch)."""
+        import llama_cpp
+        import numpy as np
+
+        out = np.empty((len(tokens), llama_cpp.llama_vocab_n_tokens(self._vocab)), np.float32)
+        self._decode(tokens, pos, all_logits=True, sink=out, seq_id=seq_id)
+        return out
+
+    def _observe(self, tokens: list[int], pos: int, seq_id: int) -> None:
+        """Hand the target's hidden rows of the batch just decoded to the MTP head."""
+        import numpy as np
+
+        if self.mtp is None:
+            return
+        ptr = native.ext().get_embeddings_nextn(self._ctx)
+        h = np.ctypeslib.as_array(ptr, shape=(len(tokens), self.mtp.n_embd)).copy()
+        self.mtp.observe(seq_id, pos, tokens, h)
 
     def _decode_seq(self, tokens: list[int], pos: int, seq_id: int) -> "np.ndarray":
         """Evaluate tokens at positions pos.. of sequence seq_id; the logits after the last one."""
@@ -333,6 +412,7 @@ class Model:
                 tokens[0], pos, 1, seq_id, True, 1
             if llama_cpp.llama_decode(self._ctx, b) != 0:
                 raise ModelError("llama_decode failed")
+            self._observe(tokens, pos, seq_id)
         else:
             self._decode(tokens, pos, seq_id=seq_id)
         n_vocab = self._n_vocab or llama_cpp.llama_vocab_n_tokens(self._vocab)
@@ -357,6 +437,7 @@ class Model:
                 batch.n_tokens = len(part)
                 if llama_cpp.llama_decode(self._ctx, batch) != 0:
                     raise ModelError("llama_decode failed")
+                self._observe(part, pos + i, seq_id)
                 if sink is not None:
                     for j in range(len(part)):
                         ptr = llama_cpp.llama_get_logits_ith(self._ctx, j)
@@ -373,7 +454,7 @@ class Model:
         if len(prompt) + sampling.max_tokens > self.n_ctx:
             raise ModelError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds "
                              f"n_ctx={self.n_ctx}; load the model with a larger n_ctx")
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        self.clear()
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         if sampling.temperature <= 0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())

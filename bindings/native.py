@@ -130,6 +130,38 @@ def _route_native_log() -> None:
         _llama_log.setLevel(logging.ERROR)
 
 
+class _Ext:
+    """The C entry points patch 0002 adds (include/llama-qwen35.h), bound on llama_cpp's library."""
+
+    def __init__(self, lib):
+        c = ctypes
+        self.set_embeddings_nextn = self._fn(lib, "llama_qwen35_set_embeddings_nextn",
+                                             [c.c_void_p, c.c_bool, c.c_bool], None)
+        self.get_embeddings_nextn = self._fn(lib, "llama_qwen35_get_embeddings_nextn",
+                                             [c.c_void_p], c.POINTER(c.c_float))
+        self.get_embeddings_nextn_ith = self._fn(lib, "llama_qwen35_get_embeddings_nextn_ith",
+                                                 [c.c_void_p, c.c_int32], c.POINTER(c.c_float))
+
+    @staticmethod
+    def _fn(lib, name, argtypes, restype):
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise NativeLibraryError(f"{name} is missing from the loaded libllama (a stock or older build); "
+                                     "run `make setup` to build the patched library") from None
+        fn.argtypes, fn.restype = argtypes, restype
+        return fn
+
+
+@functools.cache
+def ext() -> _Ext:
+    """The toolkit's own C functions (MTP hidden states) from the loaded patched library."""
+    load()
+    import llama_cpp.llama_cpp as lc
+
+    return _Ext(lc._lib)
+
+
 @functools.cache
 def load() -> NativeInfo:
     """Check the library, then import ``llama_cpp`` bound to it. Cached: runs once per process."""

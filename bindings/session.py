@@ -48,6 +48,7 @@ class PromptCache:
         self.checkpoint_every, self.budget_bytes = checkpoint_every, budget_bytes
         self.tokens: list[int] = []
         self.checkpoints: OrderedDict[int, bytes] = OrderedDict()  # position -> state after tokens[:position]
+        self.checkpoint_hidden: dict[int, "np.ndarray"] = {}  # position -> target hidden row at position - 1 (MTP)
         self._last_logits: "np.ndarray | None" = None
         self.reset()  # the cache owns its sequence: whatever an earlier user left there goes
 
@@ -57,17 +58,10 @@ class PromptCache:
         return sum(len(b) for b in self.checkpoints.values())
 
     def reset(self) -> None:
-        import llama_cpp
-
-        llama_cpp.llama_memory_seq_rm(self._mem, self.seq_id, -1, -1)
+        self.model.seq_rm(self.seq_id, 0)
         self.tokens, self._last_logits = [], None
         self.checkpoints.clear()
-
-    @property
-    def _mem(self):
-        import llama_cpp
-
-        return llama_cpp.llama_get_memory(self.model._ctx)
+        self.checkpoint_hidden.clear()
 
     def _save_checkpoint(self) -> None:
         import llama_cpp
@@ -81,8 +75,12 @@ class PromptCache:
         pos = len(self.tokens)
         self.checkpoints[pos] = bytes(buf)
         self.checkpoints.move_to_end(pos)
+        row = self.model.mtp.hidden(self.seq_id, pos - 1) if self.model.mtp is not None else None
+        if row is not None:
+            self.checkpoint_hidden[pos] = row
         while self.checkpoint_bytes > self.budget_bytes and len(self.checkpoints) > 1:
-            self.checkpoints.popitem(last=False)
+            old, _ = self.checkpoints.popitem(last=False)
+            self.checkpoint_hidden.pop(old, None)
 
     def _restore(self, pos: int) -> bool:
         import llama_cpp
@@ -93,8 +91,10 @@ class PromptCache:
             return False
         # the KV cache (full-attention layers) past the checkpoint goes; the recurrent part now
         # ends at pos - 1, so removing [pos, end) leaves it alone
-        if not llama_cpp.llama_memory_seq_rm(self._mem, self.seq_id, pos, -1):
+        if not self.model.seq_rm(self.seq_id, pos):
             return False
+        if self.model.mtp is not None and pos in self.checkpoint_hidden:
+            self.model.mtp.set_hidden(self.seq_id, pos - 1, self.checkpoint_hidden[pos])
         self.checkpoints.move_to_end(pos)
         self.tokens = self.tokens[:pos]
         return True
@@ -104,8 +104,6 @@ class PromptCache:
         """Make the sequence hold exactly prompt; returns the logits after its last token and
         what was reused. marks: positions (token counts) at which to take a checkpoint when
         they are evaluated, e.g. the start of each assistant turn."""
-        import llama_cpp
-
         if not prompt:
             raise ValueError("empty prompt")
         if len(prompt) > self.model.n_ctx:
@@ -125,8 +123,8 @@ class PromptCache:
         restored, rolled = None, 0
         if target < len(self.tokens):
             n_back = len(self.tokens) - target
-            if (0 < target and n_back <= llama_cpp.llama_n_rs_seq(self.model._ctx)
-                    and llama_cpp.llama_memory_seq_rm(self._mem, self.seq_id, target, -1)):
+            if (0 < target and n_back <= self.model.n_rs_seq
+                    and self.model.seq_rm(self.seq_id, target)):
                 rolled = n_back
                 self.tokens = self.tokens[:target]
             else:
@@ -137,6 +135,7 @@ class PromptCache:
                     self.reset()
             for p in [p for p in self.checkpoints if p > len(self.tokens)]:
                 del self.checkpoints[p]
+                self.checkpoint_hidden.pop(p, None)
         reused = len(self.tokens)
         todo = prompt[reused:]
         stops = sorted({m for m in marks if reused < m < len(prompt)}
@@ -164,11 +163,36 @@ class PromptCache:
             return np.zeros(0, np.float32)
         return self._last_logits.copy()
 
-    def adopt(self, tokens: list[int], logits: "np.ndarray", checkpoints: dict[int, bytes]) -> None:
+    def adopt(self, tokens: list[int], logits: "np.ndarray", checkpoints: dict[int, bytes],
+              checkpoint_hidden: dict[int, "np.ndarray"] | None = None) -> None:
         """Take over a sequence whose state was restored from a saved session."""
         self.tokens = list(tokens)
         self._last_logits = logits.copy() if logits.size else None
         self.checkpoints = OrderedDict(sorted(checkpoints.items()))
+        self.checkpoint_hidden = dict(checkpoint_hidden or {})
+
+    def extend(self, tokens: list[int]) -> "np.ndarray":
+        """Evaluate tokens after the cached ones; the logits of every one [n, n_vocab]."""
+        logits = self.model.eval_all(tokens, len(self.tokens), self.seq_id)
+        self.tokens.extend(tokens)
+        self._last_logits = logits[-1].copy()
+        return logits
+
+    def truncate(self, n: int, last_logits: "np.ndarray") -> None:
+        """Keep the first n tokens (a rejected draft's tail goes, by llama.cpp's recurrent
+        rollback); last_logits: the logits after token n - 1, known to the caller."""
+        if n < len(self.tokens):
+            if not self.model.seq_rm(self.seq_id, n):
+                from .model import ModelError
+
+                raise ModelError(f"cannot undo {len(self.tokens) - n} tokens: the context keeps "
+                                 f"n_rs_seq={self.model.n_rs_seq} recurrent snapshots; load the model with a larger "
+                                 "n_rs_seq or draft fewer tokens")
+            del self.tokens[n:]
+            for p in [p for p in self.checkpoints if p > n]:
+                del self.checkpoints[p]
+                self.checkpoint_hidden.pop(p, None)
+        self._last_logits = last_logits
 
     def append(self, token: int) -> "np.ndarray":
         """Evaluate one more token (generation); returns its logits."""
