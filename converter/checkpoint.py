@@ -88,10 +88,42 @@ class Checkpoint:
         dtype = {"bf16": np.uint16, "f16": np.float16}.get(ref.dtype, np.float32)
         return np.frombuffer(buf, dtype=dtype).reshape((b - a, *ref.shape[1:]) if ref.shape else ())
 
+    def span(self, name: str, rows: tuple[int, int] | None = None) -> "Span":
+        """Where the tensor's bytes (or rows [a, b) of its first axis) lie in its shard."""
+        ref = self.tensors[name]
+        a, b = rows if rows is not None else (0, ref.shape[0] if ref.shape else 1)
+        row = ref.nbytes // max(ref.shape[0], 1) if ref.shape else ref.nbytes
+        with self._lock:
+            fd = self._files.get(ref.shard)
+            if fd is None:
+                fd = self._files[ref.shard] = os.open(ref.shard, os.O_RDONLY)
+        return Span(fd, ref.begin + a * row, (b - a) * row, ref.dtype)
+
     def close(self) -> None:
         for fd in self._files.values():
             os.close(fd)
         self._files.clear()
+
+
+@dataclass(frozen=True)
+class Span:
+    """A byte range of a shard, copied to the output as it is (copy_file_range)."""
+
+    fd: int
+    offset: int
+    nbytes: int
+    dtype: str          # bf16 | f16 | f32
+
+    def mapped(self):
+        """(mmap, numpy view of the range as stored) without reading it into memory; close the
+        mmap when done (only the pages touched while scanning are resident, and only then)."""
+        import mmap
+
+        start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
+        m = mmap.mmap(self.fd, self.offset + self.nbytes - start, access=mmap.ACCESS_READ, offset=start)
+        dtype = {"bf16": np.uint16, "f16": np.float16}.get(self.dtype, np.float32)
+        return m, np.frombuffer(m, dtype=dtype, count=self.nbytes // np.dtype(dtype).itemsize,
+                                offset=self.offset - start)
 
 
 def widen(raw: np.ndarray) -> np.ndarray:
@@ -121,6 +153,11 @@ def _read_header(shard: Path) -> dict[str, TensorRef]:
                                   "only BF16, F16 and F32 checkpoints are supported")
         b, e = info["data_offsets"]
         refs[name] = TensorRef(name, tuple(info["shape"]), dtype, shard, base + b, base + e)
+    end = max((r.end for r in refs.values()), default=base)
+    size = shard.stat().st_size
+    if size < end:
+        raise CheckpointError(f"{shard.name} is truncated: its header needs {end} bytes, the file has {size}; "
+                              "re-download the shard")
     return refs  # header order: the order upstream's converter iterates
 
 

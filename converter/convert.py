@@ -8,6 +8,7 @@ is bounded by a few tensors whatever the model size.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -26,6 +27,7 @@ import gguf
 import numpy as np
 from gguf.gguf_writer import WriterState
 
+from . import checkpoint as ckpt_mod
 from . import imatrix as imx
 from . import qwen35, quantize, recipes, vocab
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
@@ -311,11 +313,98 @@ def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp
     return summary
 
 
-def _encode(load, qtype, weights: np.ndarray | None, first: int) -> np.ndarray:
-    """One piece, read and encoded (runs on a pool thread)."""
+_SAME_TYPE = {("bf16", Q.BF16), ("f16", Q.F16), ("f32", Q.F32)}
+
+
+def _encode(load, qtype, weights: np.ndarray | None, first: int):
+    """One piece, read and encoded (runs on a pool thread); an untransformed piece whose output
+    type is its stored type comes back as its shard Span, for the writer to copy in the kernel
+    (bf16 with a NaN is read instead: its NaNs are made quiet, as ggml's rounding does)."""
+    span = getattr(load, "span", None)
+    if span is not None:
+        sp = span()
+        if (sp.dtype, qtype) in _SAME_TYPE:
+            if sp.dtype != "bf16":
+                return sp
+            m, view = sp.mapped()
+            try:
+                if not quantize.bf16_has_nan(view):
+                    return sp
+            finally:
+                del view
+                m.close()
     x = load()
     w = None if weights is None else weights[first: first + _n_matrices(x.shape)]
     return quantize.encode(x, qtype, w)
+
+
+def _tofile(data: np.ndarray, fout) -> int:
+    data.tofile(fout)
+    if data.nbytes >= 1 << 20:
+        fout.flush()
+        _start_writeback(fout.fileno(), fout.tell() - data.nbytes, data.nbytes)
+    return data.nbytes
+
+
+def _copy_span(span: "ckpt_mod.Span", fout) -> int:
+    """Append span's bytes to fout: copy_file_range (in the kernel, no pass through Python),
+    else pread/write in 16 MiB steps (other platforms, filesystems that refuse it)."""
+    fout.flush()
+    dst, pos, left, src = fout.fileno(), fout.tell(), span.nbytes, span.offset
+    copy = getattr(os, "copy_file_range", None)
+    while left and copy is not None:
+        try:
+            n = copy(span.fd, dst, left, src, pos)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            copy = None
+            break
+        if n == 0:
+            raise ConvertError(f"a shard ended while copying {span.nbytes} bytes at offset {span.offset}; "
+                               "the checkpoint is truncated, re-download it")
+        src, pos, left = src + n, pos + n, left - n
+    while left:
+        buf = os.pread(span.fd, min(left, 16 << 20), src)
+        if not buf:
+            raise ConvertError(f"a shard ended while copying {span.nbytes} bytes at offset {span.offset}; "
+                               "the checkpoint is truncated, re-download it")
+        os.pwrite(dst, buf, pos)
+        src, pos, left = src + len(buf), pos + len(buf), left - len(buf)
+    fout.seek(pos)
+    _start_writeback(dst, pos - span.nbytes, span.nbytes)
+    return span.nbytes
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Let the kernel start writing a finished range to disk now (Linux: fadvise DONTNEED starts
+    asynchronous writeback of dirty pages), so the closing fsync has little left to wait for."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is not None:
+        try:
+            advise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
+class _Budget:
+    """Bytes of pieces handed to the pool and not yet written; take() waits for room (a piece
+    larger than the whole budget goes alone) and gives up once stop is set."""
+
+    def __init__(self, limit: int, stop: threading.Event):
+        self.limit, self.used, self.stop, self.cv = limit, 0, stop, threading.Condition()
+
+    def take(self, n: int) -> bool:
+        with self.cv:
+            while self.used and self.used + n > self.limit and not self.stop.is_set():
+                self.cv.wait(0.1)
+            self.used += n
+            return not self.stop.is_set()
+
+    def give(self, n: int) -> None:
+        with self.cv:
+            self.used -= n
+            self.cv.notify_all()
 
 
 def _begin_tensor(w: gguf.GGUFWriter, nbytes: int):
@@ -360,10 +449,13 @@ def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int
     # and quantizes them in parallel; the writer takes the results in file order from a bounded
     # queue, so memory holds a few pieces whatever the model size. The pool starts at once, so
     # it works while this thread builds the header (vocabulary: ~2 s of Python)
-    chunks: queue.Queue = queue.Queue(maxsize=max(threads + 2, 8))
-    # pieces of at most 64 MiB of float32, smaller on many cores: ~0.5 GiB in flight at most
+    chunks: queue.Queue = queue.Queue()
+    # pieces of at most 64 MiB of float32, smaller on many cores; the producer runs ahead of the
+    # writer by bytes, not by pieces (~0.5 GiB in flight at most), so a run of small tensors
+    # behind a big one does not starve the pool
     piece_bytes = max(8 << 20, min(64 << 20, (512 << 20) // (threads + 2)))
     stop = threading.Event()
+    budget = _Budget(piece_bytes * (threads + 2), stop)
 
     def produce() -> None:
         try:
@@ -372,10 +464,11 @@ def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int
                     weights = None
                     if plan.imatrix is not None and t.qtype not in (Q.F32, Q.F16, Q.BF16):
                         weights = plan.imatrix.for_tensor(t.out.name, t.out.shape[-1], _n_matrices(t.out.shape))
+                    charge = min(piece_bytes, 4 * int(np.prod(t.out.shape)))
                     for first, load in t.out.pieces(plan.ckpt, heads, piece_bytes):
-                        if stop.is_set():
+                        if not budget.take(charge):
                             return
-                        chunks.put((t, pool.submit(_encode, load, t.qtype, weights, first)))
+                        chunks.put((t, (charge, pool.submit(_encode, load, t.qtype, weights, first))))
                     chunks.put((t, None))
         except BaseException as e:  # handed to the writer, which raises it
             chunks.put((None, e))
@@ -402,12 +495,14 @@ def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int
                     raise item
                 if item is None:
                     break
-                data = item.result()
-                data.tofile(fout)
-                written += data.nbytes
-                done += data.nbytes
+                charge, future = item
+                data = future.result()
+                n = _copy_span(data, fout) if isinstance(data, ckpt_mod.Span) else _tofile(data, fout)
+                written += n
+                done += n
                 if on_progress:
                     on_progress(done, plan.total_bytes)
+                budget.give(charge)
             if written != t.nbytes:
                 raise ConvertError(f"{t.out.name}: produced {written} bytes, planned {t.nbytes}")
             w.write_padding(fout, t.nbytes)
@@ -421,8 +516,8 @@ def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int
         while producer.is_alive() or not chunks.empty():
             try:
                 _, item = chunks.get(timeout=0.1)
-                if hasattr(item, "cancel"):
-                    item.cancel()
+                if isinstance(item, tuple):
+                    item[1].cancel()
             except queue.Empty:
                 pass
     for f in w.fout or []:

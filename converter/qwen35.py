@@ -95,7 +95,8 @@ class OutTensor:
         arithmetic, so a same-type output can copy it — or, for transforms that compute
         (norm + 1, -exp), as transformed float32. Row-wise transforms are cut into row ranges
         (per-expert stacks one expert at a time), the others come whole. For 3-D tensors a
-        piece holds whole matrices (experts) and the first matrix index says which."""
+        piece holds whole matrices (experts) and the first matrix index says which. Loaders of
+        untransformed pieces also have ``span()``: where the piece lies in its shard."""
         permutes = self.transform in tf.REORDERS
         row_wise = self.transform in (tf.identity, tf.norm_plus_one, tf.gate_half, tf.up_half)
         total = 4 * int(np.prod(self.shape))
@@ -111,6 +112,8 @@ class OutTensor:
                 if permutes:
                     return self.transform(x, heads)
                 return np.ascontiguousarray(self.transform(widen(x), heads), dtype=np.float32)
+            if self.transform is tf.identity and len(sources) == 1 and not one_expert:
+                run.span = lambda: ckpt.span(sources[0], rows)  # the piece as stored, for a same-type copy
             return run
 
         if not row_wise or total <= max_bytes or not self.shape:

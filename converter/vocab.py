@@ -7,7 +7,9 @@ chat template come from gguf's own ``SpecialVocab``; merges are converted here i
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from pathlib import Path
 
 import gguf
@@ -32,13 +34,20 @@ def _pretokenizer_regex(tok: dict) -> str | None:
     return None
 
 
-def read_vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """Token strings and gguf.TokenType values, padded with [PADi] up to vocab_size, and the merges
-    as gguf's SpecialVocab writes them ("a b", spaces inside a part as U+0120)."""
+def _tokenizer_json(model_dir: Path) -> dict:
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise CheckpointError(f"{model_dir} has no tokenizer.json; copy the tokenizer files next to the weights")
-    tok = json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_vocab(model_dir: Path, vocab_size: int, tok: dict | None = None) -> tuple[list[str], list[int], list[str]]:
+    """Token strings and gguf.TokenType values, padded with [PADi] up to vocab_size, and the merges
+    as gguf's SpecialVocab writes them ("a b", spaces inside a part as U+0120). tok: tokenizer.json
+    when already parsed."""
+    path = model_dir / "tokenizer.json"
+    if tok is None:
+        tok = _tokenizer_json(model_dir)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
         raise CheckpointError(f"{path.name} has a {model.get('type')} model; Qwen3.5 uses byte-level BPE")
@@ -53,20 +62,15 @@ def read_vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], 
         added[t["id"]] = t
     if max(vocab.values()) >= vocab_size:
         raise CheckpointError(f"tokenizer has token id {max(vocab.values())} but config vocab_size is {vocab_size}")
-    by_id = {i: s for s, i in vocab.items()}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        s = by_id[i]
-        if i in added:
-            types.append(gguf.TokenType.CONTROL if added[i].get("special") or _looks_special(s)
-                         else gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-        tokens.append(s)
+    tokens: list[str | None] = [None] * vocab_size
+    for s, i in vocab.items():  # a later string with the same id wins
+        tokens[i] = s
+    types = [gguf.TokenType.NORMAL] * vocab_size
+    for i, t in added.items():
+        types[i] = (gguf.TokenType.CONTROL if t.get("special") or _looks_special(tokens[i])
+                    else gguf.TokenType.USER_DEFINED)
+    for i in [i for i, s in enumerate(tokens) if s is None]:
+        tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
     merges = model.get("merges") or []
     if merges and not isinstance(merges[0], str):
         if not (isinstance(merges[0], list) and len(merges[0]) == 2 and isinstance(merges[0][0], str)):
@@ -76,7 +80,8 @@ def read_vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], 
 
 
 def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None:
-    tokens, types, merges = read_vocab(model_dir, vocab_size)
+    tok = _tokenizer_json(model_dir)
+    tokens, types, merges = read_vocab(model_dir, vocab_size, tok)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen35")
     writer.add_token_list(tokens)
@@ -86,4 +91,25 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None
     writer.add_token_merges(merges)
     # special token ids, add_bos/eos and the chat template, by gguf's rules (merges done above:
     # its per-merge Python conversion took 1.3 s on the 248K vocabulary)
-    gguf.SpecialVocab(model_dir, load_merges=False).add_to_gguf(writer)
+    with _without_vocab(model_dir, tok) as view:
+        gguf.SpecialVocab(view, load_merges=False).add_to_gguf(writer)
+
+
+@contextlib.contextmanager
+def _without_vocab(model_dir: Path, tok: dict):
+    """model_dir as SpecialVocab needs it: the same files (symlinked) with a tokenizer.json that
+    lacks the vocabulary and merges it does not read, so it does not parse 11 MB of JSON again
+    (~0.4 s). Falls back to model_dir where symlinks cannot be made."""
+    if isinstance(tok.get("model"), dict):
+        tok = {**tok, "model": {k: v for k, v in tok["model"].items() if k not in ("vocab", "merges")}}
+    with tempfile.TemporaryDirectory(prefix="qwen35-vocab-") as tmp:
+        view = Path(tmp)
+        try:
+            for entry in model_dir.iterdir():
+                if entry.name != "tokenizer.json":
+                    (view / entry.name).symlink_to(entry.resolve())
+        except OSError:
+            yield model_dir
+            return
+        (view / "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
+        yield view

@@ -221,3 +221,45 @@ def test_split_files_load_in_llama_cpp_like_the_whole_file(ckpts, tmp_path):
     with Model.load(parts[0], n_ctx=64, n_threads=2, repack=False) as m:
         b = m.logits(tokens)
     assert np.array_equal(a, b)
+
+
+def test_copied_bf16_with_nans_still_matches_upstream(ckpts, tmp_path):
+    """Same-type tensors are copied in the kernel, but a bf16 piece holding NaNs (signalling ones
+    with payloads too) is read and made quiet instead, as upstream's rounding does."""
+    import torch
+
+    from qwen35 import upstream
+
+    d = _copy(ckpts["dense"], tmp_path / "nans")
+    patterns = [0x7F81, 0xFF81, 0x7FC0, 0x7F80, 0xFF80, 0x7FFF, 0x0001, 0x8000]
+    bits = torch.from_numpy(np.array(patterns, dtype=np.uint16).view(np.int16))
+
+    def poison(s):
+        w = s["model.layers.0.mlp.gate_proj.weight"].clone()
+        w.view(torch.int16).view(-1)[:8] = bits
+        return {**s, "model.layers.0.mlp.gate_proj.weight": w}
+
+    _rewrite_tensors(d, poison)
+    ref = upstream.convert(d, tmp_path / "upstream.gguf", "bf16")
+    r = _ours(d, tmp_path / "ours.gguf", "BF16")
+    assert r.returncode == 0, r.stderr
+    assert differences(tmp_path / "ours.gguf", ref) == []
+
+
+def test_copy_without_copy_file_range_gives_the_same_file(ckpts, tmp_path, monkeypatch):
+    """Where the kernel refuses copy_file_range (other filesystems, other systems), the writer
+    falls back to pread/pwrite: the same bytes."""
+    import errno
+    import os
+
+    from qwen35.converter.convert import convert
+
+    src = ckpts["moe-multimodal-mtp-sharded"]
+    convert(src, tmp_path / "kernel.gguf", file_type="BF16")
+
+    def refuse(*_a, **_k):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    convert(src, tmp_path / "fallback.gguf", file_type="BF16")
+    assert (tmp_path / "kernel.gguf").read_bytes() == (tmp_path / "fallback.gguf").read_bytes()
