@@ -200,3 +200,21 @@ def test_chat_command_speculative_json(f32):
     assert a["speculation"] is None and b["speculation"]["drafted"] > 0
     bad = subprocess.run(base + ["--speculative", "eagle"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--speculative mtp" in bad.stderr
+
+
+def test_interleaved_sessions_draft_independently(f32):
+    """Two speculative chats on separate sequences of one model, turns interleaved: each equals
+    its own plain run (the head's cache is per sequence)."""
+    from qwen35.bindings.chat import Chat
+    from qwen35.bindings.model import SamplingParams
+
+    sp = SamplingParams(max_tokens=40)
+    path = f32[NAMES[1]]
+    plain = {q: _replies(path, speculative=None, sampling=sp)[i].tokens for i, q in enumerate(QUESTIONS[:2])}
+    with _load(path, load_mtp=True, n_seq_max=2) as m:
+        a, b = Chat(m, seq_id=0, speculative="mtp"), Chat(m, seq_id=1, speculative="mtp")
+        a1 = a.send(QUESTIONS[0], sp)
+        b1 = b.send(QUESTIONS[0], sp)
+        a2 = a.send(QUESTIONS[1], sp)
+    assert a1.tokens == b1.tokens == plain[QUESTIONS[0]]
+    assert a2.tokens == plain[QUESTIONS[1]]
