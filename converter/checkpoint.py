@@ -75,18 +75,12 @@ class Checkpoint:
         uint16 bit patterns. Read with pread: nothing stays mapped, so memory is what the caller
         holds; safe to call from several threads."""
         ref = self.tensors[name]
-        a, b = rows if rows is not None else (0, ref.shape[0] if ref.shape else 1)
-        row = ref.nbytes // max(ref.shape[0], 1) if ref.shape else ref.nbytes
-        with self._lock:
-            fd = self._files.get(ref.shard)
-            if fd is None:
-                fd = self._files[ref.shard] = os.open(ref.shard, os.O_RDONLY)
-        want = (b - a) * row
-        buf = os.pread(fd, want, ref.begin + a * row)
-        if len(buf) != want:
+        sp = self.span(name, rows)
+        buf = os.pread(sp.fd, sp.nbytes, sp.offset)
+        if len(buf) != sp.nbytes:
             raise CheckpointError(f"{ref.shard.name} is truncated inside tensor {name}; re-download the shard")
-        dtype = {"bf16": np.uint16, "f16": np.float16}.get(ref.dtype, np.float32)
-        return np.frombuffer(buf, dtype=dtype).reshape((b - a, *ref.shape[1:]) if ref.shape else ())
+        n = sp.nbytes // (ref.nbytes // max(ref.shape[0], 1)) if ref.shape else 1
+        return np.frombuffer(buf, dtype=sp.numpy_dtype).reshape((n, *ref.shape[1:]) if ref.shape else ())
 
     def span(self, name: str, rows: tuple[int, int] | None = None) -> "Span":
         """Where the tensor's bytes (or rows [a, b) of its first axis) lie in its shard."""
@@ -121,9 +115,14 @@ class Span:
 
         start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
         m = mmap.mmap(self.fd, self.offset + self.nbytes - start, access=mmap.ACCESS_READ, offset=start)
-        dtype = {"bf16": np.uint16, "f16": np.float16}.get(self.dtype, np.float32)
+        dtype = self.numpy_dtype
         return m, np.frombuffer(m, dtype=dtype, count=self.nbytes // np.dtype(dtype).itemsize,
                                 offset=self.offset - start)
+
+    @property
+    def numpy_dtype(self):
+        """How the stored values read: bf16 as uint16 bit patterns."""
+        return {"bf16": np.uint16, "f16": np.float16}.get(self.dtype, np.float32)
 
 
 def widen(raw: np.ndarray) -> np.ndarray:
