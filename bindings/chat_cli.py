@@ -36,9 +36,8 @@ def chat(
     """Chat with a Qwen3.5 GGUF; each turn evaluates only what is new."""
     from rich.console import Console
 
-    from .chat import Chat, ContentDelta, ReasoningDelta
+    from .chat import Chat
     from .model import Model, ModelError, SamplingParams
-    from .toolcalls import MalformedToolCall, ToolCall
 
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
     if speculative not in (None, "mtp"):
@@ -51,39 +50,11 @@ def chat(
                     n_rs_seq=max(draft_max, 1) if spec else None) as m:
         session = Chat(m, system=system, enable_thinking=think, speculative=speculative, draft_max=draft_max,
                        draft_p_min=draft_p_min)
-
-        def turn(text: str | None) -> None:
-            shown_reasoning = False
-            for e in session.stream(text, sampling):
-                if isinstance(e, ReasoningDelta) and not as_json:
-                    out.print(e.text, end="", style="dim")
-                    shown_reasoning = True
-                elif isinstance(e, ContentDelta) and not as_json:
-                    if shown_reasoning:
-                        out.print()
-                        shown_reasoning = False
-                    out.print(e.text, end="", markup=False)
-                elif isinstance(e, ToolCall) and not as_json:
-                    out.print(f"\n[tool call] {e.name}({json.dumps(e.arguments, ensure_ascii=False)})", style="cyan",
-                              markup=False)
-                elif isinstance(e, MalformedToolCall) and not as_json:
-                    out.print(f"\n[malformed tool call: {e.reason}]", style="red", markup=False)
-            if not as_json:
-                out.print()
-
         if prompt is not None:
-            turn(prompt)
-            r = session.last
+            _turn(session, prompt, sampling, out, quiet=as_json)
             if as_json:
-                print(json.dumps({"content": r.content, "reasoning": r.reasoning, "finish_reason": r.finish_reason,
-                                  "tool_calls": [c.as_message_call() for c in r.tool_calls],
-                                  "usage": r.usage.__dict__,
-                                  "speculation": r.speculation and {**r.speculation.__dict__,
-                                                                    "acceptance_rate": r.speculation.acceptance_rate},
-                                  "timings": {**r.timings.__dict__, "prefill_tok_s": r.timings.prefill_tok_s,
-                                              "decode_tok_s": r.timings.decode_tok_s}}))
+                print(json.dumps(_reply_json(session.last)))
             return
-
         if sys.stdin.isatty():
             try:
                 import readline  # noqa: F401  (line editing and history for input())
@@ -99,50 +70,92 @@ def chat(
                 return
             if text is None:
                 continue
-            if text.startswith("/"):
-                cmd, _, arg = text.partition(" ")
-                arg = arg.strip()
-                try:
-                    if cmd in ("/quit", "/exit"):
-                        return
-                    if cmd == "/help":
-                        err.print(HELP, markup=False)
-                    elif cmd == "/think" and arg in ("on", "off"):
-                        session.enable_thinking = arg == "on"
-                        err.print(f"thinking {arg}", style="dim")
-                    elif cmd == "/reset":
-                        session.reset()
-                        err.print("conversation cleared", style="dim")
-                    elif cmd == "/save" and arg:
-                        session.save(arg)
-                        err.print(f"saved to {arg}", style="dim", markup=False)
-                    elif cmd == "/load" and arg:
-                        session.load(arg)
-                        err.print(f"loaded {arg}: {len(session.messages)} messages, "
-                                  f"{len(session.cache.tokens)} tokens, nothing re-evaluated", style="dim", markup=False)
-                    elif cmd == "/stats":
-                        r = session.last
-                        if r is None:
-                            err.print("no reply yet", style="dim")
-                        else:
-                            err.print(f"prompt {r.usage.prompt_tokens} tokens: {r.usage.reused_tokens} reused, "
-                                      f"{r.usage.evaluated_tokens} evaluated at {r.timings.prefill_tok_s:.1f} tok/s | "
-                                      f"reply {r.usage.completion_tokens} tokens at {r.timings.decode_tok_s:.1f} tok/s | "
-                                      f"{len(session.cache.checkpoints)} checkpoints "
-                                      f"({session.cache.checkpoint_bytes / 2**20:.1f} MiB)"
-                                      + (f" | MTP drafts: {r.speculation.accepted}/{r.speculation.drafted} accepted "
-                                         f"({r.speculation.acceptance_rate:.0%}), "
-                                         f"{r.speculation.tokens_per_step:.2f} tokens per step"
-                                         if r.speculation else ""), style="dim")
-                    else:
-                        err.print(f"unknown command {text!r}; {HELP}", style="red", markup=False)
-                except ModelError as e:
-                    err.print(f"error: {e}", style="red", markup=False)
-                continue
             try:
-                turn(text)
+                if text.startswith("/"):
+                    if _command(session, text, err):
+                        return
+                else:
+                    _turn(session, text, sampling, out)
             except ModelError as e:
                 err.print(f"error: {e}", style="red", markup=False)
+
+
+def _turn(session, text: str | None, sampling, out, quiet: bool = False) -> None:
+    """One reply, streamed to the terminal: reasoning dimmed, tool calls in colour."""
+    from .chat import ContentDelta, ReasoningDelta
+    from .toolcalls import MalformedToolCall, ToolCall
+
+    shown_reasoning = False
+    for e in session.stream(text, sampling):
+        if quiet:
+            continue
+        if isinstance(e, ReasoningDelta):
+            out.print(e.text, end="", style="dim")
+            shown_reasoning = True
+        elif isinstance(e, ContentDelta):
+            if shown_reasoning:
+                out.print()
+                shown_reasoning = False
+            out.print(e.text, end="", markup=False)
+        elif isinstance(e, ToolCall):
+            out.print(f"\n[tool call] {e.name}({json.dumps(e.arguments, ensure_ascii=False)})", style="cyan",
+                      markup=False)
+        elif isinstance(e, MalformedToolCall):
+            out.print(f"\n[malformed tool call: {e.reason}]", style="red", markup=False)
+    if not quiet:
+        out.print()
+
+
+def _reply_json(r) -> dict:
+    return {"content": r.content, "reasoning": r.reasoning, "finish_reason": r.finish_reason,
+            "tool_calls": [c.as_message_call() for c in r.tool_calls],
+            "usage": r.usage.__dict__,
+            "speculation": r.speculation and {**r.speculation.__dict__, "acceptance_rate": r.speculation.acceptance_rate},
+            "timings": {**r.timings.__dict__, "prefill_tok_s": r.timings.prefill_tok_s,
+                        "decode_tok_s": r.timings.decode_tok_s}}
+
+
+def _command(session, text: str, err) -> bool:
+    """A /command; True when the chat should end."""
+    cmd, _, arg = text.partition(" ")
+    arg = arg.strip()
+    if cmd in ("/quit", "/exit"):
+        return True
+    if cmd == "/help":
+        err.print(HELP, markup=False)
+    elif cmd == "/think" and arg in ("on", "off"):
+        session.enable_thinking = arg == "on"
+        err.print(f"thinking {arg}", style="dim")
+    elif cmd == "/reset":
+        session.reset()
+        err.print("conversation cleared", style="dim")
+    elif cmd == "/save" and arg:
+        session.save(arg)
+        err.print(f"saved to {arg}", style="dim", markup=False)
+    elif cmd == "/load" and arg:
+        session.load(arg)
+        err.print(f"loaded {arg}: {len(session.messages)} messages, "
+                  f"{len(session.cache.tokens)} tokens, nothing re-evaluated", style="dim", markup=False)
+    elif cmd == "/stats":
+        err.print(_stats(session), style="dim")
+    else:
+        err.print(f"unknown command {text!r}; {HELP}", style="red", markup=False)
+    return False
+
+
+def _stats(session) -> str:
+    r = session.last
+    if r is None:
+        return "no reply yet"
+    line = (f"prompt {r.usage.prompt_tokens} tokens: {r.usage.reused_tokens} reused, "
+            f"{r.usage.evaluated_tokens} evaluated at {r.timings.prefill_tok_s:.1f} tok/s | "
+            f"reply {r.usage.completion_tokens} tokens at {r.timings.decode_tok_s:.1f} tok/s | "
+            f"{len(session.cache.checkpoints)} checkpoints ({session.cache.checkpoint_bytes / 2**20:.1f} MiB)")
+    if r.speculation:
+        sp = r.speculation
+        line += (f" | MTP drafts: {sp.accepted}/{sp.drafted} accepted ({sp.acceptance_rate:.0%}), "
+                 f"{sp.tokens_per_step:.2f} tokens per step")
+    return line
 
 
 def _read_message() -> str | None:

@@ -124,6 +124,63 @@ def _cpu_has_amx() -> bool:
     return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
+def _model_params(path: Path, *, n_gpu_layers: int, rpc_servers, n_cpu_moe: int, check_fit: bool,
+                  repack: bool | None, load_mtp: bool):
+    """llama_model_params for Model.load, and the ctypes buffers they point to (keep them alive
+    until the model is loaded)."""
+    import llama_cpp
+
+    from . import devices as dv
+
+    mp = llama_cpp.llama_model_default_params()
+    mp.n_gpu_layers = n_gpu_layers
+    keep = []
+    try:
+        devs = dv.gpu_devices() + (dv.rpc_devices(rpc_servers) if rpc_servers else [])
+    except dv.DeviceError as e:
+        raise ModelError(str(e)) from None
+    if rpc_servers:
+        arr = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
+        keep.append(arr)
+        mp.devices = ctypes.cast(arr, ctypes.c_void_p)
+    if n_cpu_moe:
+        patterns = [p.encode() for p in dv.n_cpu_moe_patterns(n_cpu_moe)]
+
+        class _Override(ctypes.Structure):
+            _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+        arr = (_Override * (len(patterns) + 1))(*[_Override(p, dv.cpu_buffer_type()) for p in patterns],
+                                                 _Override(None, None))
+        keep += [arr, patterns]
+        mp.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
+    if check_fit:
+        _check_fit(path, devs if n_gpu_layers else [], n_gpu_layers, n_cpu_moe)
+    if repack is None:
+        repack = not _cpu_has_amx()
+        if not repack:
+            log.info("AMX CPU: loading without extra buffer types (llama.cpp --no-repack)")
+    mp.use_extra_bufts = repack
+    mp.load_mtp = load_mtp
+    return mp, keep
+
+
+def _context_params(*, n_ctx: int, n_seq_max: int, n_rs_seq: int, n_threads: int | None, kv_type: str,
+                    flash_attn: bool | None):
+    import os
+
+    import llama_cpp
+
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx = n_ctx
+    cp.n_seq_max = n_seq_max
+    cp.n_rs_seq = n_rs_seq
+    cp.n_batch = cp.n_ubatch = min(512, n_ctx)
+    cp.n_threads = cp.n_threads_batch = n_threads or max(1, os.cpu_count() or 1)
+    cp.type_k = cp.type_v = KV_TYPES[kv_type]
+    cp.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]  # auto / disabled / enabled
+    return cp
+
+
 class Model:
     """A loaded Qwen3.5 GGUF. Use as a context manager, or call close()."""
 
@@ -165,64 +222,26 @@ class Model:
         arch = _gguf_architecture(path)
         if arch not in ARCHITECTURES:
             raise ModelError(f"{path} is a {arch!r} model, not Qwen3.5 ({' or '.join(ARCHITECTURES)})")
+        if kv_type not in KV_TYPES:
+            raise ModelError(f"kv_type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
         native.load()
-        import os
-
         import llama_cpp
 
         llama_cpp.llama_backend_init()
-        from . import devices as dv
-
-        mp = llama_cpp.llama_model_default_params()
-        mp.n_gpu_layers = n_gpu_layers
-        keep = []  # ctypes buffers the params point to, alive until the model is loaded
-        try:
-            devs = dv.gpu_devices() + (dv.rpc_devices(rpc_servers) if rpc_servers else [])
-        except dv.DeviceError as e:
-            raise ModelError(str(e)) from None
-        if rpc_servers:
-            arr = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
-            keep.append(arr)
-            mp.devices = ctypes.cast(arr, ctypes.c_void_p)
-        if n_cpu_moe:
-            patterns = [p.encode() for p in dv.n_cpu_moe_patterns(n_cpu_moe)]
-
-            class _Override(ctypes.Structure):
-                _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-            arr = (_Override * (len(patterns) + 1))(*[_Override(p, dv.cpu_buffer_type()) for p in patterns],
-                                                     _Override(None, None))
-            keep += [arr, patterns]
-            mp.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
-        if check_fit:
-            _check_fit(path, devs if n_gpu_layers else [], n_gpu_layers, n_cpu_moe)
-        if repack is None:
-            repack = not _cpu_has_amx()
-            if not repack:
-                log.info("AMX CPU: loading without extra buffer types (llama.cpp --no-repack)")
-        mp.use_extra_bufts = repack
-        mp.load_mtp = load_mtp
-        if n_rs_seq is None:
-            n_rs_seq = DRAFT_MAX if load_mtp else 0
+        mp, keep = _model_params(path, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, n_cpu_moe=n_cpu_moe,
+                                 check_fit=check_fit, repack=repack, load_mtp=load_mtp)
         model_p = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         del keep
         if not model_p:
             raise ModelError(f"llama.cpp could not load {path}; run with QWEN35_DEBUG=1 to see its log")
-        cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = n_ctx
-        cp.n_seq_max = n_seq_max
-        cp.n_rs_seq = n_rs_seq
-        cp.n_batch = cp.n_ubatch = min(512, n_ctx)
-        threads = n_threads or max(1, os.cpu_count() or 1)
-        cp.n_threads = cp.n_threads_batch = threads
-        if kv_type not in KV_TYPES:
-            raise ModelError(f"kv_type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
-        cp.type_k = cp.type_v = KV_TYPES[kv_type]
-        cp.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]  # auto / disabled / enabled
         if load_mtp and llama_cpp.llama_model_n_layer_nextn(model_p) < 1:
             llama_cpp.llama_model_free(model_p)
             raise ModelError(f"{path.name} has no MTP block to draft with; convert the checkpoint with "
                              "`qwen35-convert --mtp keep` (the default), or load without load_mtp")
+        if n_rs_seq is None:
+            n_rs_seq = DRAFT_MAX if load_mtp else 0
+        cp = _context_params(n_ctx=n_ctx, n_seq_max=n_seq_max, n_rs_seq=n_rs_seq, n_threads=n_threads,
+                             kv_type=kv_type, flash_attn=flash_attn)
         ctx_p = llama_cpp.llama_init_from_model(model_p, cp)
         if not ctx_p:
             llama_cpp.llama_model_free(model_p)
