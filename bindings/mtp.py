@@ -113,7 +113,10 @@ class MTPHead:
         if data is not None:
             buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
             if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), seq) == 0:
-                raise RuntimeError("llama.cpp could not restore the MTP draft state")
+                from .model import ModelError
+
+                raise ModelError("llama.cpp could not restore the saved MTP draft state (other context settings); "
+                                 "load the model as it was when the chat was saved")
             self._synced[seq] = max(len(tokens), 1)
         else:
             self._queue[seq] = [(p, t, self._zeros()) for p, t in enumerate(tokens) if p > 0]
