@@ -128,8 +128,9 @@ class Chat:
     ``load_mtp=True``). Each step the head drafts up to draft_max tokens, the target evaluates
     them in one batch, and the sampler walks the target's own logits, keeping drafts while they
     agree; the rejected tail is undone by llama.cpp's recurrent rollback. draft_p_min: stop a
-    draft at the first token the head is less sure of (fewer wasted verifications). The sampler consumes
-    exactly what it would without speculation, so output is the same tokens (greedy or seeded)."""
+    draft at the first token the head is less sure of (fewer wasted verifications). The sampler
+    consumes exactly what it would without speculation, so output is the same tokens (greedy or
+    seeded)."""
 
     def __init__(self, model: "Model", *, system: str | None = None, tools: list[dict] | None = None,
                  enable_thinking: bool = True, seq_id: int = 0, checkpoint_every: int = 1024,

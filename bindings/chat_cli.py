@@ -43,6 +43,8 @@ def chat(
     if speculative not in (None, "mtp"):
         raise typer.BadParameter(f"{speculative!r} is not a speculative mode; use --speculative mtp",
                                  param_hint="--speculative")
+    if draft_max < 1:
+        raise typer.BadParameter(f"{draft_max} drafts per step; use 1 or more", param_hint="--draft-max")
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     spec = speculative is not None

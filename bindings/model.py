@@ -237,7 +237,7 @@ class Model:
         if load_mtp and llama_cpp.llama_model_n_layer_nextn(model_p) < 1:
             llama_cpp.llama_model_free(model_p)
             raise ModelError(f"{path.name} has no MTP block to draft with; convert the checkpoint with "
-                             "`qwen35-convert --mtp keep` (the default), or load without load_mtp")
+                             "`qwen35-convert --mtp keep` (the default), or decode without speculation")
         if n_rs_seq is None:
             n_rs_seq = DRAFT_MAX if load_mtp else 0
         cp = _context_params(n_ctx=n_ctx, n_seq_max=n_seq_max, n_rs_seq=n_rs_seq, n_threads=n_threads,
@@ -366,16 +366,10 @@ class Model:
 
     def logits(self, tokens: list[int]) -> "np.ndarray":
         """Logits for every position of tokens, evaluated from an empty context: [n_tokens, n_vocab]."""
-        import llama_cpp
-        import numpy as np
-
         if len(tokens) > self.n_ctx:
             raise ModelError(f"{len(tokens)} tokens exceed n_ctx={self.n_ctx}")
         self.clear()
-        n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        out = np.empty((len(tokens), n_vocab), np.float32)
-        self._decode(tokens, 0, all_logits=True, sink=out)
-        return out
+        return self.eval_all(tokens, 0, 0)
 
     def clear(self) -> None:
         """Empty every sequence (target and MTP draft caches)."""

@@ -313,9 +313,6 @@ def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp
     return summary
 
 
-_SAME_TYPE = {("bf16", Q.BF16), ("f16", Q.F16), ("f32", Q.F32)}
-
-
 def _encode(load, qtype, weights: np.ndarray | None, first: int):
     """One piece, read and encoded (runs on a pool thread); an untransformed piece whose output
     type is its stored type comes back as its shard Span, for the writer to copy in the kernel
@@ -323,7 +320,7 @@ def _encode(load, qtype, weights: np.ndarray | None, first: int):
     span = getattr(load, "span", None)
     if span is not None:
         sp = span()
-        if (sp.dtype, qtype) in _SAME_TYPE:
+        if quantize.COPY_TYPES[sp.dtype] == qtype:
             if sp.dtype != "bf16":
                 return sp
             m, view = sp.mapped()

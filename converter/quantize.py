@@ -147,14 +147,17 @@ def quantize(data: np.ndarray, qtype: Q, pool: ThreadPoolExecutor | None = None,
     return out.reshape(*data.shape[:-1], row_bytes)
 
 
+# stored dtype -> the output type that keeps its bytes (bf16 -> BF16 equals widening and rounding
+# back, except that NaNs are made quiet as ggml does; f16 -> F16 and f32 -> F32 are exact)
+COPY_TYPES = {"bf16": Q.BF16, "f16": Q.F16, "f32": Q.F32}
+_STORED = {np.dtype(np.uint16): "bf16", np.dtype(np.float16): "f16", np.dtype(np.float32): "f32"}
+
+
 def encode(x: np.ndarray, qtype: Q, imatrix: np.ndarray | None = None) -> np.ndarray:
     """A piece as stored (bf16 bits as uint16, float16, float32) or as float32, encoded as
-    qtype. Same-type pieces are copied: bf16 -> BF16 equals widening and rounding back (only NaNs
-    change, made quiet as ggml does), f16 -> F16 and f32 -> F32 are exact."""
-    if x.dtype == np.uint16 and qtype == Q.BF16:
-        return _quiet_bf16_nans(x)
-    if (x.dtype == np.float16 and qtype == Q.F16) or (x.dtype == np.float32 and qtype == Q.F32):
-        return x
+    qtype. Same-type pieces (COPY_TYPES) are passed through, bf16 with its NaNs made quiet."""
+    if COPY_TYPES.get(_STORED.get(x.dtype)) == qtype:
+        return _quiet_bf16_nans(x) if qtype == Q.BF16 else x
     if x.dtype == np.uint16:
         x = np.left_shift(x, 16, dtype=np.uint32).view(np.float32)
     return quantize(x, qtype, None, imatrix)
@@ -184,16 +187,10 @@ def bf16_has_nan(x: np.ndarray, block: int = 1 << 18) -> bool:
 
 def _quiet_bf16_nans(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x)
-    if x.size % 4 == 0 and x.size:
-        t = x.reshape(-1).view(np.uint64) & _EXP_MANT
-        t += _NAN_CARRY
-        if not np.bitwise_or.reduce(t) & _TOP:
-            return x
-    nan = (x & 0x7FFF) > 0x7F80
-    if not nan.any():
+    if not bf16_has_nan(x):
         return x
     x = x.copy()
-    x[nan] |= 0x0040
+    x[(x & 0x7FFF) > 0x7F80] |= 0x0040
     return x
 
 

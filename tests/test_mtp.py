@@ -200,6 +200,9 @@ def test_chat_command_speculative_json(f32):
     assert a["speculation"] is None and b["speculation"]["drafted"] > 0
     bad = subprocess.run(base + ["--speculative", "eagle"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--speculative mtp" in bad.stderr
+    bad = subprocess.run(base + ["--speculative", "mtp", "--draft-max", "0"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "--draft-max" in bad.stderr
 
 
 def test_interleaved_sessions_draft_independently(f32):
