@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/convert_bench.py [--layers 12] [--reps 3] [--workdir build/bench]
 
+The two-step peer is upstream's converter to F16, then llama-quantize of the unpatched build of
+the same llama.cpp (`make llama-upstream`); the same two steps with this build's llama-quantize
+(patch 0003: the same bytes, faster K-quant searches) are timed beside it.
+
 Makes a synthetic sharded checkpoint with real Qwen3.5-4B tensor shapes (hidden 2560, FFN 9216,
 16 q / 4 kv heads of 256, DeltaNet 16 K / 32 V heads of 128, 248,320-token vocabulary, tied
 embeddings; random bf16; --layers of them, 12 by default = 4.0 GB), then times each job with
@@ -27,11 +31,18 @@ ROOT = Path(__file__).resolve().parent.parent
 LLAMA = ROOT / "build" / "src" / "vendor" / "llama.cpp"
 
 
-def _quantize_tool() -> Path:
-    """llama-quantize of the build the bindings load (build/$BACKEND/bin)."""
+def _quantize_tool(upstream: bool) -> Path:
+    """llama-quantize of the build the bindings load (build/$BACKEND/bin), or of the unpatched
+    build beside it (build/upstream-$BACKEND/bin, `make llama-upstream`)."""
     from qwen35.bindings import native
 
-    return next(native.library_dir().glob("libllama.*")).resolve().parent / "llama-quantize"
+    bin_dir = next(native.library_dir().glob("libllama.*")).resolve().parent
+    if not upstream:
+        return bin_dir / "llama-quantize"
+    tool = bin_dir.parent.parent / f"upstream-{bin_dir.parent.name}" / "bin" / "llama-quantize"
+    if not tool.exists():
+        sys.exit(f"error: {tool} is missing; build the unpatched llama.cpp with `make llama-upstream`")
+    return tool
 
 H, FF, NQ, NKV, HD, NK, NV, DK, DV, V = 2560, 9216, 16, 4, 256, 16, 32, 128, 128, 248320
 
@@ -157,7 +168,8 @@ def main() -> int:
         "ours BF16": lambda: run([ours, str(hf), "-o", str(out / "o.gguf"), "--type", "BF16", "--force"]),
         "upstream Q8_0": lambda: run(up + [str(out / "u.gguf"), "--outtype", "q8_0"], up_env),
         "ours Q8_0": lambda: run([ours, str(hf), "-o", str(out / "o.gguf"), "--type", "Q8_0", "--force"]),
-        "upstream F16 + llama-quantize Q4_K_M": lambda: _two_step(up, up_env, out),
+        "upstream F16 + llama-quantize Q4_K_M": lambda: _two_step(up, up_env, out, upstream=True),
+        "upstream F16 + our build's llama-quantize Q4_K_M": lambda: _two_step(up, up_env, out, upstream=False),
         "ours Q4_K_M (one pass)": lambda: run([ours, str(hf), "-o", str(out / "o.gguf"), "--type", "Q4_K_M", "--force"]),
     }
     if args.only:
@@ -187,16 +199,18 @@ def main() -> int:
         ratio(f"ours {t}", "cp (floor)", f"ours {t} / cp = {{:.2f}}")
         ratio(f"ours {t}", "cp + sync", f"ours {t} / (cp + sync) = {{:.2f}}")
     ratio("upstream F16 + llama-quantize Q4_K_M", "ours Q4_K_M (one pass)",
-          "ours Q4_K_M vs two steps: {:.2f}x faster, no intermediate file")
+          "ours Q4_K_M vs upstream's two steps: {:.2f}x faster, no intermediate file")
+    ratio("upstream F16 + our build's llama-quantize Q4_K_M", "ours Q4_K_M (one pass)",
+          "ours Q4_K_M vs the two steps with this build's llama-quantize: {:.2f}x faster")
     print("peak RSS: " + ", ".join(f"{k} {v['peak_rss'] / 2**30:.2f} GiB" for k, v in results.items()))
     if args.json:
         args.json.write_text(json.dumps({"checkpoint_bytes": size, "layers": args.layers, "results": results}, indent=1))
     return 0
 
 
-def _two_step(up, env, out: Path) -> tuple[float, int]:
+def _two_step(up, env, out: Path, upstream: bool) -> tuple[float, int]:
     w1, r1 = run(up + [str(out / "u-f16.gguf"), "--outtype", "f16"], env)
-    w2, r2 = run([str(_quantize_tool()), str(out / "u-f16.gguf"), str(out / "u-q4km.gguf"), "Q4_K_M", str(os.cpu_count())])
+    w2, r2 = run([str(_quantize_tool(upstream)), str(out / "u-f16.gguf"), str(out / "u-q4km.gguf"), "Q4_K_M", str(os.cpu_count())])
     return w1 + w2, max(r1, r2)
 
 
