@@ -180,6 +180,7 @@ def main() -> int:
         for _ in range(args.reps):
             for f in out.iterdir():
                 f.unlink()
+            os.sync()  # each run starts with no dirty pages of an earlier one still being written back
             w, r = job()
             walls.append(w)
             rss.append(r)

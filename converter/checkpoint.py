@@ -108,16 +108,21 @@ class Span:
     nbytes: int
     dtype: str          # bf16 | f16 | f32
 
-    def mapped(self):
-        """(mmap, numpy view of the range as stored) without reading it into memory; close the
-        mmap when done (only the pages touched while scanning are resident, and only then)."""
-        import mmap
-
-        start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
-        m = mmap.mmap(self.fd, self.offset + self.nbytes - start, access=mmap.ACCESS_READ, offset=start)
-        dtype = self.numpy_dtype
-        return m, np.frombuffer(m, dtype=dtype, count=self.nbytes // np.dtype(dtype).itemsize,
-                                offset=self.offset - start)
+    def blocks(self, block_bytes: int = 1 << 19):
+        """The range as stored, in numpy views of one reused buffer of block_bytes (pread: page
+        cache to buffer is cheaper than faulting in a mapping page by page, and memory stays at
+        one block)."""
+        dtype = np.dtype(self.numpy_dtype)
+        buf = np.empty(min(block_bytes, self.nbytes) // dtype.itemsize, dtype)
+        done = 0
+        while done < self.nbytes:
+            view = buf[: min(buf.size, (self.nbytes - done) // dtype.itemsize)]
+            n = os.preadv(self.fd, [memoryview(view).cast("B")], self.offset + done)
+            if n != view.nbytes:
+                raise CheckpointError(f"a shard ended while reading {self.nbytes} bytes at offset {self.offset}; "
+                                      "the checkpoint is truncated, re-download it")
+            yield view
+            done += n
 
     @property
     def numpy_dtype(self):

@@ -323,13 +323,8 @@ def _encode(load, qtype, weights: np.ndarray | None, first: int):
         if quantize.COPY_TYPES[sp.dtype] == qtype:
             if sp.dtype != "bf16":
                 return sp
-            m, view = sp.mapped()
-            try:
-                if not quantize.bf16_has_nan(view):
-                    return sp
-            finally:
-                del view
-                m.close()
+            if not any(quantize.bf16_has_nan(block) for block in sp.blocks()):
+                return sp
     x = load()
     w = None if weights is None else weights[first: first + _n_matrices(x.shape)]
     return quantize.encode(x, qtype, w)

@@ -8,7 +8,7 @@ from gguf import GGUFWriter
 from gguf import quants as gquants
 
 from qwen35.converter.checkpoint import widen
-from qwen35.converter.quantize import encode
+from qwen35.converter.quantize import bf16_has_nan, encode
 
 
 def _bf16_bits(rng, n):
@@ -26,6 +26,25 @@ def test_bf16_copy_equals_widen_and_round(n, lib_dir):
     clean = x[10:].copy()
     clean[(clean & 0x7FFF) > 0x7F80] = 0
     assert np.shares_memory(encode(clean, Q.BF16), clean)  # NaN-free data is passed through, not copied
+
+
+def test_bf16_nan_scan_equals_isnan():
+    """The blockwise scan against numpy's isnan of the widened values: one NaN pattern at a time,
+    at the start, inside and at the end of a block, and infinities (not NaN) everywhere."""
+    block = 64
+    clean = np.full(3 * block + 5, 0x7F80, np.uint16)   # +inf
+    clean[1::2] = 0xFF80                                 # -inf
+    assert not bf16_has_nan(clean, block) and not np.isnan(widen(clean)).any()
+    for pattern in (0x7F81, 0xFF81, 0x7FC0, 0xFFFF, 0x7FFF):
+        for pos in (0, block - 1, block, 2 * block + 7, clean.size - 1):
+            x = clean.copy()
+            x[pos] = pattern
+            assert bf16_has_nan(x, block) == bool(np.isnan(widen(x)).any()) is True, (hex(pattern), pos)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        x = rng.integers(0, 2**16, size=1000, dtype=np.uint16)
+        x[(x & 0x7FFF) > 0x7F80] = 0 if rng.random() < 0.5 else x[(x & 0x7FFF) > 0x7F80]
+        assert bf16_has_nan(x.reshape(10, 100), 128) == bool(np.isnan(widen(x)).any())
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
