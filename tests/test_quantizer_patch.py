@@ -1,4 +1,5 @@
-"""Patch 0003 (candidate scales side by side) leaves every quantizer's bytes as upstream's.
+"""Patch 0003 (candidate scales side by side, Q8_0 rounding without libm calls) leaves every
+quantizer's bytes as upstream's.
 
 The oracle is upstream's own ggml-quants.c from the pristine tree (git tag `base` of the tree the
 build was made from), compiled here into a standalone library; the code under test is
@@ -36,9 +37,9 @@ def _stubs() -> str:
     return STUBS % {"block": ", ".join(str(b) for b, _ in sizes), "size": ", ".join(str(s) for _, s in sizes)}
 
 
-# the types whose quantizers run the changed searches (make_qx_quants, make_qkx2/qkx3_quants);
-# Q4_0, Q4_1, Q5_0, Q5_1 and Q3_K only with importance weights
-TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
+# the types whose quantizers the patch changes: the searches (make_qx_quants, make_qkx2/qkx3_quants;
+# Q4_0, Q4_1, Q5_0, Q5_1 and Q3_K only with importance weights) and Q8_0's rounding
+TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
 ROWS, COLS = 16, 512
 
 
@@ -101,6 +102,14 @@ def _data(kind: str, rng) -> np.ndarray:
         return (rng.standard_normal(shape) * 1e-30).astype(np.float32)
     if kind == "huge":
         return (rng.standard_normal(shape) * 1e30).astype(np.float32)
+    if kind == "subnormal":  # scales that overflow: Q8_0's libm fallback
+        x = (rng.standard_normal(shape) * 1e-41).astype(np.float32)
+        x[0, :5] = [1e-45, -1e-45, 0, 3e-45, 1e-38]
+        return x
+    if kind == "halves":  # Q8_0 values on exact .5 ties (amax 127: scale 1)
+        x = (rng.integers(-254, 255, shape) / 2).astype(np.float32)
+        x[:, ::32] = 127
+        return x
     if kind == "few levels":
         return rng.integers(-2, 3, shape).astype(np.float32)
     if kind == "outliers":
@@ -113,7 +122,7 @@ def _data(kind: str, rng) -> np.ndarray:
 
 
 KINDS = ["normal", "heavy-tailed", "positive", "negative", "sparse", "constant", "zeros", "tiny", "huge",
-         "few levels", "outliers", "nan", "inf"]
+         "subnormal", "halves", "few levels", "outliers", "nan", "inf"]
 
 
 def _row_bytes(q: Q) -> int:
