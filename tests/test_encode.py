@@ -85,3 +85,43 @@ def test_fast_metadata_packing_equals_gguf_writer(tmp_path):
         w.close()
         files.append(path.read_bytes())
     assert files[0] == files[1]
+
+
+def test_span_blocks_cover_the_range_and_a_late_nan_is_found(tmp_path):
+    """Span.blocks yields the range's bytes in order (oracle: the file itself), and the copy
+    decision sees a NaN in the last block of a multi-block range (oracle: numpy's isnan)."""
+    import os
+
+    from qwen35.converter.checkpoint import Span
+    from qwen35.converter.convert import _encode
+
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 0x7F80, size=5000, dtype=np.uint16)   # finite bf16, sign bit clear
+    path = tmp_path / "shard"
+    path.write_bytes(b"HEAD" + x.tobytes() + b"TAIL")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        sp = Span(fd, 4, x.nbytes, "bf16")
+        blocks = [b.copy() for b in sp.blocks(block_bytes=1024)]
+        assert len(blocks) == -(-x.nbytes // 1024) and np.array_equal(np.concatenate(blocks), x)
+
+        class Piece:
+            def __init__(self, data):
+                self.data = data
+
+            def span(self):
+                return sp
+
+            def __call__(self):
+                return self.data
+
+        assert _encode(Piece(x), Q.BF16, None, 0) is sp   # no NaN: copied in the kernel
+        y = x.copy()
+        y[-1] = 0x7F81   # a signalling NaN in the last of 10 blocks
+        path.write_bytes(b"HEAD" + y.tobytes() + b"TAIL")
+        assert np.isnan(widen(y)).any()
+        got = _encode(Piece(y), Q.BF16, None, 0)
+        assert not isinstance(got, Span)
+        assert np.array_equal(got.view(np.uint16), gquants.quantize(widen(y), Q.BF16).view(np.uint16))
+    finally:
+        os.close(fd)
