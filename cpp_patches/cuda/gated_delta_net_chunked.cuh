@@ -2,7 +2,8 @@
 
 // Chunked prefill for GGML_OP_GATED_DELTA_NET (scalar gate, S_v in {64, 128}).
 //
-// Self-contained (CUDA runtime only) so a standalone harness can compile it in seconds.
+// Self-contained (CUDA runtime only) so a standalone harness can compile it in seconds, and
+// compiled as plain C++ with GDN_CHUNKED_EMULATE by the CPU emulator (simt_emu.h) that CI runs.
 // The math is the WY/UT form of cpp_patches/reference/gated_delta_net.py::chunked.
 // Within a chunk of C tokens with cumulative log-decay c_t = sum_{s<=t} g_s and S0 the
 // state at the chunk start (S[i][j]: i = key index, j = value index):
@@ -16,7 +17,16 @@
 // the chunks of one (value-column tile, head, sequence) in order. Products run on tensor
 // cores in 3xTF32 (hi*hi + hi*lo + lo*hi), which keeps float32 accuracy.
 
+#ifdef GDN_CHUNKED_EMULATE
+#include "simt_emu.h"
+#define GDN_DYNAMIC_SMEM(name) float * name = ::simt::dyn_smem
+#define GDN_LAUNCH(kernel, grid, block, smem, stream, ...) \
+    (void) ::simt::launch(kernel, #kernel, grid, block, smem, stream, __VA_ARGS__)
+#else
 #include <cuda_runtime.h>
+#define GDN_DYNAMIC_SMEM(name) extern __shared__ float name[]
+#define GDN_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
 #include <stdint.h>
 
 namespace gdn_chunked {
@@ -50,12 +60,15 @@ static __host__ __device__ inline int64_t n_chunks(int64_t T) { return (T + C - 
 
 // TF32 tensor cores exist from sm_80 on NVIDIA; other targets compile to a trap and the host
 // dispatcher never launches these kernels there (see available()).
-#if !defined(GGML_USE_HIP) && !defined(GGML_USE_MUSA) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
+#if !defined(GDN_CHUNKED_EMULATE) && !defined(GGML_USE_HIP) && !defined(GGML_USE_MUSA) && \
+    (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
 #define GDN_CHUNKED_TF32 1
 #endif
 
 static __device__ __forceinline__ uint32_t to_tf32(float x) {
-#ifdef GDN_CHUNKED_TF32
+#if defined(GDN_CHUNKED_EMULATE)
+    return ::simt::cvt_rna_tf32(x);
+#elif defined(GDN_CHUNKED_TF32)
     uint32_t r;
     asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
     return r;
@@ -71,7 +84,9 @@ static __device__ __forceinline__ void split_tf32(float x, uint32_t & hi, uint32
 }
 
 static __device__ __forceinline__ void mma_tf32(float d[4], const uint32_t a[4], const uint32_t b[2]) {
-#ifndef GDN_CHUNKED_TF32
+#if defined(GDN_CHUNKED_EMULATE)
+    ::simt::mma_m16n8k8_tf32(d, a, b);
+#elif !defined(GDN_CHUNKED_TF32)
     __trap();
 #else
     asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
@@ -132,7 +147,7 @@ template <int S>
 __global__ void __launch_bounds__(NT) gdn_chunk_prep(const params p) {
     constexpr int LDS = S + 4;
     constexpr int LDA = C + 1;
-    extern __shared__ float smem[];
+    GDN_DYNAMIC_SMEM(smem);
     float * Ks = smem;
     float * Qs = Ks + C * LDS;
     float * As = Qs + C * LDS;
@@ -222,7 +237,7 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
     constexpr int PV = TILES_V / NW;
     constexpr int PS = TILES_S / NW;
 
-    extern __shared__ float smem[];
+    GDN_DYNAMIC_SMEM(smem);
     float * Ks  = smem;
     float * Qs  = Ks  + C * LDS;
     float * St  = Qs  + C * LDS;
@@ -376,8 +391,8 @@ static cudaError_t launch_s(const params & p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     err = cudaFuncSetAttribute(gdn_chunk_state<S>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) ss);
     if (err != cudaSuccess) return err;
-    gdn_chunk_prep<S><<<dim3((unsigned) n_chunks(p.T), (unsigned) p.H, (unsigned) p.n_seqs), NT, sp, stream>>>(p);
-    gdn_chunk_state<S><<<dim3(S / BV, (unsigned) p.H, (unsigned) p.n_seqs), NT, ss, stream>>>(p);
+    GDN_LAUNCH(gdn_chunk_prep<S>, dim3((unsigned) n_chunks(p.T), (unsigned) p.H, (unsigned) p.n_seqs), NT, sp, stream, p);
+    GDN_LAUNCH(gdn_chunk_state<S>, dim3(S / BV, (unsigned) p.H, (unsigned) p.n_seqs), NT, ss, stream, p);
     return cudaGetLastError();
 }
 
@@ -403,3 +418,6 @@ static inline cudaError_t launch(const params & p, int64_t S_v, cudaStream_t str
 }
 
 } // namespace gdn_chunked
+
+#undef GDN_DYNAMIC_SMEM
+#undef GDN_LAUNCH

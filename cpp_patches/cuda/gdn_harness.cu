@@ -1,29 +1,30 @@
 // Standalone driver for the chunked GATED_DELTA_NET CUDA kernel: compiles in seconds, no ggml.
 // Built as a shared library and driven from Python (cpp_patches/cuda/run_harness.py), which
-// owns device memory (torch) and compares with the numpy reference.
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -shared -Xcompiler -fPIC \
-//        -I cpp_patches/cuda -o libgdn_harness.so gdn_harness.cu
+// owns device memory (torch) and compares with the numpy reference. Same call as the CPU
+// emulator's driver (gdn_emu.cpp), on device pointers:
+//   nvcc -O3 -std=c++17 -use_fast_math -gencode=arch=compute_90a,code=sm_90a -shared \
+//        -Xcompiler -fPIC -I cpp_patches/cuda -o libgdn_harness.so gdn_harness.cu
 #include "gated_delta_net_chunked.cuh"
 
 extern "C" size_t gdn_harness_scratch_floats(int64_t T, int64_t H, int64_t B) {
     return gdn_chunked::scratch_floats(T, H, B);
 }
 
-// Contiguous inputs in ggml layout: q,k [S,H_k,T,B_qk], v [S,H,T,B], g,beta [1,H,T,B],
-// state [S,S,H,B]; out [S,H,T,B]; state_out [S,S,H,B]. Returns a cudaError_t.
+// strides (host array, in floats): sq1 sq2 sq3 sv1 sv2 sv3 sb1 sb2 sb3 (ggml's nb / 4).
+// out holds T_out tokens per sequence; the kernel writes tokens [0, T). Returns a cudaError_t.
 extern "C" int gdn_harness_run(const float * q, const float * k, const float * v, const float * g,
                                const float * beta, const float * state, float * out, float * state_out,
-                               float * scratch, int64_t S, int64_t H, int64_t H_k, int64_t T,
-                               int64_t B, int64_t B_qk, void * stream) {
+                               float * scratch, const int64_t * strides, int64_t S, int64_t H, int64_t H_k,
+                               int64_t T, int64_t T_out, int64_t B, int64_t rq3, void * stream) {
     gdn_chunked::params p{};
     p.q = q; p.k = k; p.v = v; p.g = g; p.beta = beta; p.state_in = state;
     p.out = out; p.state_out = state_out;
     const size_t per = (size_t) B * H * gdn_chunked::n_chunks(T) * gdn_chunked::C * gdn_chunked::C;
     p.Tm = scratch; p.QKm = scratch + per; p.cum = scratch + 2 * per;
-    p.H = H; p.H_k = H_k; p.T = T; p.T_out = T; p.n_seqs = B; p.rq3 = B / B_qk;
-    p.sq1 = S; p.sq2 = S * H_k; p.sq3 = S * H_k * T;
-    p.sv1 = S; p.sv2 = S * H;   p.sv3 = S * H * T;
-    p.sb1 = 1; p.sb2 = H;       p.sb3 = H * T;
+    p.H = H; p.H_k = H_k; p.T = T; p.T_out = T_out; p.n_seqs = B; p.rq3 = rq3;
+    p.sq1 = strides[0]; p.sq2 = strides[1]; p.sq3 = strides[2];
+    p.sv1 = strides[3]; p.sv2 = strides[4]; p.sv3 = strides[5];
+    p.sb1 = strides[6]; p.sb2 = strides[7]; p.sb3 = strides[8];
     p.scale = 1.0f / sqrtf((float) S);
     return (int) gdn_chunked::launch(p, S, (cudaStream_t) stream);
 }

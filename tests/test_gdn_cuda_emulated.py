@@ -1,0 +1,109 @@
+"""The chunked GATED_DELTA_NET CUDA kernels (cpp_patches/cuda/gated_delta_net_chunked.cuh), run
+on the CPU by cpp_patches/cuda/simt_emu.h, against the float64 numpy reference.
+
+The emulator runs every CUDA thread as a fiber, evaluates mma.sync and shuffles across the
+warp in the PTX ISA's fragment layouts, fills shared memory with NaN and ends every buffer at a
+guard page; so this checks the kernels' indexing, fragment layouts, barriers, chunk carry and
+bounds on every commit, with no GPU. The last tests break the kernel on purpose and require the
+emulator to notice, so a passing run means something.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_DIR = ROOT / "cpp_patches" / "cuda"
+sys.path.insert(0, str(CUDA_DIR))
+
+from cases import TOL_REL_RMS, case_id, correctness_cases  # noqa: E402
+
+EMULATE = CUDA_DIR / "emulate.py"
+SOURCES = ("gdn_emu.cpp", "simt_emu.h", "gated_delta_net_chunked.cuh")
+
+needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                               reason="no C++ compiler (g++/c++) on PATH")
+
+
+def _emulate(*args, cwd=ROOT, timeout=900):
+    return subprocess.run([sys.executable, str(EMULATE), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """Every case of the grid (T = 8192 included) and the thread-schedule check, in one child
+    process: a memory fault in a kernel ends that process with the emulator's message, not pytest."""
+    out = tmp_path_factory.mktemp("emu") / "rows.json"
+    r = _emulate("--long", "--orders", "--json", str(out))
+    if not out.exists():
+        pytest.fail(f"the emulated kernels did not finish (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+    rows = json.loads(out.read_text())
+    return {(row.get("check", "grid"), case_id(row)): row for row in rows}
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", correctness_cases(long=True), ids=case_id)
+def test_emulated_kernel_matches_reference(case, grid):
+    row = grid[("grid", case_id(case))]
+    assert not row["nan"], "NaN in the output or state: a read of unwritten memory or padding"
+    assert row["tail_untouched"], "the kernel wrote output tokens at or past T"
+    assert row["err_out"] <= TOL_REL_RMS, row
+    assert row["err_state"] <= TOL_REL_RMS, row
+
+
+@needs_cxx
+def test_thread_schedules_give_the_same_bits(grid):
+    """Forward, reverse and shuffled thread orders between barriers: a race would change bits."""
+    rows = [r for (check, _), r in grid.items() if check == "orders"]
+    assert len(rows) == 2
+    assert all(r["orders_agree"] for r in rows), rows
+
+
+# (name, text in gated_delta_net_chunked.cuh, replacement, what the emulator must report)
+MUTATIONS = [
+    ("A-fragment rows and columns swapped",
+     "split_tf32(a(m0 + gr + 8, k0 + tg),     ah[1], al[1]);\n        split_tf32(a(m0 + gr,     k0 + tg + 4), ah[2], al[2]);",
+     "split_tf32(a(m0 + gr,     k0 + tg + 4), ah[1], al[1]);\n        split_tf32(a(m0 + gr + 8, k0 + tg),     ah[2], al[2]);",
+     "FAIL"),
+    ("barrier before the output phase dropped",
+     "            Ks[t * LDS + i] *= expf(c_last - cs[t]);\n        }\n        __syncthreads();",
+     "            Ks[t * LDS + i] *= expf(c_last - cs[t]);\n        }",
+     "thread schedules disagree"),
+    ("prefix sum off by one lane",
+     "if (lane >= o) s += n;",
+     "if (lane > o) s += n;",
+     "FAIL"),
+    ("output rows past T written",
+     "if (t < n) {\n                    p.out",
+     "if (true) {\n                    p.out",
+     "past the end of 'out'"),
+    ("prep shared memory one vector short",
+     "return sizeof(float) * (2 * C * (S + 4) + C * (C + 1) + 2 * C); }",
+     "return sizeof(float) * (2 * C * (S + 4) + C * (C + 1) + C); }",
+     "past the end of 'dynamic shared memory'"),
+    ("last chunk read as a full chunk",
+     "const int     n  = (int) min((int64_t) C, p.T - t0);\n        const int64_t slot",
+     "const int     n  = C;\n        const int64_t slot",
+     "past the end of 'k'"),
+]
+
+
+@needs_cxx
+@pytest.mark.parametrize("mutation", MUTATIONS, ids=[m[0] for m in MUTATIONS])
+def test_emulator_catches_a_broken_kernel(mutation, tmp_path):
+    name, old, new, expect = mutation
+    for f in SOURCES:
+        shutil.copy(CUDA_DIR / f, tmp_path / f)
+    kernel = tmp_path / "gated_delta_net_chunked.cuh"
+    text = kernel.read_text()
+    assert text.count(old) == 1, f"mutation '{name}' no longer matches the kernel source: update MUTATIONS"
+    kernel.write_text(text.replace(old, new))
+    r = _emulate("--quick", "--orders", "--source-dir", str(tmp_path))
+    log = r.stdout + r.stderr
+    assert r.returncode != 0, f"the emulator passed a kernel with '{name}':\n{log[-2000:]}"
+    assert expect in log, log[-2000:]
