@@ -58,22 +58,31 @@ def test_emulated_kernel_matches_reference(case, grid):
 
 @needs_cxx
 def test_thread_schedules_give_the_same_bits(grid):
-    """Forward, reverse and shuffled thread orders between barriers: a race would change bits."""
+    """Forward, reverse and shuffled thread orders between barriers, cp.async copies landing at
+    issue or at the wait: a race, or a copy into a buffer still being read, would change bits."""
     rows = [r for (check, _), r in grid.items() if check == "orders"]
-    assert len(rows) == 2
+    assert len(rows) == 3
     assert all(r["orders_agree"] for r in rows), rows
 
 
 # (name, text in gated_delta_net_chunked.cuh, replacement, what the emulator must report)
 MUTATIONS = [
     ("A-fragment rows and columns swapped",
-     "split_tf32(a(m0 + gr + 8, k0 + tg),     ah[1], al[1]);\n        split_tf32(a(m0 + gr,     k0 + tg + 4), ah[2], al[2]);",
-     "split_tf32(a(m0 + gr,     k0 + tg + 4), ah[1], al[1]);\n        split_tf32(a(m0 + gr + 8, k0 + tg),     ah[2], al[2]);",
+     "split_tf32(a(m0 + gr + 8, k0 + tg),     ah[1], al[1]);\n    split_tf32(a(m0 + gr,     k0 + tg + 4), ah[2], al[2]);",
+     "split_tf32(a(m0 + gr,     k0 + tg + 4), ah[1], al[1]);\n    split_tf32(a(m0 + gr + 8, k0 + tg),     ah[2], al[2]);",
      "FAIL"),
-    ("barrier before the output phase dropped",
-     "            Ks[t * LDS + i] *= expf(c_last - cs[t]);\n        }\n        __syncthreads();",
-     "            Ks[t * LDS + i] *= expf(c_last - cs[t]);\n        }",
+    ("barrier after the delta phase dropped",
+     "        __syncthreads();\n        if (more) {\n            copy_vt(chunk + 1);",
+     "        if (more) {\n            copy_vt(chunk + 1);",
+     "FAIL"),
+    ("next chunk's Q copied in while phase 1 still reads it",
+     "        __syncthreads();\n        if (more) {\n            copy_qk(Qs, p.q, chunk + 1);\n        }",
+     "        if (more) {\n            copy_qk(Qs, p.q, chunk + 1);\n        }\n        __syncthreads();",
      "thread schedules disagree"),
+    ("cp.async copies never awaited",
+     "        async_wait_all();\n        stash();",
+     "        stash();",
+     "cp.async copies never awaited"),
     ("prefix sum off by one lane",
      "if (lane >= o) s += n;",
      "if (lane > o) s += n;",
@@ -87,9 +96,9 @@ MUTATIONS = [
      "return sizeof(float) * (2 * C * (S + 4) + C * (C + 1) + C); }",
      "past the end of 'dynamic shared memory'"),
     ("last chunk read as a full chunk",
-     "const int     n  = (int) min((int64_t) C, p.T - t0);\n        const int64_t slot",
-     "const int     n  = C;\n        const int64_t slot",
-     "past the end of 'k'"),
+     "auto tokens = [&](int64_t chunk) { return (int) min((int64_t) C, p.T - chunk * C); };",
+     "auto tokens = [&](int64_t chunk) { return C + 0 * (int) chunk; };",
+     "memory fault in gdn_chunk_state"),
 ]
 
 
@@ -103,7 +112,25 @@ def test_emulator_catches_a_broken_kernel(mutation, tmp_path):
     text = kernel.read_text()
     assert text.count(old) == 1, f"mutation '{name}' no longer matches the kernel source: update MUTATIONS"
     kernel.write_text(text.replace(old, new))
-    r = _emulate("--quick", "--orders", "--source-dir", str(tmp_path))
+    r = _emulate("--quick", "--orders", "--fail-fast", "--source-dir", str(tmp_path))
     log = r.stdout + r.stderr
     assert r.returncode != 0, f"the emulator passed a kernel with '{name}':\n{log[-2000:]}"
     assert expect in log, log[-2000:]
+
+
+@needs_cxx
+def test_state_pass_fits_in_one_wave():
+    """The state pass walks every chunk in each block, so a second wave of blocks would double
+    its time: on an H100 (132 SMs, 227 KiB per block) Qwen3.5-27B's 48 value heads take 64-column
+    blocks (96 blocks, where 32 columns would make 192 with one resident per SM), 35B-A3B's 32
+    heads keep 32 columns (128 blocks); an A100 (163 KiB) cannot hold the 64-column block."""
+    from emulate import Emulator, build
+
+    emu = Emulator(build())
+    h100 = dict(n_sm=132, smem_optin=232448, smem_per_sm=233472)
+    a100 = dict(n_sm=108, smem_optin=166912, smem_per_sm=167936)
+    assert emu.choose_bv(128, 48, 1, **h100) == 64
+    assert emu.choose_bv(128, 32, 1, **h100) == 32
+    assert emu.choose_bv(128, 16, 1, **h100) == 32
+    assert emu.choose_bv(128, 48, 1, **a100) == 32
+    assert emu.choose_bv(64, 48, 1, **h100) == 32

@@ -5,7 +5,7 @@ A case: S (head size), T (tokens), H_k / H_v (key / value heads, tiled broadcast
 B / B_qk (sequences; q/k shared over B / B_qk sequences), g_scale (log-decay scale: 1e-4 is
 g near 0, 20 is g near -20), pad (floats of padding after each q/k/v head row: a strided
 layout), extra (output tokens past T that the kernel must leave alone, as the K > 1 dispatch
-asks of it).
+asks of it), bv (value columns per state-pass block: 32, 64, or 0 for the launch's choice).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from __future__ import annotations
 TOL_REL_RMS = 1e-5
 
 
-def _case(S, T, H_k, H_v, B=1, B_qk=1, g_scale=1.0, pad=0, extra=0) -> dict:
-    return dict(S=S, T=T, H_k=H_k, H_v=H_v, B=B, B_qk=B_qk, g_scale=g_scale, pad=pad, extra=extra)
+def _case(S, T, H_k, H_v, B=1, B_qk=1, g_scale=1.0, pad=0, extra=0, bv=0) -> dict:
+    return dict(S=S, T=T, H_k=H_k, H_v=H_v, B=B, B_qk=B_qk, g_scale=g_scale, pad=pad, extra=extra, bv=bv)
 
 
 def correctness_cases(long: bool = True) -> list[dict]:
@@ -38,6 +38,10 @@ def correctness_cases(long: bool = True) -> list[dict]:
         _case(128, 200, H_k=2, H_v=4, B=2, B_qk=2, g_scale=20.0),  # g near -20 (state wiped each token)
         _case(128, 130, H_k=2, H_v=4, B=2, B_qk=1, pad=24),     # q/k/v rows inside wider rows
         _case(64, 130, H_k=2, H_v=4, B=2, B_qk=2, extra=4),     # tokens past T belong to another kernel
+        # 64 value columns per state-pass block (chosen where 32 would need a second wave)
+        _case(128, 1000, H_k=2, H_v=4, bv=64),
+        _case(128, 130, H_k=2, H_v=4, B=2, B_qk=2, extra=4, bv=64),
+        _case(128, 200, H_k=1, H_v=2, B=3, B_qk=1, g_scale=20.0, pad=8, bv=64),
     ]
     if long:
         cases.append(_case(128, 8192, H_k=2, H_v=4))
@@ -50,6 +54,8 @@ def case_id(c: dict) -> str:
         s += f"-pad{c['pad']}"
     if c.get("extra"):
         s += f"-extra{c['extra']}"
+    if c.get("bv"):
+        s += f"-bv{c['bv']}"
     return s
 
 

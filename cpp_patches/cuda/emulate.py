@@ -34,7 +34,10 @@ import gated_delta_net as ref  # noqa: E402
 from cases import TOL_REL_RMS, case_id, correctness_cases, ggml_layout  # noqa: E402
 
 SOURCES = ("gdn_emu.cpp", "simt_emu.h", "gated_delta_net_chunked.cuh")
-ORDERS = {"forward": 0, "reverse": 1, "shuffled": 7}
+ORDERS = {"lockstep": 0, "lockstep-reverse": 1, "warp-serial": 2, "warp-serial-reverse": 3, "shuffled": 7}
+# (thread schedule, cp.async copies land at issue) pairs the race check compares
+SCHEDULES = [("lockstep", False), ("lockstep-reverse", True), ("warp-serial", True), ("warp-serial-reverse", False),
+             ("shuffled", True)]
 
 
 def compile_cmd(out: Path, source_dir: Path = HERE) -> list[str]:
@@ -67,14 +70,22 @@ class Emulator:
     def __init__(self, lib: Path):
         self.lib = ctypes.CDLL(str(lib))
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        self.lib.gdn_emu_run.argtypes = [p] * 10 + [i64] * 7 + [ctypes.c_int, ctypes.c_int]
+        self.lib.gdn_emu_run.argtypes = [p] * 10 + [i64] * 7 + [ctypes.c_int] * 4
         self.lib.gdn_emu_run.restype = ctypes.c_int
+        self.lib.gdn_emu_choose_bv.argtypes = [i64] * 3 + [ctypes.c_int] * 3
+        self.lib.gdn_emu_choose_bv.restype = ctypes.c_int
+
+    def choose_bv(self, S: int, H: int, B: int, *, n_sm: int, smem_optin: int, smem_per_sm: int) -> int:
+        """The value-column tile the launch picks on a device with these limits."""
+        return self.lib.gdn_emu_choose_bv(S, H, B, n_sm, smem_optin, smem_per_sm)
 
     def run(self, q, k, v, g, beta, state, *, extra: int = 0, pad: int = 0, order: int = 0,
-            fast_math: bool = True):
+            fast_math: bool = True, bv: int = 0, async_early: bool = False):
         """Runs the op on the reference's layouts (reference/gated_delta_net.py), laid out by
         cases.ggml_layout (``pad``: strided rows with NaN padding; ``extra``: output tokens past
-        T that must stay unwritten). ``order``: the thread schedule (ORDERS). Returns (out
+        T that must stay unwritten). ``order``: the thread schedule (ORDERS); ``bv``: value
+        columns per state-pass block (0: the launch's choice on an emulated H100);
+        ``async_early``: cp.async copies land at issue, not at the wait. Returns (out
         (B, T + extra, H, S), final state (B, H, S, S))."""
         B_qk, T, H_k, S = q.shape
         B, _, H, _ = v.shape
@@ -83,7 +94,8 @@ class Emulator:
         state_out = np.empty(state.size, np.float32)
         sizes = np.array([qw.size, vw.size, g.size, state.size, out.size], np.int64)
         ptrs = [x.ctypes.data for x in (qw, kw, vw, g, beta, state, out, state_out, sizes, strides)]
-        err = self.lib.gdn_emu_run(*ptrs, S, H, H_k, T, T_out, B, B // B_qk, order, int(fast_math))
+        err = self.lib.gdn_emu_run(*ptrs, S, H, H_k, T, T_out, B, B // B_qk, order, int(fast_math), bv,
+                                   int(async_early))
         if err != 0:
             raise RuntimeError(f"kernel launch failed: cudaError {err}")
         return out.reshape(B, T_out, H, S), state_out.reshape(state.shape)
@@ -99,7 +111,7 @@ def check(emu: Emulator, case: dict, *, fast_math: bool = True, order: int = 0) 
     """One case against the float64 reference: errors, NaNs, the untouched tail."""
     x = inputs_for(case)
     t = time.time()
-    out, st = emu.run(*x, extra=case.get("extra", 0), pad=case.get("pad", 0), order=order, fast_math=fast_math)
+    out, st = emu.run(*x, extra=case["extra"], pad=case["pad"], order=order, fast_math=fast_math, bv=case["bv"])
     secs = time.time() - t
     T = case["T"]
     o_ref, s_ref = ref.recurrent(*x) if T <= 1000 else ref.chunked(*x)
@@ -114,16 +126,19 @@ def check(emu: Emulator, case: dict, *, fast_math: bool = True, order: int = 0) 
 
 
 def orders_agree(emu: Emulator, case: dict) -> bool:
-    """Same bits under every thread schedule (ORDERS): no data race between barriers."""
+    """Same bits under every thread schedule (ORDERS) and with cp.async copies landing at issue
+    or at the wait: no data race between barriers, no copy into a buffer still being read."""
     x = inputs_for(case)
-    runs = [emu.run(*x, extra=case.get("extra", 0), pad=case.get("pad", 0), order=o) for o in ORDERS.values()]
+    runs = [emu.run(*x, extra=case["extra"], pad=case["pad"], order=ORDERS[o], bv=case["bv"], async_early=early)
+            for o, early in SCHEDULES]
     return all(np.array_equal(runs[0][i], r[i], equal_nan=True) for r in runs[1:] for i in (0, 1))
 
 
 def quick_cases() -> list[dict]:
-    """Two small multi-chunk, multi-sequence cases (S 64 and 128) for fast checks."""
+    """Small multi-chunk, multi-sequence cases (S 64 and 128, BV 32 and 64) for fast checks."""
     by_id = {case_id(c): c for c in correctness_cases(long=False)}
-    return [by_id["S64-T130-Hk2-Hv4-B2-Bqk2-g1-extra4"], by_id["S128-T130-Hk2-Hv4-B2-Bqk1-g1-pad24"]]
+    return [by_id["S64-T130-Hk2-Hv4-B2-Bqk2-g1-extra4"], by_id["S128-T130-Hk2-Hv4-B2-Bqk1-g1-pad24"],
+            by_id["S128-T130-Hk2-Hv4-B2-Bqk2-g1-extra4-bv64"]]
 
 
 def main() -> int:
@@ -134,6 +149,7 @@ def main() -> int:
                     help="also run the quick cases under reverse and shuffled thread schedules (race check)")
     ap.add_argument("--exact-exp", action="store_true", help="libm expf instead of the fast-math __expf model")
     ap.add_argument("--source-dir", type=Path, default=HERE, help="directory holding the kernel sources")
+    ap.add_argument("--fail-fast", action="store_true", help="stop at the first failing check")
     ap.add_argument("--json", type=Path, help="write every row here")
     args = ap.parse_args()
     src = args.source_dir.resolve()
@@ -146,13 +162,18 @@ def main() -> int:
         print(("ok  " if r["ok"] else "FAIL") + f" {case_id(c):42s} out {r['err_out']:.2e}  state {r['err_state']:.2e}"
               f"  {r['seconds']:.2f}s" + ("  NaN!" if r["nan"] else "") + ("" if r["tail_untouched"] else "  tail written!"),
               flush=True)
+        if args.fail_fast and not r["ok"]:
+            return 1
     if args.orders:
         for c in quick_cases():
             agree = orders_agree(emu, c)
             rows.append(dict(c, check="orders", orders_agree=agree, ok=agree))
             print(("ok  " if agree else "FAIL") + f" {case_id(c):42s} " +
-                  ("same bits under every thread schedule" if agree else "thread schedules disagree (a data race)"),
+                  ("same bits under every thread schedule and cp.async timing" if agree
+                   else "thread schedules disagree (a data race)"),
                   flush=True)
+            if args.fail_fast and not agree:
+                return 1
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     bad = sum(not r["ok"] for r in rows)

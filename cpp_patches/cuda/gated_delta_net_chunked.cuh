@@ -11,28 +11,30 @@
 //   QKm[t][s] = scale exp(c_t - c_s) q_t.k_s (s <= t)                         (prep kernel)
 //   R     = diag(beta) (V - diag(exp(c)) K S0)                                (state kernel)
 //   delta = Tm R
-//   O     = scale diag(exp(c)) Q S0 + QKm delta
 //   S_C   = exp(c_C) S0 + K^T diag(exp(c_C - c)) delta
+//   O     = scale diag(exp(c)) Q S0 + QKm delta
 // The prep kernel runs over every (chunk, head, sequence) in parallel; the state kernel walks
-// the chunks of one (value-column tile, head, sequence) in order. Products run on tensor
-// cores in 3xTF32 (hi*hi + hi*lo + lo*hi), which keeps float32 accuracy.
+// the chunks of one (value-column tile, head, sequence) in order, with the next chunk's
+// operands in flight (registers and cp.async) while it computes the current one. The tile
+// width (32 or 64 value columns) is chosen so that the state kernel's blocks all fit on the
+// device at once. Products run on tensor cores in 3xTF32 (hi*hi + hi*lo + lo*hi), which keeps
+// float32 accuracy. Needs sm_80+ (mma .tf32, cp.async); see available().
 
 #ifdef GDN_CHUNKED_EMULATE
 #include "simt_emu.h"
 #define GDN_DYNAMIC_SMEM(name) float * name = ::simt::dyn_smem
-#define GDN_LAUNCH(kernel, grid, block, smem, stream, ...) \
-    (void) ::simt::launch(kernel, #kernel, grid, block, smem, stream, __VA_ARGS__)
+#define GDN_LAUNCH(kernel, name, grid, block, smem, stream, ...) \
+    (void) ::simt::launch(kernel, name, grid, block, smem, stream, __VA_ARGS__)
 #else
 #include <cuda_runtime.h>
 #define GDN_DYNAMIC_SMEM(name) extern __shared__ float name[]
-#define GDN_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#define GDN_LAUNCH(kernel, name, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #endif
 #include <stdint.h>
 
 namespace gdn_chunked {
 
 constexpr int C  = 64;      // tokens per chunk
-constexpr int BV = 32;      // value columns per state-kernel block
 constexpr int NW = 8;       // warps per block
 constexpr int NT = NW * 32; // threads per block
 
@@ -96,24 +98,83 @@ static __device__ __forceinline__ void mma_tf32(float d[4], const uint32_t a[4],
 #endif
 }
 
+// Asynchronous 4-byte global -> shared copies (cp.async, sm_80+): issued, then awaited with
+// async_wait_all() by the same thread; other threads see the data after a __syncthreads().
+static __device__ __forceinline__ void async_copy(float * dst_smem, const float * src) {
+#if defined(GDN_CHUNKED_EMULATE)
+    ::simt::cp_async4(dst_smem, src);
+#elif defined(GDN_CHUNKED_TF32)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;"
+                 :: "r"((uint32_t) __cvta_generic_to_shared(dst_smem)), "l"(src) : "memory");
+#else
+    *dst_smem = *src;
+#endif
+}
+
+static __device__ __forceinline__ void async_commit() {
+#if defined(GDN_CHUNKED_TF32)
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+static __device__ __forceinline__ void async_wait_all() {
+#if defined(GDN_CHUNKED_EMULATE)
+    ::simt::cp_async_wait_all();
+#elif defined(GDN_CHUNKED_TF32)
+    asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
+}
+
+// Fragments of one k-step (8 wide) of a 16x8x8 product, split into tf32 hi and lo parts.
+// PTX ISA, mma.m16n8k8 .tf32: A a0 (m0+gr, k0+tg), a1 (m0+gr+8, k0+tg), a2 (m0+gr, k0+tg+4),
+// a3 (m0+gr+8, k0+tg+4); B b0 (k0+tg, n0+gr), b1 (k0+tg+4, n0+gr); gr = lane >> 2, tg = lane & 3.
+template <typename FA>
+static __device__ __forceinline__ void frag_a(FA a, int m0, int k0, uint32_t ah[4], uint32_t al[4]) {
+    const int gr = (threadIdx.x & 31) >> 2, tg = threadIdx.x & 3;
+    split_tf32(a(m0 + gr,     k0 + tg),     ah[0], al[0]);
+    split_tf32(a(m0 + gr + 8, k0 + tg),     ah[1], al[1]);
+    split_tf32(a(m0 + gr,     k0 + tg + 4), ah[2], al[2]);
+    split_tf32(a(m0 + gr + 8, k0 + tg + 4), ah[3], al[3]);
+}
+
+template <typename FB>
+static __device__ __forceinline__ void frag_b(FB b, int k0, int n0, uint32_t bh[2], uint32_t bl[2]) {
+    const int gr = (threadIdx.x & 31) >> 2, tg = threadIdx.x & 3;
+    split_tf32(b(k0 + tg,     n0 + gr), bh[0], bl[0]);
+    split_tf32(b(k0 + tg + 4, n0 + gr), bh[1], bl[1]);
+}
+
+// d += a_hi b_lo + a_lo b_hi + a_hi b_hi (3xTF32: float32 accuracy on tensor cores)
+static __device__ __forceinline__ void mma_3xtf32(float d[4], const uint32_t ah[4], const uint32_t al[4],
+                                                  const uint32_t bh[2], const uint32_t bl[2]) {
+    mma_tf32(d, al, bh);
+    mma_tf32(d, ah, bl);
+    mma_tf32(d, ah, bh);
+}
+
 // d (16x8 tile at rows m0.., cols n0..) += sum_{k < kdim} a(m, k) * b(k, n), one warp.
 // Fragment ownership: d[0] (m0+gr, n0+2tg), d[1] (m0+gr, n0+2tg+1), d[2]/d[3] the same at m0+gr+8.
 template <typename FA, typename FB>
 static __device__ __forceinline__ void mma_tile(float d[4], int m0, int n0, int kdim, FA a, FB b) {
-    const int lane = threadIdx.x & 31;
-    const int gr   = lane >> 2;
-    const int tg   = lane & 3;
     for (int k0 = 0; k0 < kdim; k0 += 8) {
         uint32_t ah[4], al[4], bh[2], bl[2];
-        split_tf32(a(m0 + gr,     k0 + tg),     ah[0], al[0]);
-        split_tf32(a(m0 + gr + 8, k0 + tg),     ah[1], al[1]);
-        split_tf32(a(m0 + gr,     k0 + tg + 4), ah[2], al[2]);
-        split_tf32(a(m0 + gr + 8, k0 + tg + 4), ah[3], al[3]);
-        split_tf32(b(k0 + tg,     n0 + gr), bh[0], bl[0]);
-        split_tf32(b(k0 + tg + 4, n0 + gr), bh[1], bl[1]);
-        mma_tf32(d, al, bh);
-        mma_tf32(d, ah, bl);
-        mma_tf32(d, ah, bh);
+        frag_a(a, m0, k0, ah, al);
+        frag_b(b, k0, n0, bh, bl);
+        mma_3xtf32(d, ah, al, bh, bl);
+    }
+}
+
+// Two products that share the B operand (loaded and split once): d1 += a1 b, d2 += a2 b.
+template <typename FA1, typename FA2, typename FB>
+static __device__ __forceinline__ void mma_tile2(float d1[4], float d2[4], int m0, int n0, int kdim, FA1 a1, FA2 a2,
+                                                 FB b) {
+    for (int k0 = 0; k0 < kdim; k0 += 8) {
+        uint32_t ah[4], al[4], bh[2], bl[2];
+        frag_b(b, k0, n0, bh, bl);
+        frag_a(a1, m0, k0, ah, al);
+        mma_3xtf32(d1, ah, al, bh, bl);
+        frag_a(a2, m0, k0, ah, al);
+        mma_3xtf32(d2, ah, al, bh, bl);
     }
 }
 
@@ -225,17 +286,35 @@ __global__ void __launch_bounds__(NT) gdn_chunk_prep(const params p) {
 }
 
 // ---------------------------------------------------------------- state pass: walk the chunks
-// grid (S/BV, H, B), NT threads. Each block owns value columns [j0, j0+BV) of one head.
-template <int S>
+// grid (S/BV, H, B), NT threads. Each block owns value columns [j0, j0+BV) of one head and walks
+// the chunks in order. The next chunk's operands travel while the current one is computed, so
+// the walk does not wait on memory latency: QKm, c and beta in registers (loaded from the top of
+// the iteration), Q, V, Tm and K by cp.async into their shared buffers as soon as the phase
+// that last reads each buffer is done (no registers held for them).
+//   phase 1  P = K S0, O1 = Q S0;  R = beta (V - exp(c) P)       frees Qs
+//   phase 2  D = Tm R                                            frees R, Ts
+//   phase 3  S0 = exp(c_last) S0 + K^T (w D), w = exp(c_last - c) frees Ks
+//   phase 4  O = scale exp(c) O1 + QKm D  -> dst
+template <int S, int BV>
+struct state_layout {
+    static constexpr int LDS = S + 4;   // Ks, Qs rows
+    static constexpr int LDV = BV + 8;  // St, R, D rows
+    static constexpr int LDC = C + 4;   // Ts, QKs rows
+    static constexpr int floats = 2 * C * LDS + S * LDV + 2 * C * LDV + 2 * C * LDC + 3 * C;
+};
+
+template <int S, int BV>
 __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
-    constexpr int LDS = S + 4;   // Ks, Qs rows
-    constexpr int LDV = BV + 8;  // St, R, D rows
-    constexpr int LDC = C + 4;   // Ts, QKs rows
+    using L = state_layout<S, BV>;
+    constexpr int LDS = L::LDS, LDV = L::LDV, LDC = L::LDC;
     constexpr int TILES_V = (C / 16) * (BV / 8);   // C x BV output tiles
     constexpr int TILES_S = (S / 16) * (BV / 8);   // S x BV state tiles
     static_assert(TILES_V % NW == 0 && TILES_S % NW == 0, "tiles must split evenly over warps");
     constexpr int PV = TILES_V / NW;
     constexpr int PS = TILES_S / NW;
+    constexpr int UNROLL_S = BV == 64 ? 2 : PS;   // BV 64 fully unrolled runs out of registers
+    constexpr int RCC = C * C / NT;   // QKm registers per thread
+    static_assert((C * C) % NT == 0 && C <= NT, "prefetch split");
 
     GDN_DYNAMIC_SMEM(smem);
     float * Ks  = smem;
@@ -247,44 +326,95 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
     float * QKs = Ts  + C * LDC;
     float * cs  = QKs + C * LDC;
     float * bs  = cs  + C;
+    float * ws  = bs  + C;
 
     const int64_t j0 = blockIdx.x * BV, h = blockIdx.y, seq = blockIdx.z;
-    const int     warp = threadIdx.x >> 5;
+    const int     tid  = threadIdx.x;
+    const int     warp = tid >> 5;
     const int64_t nc = n_chunks(p.T);
     const int64_t state_off = (seq * p.H + h) * S * S;
+    auto tokens = [&](int64_t chunk) { return (int) min((int64_t) C, p.T - chunk * C); };
+    auto slot   = [&](int64_t chunk) { return (seq * p.H + h) * nc + chunk; };
+
+    // QKm, c, beta of the next chunk, in registers (element r of a thread: index tid + r * NT)
+    float rqk[RCC];
+    float rc = 0.0f, rb = 0.0f;
+    auto fetch = [&](int64_t chunk) {
+#pragma unroll
+        for (int r = 0; r < RCC; r++) {
+            rqk[r] = p.QKm[slot(chunk) * C * C + tid + r * NT];
+        }
+        if (tid < C) {
+            rc = p.cum[slot(chunk) * C + tid];
+            rb = tid < tokens(chunk) ? p.beta[seq * p.sb3 + (chunk * C + tid) * p.sb2 + h * p.sb1] : 0.0f;
+        }
+    };
+    auto stash = [&]() {
+#pragma unroll
+        for (int r = 0; r < RCC; r++) {
+            const int idx = tid + r * NT;
+            QKs[(idx / C) * LDC + idx % C] = rqk[r];
+        }
+        if (tid < C) {
+            cs[tid] = rc;
+            bs[tid] = rb;
+        }
+    };
+    // q or k rows of a chunk -> X (zeros past the last token)
+    auto copy_qk = [&](float * X, const float * src, int64_t chunk) {
+        const int n = tokens(chunk);
+        for (int idx = tid; idx < C * S; idx += NT) {
+            const int t = idx / S, i = idx % S;
+            if (t < n) {
+                async_copy(X + t * LDS + i, qk_row(src, p, seq, chunk * C + t, h) + i);
+            } else {
+                X[t * LDS + i] = 0.0f;
+            }
+        }
+        async_commit();
+    };
+    // V tile -> R, Tm -> Ts
+    auto copy_vt = [&](int64_t chunk) {
+        const int n = tokens(chunk);
+        for (int idx = tid; idx < C * BV; idx += NT) {
+            const int t = idx / BV, j = idx % BV;
+            if (t < n) {
+                async_copy(R + t * LDV + j, p.v + seq * p.sv3 + (chunk * C + t) * p.sv2 + h * p.sv1 + j0 + j);
+            } else {
+                R[t * LDV + j] = 0.0f;
+            }
+        }
+        for (int idx = tid; idx < C * C; idx += NT) {
+            async_copy(Ts + (idx / C) * LDC + idx % C, p.Tm + slot(chunk) * C * C + idx);
+        }
+        async_commit();
+    };
 
     // S0 tile: St[i][j] = state[(j0 + j) * S + i]
-    for (int idx = threadIdx.x; idx < S * BV; idx += NT) {
+    for (int idx = tid; idx < S * BV; idx += NT) {
         const int j = idx / S, i = idx % S;
         St[i * LDV + j] = p.state_in[state_off + (j0 + j) * S + i];
     }
+    fetch(0);
+    copy_qk(Ks, p.k, 0);
+    copy_qk(Qs, p.q, 0);
+    copy_vt(0);
 
     for (int64_t chunk = 0; chunk < nc; chunk++) {
         const int64_t t0 = chunk * C;
-        const int     n  = (int) min((int64_t) C, p.T - t0);
-        const int64_t slot = (seq * p.H + h) * nc + chunk;
-
-        for (int idx = threadIdx.x; idx < C * S; idx += NT) {
-            const int t = idx / S, i = idx % S;
-            const bool in = t < n;
-            Ks[t * LDS + i] = in ? qk_row(p.k, p, seq, t0 + t, h)[i] : 0.0f;
-            Qs[t * LDS + i] = in ? qk_row(p.q, p, seq, t0 + t, h)[i] : 0.0f;
-        }
-        for (int idx = threadIdx.x; idx < C * BV; idx += NT) {
-            const int t = idx / BV, j = idx % BV;
-            R[t * LDV + j] = t < n ? p.v[seq * p.sv3 + (t0 + t) * p.sv2 + h * p.sv1 + j0 + j] : 0.0f;
-        }
-        for (int idx = threadIdx.x; idx < C * C; idx += NT) {
-            Ts [(idx / C) * LDC + idx % C] = p.Tm [slot * C * C + idx];
-            QKs[(idx / C) * LDC + idx % C] = p.QKm[slot * C * C + idx];
-        }
-        for (int t = threadIdx.x; t < C; t += NT) {
-            cs[t] = p.cum[slot * C + t];
-            bs[t] = t < n ? p.beta[seq * p.sb3 + (t0 + t) * p.sb2 + h * p.sb1] : 0.0f;
-        }
+        const int     n  = tokens(chunk);
+        const bool    more = chunk + 1 < nc;
+        async_wait_all();
+        stash();
         __syncthreads();
+        if (more) {
+            fetch(chunk + 1);
+        }
+        if (tid < C) {
+            ws[tid] = expf(cs[C - 1] - cs[tid]);   // read from phase 3 on
+        }
 
-        // P = K S0, O1 = Q S0 (C x BV); R = beta (V - exp(c) P) in place
+        // phase 1: P = K S0, O1 = Q S0 (S0 fragments shared); R = beta (V - exp(c) P) in place
         float o1[PV][4];
 #pragma unroll
         for (int r = 0; r < PV; r++) {
@@ -292,10 +422,9 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
             const int m0 = (tile / (BV / 8)) * 16, n0 = (tile % (BV / 8)) * 8;
             float pk[4] = {0, 0, 0, 0};
             o1[r][0] = o1[r][1] = o1[r][2] = o1[r][3] = 0.0f;
-            mma_tile(pk,    m0, n0, S, [&](int m, int kk) { return Ks[m * LDS + kk]; },
-                                       [&](int kk, int nn) { return St[kk * LDV + nn]; });
-            mma_tile(o1[r], m0, n0, S, [&](int m, int kk) { return Qs[m * LDS + kk]; },
-                                       [&](int kk, int nn) { return St[kk * LDV + nn]; });
+            mma_tile2(pk, o1[r], m0, n0, S, [&](int m, int kk) { return Ks[m * LDS + kk]; },
+                                            [&](int m, int kk) { return Qs[m * LDS + kk]; },
+                                            [&](int kk, int nn) { return St[kk * LDV + nn]; });
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int t = frag_row(m0, e), j = frag_col(n0, e);
@@ -303,8 +432,11 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
             }
         }
         __syncthreads();
+        if (more) {
+            copy_qk(Qs, p.q, chunk + 1);
+        }
 
-        // delta = Tm R (Tm lower triangular: k < m0 + 16); weight K rows by exp(c_last - c_t)
+        // phase 2: delta = Tm R (Tm lower triangular: k < m0 + 16)
 #pragma unroll
         for (int r = 0; r < PV; r++) {
             const int tile = warp * PV + r;
@@ -317,14 +449,35 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
                 D[frag_row(m0, e) * LDV + frag_col(n0, e)] = d[e];
             }
         }
-        const float c_last = cs[C - 1];
-        for (int idx = threadIdx.x; idx < C * S; idx += NT) {
-            const int t = idx / S, i = idx % S;
-            Ks[t * LDS + i] *= expf(c_last - cs[t]);
+        __syncthreads();
+        if (more) {
+            copy_vt(chunk + 1);
+        }
+
+        // phase 3: S_C = exp(c_last) S0 + K^T (w delta)  (S x BV, inner C)
+        const float decay_c = expf(cs[C - 1]);
+#pragma unroll UNROLL_S
+        for (int r = 0; r < PS; r++) {
+            const int tile = warp * PS + r;
+            const int m0 = (tile / (BV / 8)) * 16, n0 = (tile % (BV / 8)) * 8;
+            float s[4];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s[e] = decay_c * St[frag_row(m0, e) * LDV + frag_col(n0, e)];
+            }
+            mma_tile(s, m0, n0, C, [&](int m, int kk) { return Ks[kk * LDS + m]; },
+                                   [&](int kk, int nn) { return ws[kk] * D[kk * LDV + nn]; });
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                St[frag_row(m0, e) * LDV + frag_col(n0, e)] = s[e];
+            }
         }
         __syncthreads();
+        if (more) {
+            copy_qk(Ks, p.k, chunk + 1);
+        }
 
-        // O = scale exp(c) O1 + QKm delta  -> dst (QKm is zero above the diagonal)
+        // phase 4: O = scale exp(c) O1 + QKm delta -> dst (QKm is zero above the diagonal)
 #pragma unroll
         for (int r = 0; r < PV; r++) {
             const int tile = warp * PV + r;
@@ -344,28 +497,10 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
                 }
             }
         }
-
-        // S_C = exp(c_last) S0 + (w K)^T delta  (S x BV, inner C)
-#pragma unroll
-        for (int r = 0; r < PS; r++) {
-            const int tile = warp * PS + r;
-            const int m0 = (tile / (BV / 8)) * 16, n0 = (tile % (BV / 8)) * 8;
-            float s[4];
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                s[e] = expf(c_last) * St[frag_row(m0, e) * LDV + frag_col(n0, e)];
-            }
-            mma_tile(s, m0, n0, C, [&](int m, int kk) { return Ks[kk * LDS + m]; },
-                                   [&](int kk, int nn) { return D[kk * LDV + nn]; });
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                St[frag_row(m0, e) * LDV + frag_col(n0, e)] = s[e];
-            }
-        }
         __syncthreads();
     }
 
-    for (int idx = threadIdx.x; idx < S * BV; idx += NT) {
+    for (int idx = tid; idx < S * BV; idx += NT) {
         const int j = idx / S, i = idx % S;
         p.state_out[state_off + (j0 + j) * S + i] = St[i * LDV + j];
     }
@@ -374,26 +509,87 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
 template <int S>
 static size_t prep_smem() { return sizeof(float) * (2 * C * (S + 4) + C * (C + 1) + 2 * C); }
 
-template <int S>
-static size_t state_smem() {
-    return sizeof(float) * (2 * C * (S + 4) + S * (BV + 8) + 2 * C * (BV + 8) + 2 * C * (C + 4) + 2 * C);
-}
+template <int S, int BV>
+static size_t state_smem() { return sizeof(float) * state_layout<S, BV>::floats; }
 
 // Scratch floats launch() needs in p.Tm + p.QKm + p.cum.
 static inline size_t scratch_floats(int64_t T, int64_t H, int64_t n_seqs) {
     return (size_t) n_seqs * H * n_chunks(T) * (2 * C * C + C);
 }
 
+// Points p.Tm, p.QKm and p.cum into one scratch buffer of scratch_floats(p.T, p.H, p.n_seqs).
+static inline void bind_scratch(params & p, float * scratch) {
+    const size_t per = (size_t) p.n_seqs * p.H * n_chunks(p.T) * C * C;
+    p.Tm  = scratch;
+    p.QKm = scratch + per;
+    p.cum = scratch + 2 * per;
+}
+
+// Value columns per state-pass block. Every block walks all chunks, so a second wave of blocks
+// would start only when the first has finished the whole sequence: take BV = 64 (half the
+// blocks, twice the work each) when it needs fewer waves than BV = 32 on this device.
+static inline int choose_bv(int64_t blocks32, int resident32, int resident64, int n_sm) {
+    if (resident32 <= 0 || n_sm <= 0) return resident64 > 0 ? 64 : 32;
+    const int64_t waves32 = (blocks32 + (int64_t) resident32 * n_sm - 1) / ((int64_t) resident32 * n_sm);
+    if (resident64 <= 0) return 32;
+    const int64_t blocks64 = blocks32 / 2;
+    const int64_t waves64 = (blocks64 + (int64_t) resident64 * n_sm - 1) / ((int64_t) resident64 * n_sm);
+    return waves64 < waves32 ? 64 : 32;
+}
+
+// Blocks of the state kernel that fit on one multiprocessor at once (0: it cannot launch here).
+template <int S, int BV>
+static int state_resident(int smem_optin) {
+    const size_t ss = state_smem<S, BV>();
+    if (ss > (size_t) smem_optin) return 0;
+    if (cudaFuncSetAttribute(gdn_chunk_state<S, BV>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) ss) != cudaSuccess) {
+        (void) cudaGetLastError();
+        return 0;
+    }
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gdn_chunk_state<S, BV>, NT, ss) != cudaSuccess) {
+        (void) cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
 template <int S>
-static cudaError_t launch_s(const params & p, cudaStream_t stream) {
-    const size_t sp = prep_smem<S>(), ss = state_smem<S>();
+static int choose_bv_here(int64_t H, int64_t n_seqs) {
+    if (S != 128) return 32;   // BV = 64 is built for S = 128 only (the Qwen3.5 head size)
+    int dev = 0, n_sm = 0, optin = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+        (void) cudaGetLastError();
+        return 32;
+    }
+    return choose_bv((S / 32) * H * n_seqs, state_resident<S, 32>(optin), state_resident<128, 64>(optin), n_sm);
+}
+
+template <int S, int BV>
+static cudaError_t launch_sb(const params & p, cudaStream_t stream) {
+    const size_t sp = prep_smem<S>(), ss = state_smem<S, BV>();
     cudaError_t err = cudaFuncSetAttribute(gdn_chunk_prep<S>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sp);
     if (err != cudaSuccess) return err;
-    err = cudaFuncSetAttribute(gdn_chunk_state<S>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) ss);
+    err = cudaFuncSetAttribute(gdn_chunk_state<S, BV>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) ss);
     if (err != cudaSuccess) return err;
-    GDN_LAUNCH(gdn_chunk_prep<S>, dim3((unsigned) n_chunks(p.T), (unsigned) p.H, (unsigned) p.n_seqs), NT, sp, stream, p);
-    GDN_LAUNCH(gdn_chunk_state<S>, dim3(S / BV, (unsigned) p.H, (unsigned) p.n_seqs), NT, ss, stream, p);
+    void (*const prep)(params)  = gdn_chunk_prep<S>;
+    void (*const state)(params) = gdn_chunk_state<S, BV>;
+    GDN_LAUNCH(prep, "gdn_chunk_prep", dim3((unsigned) n_chunks(p.T), (unsigned) p.H, (unsigned) p.n_seqs), NT, sp,
+               stream, p);
+    GDN_LAUNCH(state, "gdn_chunk_state", dim3(S / BV, (unsigned) p.H, (unsigned) p.n_seqs), NT, ss, stream, p);
     return cudaGetLastError();
+}
+
+template <int S>
+static cudaError_t launch_s(const params & p, int bv, cudaStream_t stream) {
+    if (bv <= 0) bv = choose_bv_here<S>(p.H, p.n_seqs);
+    if (bv == 32) return launch_sb<S, 32>(p, stream);
+    if constexpr (S == 128) {
+        if (bv == 64) return launch_sb<S, 64>(p, stream);
+    }
+    return cudaErrorInvalidValue;
 }
 
 // True when the chunked path covers this shape (S_v, scalar gate) on a device of compute
@@ -408,11 +604,13 @@ static inline bool available(int cc) {
 #endif
 }
 
-// Runs the op for p.T tokens; p.Tm/QKm/cum must hold scratch_floats(p.T, p.H, p.n_seqs) floats.
-static inline cudaError_t launch(const params & p, int64_t S_v, cudaStream_t stream) {
+// Runs the op for p.T tokens; p.Tm/QKm/cum must hold scratch_floats(p.T, p.H, p.n_seqs) floats
+// (bind_scratch). bv: value columns per state-pass block, 32 or (S_v = 128 only) 64; 0 chooses
+// for this device.
+static inline cudaError_t launch(const params & p, int64_t S_v, cudaStream_t stream, int bv = 0) {
     switch (S_v) {
-        case 64:  return launch_s<64>(p, stream);
-        case 128: return launch_s<128>(p, stream);
+        case 64:  return launch_s<64>(p, bv, stream);
+        case 128: return launch_s<128>(p, bv, stream);
         default:  return cudaErrorInvalidValue;
     }
 }

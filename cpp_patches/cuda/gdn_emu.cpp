@@ -42,12 +42,14 @@ extern "C" {
 
 // sizes[]: floats in q (= k), v, g (= beta), state, out; strides[]: sq1 sq2 sq3 sv1 sv2 sv3 sb1 sb2 sb3.
 // out and state_out receive the kernel's results (out holds T_out tokens; tokens >= T stay NaN
-// unless the kernel wrote them). Returns 0, or the cudaError_t of the launch.
+// unless the kernel wrote them). order: thread schedule (simt::schedule_order); async_early:
+// cp.async copies land at issue instead of at the wait. Returns 0, or the launch's cudaError_t.
 int gdn_emu_run(const float * q, const float * k, const float * v, const float * g, const float * beta,
                 const float * state, float * out, float * state_out, const int64_t * sizes,
                 const int64_t * strides, int64_t S, int64_t H, int64_t H_k, int64_t T, int64_t T_out,
-                int64_t B, int64_t rq3, int order, int fast_math) {
+                int64_t B, int64_t rq3, int order, int fast_math, int bv, int async_early) {
     simt::schedule_order = order;
+    simt::cp_async_early = async_early != 0;
     simt::fast_math = fast_math != 0;
     gdn_chunked::params p{};
     p.q = guarded_copy(q, sizes[0], "q");
@@ -58,15 +60,13 @@ int gdn_emu_run(const float * q, const float * k, const float * v, const float *
     p.state_in = guarded_copy(state, sizes[3], "state_in");
     p.out = guarded_nan(sizes[4], "out");
     p.state_out = guarded_nan(sizes[3], "state_out");
-    const int64_t per = B * H * gdn_chunked::n_chunks(T) * gdn_chunked::C * gdn_chunked::C;
-    float * scratch = guarded_nan((int64_t) gdn_chunked::scratch_floats(T, H, B), "scratch");
-    p.Tm = scratch; p.QKm = scratch + per; p.cum = scratch + 2 * per;
     p.H = H; p.H_k = H_k; p.T = T; p.T_out = T_out; p.n_seqs = B; p.rq3 = rq3;
+    gdn_chunked::bind_scratch(p, guarded_nan((int64_t) gdn_chunked::scratch_floats(T, H, B), "scratch"));
     p.sq1 = strides[0]; p.sq2 = strides[1]; p.sq3 = strides[2];
     p.sv1 = strides[3]; p.sv2 = strides[4]; p.sv3 = strides[5];
     p.sb1 = strides[6]; p.sb2 = strides[7]; p.sb3 = strides[8];
     p.scale = 1.0f / sqrtf((float) S);
-    const cudaError_t err = gdn_chunked::launch(p, S, nullptr);
+    const cudaError_t err = gdn_chunked::launch(p, S, nullptr, bv);
     if (err == cudaSuccess) {
         memcpy(out, p.out, (size_t) sizes[4] * sizeof(float));
         memcpy(state_out, p.state_out, (size_t) sizes[3] * sizeof(float));
@@ -75,6 +75,16 @@ int gdn_emu_run(const float * q, const float * k, const float * v, const float *
     return (int) err;
 }
 
-size_t gdn_emu_scratch_floats(int64_t T, int64_t H, int64_t B) { return gdn_chunked::scratch_floats(T, H, B); }
+// The BV the launch chooses on an emulated device of n_sm multiprocessors, smem_optin bytes of
+// opt-in shared memory per block and smem_per_sm per multiprocessor.
+int gdn_emu_choose_bv(int64_t S, int64_t H, int64_t B, int n_sm, int smem_optin, int smem_per_sm) {
+    const simt::device_limits saved = simt::device;
+    simt::device.n_sm = n_sm;
+    simt::device.smem_optin = smem_optin;
+    simt::device.smem_per_sm = smem_per_sm;
+    const int bv = S == 64 ? gdn_chunked::choose_bv_here<64>(H, B) : gdn_chunked::choose_bv_here<128>(H, B);
+    simt::device = saved;
+    return bv;
+}
 
 } // extern "C"

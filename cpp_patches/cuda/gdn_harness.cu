@@ -10,21 +10,26 @@ extern "C" size_t gdn_harness_scratch_floats(int64_t T, int64_t H, int64_t B) {
     return gdn_chunked::scratch_floats(T, H, B);
 }
 
+// The BV the launch would choose on this device for H heads and B sequences of head size S.
+extern "C" int gdn_harness_choose_bv(int64_t S, int64_t H, int64_t B) {
+    return S == 64 ? gdn_chunked::choose_bv_here<64>(H, B) : gdn_chunked::choose_bv_here<128>(H, B);
+}
+
 // strides (host array, in floats): sq1 sq2 sq3 sv1 sv2 sv3 sb1 sb2 sb3 (ggml's nb / 4).
-// out holds T_out tokens per sequence; the kernel writes tokens [0, T). Returns a cudaError_t.
+// out holds T_out tokens per sequence; the kernel writes tokens [0, T). bv: value columns per
+// state-pass block (32, 64; 0 = the launch's own choice). Returns a cudaError_t.
 extern "C" int gdn_harness_run(const float * q, const float * k, const float * v, const float * g,
                                const float * beta, const float * state, float * out, float * state_out,
                                float * scratch, const int64_t * strides, int64_t S, int64_t H, int64_t H_k,
-                               int64_t T, int64_t T_out, int64_t B, int64_t rq3, void * stream) {
+                               int64_t T, int64_t T_out, int64_t B, int64_t rq3, int bv, void * stream) {
     gdn_chunked::params p{};
     p.q = q; p.k = k; p.v = v; p.g = g; p.beta = beta; p.state_in = state;
     p.out = out; p.state_out = state_out;
-    const size_t per = (size_t) B * H * gdn_chunked::n_chunks(T) * gdn_chunked::C * gdn_chunked::C;
-    p.Tm = scratch; p.QKm = scratch + per; p.cum = scratch + 2 * per;
     p.H = H; p.H_k = H_k; p.T = T; p.T_out = T_out; p.n_seqs = B; p.rq3 = rq3;
+    gdn_chunked::bind_scratch(p, scratch);
     p.sq1 = strides[0]; p.sq2 = strides[1]; p.sq3 = strides[2];
     p.sv1 = strides[3]; p.sv2 = strides[4]; p.sv3 = strides[5];
     p.sb1 = strides[6]; p.sb2 = strides[7]; p.sb3 = strides[8];
     p.scale = 1.0f / sqrtf((float) S);
-    return (int) gdn_chunked::launch(p, S, (cudaStream_t) stream);
+    return (int) gdn_chunked::launch(p, S, (cudaStream_t) stream, bv);
 }

@@ -48,11 +48,13 @@ def build(out: Path) -> ctypes.CDLL:
     lib.gdn_harness_scratch_floats.restype = ctypes.c_size_t
     lib.gdn_harness_scratch_floats.argtypes = [ctypes.c_int64] * 3
     lib.gdn_harness_run.restype = ctypes.c_int
-    lib.gdn_harness_run.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7 + [ctypes.c_void_p]
+    lib.gdn_harness_run.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_void_p]
+    lib.gdn_harness_choose_bv.restype = ctypes.c_int
+    lib.gdn_harness_choose_bv.argtypes = [ctypes.c_int64] * 3
     return lib
 
 
-def run_kernel(lib, torch, inputs, *, pad=0, extra=0):
+def run_kernel(lib, torch, inputs, *, pad=0, extra=0, bv=0):
     """Device buffers for one call; returns (go, out (B, T + extra, H, S), state (B, H, S, S))."""
     B_qk, T, H_k, S = inputs[0].shape
     B, _, H, _ = inputs[2].shape
@@ -65,7 +67,7 @@ def run_kernel(lib, torch, inputs, *, pad=0, extra=0):
     stream = torch.cuda.current_stream().cuda_stream
 
     def go():
-        err = lib.gdn_harness_run(*args, S, H, H_k, T, T_out, B, B // B_qk, stream)
+        err = lib.gdn_harness_run(*args, S, H, H_k, T, T_out, B, B // B_qk, bv, stream)
         if err != 0:
             raise RuntimeError(f"kernel launch failed: cudaError {err}")
 
@@ -76,7 +78,7 @@ def correctness(lib, torch) -> list[dict]:
     rows = []
     for c in correctness_cases(long=True):
         inputs = inputs_for(c)
-        go, out, st = run_kernel(lib, torch, inputs, pad=c["pad"], extra=c["extra"])
+        go, out, st = run_kernel(lib, torch, inputs, pad=c["pad"], extra=c["extra"], bv=c["bv"])
         go()
         torch.cuda.synchronize()
         T = c["T"]
@@ -118,8 +120,11 @@ def bench(lib, torch, with_fla: bool) -> list[dict]:
         for T in (512, 2048, 8192, 32768):
             S = 128
             inputs = ref.random_inputs(rng, B=1, T=T, H_k=H_k, H_v=H_v, S=S)
-            go, out, st = run_kernel(lib, torch, inputs)
-            row = dict(shape=name, T=T, H_k=H_k, H_v=H_v, chunked_ms=median_ms(torch, go))
+            row = dict(shape=name, T=T, H_k=H_k, H_v=H_v, bv_chosen=lib.gdn_harness_choose_bv(S, H_v, 1))
+            for bv in (32, 64):   # both tiles, to check the choice
+                go, out, st = run_kernel(lib, torch, inputs, bv=bv)
+                row[f"chunked_bv{bv}_ms"] = median_ms(torch, go)
+            row["chunked_ms"] = row[f"chunked_bv{row['bv_chosen']}_ms"]
             if fla is not None:
                 q, k, v, g, beta, s0 = (torch.from_numpy(x).cuda() for x in inputs)
                 rep = H_v // H_k
@@ -161,7 +166,8 @@ def main() -> int:
     print(f"correctness: {len(result['correctness']) - len(bad)} passed, {len(bad)} failed")
     for r in result.get("bench", []):
         extra = "".join(f"  {k[:-3]} {v:.3f} ms" for k, v in r.items() if k.startswith("fla") and k.endswith("_ms"))
-        print(f"{r['shape']:8s} T={r['T']:6d} chunked {r['chunked_ms']:.3f} ms{extra}")
+        print(f"{r['shape']:8s} T={r['T']:6d} chunked {r['chunked_ms']:.3f} ms (BV {r['bv_chosen']}; "
+              f"32: {r['chunked_bv32_ms']:.3f}, 64: {r['chunked_bv64_ms']:.3f}){extra}")
     return 1 if bad else 0
 
 

@@ -59,17 +59,29 @@ constexpr cudaError_t cudaErrorInvalidValue         = 1;
 constexpr cudaError_t cudaErrorInvalidConfiguration = 9;
 typedef struct simt_stream * cudaStream_t;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr {
+    cudaDevAttrMultiProcessorCount = 16,
+    cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+    cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
 
 using std::max;
 using std::min;
 
 namespace simt {
 
-// Largest dynamic shared memory a block may opt in to on the oldest target (sm_80: 163 KiB),
-// and without opting in (48 KiB).
-constexpr size_t SMEM_OPTIN_MAX = 166912;
-constexpr size_t SMEM_DEFAULT   = 48 * 1024;
-constexpr size_t STACK_BYTES    = 256 * 1024;
+// The emulated device's limits (an H100 SXM by default; set_device() changes them): shared
+// memory a block may opt in to, per multiprocessor, and the multiprocessor count. Occupancy is
+// computed from shared memory and threads only (registers are unknown here).
+struct device_limits {
+    int n_sm = 132;
+    int smem_per_sm = 233472;     // 228 KiB
+    int smem_optin = 232448;      // 227 KiB
+    int smem_reserved = 1024;     // per block, by the runtime
+};
+inline device_limits device;
+constexpr size_t SMEM_DEFAULT = 48 * 1024;
+constexpr size_t STACK_BYTES  = 256 * 1024;
 
 [[noreturn]] void fail(const char * fmt, ...) __attribute__((format(printf, 1, 2)));
 
@@ -90,6 +102,7 @@ struct fiber {
     int      iarg = 0;   // shfl delta
     uint32_t mask = 0;
     float    res[4];
+    std::vector<std::pair<float *, const float *>> pending;   // cp.async copies not yet awaited
 #if !defined(__x86_64__)
     ucontext_t ctx;
 #endif
@@ -158,6 +171,7 @@ inline void to_scheduler() {
 
 inline void fiber_main(fiber * f) {
     blk->body();
+    if (!f->pending.empty()) fail("returned with cp.async copies never awaited");
     f->st = state::done;
     to_scheduler();
     fail("a finished thread was resumed");
@@ -173,6 +187,7 @@ inline void start_fiber(fiber & f) {
     f.st = state::runnable;
     f.cop = op::none;
     f.n_coll = f.n_bar = 0;
+    f.pending.clear();
 #if defined(__x86_64__)
     // stack top: r15 r14 r13 r12 rbx rbp ret; 16-byte aligned stack at the entry's call
     uintptr_t top = ((uintptr_t) f.stack + STACK_BYTES) & ~(uintptr_t) 15;
@@ -363,16 +378,100 @@ inline void mma_m16n8k8_tf32(float d[4], const uint32_t a[4], const uint32_t b[2
     for (int i = 0; i < 4; i++) d[i] = f.res[i];
 }
 
+// cp.async: the hardware may make the copy at any moment between issue and the wait. By
+// default it is made at the wait (the latest moment: reading the destination earlier sees the
+// old contents); with cp_async_early, at issue (the earliest: a copy issued while other threads
+// still read the destination overwrites what they read). A kernel that is right gives the same
+// bits either way.
+inline bool cp_async_early = false;
+
+inline void cp_async4(float * dst, const float * src) {
+    if (cp_async_early) {
+        *dst = *src;
+    } else {
+        cur->pending.emplace_back(dst, src);
+    }
+}
+
+inline void cp_async_wait_all() {
+    for (auto & c : cur->pending) *c.first = *c.second;
+    cur->pending.clear();
+}
+
 // ------------------------------------------------------------------ block scheduler
 
-// order: 0 = threads in index order between synchronisation points, 1 = reverse order,
-// >= 2 = a shuffled order (seeded by the value), drawn anew at every round.
+// The thread schedule between synchronisation points:
+//   0 lockstep: every thread runs to its next barrier or warp collective, in index order
+//   1 lockstep, reverse order
+//   2 warp-serial: warp 0 runs alone up to its next __syncthreads(), then warp 1, ... (warps
+//     drift as far apart as the barriers allow)
+//   3 warp-serial, last warp first
+//   >= 4 lockstep in a shuffled order (seeded by the value), drawn anew at every round
 inline int schedule_order = 0;
 
 inline void sync_block() {
     cur->st = state::barrier;
     cur->n_bar++;
     to_scheduler();
+}
+
+// Evaluates warp w's collective if its lanes wait at one; false if none of them does.
+inline bool resolve_warp(int w, int n_threads) {
+    std::vector<fiber> & fs = blk->fibers;
+    fiber * lanes = &fs[w * 32];
+    const int n_lanes = std::min(32, n_threads - w * 32);
+    int at = 0;
+    for (int l = 0; l < n_lanes; l++) at += lanes[l].st == state::collective;
+    if (at == 0) return false;
+    for (int l = 0; l < n_lanes; l++) {
+        if (lanes[l].st != state::collective) {
+            cur = &lanes[l];
+            fail("warp %d: lane %d is %s while other lanes wait at a warp collective (divergent mma.sync/shfl)",
+                 w, l, lanes[l].st == state::done ? "finished" : "at __syncthreads()");
+        }
+        if (lanes[l].cop != lanes[0].cop || lanes[l].n_coll != lanes[0].n_coll) {
+            cur = &lanes[l];
+            fail("warp %d: lanes at different warp collectives (lane 0: #%llu, lane %d: #%llu)", w,
+                 (unsigned long long) lanes[0].n_coll, l, (unsigned long long) lanes[l].n_coll);
+        }
+    }
+    cur = &lanes[0];
+    if (n_lanes != 32) fail("warp %d has %d threads: warp collectives need full warps here", w, n_lanes);
+    if (lanes[0].cop == op::mma_tf32) {
+        eval_mma(lanes);
+    } else {
+        for (int l = 0; l < 32; l++) {
+            if (lanes[l].mask != 0xffffffffu) { cur = &lanes[l]; fail("__shfl_up_sync with a partial mask"); }
+        }
+        eval_shfl_up(lanes);
+    }
+    cur = nullptr;
+    for (int l = 0; l < 32; l++) { lanes[l].st = state::runnable; lanes[l].cop = op::none; }
+    return true;
+}
+
+// Every thread waits at __syncthreads() or has returned: releases the barrier; true when all
+// threads have returned.
+inline bool release_barrier(int n_threads) {
+    std::vector<fiber> & fs = blk->fibers;
+    int at_bar = 0, done = 0;
+    for (int i = 0; i < n_threads; i++) {
+        at_bar += fs[i].st == state::barrier;
+        done += fs[i].st == state::done;
+    }
+    if (done == n_threads) return true;
+    if (at_bar + done != n_threads) fail("scheduler: threads neither runnable, waiting nor done");
+    if (done != 0) {
+        for (int i = 0; i < n_threads; i++) {
+            if (fs[i].st == state::done) { cur = &fs[i]; break; }
+        }
+        fail("__syncthreads() reached while this thread has already returned");
+    }
+    for (int i = 0; i < n_threads; i++) {
+        if (fs[i].n_bar != fs[0].n_bar) { cur = &fs[i]; fail("threads at different __syncthreads() calls"); }
+        fs[i].st = state::runnable;
+    }
+    return false;
 }
 
 inline void run_block(int n_threads) {
@@ -382,66 +481,27 @@ inline void run_block(int n_threads) {
     for (int i = 0; i < n_threads; i++) order[i] = i;
     if (schedule_order == 1) std::reverse(order.begin(), order.end());
     std::mt19937 rng((uint32_t) schedule_order * 2654435761u + block_idx.x * 97u + block_idx.y * 31u + block_idx.z);
+    const bool serial = schedule_order == 2 || schedule_order == 3;
     for (;;) {
-        if (schedule_order >= 2) std::shuffle(order.begin(), order.end(), rng);
-        for (int i : order) {
-            if (fs[i].st == state::runnable) resume(fs[i]);
-        }
-        bool progressed = false;
-        for (int w = 0; w < n_warps; w++) {
-            fiber * lanes = &fs[w * 32];
-            const int n_lanes = std::min(32, n_threads - w * 32);
-            int at = 0, done = 0;
-            for (int l = 0; l < n_lanes; l++) {
-                at += lanes[l].st == state::collective;
-                done += lanes[l].st == state::done;
+        if (serial) {
+            for (int wi = 0; wi < n_warps; wi++) {
+                const int w = schedule_order == 2 ? wi : n_warps - 1 - wi;
+                do {
+                    for (int l = w * 32; l < std::min(n_threads, w * 32 + 32); l++) {
+                        if (fs[l].st == state::runnable) resume(fs[l]);
+                    }
+                } while (resolve_warp(w, n_threads));
             }
-            if (at == 0) continue;
-            cur = &lanes[0];
-            for (int l = 0; l < n_lanes; l++) {
-                if (lanes[l].st != state::collective) {
-                    cur = &lanes[l];
-                    fail("warp %d: lane %d is %s while other lanes wait at a warp collective (divergent mma.sync/shfl)",
-                         w, l, lanes[l].st == state::done ? "finished" : "at __syncthreads()");
-                }
-                if (lanes[l].cop != lanes[0].cop || lanes[l].n_coll != lanes[0].n_coll) {
-                    cur = &lanes[l];
-                    fail("warp %d: lanes at different warp collectives (lane 0: #%llu, lane %d: #%llu)", w,
-                         (unsigned long long) lanes[0].n_coll, l, (unsigned long long) lanes[l].n_coll);
-                }
+        } else {
+            if (schedule_order >= 4) std::shuffle(order.begin(), order.end(), rng);
+            for (int i : order) {
+                if (fs[i].st == state::runnable) resume(fs[i]);
             }
-            if (n_lanes != 32) fail("warp %d has %d threads: warp collectives need full warps here", w, n_lanes);
-            if (lanes[0].cop == op::mma_tf32) {
-                eval_mma(lanes);
-            } else {
-                for (int l = 0; l < 32; l++) {
-                    if (lanes[l].mask != 0xffffffffu) { cur = &lanes[l]; fail("__shfl_up_sync with a partial mask"); }
-                }
-                eval_shfl_up(lanes);
-            }
-            cur = nullptr;
-            for (int l = 0; l < 32; l++) { lanes[l].st = state::runnable; lanes[l].cop = op::none; }
-            progressed = true;
-            (void) done;
+            bool progressed = false;
+            for (int w = 0; w < n_warps; w++) progressed |= resolve_warp(w, n_threads);
+            if (progressed) continue;
         }
-        if (progressed) continue;
-        int at_bar = 0, done = 0;
-        for (int i = 0; i < n_threads; i++) {
-            at_bar += fs[i].st == state::barrier;
-            done += fs[i].st == state::done;
-        }
-        if (done == n_threads) return;
-        if (at_bar + done != n_threads) fail("scheduler: threads neither runnable, waiting nor done");
-        if (done != 0) {
-            for (int i = 0; i < n_threads; i++) {
-                if (fs[i].st == state::done) { cur = &fs[i]; break; }
-            }
-            fail("__syncthreads() reached while this thread has already returned");
-        }
-        for (int i = 0; i < n_threads; i++) {
-            if (fs[i].n_bar != fs[0].n_bar) { cur = &fs[i]; fail("threads at different __syncthreads() calls"); }
-            fs[i].st = state::runnable;
-        }
+        if (release_barrier(n_threads)) return;
     }
 }
 
@@ -541,8 +601,29 @@ cudaError_t launch(void (*kernel)(KArgs...), const char * name, dim3 grid, dim3 
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F * func, cudaFuncAttribute attr, int value) {
     if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
-    if (value < 0 || (size_t) value > simt::SMEM_OPTIN_MAX) return cudaErrorInvalidValue;  // over sm_80's limit
+    if (value < 0 || value > simt::device.smem_optin) return simt::last_error = cudaErrorInvalidValue;
     simt::max_dyn_smem()[(const void *) func] = value;
+    return cudaSuccess;
+}
+
+inline cudaError_t cudaGetDevice(int * dev) { *dev = 0; return cudaSuccess; }
+
+inline cudaError_t cudaDeviceGetAttribute(int * value, cudaDeviceAttr attr, int) {
+    switch (attr) {
+        case cudaDevAttrMultiProcessorCount:              *value = simt::device.n_sm; return cudaSuccess;
+        case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = simt::device.smem_per_sm; return cudaSuccess;
+        case cudaDevAttrMaxSharedMemoryPerBlockOptin:     *value = simt::device.smem_optin; return cudaSuccess;
+    }
+    return cudaErrorInvalidValue;
+}
+
+// Blocks per multiprocessor, from shared memory and threads (2048 per multiprocessor) only.
+template <typename F>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int * n, F *, int threads, size_t smem) {
+    if (threads <= 0 || threads > 1024) return cudaErrorInvalidValue;
+    const int by_threads = 2048 / threads;
+    const int by_smem = (int) (simt::device.smem_per_sm / (smem + simt::device.smem_reserved));
+    *n = std::min(by_threads, by_smem);
     return cudaSuccess;
 }
 
