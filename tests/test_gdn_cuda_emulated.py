@@ -4,8 +4,8 @@ on the CPU by cpp_patches/cuda/simt_emu.h, against the float64 numpy reference.
 The emulator runs every CUDA thread as a fiber, evaluates mma.sync and shuffles across the
 warp in the PTX ISA's fragment layouts, fills shared memory with NaN and ends every buffer at a
 guard page; so this checks the kernels' indexing, fragment layouts, barriers, chunk carry and
-bounds on every commit, with no GPU. The last tests break the kernel on purpose and require the
-emulator to notice, so a passing run means something.
+bounds on every commit, with no GPU. The mutation tests break the kernel on purpose and require
+the emulator to notice, so a passing run means something.
 """
 
 import json
@@ -83,6 +83,10 @@ MUTATIONS = [
      "        async_wait_all();\n        stash();",
      "        stash();",
      "cp.async copies never awaited"),
+    ("barrier between the blocked inverse's two products dropped",
+     "            As[(16 * j + r) * LDA + 16 * i + c] = acc;   // Y_ij\n        }\n        __syncthreads();",
+     "            As[(16 * j + r) * LDA + 16 * i + c] = acc;   // Y_ij\n        }",
+     "thread schedules disagree"),
     ("prefix sum off by one lane",
      "if (lane >= o) s += n;",
      "if (lane > o) s += n;",

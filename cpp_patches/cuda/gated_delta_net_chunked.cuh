@@ -261,21 +261,52 @@ __global__ void __launch_bounds__(NT) gdn_chunk_prep(const params p) {
     }
     __syncthreads();
 
-    // Tm = (I + A)^-1 by forward substitution, one thread per column (columns are independent):
-    // Tm[t][j] = [t == j] - sum_{j <= s < t} A[t][s] Tm[s][j]; Tm[t][j] = 0 for t < j.
+    // Tm = (I + A)^-1 (unit lower triangular) by 16x16 blocks, so the serial chain is short:
+    // 1. diagonal blocks X_bb = (I + A_bb)^-1 by forward substitution, one thread per column:
+    //    X[t][j] = [t == j] - sum_{j <= s < t} A[t][s] X[s][j]  (4 blocks x 16 columns);
+    // 2. below them, by distance d = i - j: X_ij = -X_ii Y_ij, Y_ij = sum_{j <= k < i} A_ik X_kj
+    //    (Y is kept in As's upper block (j, i), which is zero and never read as A).
     // Qs is free now and holds Tm (row stride LDS).
+    constexpr int NB = C / 16;
     float * Ts = Qs;
     if (threadIdx.x < C) {
-        const int j = threadIdx.x;
-        for (int t = 0; t < C; t++) {
+        const int b = threadIdx.x / 16, j = threadIdx.x % 16, o = 16 * b;
+        for (int t = 0; t < 16; t++) {
             float acc = t == j ? 1.0f : 0.0f;
-            for (int s = j; s < t; s++) {
-                acc -= As[t * LDA + s] * Ts[s * LDS + j];
+            for (int s2 = j; s2 < t; s2++) {
+                acc -= As[(o + t) * LDA + o + s2] * Ts[(o + s2) * LDS + o + j];
             }
-            Ts[t * LDS + j] = t >= j ? acc : 0.0f;
+            Ts[(o + t) * LDS + o + j] = t >= j ? acc : 0.0f;
+        }
+    }
+    for (int idx = threadIdx.x; idx < C * C; idx += NT) {   // above the diagonal blocks: zero
+        const int t = idx / C, s2 = idx % C;
+        if (s2 / 16 > t / 16) {
+            Ts[t * LDS + s2] = 0.0f;
         }
     }
     __syncthreads();
+    for (int d = 1; d < NB; d++) {
+        const int n = (NB - d) * 256;   // blocks (j + d, j), 16 x 16 elements each
+        for (int idx = threadIdx.x; idx < n; idx += NT) {
+            const int j = idx / 256, i = j + d, r = (idx / 16) % 16, c = idx % 16;
+            float acc = 0.0f;
+            for (int k = 16 * j; k < 16 * i; k++) {
+                acc += As[(16 * i + r) * LDA + k] * Ts[k * LDS + 16 * j + c];
+            }
+            As[(16 * j + r) * LDA + 16 * i + c] = acc;   // Y_ij
+        }
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < n; idx += NT) {
+            const int j = idx / 256, i = j + d, r = (idx / 16) % 16, c = idx % 16;
+            float acc = 0.0f;
+            for (int u = 0; u <= r; u++) {
+                acc -= Ts[(16 * i + r) * LDS + 16 * i + u] * As[(16 * j + u) * LDA + 16 * i + c];
+            }
+            Ts[(16 * i + r) * LDS + 16 * j + c] = acc;
+        }
+        __syncthreads();
+    }
     float * Tg = p.Tm + slot * C * C;
     for (int idx = threadIdx.x; idx < C * C; idx += NT) {
         Tg[idx] = Ts[(idx / C) * LDS + idx % C];
