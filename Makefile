@@ -5,6 +5,7 @@
 #   make llama-upstream    the same llama.cpp unpatched, in its own build directory (A/B, compatibility)
 #   make patches-export    rewrite cpp_patches/*.patch from the commits in build/src/vendor/llama.cpp
 #   make cuda-check        compile the CUDA files the series touches with nvcc (no GPU needed)
+#   make cuda-bundle       pack .device/ for a GPU session (cpp_patches/cuda/gpu_session.sh)
 # Variables: BACKEND=cpu|cuda|metal|vulkan (detected when empty), CUDA_ARCHS="86;89;90a;120",
 #            JOBS (default: all cores), PYTHON (interpreter for the venv, default python3).
 
@@ -20,11 +21,11 @@ BUILD   := build/$(BACKEND)
 UP_SRC  := build/upstream-src
 UP_BUILD:= build/upstream-$(BACKEND)
 
-.PHONY: demo setup venv llama bindings test llama-upstream patches-export cuda-check clean help
+.PHONY: demo setup venv llama bindings test llama-upstream patches-export cuda-check cuda-bundle clean help
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '2,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: venv llama bindings
 	@$(VENV)/bin/qwen35 build-info
@@ -59,6 +60,9 @@ patches-export:
 
 cuda-check: venv
 	$(VPY) -m pytest -q tests/test_cuda_compile.py
+
+cuda-bundle: setup
+	$(VPY) cpp_patches/cuda/device_bundle.py
 
 clean:
 	rm -rf build $(VENV)

