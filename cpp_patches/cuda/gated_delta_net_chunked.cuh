@@ -343,7 +343,7 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
     static_assert(TILES_V % NW == 0 && TILES_S % NW == 0, "tiles must split evenly over warps");
     constexpr int PV = TILES_V / NW;
     constexpr int PS = TILES_S / NW;
-    constexpr int UNROLL_S = BV == 64 ? 2 : PS;   // BV 64 fully unrolled runs out of registers
+    [[maybe_unused]] constexpr int UNROLL_S = BV == 64 ? 2 : PS;   // BV 64 fully unrolled runs out of registers
     constexpr int RCC = C * C / NT;   // QKm registers per thread
     static_assert((C * C) % NT == 0 && C <= NT, "prefetch split");
 

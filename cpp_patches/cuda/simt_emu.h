@@ -9,9 +9,10 @@
 // * __syncthreads() releases when every thread of the block has arrived;
 // * a warp collective is evaluated when all 32 lanes of the warp have arrived at the same
 //   collective (lanes at different collectives, or at a barrier, are reported as divergence);
-// * the order in which fibers run between those points is a parameter (forward, reverse,
-//   shuffled): a kernel without data races gives the same bits in every order, so running it
-//   in several orders and comparing finds a missing barrier;
+// * the order in which fibers run between those points is a parameter (lockstep forward or
+//   reverse, warp-serial, shuffled: see schedule_order), and cp.async copies land either at
+//   issue or at the wait: a kernel without data races gives the same bits every way, so running
+//   it several ways and comparing finds a missing barrier or a copy into a buffer in use;
 // * dynamic shared memory is filled with NaN at block start and ends at a guard page, global
 //   buffers can be allocated to end at a guard page (alloc_guarded), so reading uninitialised
 //   shared memory shows as NaN and running past a buffer stops with the buffer's name.
@@ -37,7 +38,12 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#if !defined(__x86_64__)
+// Fibers switch with a few instructions on x86-64 (simt_switch below); elsewhere, or with
+// SIMT_UCONTEXT defined, with the much slower swapcontext.
+#if !defined(__x86_64__) && !defined(SIMT_UCONTEXT)
+#define SIMT_UCONTEXT 1
+#endif
+#ifdef SIMT_UCONTEXT
 #include <ucontext.h>
 #endif
 
@@ -70,7 +76,7 @@ using std::min;
 
 namespace simt {
 
-// The emulated device's limits (an H100 SXM by default; set_device() changes them): shared
+// The emulated device's limits (an H100 SXM by default; a driver may change them): shared
 // memory a block may opt in to, per multiprocessor, and the multiprocessor count. Occupancy is
 // computed from shared memory and threads only (registers are unknown here).
 struct device_limits {
@@ -103,7 +109,7 @@ struct fiber {
     uint32_t mask = 0;
     float    res[4];
     std::vector<std::pair<float *, const float *>> pending;   // cp.async copies not yet awaited
-#if !defined(__x86_64__)
+#ifdef SIMT_UCONTEXT
     ucontext_t ctx;
 #endif
     char *   stack = nullptr;
@@ -119,11 +125,11 @@ inline fiber *     cur = nullptr;       // the running fiber
 inline dim3        block_idx, block_dim, grid_dim;
 inline block_run * blk = nullptr;
 inline void *      sched_sp = nullptr;
-#if !defined(__x86_64__)
+#ifdef SIMT_UCONTEXT
 inline ucontext_t  sched_ctx;
 #endif
 
-#if defined(__x86_64__)
+#ifndef SIMT_UCONTEXT
 // simt_switch(save, load): saves the callee-saved registers and the stack pointer to *save,
 // continues on stack load. simt_entry starts a fiber: r12 = function, rbx = its argument.
 extern "C" void simt_switch(void ** save, void * load);
@@ -162,7 +168,7 @@ extern "C" void simt_entry();
 #endif
 
 inline void to_scheduler() {
-#if defined(__x86_64__)
+#ifndef SIMT_UCONTEXT
     simt_switch(&cur->sp, sched_sp);
 #else
     swapcontext(&cur->ctx, &sched_ctx);
@@ -177,7 +183,7 @@ inline void fiber_main(fiber * f) {
     fail("a finished thread was resumed");
 }
 
-#if !defined(__x86_64__)
+#ifdef SIMT_UCONTEXT
 inline void fiber_main_uc(unsigned hi, unsigned lo) {
     fiber_main((fiber *) (((uintptr_t) hi << 32) | lo));
 }
@@ -188,7 +194,7 @@ inline void start_fiber(fiber & f) {
     f.cop = op::none;
     f.n_coll = f.n_bar = 0;
     f.pending.clear();
-#if defined(__x86_64__)
+#ifndef SIMT_UCONTEXT
     // stack top: r15 r14 r13 r12 rbx rbp ret; 16-byte aligned stack at the entry's call
     uintptr_t top = ((uintptr_t) f.stack + STACK_BYTES) & ~(uintptr_t) 15;
     uint64_t * s = (uint64_t *) (top - 72);
@@ -209,7 +215,7 @@ inline void start_fiber(fiber & f) {
 
 inline void resume(fiber & f) {
     cur = &f;
-#if defined(__x86_64__)
+#ifndef SIMT_UCONTEXT
     simt_switch(&sched_sp, f.sp);
 #else
     swapcontext(&sched_ctx, &f.ctx);
