@@ -2,10 +2,11 @@
 
 gated_delta_net_chunked.cuh compiles as plain C++ with simt_emu.h (one fiber per CUDA thread,
 warp-collective mma.sync / shuffles evaluated in the PTX fragment layouts, NaN-filled shared
-memory, guard pages after every buffer), so the kernels' indexing, fragment layouts, barriers
-and chunk carry are tested here without a GPU. Speed is not; that needs run_harness.py on a GPU.
+memory, guard pages after every buffer, reorderable thread schedules and cp.async timing), so
+the kernels' indexing, fragment layouts, barriers, copies and chunk carry are tested here without
+a GPU. Speed is not; that needs run_harness.py on a GPU.
 
-    python3 cpp_patches/cuda/emulate.py [--long] [--json FILE]
+    python3 cpp_patches/cuda/emulate.py [--long | --quick] [--orders] [--json FILE]
 
 prints every case of cases.py with its error against the float64 numpy reference and exits
 non-zero if one fails. tests/test_gdn_cuda_emulated.py runs the same checks under pytest.
@@ -144,9 +145,9 @@ def quick_cases() -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--long", action="store_true", help="include T = 8192 (about 15 s more)")
-    ap.add_argument("--quick", action="store_true", help="only two small cases (S 64 and 128)")
+    ap.add_argument("--quick", action="store_true", help="only three small cases (S 64 and 128, both tiles)")
     ap.add_argument("--orders", action="store_true",
-                    help="also run the quick cases under reverse and shuffled thread schedules (race check)")
+                    help="also run the quick cases under other thread schedules and cp.async timings (race check)")
     ap.add_argument("--exact-exp", action="store_true", help="libm expf instead of the fast-math __expf model")
     ap.add_argument("--source-dir", type=Path, default=HERE, help="directory holding the kernel sources")
     ap.add_argument("--fail-fast", action="store_true", help="stop at the first failing check")
