@@ -33,3 +33,17 @@ extern "C" int gdn_harness_run(const float * q, const float * k, const float * v
     p.scale = 1.0f / sqrtf((float) S);
     return (int) gdn_chunked::launch(p, S, (cudaStream_t) stream, bv);
 }
+
+// Device memory for the correctness checks, so they need no framework (torch is only used by
+// the benchmark, for FLA). Each returns a cudaError_t.
+extern "C" int gdn_harness_alloc(void ** p, size_t bytes) { return (int) cudaMalloc(p, bytes); }
+extern "C" int gdn_harness_free(void * p) { return (int) cudaFree(p); }
+extern "C" int gdn_harness_upload(void * dst, const void * src, size_t bytes) {
+    return (int) cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice);
+}
+extern "C" int gdn_harness_download(void * dst, const void * src, size_t bytes) {
+    return (int) cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost);
+}
+extern "C" int gdn_harness_fill_nan(void * p, size_t bytes) { return (int) cudaMemset(p, 0xff, bytes); }
+extern "C" int gdn_harness_sync(void) { return (int) cudaDeviceSynchronize(); }
+extern "C" const char * gdn_harness_error(int err) { return cudaGetErrorString((cudaError_t) err); }

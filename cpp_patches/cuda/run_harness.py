@@ -1,6 +1,6 @@
 """Check and time the chunked GATED_DELTA_NET CUDA kernel through its standalone harness.
 
-Runs on a machine with a CUDA GPU, torch and nvcc (the device machine):
+Runs on a machine with a CUDA GPU and nvcc; the benchmark also needs torch (and FLA for --fla):
 
     python3 cpp_patches/cuda/run_harness.py [--quick | --no-check] [--bench] [--fla] [--json FILE]
 
@@ -39,13 +39,21 @@ def nvcc_cmd(out: Path, arch: str = "90a") -> list[str]:
             "-shared", "-Xcompiler", "-fPIC", "-I", str(HERE), "-o", str(out), str(HERE / "gdn_harness.cu")]
 
 
-def build(out: Path) -> ctypes.CDLL:
+def gpu_arch() -> str:
+    """This machine's GPU as an nvcc arch (8.9 -> 89, 9.0 -> 90a); 90a when nvidia-smi cannot say."""
+    r = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                       text=True)
+    cap = r.stdout.split()[0].replace(".", "") if r.returncode == 0 and r.stdout.strip() else "90"
+    return cap + "a" if cap == "90" else cap
+
+
+def build(out: Path, arch: str | None = None) -> ctypes.CDLL:
     """Compiles the harness unless out is newer than its sources (repeated runs, e.g. under
     compute-sanitizer, reuse it)."""
     sources = [HERE / "gdn_harness.cu", HERE / "gated_delta_net_chunked.cuh"]
     if not out.exists() or out.stat().st_mtime < max(p.stat().st_mtime for p in sources):
         t = time.time()
-        subprocess.run(nvcc_cmd(out), check=True)
+        subprocess.run(nvcc_cmd(out, arch or gpu_arch()), check=True)
         print(f"compiled harness in {time.time() - t:.1f}s", flush=True)
     lib = ctypes.CDLL(str(out))
     lib.gdn_harness_scratch_floats.restype = ctypes.c_size_t
@@ -54,6 +62,13 @@ def build(out: Path) -> ctypes.CDLL:
     lib.gdn_harness_run.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_void_p]
     lib.gdn_harness_choose_bv.restype = ctypes.c_int
     lib.gdn_harness_choose_bv.argtypes = [ctypes.c_int64] * 3
+    lib.gdn_harness_alloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
+    lib.gdn_harness_free.argtypes = [ctypes.c_void_p]
+    lib.gdn_harness_upload.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    lib.gdn_harness_download.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    lib.gdn_harness_fill_nan.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    lib.gdn_harness_error.restype = ctypes.c_char_p
+    lib.gdn_harness_error.argtypes = [ctypes.c_int]
     return lib
 
 
@@ -77,16 +92,70 @@ def run_kernel(lib, torch, inputs, *, pad=0, extra=0, bv=0):
     return go, out, st
 
 
-def correctness(lib, torch, cases) -> list[dict]:
+class DeviceArrays:
+    """Device copies of numpy arrays through the harness's own cudaMalloc / cudaMemcpy."""
+
+    def __init__(self, lib):
+        self.lib, self.ptrs = lib, []
+
+    def _check(self, err: int, what: str) -> None:
+        if err != 0:
+            raise RuntimeError(f"{what}: {self.lib.gdn_harness_error(err).decode()}")
+
+    def alloc(self, nbytes: int) -> int:
+        p = ctypes.c_void_p()
+        self._check(self.lib.gdn_harness_alloc(ctypes.byref(p), max(nbytes, 4)), f"cudaMalloc of {nbytes} bytes")
+        self.ptrs.append(p.value)
+        return p.value
+
+    def upload(self, x: np.ndarray) -> int:
+        x = np.ascontiguousarray(x)
+        p = self.alloc(x.nbytes)
+        self._check(self.lib.gdn_harness_upload(p, x.ctypes.data, x.nbytes), "upload")
+        return p
+
+    def nan(self, n_floats: int) -> int:
+        p = self.alloc(4 * n_floats)
+        self._check(self.lib.gdn_harness_fill_nan(p, 4 * n_floats), "memset")
+        return p
+
+    def download(self, p: int, shape) -> np.ndarray:
+        out = np.empty(shape, np.float32)
+        self._check(self.lib.gdn_harness_download(out.ctypes.data, p, out.nbytes), "download")
+        return out
+
+    def free(self) -> None:
+        for p in self.ptrs:
+            self.lib.gdn_harness_free(p)
+        self.ptrs = []
+
+
+def run_once(lib, inputs, *, pad=0, extra=0, bv=0):
+    """One call on fresh device buffers (outputs NaN-filled): (out (B, T + extra, H, S), state)."""
+    B_qk, T, H_k, S = inputs[0].shape
+    B, _, H, _ = inputs[2].shape
+    *arrays, strides, T_out = ggml_layout(*inputs, pad=pad, extra=extra)
+    mem = DeviceArrays(lib)
+    try:
+        ins = [mem.upload(x) for x in arrays]
+        out, st = mem.nan(B * T_out * H * S), mem.nan(B * H * S * S)
+        scratch = mem.nan(lib.gdn_harness_scratch_floats(T, H, B))
+        err = lib.gdn_harness_run(*ins, out, st, scratch, strides.ctypes.data, S, H, H_k, T, T_out, B, B // B_qk,
+                                  bv, None)
+        mem._check(err, "kernel launch")
+        mem._check(lib.gdn_harness_sync(), "kernel run")
+        return mem.download(out, (B, T_out, H, S)), mem.download(st, (B, H, S, S))
+    finally:
+        mem.free()
+
+
+def correctness(lib, cases) -> list[dict]:
     rows = []
     for c in cases:
         inputs = inputs_for(c)
-        go, out, st = run_kernel(lib, torch, inputs, pad=c["pad"], extra=c["extra"], bv=c["bv"])
-        go()
-        torch.cuda.synchronize()
+        o, s = run_once(lib, inputs, pad=c["pad"], extra=c["extra"], bv=c["bv"])
         T = c["T"]
         o_ref, s_ref = ref.recurrent(*inputs) if T <= 1000 else ref.chunked(*inputs)
-        o, s = out.cpu().numpy(), st.cpu().numpy()
         row = dict(c, nan=bool(np.isnan(o[:, :T]).any() or np.isnan(s).any()),
                    tail_untouched=bool(np.isnan(o[:, T:]).all()),
                    err_out=ref.rel_rms(o[:, :T], o_ref), err_state=ref.rel_rms(s, s_ref[0]))
@@ -169,21 +238,22 @@ def bench(lib, torch, with_fla: bool) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only the emulator's quick cases (for compute-sanitizer)")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness grid")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--fla", action="store_true")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--lib", type=Path, default=Path("/tmp/libgdn_harness.so"))
+    ap.add_argument("--arch", help="nvcc arch (default: this GPU's, e.g. 90a)")
     args = ap.parse_args()
-    import torch
-
-    print(torch.cuda.get_device_name(0), flush=True)
-    lib = build(args.lib)
+    lib = build(args.lib, args.arch)
     cases = [] if args.no_check else quick_cases() if args.quick else correctness_cases(long=True)
-    result = {"correctness": correctness(lib, torch, cases)}
+    result = {"correctness": correctness(lib, cases)}
     if args.bench:
+        import torch
+
+        print(torch.cuda.get_device_name(0), flush=True)
         result["bench"] = bench(lib, torch, args.fla)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
