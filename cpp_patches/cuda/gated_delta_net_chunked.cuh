@@ -178,6 +178,41 @@ static __device__ __forceinline__ void mma_tile2(float d1[4], float d2[4], int m
     }
 }
 
+// R tiles in one row band (rows m0.., columns n0 + 8r..): d[r] += a b. Each k-step loads and
+// splits the A fragment once for all R tiles.
+template <int R, typename FA, typename FB>
+static __device__ __forceinline__ void mma_row(float (&d)[R][4], int m0, int n0, int kdim, FA a, FB b) {
+    for (int k0 = 0; k0 < kdim; k0 += 8) {
+        uint32_t ah[4], al[4];
+        frag_a(a, m0, k0, ah, al);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            uint32_t bh[2], bl[2];
+            frag_b(b, k0, n0 + 8 * r, bh, bl);
+            mma_3xtf32(d[r], ah, al, bh, bl);
+        }
+    }
+}
+
+// Two products in one row band sharing B: d1[r] += a1 b, d2[r] += a2 b (A fragments loaded once
+// per k-step, B once per k-step and tile).
+template <int R, typename FA1, typename FA2, typename FB>
+static __device__ __forceinline__ void mma_row2(float (&d1)[R][4], float (&d2)[R][4], int m0, int n0, int kdim,
+                                                FA1 a1, FA2 a2, FB b) {
+    for (int k0 = 0; k0 < kdim; k0 += 8) {
+        uint32_t ah1[4], al1[4], ah2[4], al2[4];
+        frag_a(a1, m0, k0, ah1, al1);
+        frag_a(a2, m0, k0, ah2, al2);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            uint32_t bh[2], bl[2];
+            frag_b(b, k0, n0 + 8 * r, bh, bl);
+            mma_3xtf32(d1[r], ah1, al1, bh, bl);
+            mma_3xtf32(d2[r], ah2, al2, bh, bl);
+        }
+    }
+}
+
 // row/col of fragment element e (0..3) of the tile at (m0, n0)
 static __device__ __forceinline__ int frag_row(int m0, int e) { return m0 + ((threadIdx.x & 31) >> 2) + (e >= 2 ? 8 : 0); }
 static __device__ __forceinline__ int frag_col(int n0, int e) { return n0 + 2 * (threadIdx.x & 3) + (e & 1); }
@@ -343,7 +378,7 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
     static_assert(TILES_V % NW == 0 && TILES_S % NW == 0, "tiles must split evenly over warps");
     constexpr int PV = TILES_V / NW;
     constexpr int PS = TILES_S / NW;
-    [[maybe_unused]] constexpr int UNROLL_S = BV == 64 ? 2 : PS;   // BV 64 fully unrolled runs out of registers
+    static_assert((BV / 8) % PV == 0 && (BV / 8) % PS == 0, "each warp's tiles must lie in one row band");
     constexpr int RCC = C * C / NT;   // QKm registers per thread
     static_assert((C * C) % NT == 0 && C <= NT, "prefetch split");
 
@@ -445,21 +480,25 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
             ws[tid] = expf(cs[C - 1] - cs[tid]);   // read from phase 3 on
         }
 
+        // Each warp's tiles lie in one row band: PV output tiles (C x BV) from row vm0, column
+        // vn0; PS state tiles (S x BV) from row sm0, column sn0.
+        const int vm0 = (warp * PV / (BV / 8)) * 16, vn0 = (warp * PV % (BV / 8)) * 8;
+        const int sm0 = (warp * PS / (BV / 8)) * 16, sn0 = (warp * PS % (BV / 8)) * 8;
+
         // phase 1: P = K S0, O1 = Q S0 (S0 fragments shared); R = beta (V - exp(c) P) in place
-        float o1[PV][4];
+        float o1[PV][4] = {};
+        {
+            float pk[PV][4] = {};
+            mma_row2(pk, o1, vm0, vn0, S, [&](int m, int kk) { return Ks[m * LDS + kk]; },
+                                          [&](int m, int kk) { return Qs[m * LDS + kk]; },
+                                          [&](int kk, int nn) { return St[kk * LDV + nn]; });
 #pragma unroll
-        for (int r = 0; r < PV; r++) {
-            const int tile = warp * PV + r;
-            const int m0 = (tile / (BV / 8)) * 16, n0 = (tile % (BV / 8)) * 8;
-            float pk[4] = {0, 0, 0, 0};
-            o1[r][0] = o1[r][1] = o1[r][2] = o1[r][3] = 0.0f;
-            mma_tile2(pk, o1[r], m0, n0, S, [&](int m, int kk) { return Ks[m * LDS + kk]; },
-                                            [&](int m, int kk) { return Qs[m * LDS + kk]; },
-                                            [&](int kk, int nn) { return St[kk * LDV + nn]; });
+            for (int r = 0; r < PV; r++) {
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int t = frag_row(m0, e), j = frag_col(n0, e);
-                R[t * LDV + j] = bs[t] * (R[t * LDV + j] - expf(cs[t]) * pk[e]);
+                for (int e = 0; e < 4; e++) {
+                    const int t = frag_row(vm0, e), j = frag_col(vn0 + 8 * r, e);
+                    R[t * LDV + j] = bs[t] * (R[t * LDV + j] - expf(cs[t]) * pk[r][e]);
+                }
             }
         }
         __syncthreads();
@@ -467,17 +506,17 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
             copy_qk(Qs, p.q, chunk + 1);
         }
 
-        // phase 2: delta = Tm R (Tm lower triangular: k < m0 + 16)
+        // phase 2: delta = Tm R (Tm lower triangular: k < vm0 + 16)
+        {
+            float d[PV][4] = {};
+            mma_row(d, vm0, vn0, vm0 + 16, [&](int m, int kk) { return Ts[m * LDC + kk]; },
+                                           [&](int kk, int nn) { return R[kk * LDV + nn]; });
 #pragma unroll
-        for (int r = 0; r < PV; r++) {
-            const int tile = warp * PV + r;
-            const int m0 = (tile / (BV / 8)) * 16, n0 = (tile % (BV / 8)) * 8;
-            float d[4] = {0, 0, 0, 0};
-            mma_tile(d, m0, n0, m0 + 16, [&](int m, int kk) { return Ts[m * LDC + kk]; },
-                                         [&](int kk, int nn) { return R[kk * LDV + nn]; });
+            for (int r = 0; r < PV; r++) {
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                D[frag_row(m0, e) * LDV + frag_col(n0, e)] = d[e];
+                for (int e = 0; e < 4; e++) {
+                    D[frag_row(vm0, e) * LDV + frag_col(vn0 + 8 * r, e)] = d[r][e];
+                }
             }
         }
         __syncthreads();
@@ -486,21 +525,24 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
         }
 
         // phase 3: S_C = exp(c_last) S0 + K^T (w delta)  (S x BV, inner C)
-        const float decay_c = expf(cs[C - 1]);
-#pragma unroll UNROLL_S
-        for (int r = 0; r < PS; r++) {
-            const int tile = warp * PS + r;
-            const int m0 = (tile / (BV / 8)) * 16, n0 = (tile % (BV / 8)) * 8;
-            float s[4];
+        {
+            const float decay_c = expf(cs[C - 1]);
+            float sv[PS][4];
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                s[e] = decay_c * St[frag_row(m0, e) * LDV + frag_col(n0, e)];
+            for (int r = 0; r < PS; r++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    sv[r][e] = decay_c * St[frag_row(sm0, e) * LDV + frag_col(sn0 + 8 * r, e)];
+                }
             }
-            mma_tile(s, m0, n0, C, [&](int m, int kk) { return Ks[kk * LDS + m]; },
-                                   [&](int kk, int nn) { return ws[kk] * D[kk * LDV + nn]; });
+            mma_row(sv, sm0, sn0, C, [&](int m, int kk) { return Ks[kk * LDS + m]; },
+                                     [&](int kk, int nn) { return ws[kk] * D[kk * LDV + nn]; });
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                St[frag_row(m0, e) * LDV + frag_col(n0, e)] = s[e];
+            for (int r = 0; r < PS; r++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    St[frag_row(sm0, e) * LDV + frag_col(sn0 + 8 * r, e)] = sv[r][e];
+                }
             }
         }
         __syncthreads();
@@ -509,22 +551,24 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
         }
 
         // phase 4: O = scale exp(c) O1 + QKm delta -> dst (QKm is zero above the diagonal)
+        {
 #pragma unroll
-        for (int r = 0; r < PV; r++) {
-            const int tile = warp * PV + r;
-            const int m0 = (tile / (BV / 8)) * 16, n0 = (tile % (BV / 8)) * 8;
-            float o[4];
+            for (int r = 0; r < PV; r++) {
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                o[e] = p.scale * expf(cs[frag_row(m0, e)]) * o1[r][e];
+                for (int e = 0; e < 4; e++) {
+                    o1[r][e] *= p.scale * expf(cs[frag_row(vm0, e)]);
+                }
             }
-            mma_tile(o, m0, n0, m0 + 16, [&](int m, int kk) { return QKs[m * LDC + kk]; },
-                                         [&](int kk, int nn) { return D[kk * LDV + nn]; });
+            mma_row(o1, vm0, vn0, vm0 + 16, [&](int m, int kk) { return QKs[m * LDC + kk]; },
+                                            [&](int kk, int nn) { return D[kk * LDV + nn]; });
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int t = frag_row(m0, e), j = frag_col(n0, e);
-                if (t < n) {
-                    p.out[((seq * p.T_out + t0 + t) * p.H + h) * S + j0 + j] = o[e];
+            for (int r = 0; r < PV; r++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int t = frag_row(vm0, e), j = frag_col(vn0 + 8 * r, e);
+                    if (t < n) {
+                        p.out[((seq * p.T_out + t0 + t) * p.H + h) * S + j0 + j] = o1[r][e];
+                    }
                 }
             }
         }
