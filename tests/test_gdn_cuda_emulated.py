@@ -61,7 +61,7 @@ def test_thread_schedules_give_the_same_bits(grid):
     """Forward, reverse and shuffled thread orders between barriers, cp.async copies landing at
     issue or at the wait: a race, or a copy into a buffer still being read, would change bits."""
     rows = [r for (check, _), r in grid.items() if check == "orders"]
-    assert len(rows) == 3
+    assert len(rows) == 4
     assert all(r["orders_agree"] for r in rows), rows
 
 
@@ -87,6 +87,10 @@ MUTATIONS = [
      "            As[(16 * j + r) * LDA + 16 * i + c] = acc;   // Y_ij\n        }\n        __syncthreads();",
      "            As[(16 * j + r) * LDA + 16 * i + c] = acc;   // Y_ij\n        }",
      "thread schedules disagree"),
+    ("decays from float cumulative sums",
+     "const float decay = s <= t ? expf((float) (cd[t] - cd[s])) : 0.0f;",
+     "const float decay = s <= t ? expf(cs[t] - cs[s]) : 0.0f;",
+     "FAIL"),
     ("prefix sum off by one lane",
      "if (lane >= o) s += n;",
      "if (lane > o) s += n;",
@@ -95,9 +99,9 @@ MUTATIONS = [
      "if (t < n) {\n                        p.out",
      "if (true) {\n                        p.out",
      "past the end of 'out'"),
-    ("prep shared memory one vector short",
-     "return sizeof(float) * (2 * C * (S + 4) + C * (C + 1) + 2 * C); }",
-     "return sizeof(float) * (2 * C * (S + 4) + C * (C + 1) + C); }",
+    ("prep shared memory one value short",
+     "return sizeof(float) * (2 * C * (S + 4) + C * (C + 1) + 2 * C) + sizeof(double) * C; }",
+     "return sizeof(float) * (2 * C * (S + 4) + C * (C + 1) + 2 * C) + sizeof(double) * (C - 1); }",
      "past the end of 'dynamic shared memory'"),
     ("last chunk read as a full chunk",
      "auto tokens = [&](int64_t chunk) { return (int) min((int64_t) C, p.T - chunk * C); };",

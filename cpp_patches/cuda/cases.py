@@ -5,7 +5,9 @@ A case: S (head size), T (tokens), H_k / H_v (key / value heads, tiled broadcast
 B / B_qk (sequences; q/k shared over B / B_qk sequences), g_scale (log-decay scale: 1e-4 is
 g near 0, 20 is g near -20), pad (floats of padding after each q/k/v head row: a strided
 layout), extra (output tokens past T that the kernel must leave alone, as the K > 1 dispatch
-asks of it), bv (value columns per state-pass block: 32, 64, or 0 for the launch's choice).
+asks of it), bv (value columns per state-pass block: 32, 64, or 0 for the launch's choice),
+spike (g = -spike at the third token of every chunk: a strong forget gate, after which the
+chunk's later decays are differences of large cumulative sums).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from __future__ import annotations
 TOL_REL_RMS = 1e-5
 
 
-def _case(S, T, H_k, H_v, B=1, B_qk=1, g_scale=1.0, pad=0, extra=0, bv=0) -> dict:
-    return dict(S=S, T=T, H_k=H_k, H_v=H_v, B=B, B_qk=B_qk, g_scale=g_scale, pad=pad, extra=extra, bv=bv)
+def _case(S, T, H_k, H_v, B=1, B_qk=1, g_scale=1.0, pad=0, extra=0, bv=0, spike=0) -> dict:
+    return dict(S=S, T=T, H_k=H_k, H_v=H_v, B=B, B_qk=B_qk, g_scale=g_scale, pad=pad, extra=extra, bv=bv,
+                spike=spike)
 
 
 def correctness_cases(long: bool = True) -> list[dict]:
@@ -42,6 +45,9 @@ def correctness_cases(long: bool = True) -> list[dict]:
         _case(128, 1000, H_k=2, H_v=4, bv=64),
         _case(128, 130, H_k=2, H_v=4, B=2, B_qk=2, extra=4, bv=64),
         _case(128, 200, H_k=1, H_v=2, B=3, B_qk=1, g_scale=20.0, pad=8, bv=64),
+        # a strong forget gate early in each chunk, mild decay after it
+        _case(128, 200, H_k=2, H_v=4, g_scale=0.05, spike=300),
+        _case(64, 130, H_k=2, H_v=4, B=2, B_qk=2, g_scale=0.05, spike=3000),
     ]
     if long:
         cases.append(_case(128, 8192, H_k=2, H_v=4))
@@ -56,6 +62,8 @@ def case_id(c: dict) -> str:
         s += f"-extra{c['extra']}"
     if c.get("bv"):
         s += f"-bv{c['bv']}"
+    if c.get("spike"):
+        s += f"-spike{c['spike']:g}"
     return s
 
 

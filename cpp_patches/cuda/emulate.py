@@ -103,9 +103,13 @@ class Emulator:
 
 
 def inputs_for(case: dict, seed: int = 1234):
+    """The reference's random inputs for a case of cases.py (seeded by the case)."""
     rng = np.random.default_rng([seed, case["S"], case["T"], case["H_v"], case["B"], int(case["g_scale"] * 1e4)])
-    return ref.random_inputs(rng, B=case["B"], B_qk=case["B_qk"], T=case["T"], H_k=case["H_k"], H_v=case["H_v"],
-                             S=case["S"], g_scale=case["g_scale"])
+    q, k, v, g, beta, state = ref.random_inputs(rng, B=case["B"], B_qk=case["B_qk"], T=case["T"], H_k=case["H_k"],
+                                                H_v=case["H_v"], S=case["S"], g_scale=case["g_scale"])
+    if case.get("spike"):
+        g[:, 2::64] = -case["spike"]
+    return q, k, v, g, beta, state
 
 
 def check(emu: Emulator, case: dict, *, fast_math: bool = True, order: int = 0) -> dict:
@@ -136,16 +140,17 @@ def orders_agree(emu: Emulator, case: dict) -> bool:
 
 
 def quick_cases() -> list[dict]:
-    """Small multi-chunk, multi-sequence cases (S 64 and 128, BV 32 and 64) for fast checks."""
+    """Small multi-chunk, multi-sequence cases (S 64 and 128, BV 32 and 64, a forget-gate spike)
+    for fast checks."""
     by_id = {case_id(c): c for c in correctness_cases(long=False)}
     return [by_id["S64-T130-Hk2-Hv4-B2-Bqk2-g1-extra4"], by_id["S128-T130-Hk2-Hv4-B2-Bqk1-g1-pad24"],
-            by_id["S128-T130-Hk2-Hv4-B2-Bqk2-g1-extra4-bv64"]]
+            by_id["S128-T130-Hk2-Hv4-B2-Bqk2-g1-extra4-bv64"], by_id["S64-T130-Hk2-Hv4-B2-Bqk2-g0.05-spike3000"]]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--long", action="store_true", help="include T = 8192 (about 15 s more)")
-    ap.add_argument("--quick", action="store_true", help="only three small cases (S 64 and 128, both tiles)")
+    ap.add_argument("--quick", action="store_true", help="only four small cases (S 64 and 128, both tiles, a spike)")
     ap.add_argument("--orders", action="store_true",
                     help="also run the quick cases under other thread schedules and cp.async timings (race check)")
     ap.add_argument("--exact-exp", action="store_true", help="libm expf instead of the fast-math __expf model")

@@ -50,7 +50,8 @@ struct params {
     float * state_out;  // same layout as state_in
     float * Tm;         // scratch [B, H, n_chunks, C, C]
     float * QKm;        // scratch [B, H, n_chunks, C, C]
-    float * cum;        // scratch [B, H, n_chunks, C]
+    float * cum;        // scratch [B, H, n_chunks, C]: c_t, the chunk's cumulative log-decay
+    float * wdec;       // scratch [B, H, n_chunks, C]: exp(c_last - c_t)
     int64_t H, H_k, T, T_out, n_seqs, rq3;
     int64_t sq1, sq2, sq3, sv1, sv2, sv3, sb1, sb2, sb3;
     float scale;
@@ -217,15 +218,19 @@ static __device__ __forceinline__ void mma_row2(float (&d1)[R][4], float (&d2)[R
 static __device__ __forceinline__ int frag_row(int m0, int e) { return m0 + ((threadIdx.x & 31) >> 2) + (e >= 2 ? 8 : 0); }
 static __device__ __forceinline__ int frag_col(int n0, int e) { return n0 + 2 * (threadIdx.x & 3) + (e & 1); }
 
-// inclusive prefix sum of x[0..C) in place, by warp 0 (C == 64: two values per lane)
-static __device__ __forceinline__ void warp_cumsum64(float * x) {
+// Inclusive prefix sum of x[0..C) in place, by warp 0 (C == 64: two values per lane), in
+// double: the decays exp(c_t - c_s) take differences of these sums, and after a strong forget
+// gate early in a chunk (g = -300, say) float sums would leave those differences only ~1e-5
+// accurate where they matter most (late tokens, decay near 1); the per-token kernel has no such
+// cancellation.
+static __device__ __forceinline__ void warp_cumsum64(double * x) {
     const int lane = threadIdx.x & 31;
-    float a = x[2 * lane];
-    float b = a + x[2 * lane + 1];
-    float s = b;
+    double a = x[2 * lane];
+    double b = a + x[2 * lane + 1];
+    double s = b;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-        const float n = __shfl_up_sync(0xffffffff, s, o);
+        const double n = __shfl_up_sync(0xffffffff, s, o);
         if (lane >= o) s += n;
     }
     x[2 * lane]     = s - b + a;
@@ -238,7 +243,8 @@ static __device__ __forceinline__ const float * qk_row(const float * base, const
 }
 
 // ---------------------------------------------------------------- prep: Tm, QKm, cum per chunk
-// grid (n_chunks, H, B), NT threads. smem: Ks, Qs [C][S+4]; As [C][C+1]; c, beta [C].
+// grid (n_chunks, H, B), NT threads. smem: Ks, Qs [C][S+4]; As [C][C+1]; c, beta [C] float;
+// c [C] double.
 template <int S>
 __global__ void __launch_bounds__(NT) gdn_chunk_prep(const params p) {
     constexpr int LDS = S + 4;
@@ -249,6 +255,8 @@ __global__ void __launch_bounds__(NT) gdn_chunk_prep(const params p) {
     float * As = Qs + C * LDS;
     float * cs = As + C * LDA;
     float * bs = cs + C;
+    double * cd = (double *) (bs + C);
+    static_assert((2 * C * LDS + C * LDA + 2 * C) % 2 == 0, "the doubles must be 8-byte aligned");
 
     const int64_t chunk = blockIdx.x, h = blockIdx.y, seq = blockIdx.z;
     const int64_t t0 = chunk * C;
@@ -265,12 +273,14 @@ __global__ void __launch_bounds__(NT) gdn_chunk_prep(const params p) {
     }
     for (int t = threadIdx.x; t < C; t += NT) {
         const int64_t off = seq * p.sb3 + (t0 + t) * p.sb2 + h * p.sb1;
-        cs[t] = t < n ? p.g[off]    : 0.0f;
+        cd[t] = t < n ? p.g[off]    : 0.0f;
         bs[t] = t < n ? p.beta[off] : 0.0f;
     }
     __syncthreads();
     if (threadIdx.x < 32) {
-        warp_cumsum64(cs);
+        warp_cumsum64(cd);
+        cs[2 * threadIdx.x]     = (float) cd[2 * threadIdx.x];
+        cs[2 * threadIdx.x + 1] = (float) cd[2 * threadIdx.x + 1];
     }
     __syncthreads();
 
@@ -289,7 +299,7 @@ __global__ void __launch_bounds__(NT) gdn_chunk_prep(const params p) {
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const int t = frag_row(m0, e), s = frag_col(n0, e);
-            const float decay = s <= t ? expf(cs[t] - cs[s]) : 0.0f;
+            const float decay = s <= t ? expf((float) (cd[t] - cd[s])) : 0.0f;
             As[t * LDA + s]  = s < t ? bs[t] * decay * kk[e] : 0.0f;
             QKg[t * C + s]   = p.scale * decay * qk[e];
         }
@@ -347,7 +357,8 @@ __global__ void __launch_bounds__(NT) gdn_chunk_prep(const params p) {
         Tg[idx] = Ts[(idx / C) * LDS + idx % C];
     }
     for (int t = threadIdx.x; t < C; t += NT) {
-        p.cum[slot * C + t] = cs[t];
+        p.cum[slot * C + t]  = cs[t];
+        p.wdec[slot * C + t] = expf((float) (cd[C - 1] - cd[t]));
     }
 }
 
@@ -402,9 +413,9 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
     auto tokens = [&](int64_t chunk) { return (int) min((int64_t) C, p.T - chunk * C); };
     auto slot   = [&](int64_t chunk) { return (seq * p.H + h) * nc + chunk; };
 
-    // QKm, c, beta of the next chunk, in registers (element r of a thread: index tid + r * NT)
+    // QKm, c, w, beta of the next chunk, in registers (element r of a thread: index tid + r * NT)
     float rqk[RCC];
-    float rc = 0.0f, rb = 0.0f;
+    float rc = 0.0f, rw = 0.0f, rb = 0.0f;
     auto fetch = [&](int64_t chunk) {
 #pragma unroll
         for (int r = 0; r < RCC; r++) {
@@ -412,6 +423,7 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
         }
         if (tid < C) {
             rc = p.cum[slot(chunk) * C + tid];
+            rw = p.wdec[slot(chunk) * C + tid];
             rb = tid < tokens(chunk) ? p.beta[seq * p.sb3 + (chunk * C + tid) * p.sb2 + h * p.sb1] : 0.0f;
         }
     };
@@ -423,6 +435,7 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
         }
         if (tid < C) {
             cs[tid] = rc;
+            ws[tid] = rw;
             bs[tid] = rb;
         }
     };
@@ -475,9 +488,6 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
         __syncthreads();
         if (more) {
             fetch(chunk + 1);
-        }
-        if (tid < C) {
-            ws[tid] = expf(cs[C - 1] - cs[tid]);   // read from phase 3 on
         }
 
         // Each warp's tiles lie in one row band: PV output tiles (C x BV) from row vm0, column
@@ -582,22 +592,23 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
 }
 
 template <int S>
-static size_t prep_smem() { return sizeof(float) * (2 * C * (S + 4) + C * (C + 1) + 2 * C); }
+static size_t prep_smem() { return sizeof(float) * (2 * C * (S + 4) + C * (C + 1) + 2 * C) + sizeof(double) * C; }
 
 template <int S, int BV>
 static size_t state_smem() { return sizeof(float) * state_layout<S, BV>::floats; }
 
-// Scratch floats launch() needs in p.Tm + p.QKm + p.cum.
+// Scratch floats launch() needs in p.Tm, p.QKm, p.cum and p.wdec.
 static inline size_t scratch_floats(int64_t T, int64_t H, int64_t n_seqs) {
-    return (size_t) n_seqs * H * n_chunks(T) * (2 * C * C + C);
+    return (size_t) n_seqs * H * n_chunks(T) * (2 * C * C + 2 * C);
 }
 
-// Points p.Tm, p.QKm and p.cum into one scratch buffer of scratch_floats(p.T, p.H, p.n_seqs).
+// Points p.Tm, p.QKm, p.cum and p.wdec into one buffer of scratch_floats(p.T, p.H, p.n_seqs).
 static inline void bind_scratch(params & p, float * scratch) {
-    const size_t per = (size_t) p.n_seqs * p.H * n_chunks(p.T) * C * C;
-    p.Tm  = scratch;
-    p.QKm = scratch + per;
-    p.cum = scratch + 2 * per;
+    const size_t slots = (size_t) p.n_seqs * p.H * n_chunks(p.T);
+    p.Tm   = scratch;
+    p.QKm  = p.Tm + slots * C * C;
+    p.cum  = p.QKm + slots * C * C;
+    p.wdec = p.cum + slots * C;
 }
 
 // Value columns per state-pass block. Every block walks all chunks, so a second wave of blocks
@@ -679,8 +690,8 @@ static inline bool available(int cc) {
 #endif
 }
 
-// Runs the op for p.T tokens; p.Tm/QKm/cum must hold scratch_floats(p.T, p.H, p.n_seqs) floats
-// (bind_scratch). bv: value columns per state-pass block, 32 or (S_v = 128 only) 64; 0 chooses
+// Runs the op for p.T tokens; p.Tm/QKm/cum/wdec must point into scratch_floats(p.T, p.H,
+// p.n_seqs) floats (bind_scratch). bv: value columns per state-pass block, 32 or (S_v = 128 only) 64; 0 chooses
 // for this device.
 static inline cudaError_t launch(const params & p, int64_t S_v, cudaStream_t stream, int bv = 0) {
     switch (S_v) {

@@ -94,7 +94,7 @@ constexpr size_t STACK_BYTES  = 256 * 1024;
 // ------------------------------------------------------------------ fibers
 
 enum class state { runnable, barrier, collective, done };
-enum class op { none, mma_tf32, shfl_up };
+enum class op { none, mma_tf32, shfl_up, shfl_up64 };
 
 struct fiber {
     void *   sp = nullptr;
@@ -105,6 +105,7 @@ struct fiber {
     op       cop = op::none;
     uint64_t n_coll = 0, n_bar = 0;
     float    in[10];     // mma: a[4] (as bits), b[2] (as bits), c[4]; shfl: value
+    double   din = 0, dres = 0;   // shfl of a double
     int      iarg = 0;   // shfl delta
     uint32_t mask = 0;
     float    res[4];
@@ -372,6 +373,7 @@ inline void eval_shfl_up(fiber * lanes) {
     for (int lane = 0; lane < 32; lane++) {
         const int src = lane - lanes[lane].iarg;
         lanes[lane].res[0] = src >= 0 ? lanes[src].in[0] : lanes[lane].in[0];
+        lanes[lane].dres = src >= 0 ? lanes[src].din : lanes[lane].din;
     }
 }
 
@@ -653,6 +655,15 @@ inline float __shfl_up_sync(unsigned mask, float v, int delta) {
     f.mask = mask;
     simt::arrive(simt::op::shfl_up);
     return f.res[0];
+}
+
+inline double __shfl_up_sync(unsigned mask, double v, int delta) {
+    simt::fiber & f = *simt::cur;
+    f.din = v;
+    f.iarg = delta;
+    f.mask = mask;
+    simt::arrive(simt::op::shfl_up64);
+    return f.dres;
 }
 
 inline uint32_t __float_as_uint(float x) { return simt::f2u(x); }
