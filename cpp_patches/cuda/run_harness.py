@@ -194,16 +194,19 @@ def fla_call(fla, torch, inputs, dtype):
 
 
 def fla_accuracy(fla, torch) -> dict:
-    """FLA's error against the float64 reference on one case (H_v = H_k, where the head pairings
-    agree), float32 and bfloat16 inputs: the accuracy its timings come with."""
-    inputs = inputs_for(dict(S=128, T=1000, H_k=4, H_v=4, B=1, B_qk=1, g_scale=1.0))
-    o_ref, s_ref = ref.recurrent(*inputs)
+    """FLA's error against the float64 reference (H_v = H_k, where the head pairings agree), with
+    float32 and bfloat16 inputs, on i.i.d. gates and with a strong forget gate early in each chunk
+    (cases.py's spike): the accuracy its timings come with."""
     row = {}
-    for dt in (torch.float32, torch.bfloat16):
-        o, st = fla_call(fla, torch, inputs, dt)()
-        name = str(dt).split(".")[-1]
-        row[f"fla_{name}_err_out"] = ref.rel_rms(o.float().cpu().numpy(), o_ref)
-        row[f"fla_{name}_err_state"] = ref.rel_rms(st.float().cpu().numpy(), s_ref[0])
+    for label, spike in (("", 0), ("_spike", 300)):
+        inputs = inputs_for(dict(S=128, T=1000, H_k=4, H_v=4, B=1, B_qk=1, g_scale=0.05 if spike else 1.0,
+                                 spike=spike))
+        o_ref, s_ref = ref.recurrent(*inputs)
+        for dt in (torch.float32, torch.bfloat16):
+            o, st = fla_call(fla, torch, inputs, dt)()
+            name = str(dt).split(".")[-1] + label
+            row[f"fla_{name}_err_out"] = ref.rel_rms(o.float().cpu().numpy(), o_ref)
+            row[f"fla_{name}_err_state"] = ref.rel_rms(st.float().cpu().numpy(), s_ref[0])
     print(json.dumps(row), flush=True)
     return row
 
