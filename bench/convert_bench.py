@@ -161,6 +161,11 @@ def main() -> int:
     args = ap.parse_args()
     hf = args.workdir / f"qwen35-4b-shapes-{args.layers}L"
     if args.make_only:
+        need = ("tokenizer_config.json", "chat_template.jinja")
+        if args.tokenizer_from and not (all((args.tokenizer_from / n).exists() for n in need) and any(
+                (args.tokenizer_from / n).exists() for n in ("tokenizer.json", "tokenizer.json.xz"))):
+            sys.exit(f"error: {args.tokenizer_from} needs tokenizer.json(.xz), {', '.join(need)} "
+                     "(make cuda-bundle writes them to .device/tokenizer)")
         make_checkpoint(hf, args.layers, args.tokenizer_from)
         print(hf)
         return 0

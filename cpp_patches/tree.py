@@ -161,12 +161,17 @@ def apply_series(llama_dir: Path, patches: list[Path]) -> None:
         if r.returncode != 0:
             raise TreeError(f"git {cmd[0]} failed in {llama_dir}: {r.stderr.strip()}")
     for patch in patches:
-        r = _git(["am", "-q", "--keep-cr", "--whitespace=nowarn", str(patch)], llama_dir)
-        if r.returncode != 0:
-            detail = _first_hunk_error(r.stdout + "\n" + r.stderr)
-            _git(["am", "--abort"], llama_dir)
-            raise TreeError(f"patch {patch.name} does not apply to llama.cpp {LLAMA_CPP_COMMIT}: "
-                            f"{detail}; regenerate it with `make patches-export` from an edited tree")
+        apply_patch(llama_dir, patch)
+
+
+def apply_patch(llama_dir: Path, patch: Path) -> None:
+    """Apply one patch as a commit (git am) to a prepared tree, or raise naming the patch."""
+    r = _git(["am", "-q", "--keep-cr", "--whitespace=nowarn", str(patch)], llama_dir)
+    if r.returncode != 0:
+        detail = _first_hunk_error(r.stdout + "\n" + r.stderr)
+        _git(["am", "--abort"], llama_dir)
+        raise TreeError(f"patch {patch.name} does not apply to llama.cpp {LLAMA_CPP_COMMIT}: "
+                        f"{detail}; regenerate it with `make patches-export` from an edited tree")
 
 
 def prepare(dest: Path, upstream: bool = False) -> Path:

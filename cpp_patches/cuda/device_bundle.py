@@ -20,7 +20,6 @@ cpp_patches/cuda/gpu_session.sh uses it on the device.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import lzma
 import os
@@ -37,6 +36,7 @@ sys.path.insert(0, str(HERE.parent))
 import tree  # noqa: E402
 
 OUT = ROOT / ".device"
+TMP = ROOT / ".device.partial"   # built here, renamed to OUT when complete
 SRC = ROOT / "build" / "cuda-src"
 WHEELS = ["flash-linear-attention==0.6.0", "fla-core==0.6.0"]
 # never read by a CUDA build of the tools the session runs
@@ -50,14 +50,6 @@ def log(msg: str) -> None:
     print(f"[cuda-bundle] {msg}", file=sys.stderr, flush=True)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def promoted_tree() -> Path:
     """build/cuda-src: the series, then the chunked kernel header and the pending patches."""
     shutil.rmtree(SRC, ignore_errors=True)
@@ -66,9 +58,7 @@ def promoted_tree() -> Path:
     shutil.copy(HERE / "gated_delta_net_chunked.cuh", llama / "ggml" / "src" / "ggml-cuda")
     pending = sorted((HERE.parent / "pending").glob("*.patch"))
     for patch in pending:
-        r = tree._git(["am", "-q", "--keep-cr", "--whitespace=nowarn", str(patch)], llama)
-        if r.returncode != 0:
-            raise tree.TreeError(f"pending patch {patch.name} does not apply: {tree._first_hunk_error(r.stdout + r.stderr)}")
+        tree.apply_patch(llama, patch)
     (SRC / tree.STAMP).unlink(missing_ok=True)   # not the series' tree any more
     log(f"prepared {llama} with {len(pending)} pending patch(es) and the chunked kernel header")
     return llama
@@ -88,23 +78,24 @@ def pack_source(llama: Path, dest: Path) -> None:
 
 
 def main() -> int:
-    OUT.mkdir(exist_ok=True)
+    shutil.rmtree(TMP, ignore_errors=True)
+    TMP.mkdir()
     llama = promoted_tree()
-    src_tar = OUT / "llama-src.tar.xz"
+    src_tar = TMP / "llama-src.tar.xz"
     pack_source(llama, src_tar)
     log(f"{src_tar.name}: {src_tar.stat().st_size / 1e6:.1f} MB")
 
-    whl = OUT / "whl"
-    shutil.rmtree(whl, ignore_errors=True)
+    whl = TMP / "whl"
     whl.mkdir()
     pip = [sys.executable, "-m", "pip"]
-    subprocess.run(pip + ["download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(whl), *WHEELS], check=True)
+    if subprocess.run(pip + ["download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(whl), *WHEELS]).returncode:
+        raise tree.TreeError(f"downloading {', '.join(WHEELS)} from PyPI failed; check the network")
     with tempfile.TemporaryDirectory() as tmp:   # build in a copy: no build/ or egg-info in the tree
-        subprocess.run(pip + ["wheel", "-q", "--no-deps", "-w", str(whl), str(ROOT)], check=True, cwd=tmp)
+        if subprocess.run(pip + ["wheel", "-q", "--no-deps", "-w", str(whl), str(ROOT)], cwd=tmp).returncode:
+            raise tree.TreeError("building this toolkit's wheel failed; see pip's output above")
     log("wheels: " + ", ".join(sorted(p.name for p in whl.iterdir())))
 
-    tok = OUT / "tokenizer"
-    shutil.rmtree(tok, ignore_errors=True)
+    tok = TMP / "tokenizer"
     tok.mkdir()
     sys.path.insert(0, str(ROOT))
     from qwen35 import tiny
@@ -117,10 +108,11 @@ def main() -> int:
     manifest = {
         "llama.cpp": tree.LLAMA_CPP_COMMIT, "series": tree.series_id(),
         "pending": [p.name for p in sorted((HERE.parent / "pending").glob("*.patch"))],
-        "files": {str(p.relative_to(OUT)): sha256(p) for p in sorted(OUT.rglob("*")) if p.is_file()
-                  and p.name != "MANIFEST.json"},
+        "files": {str(p.relative_to(TMP)): tree.sha256_file(p) for p in sorted(TMP.rglob("*")) if p.is_file()},
     }
-    (OUT / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
+    (TMP / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
+    shutil.rmtree(OUT, ignore_errors=True)
+    os.replace(TMP, OUT)
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"{OUT}: {total / 1e6:.1f} MB (carry it as .device)")
     return 0
@@ -130,5 +122,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except tree.TreeError as e:
+        shutil.rmtree(TMP, ignore_errors=True)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

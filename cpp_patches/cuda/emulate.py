@@ -159,7 +159,13 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write every row here")
     args = ap.parse_args()
     src = args.source_dir.resolve()
-    emu = Emulator(build(src, ROOT / "build" / "simt" if src == HERE else src))
+    missing = [name for name in SOURCES if not (src / name).exists()]
+    if missing:
+        sys.exit(f"error: {src} lacks {', '.join(missing)}; point --source-dir at a copy of cpp_patches/cuda")
+    try:
+        emu = Emulator(build(src, ROOT / "build" / "simt" if src == HERE else src))
+    except RuntimeError as e:   # the compiler's output, then one line
+        sys.exit(f"error: {e}")
     rows = []
     todo = quick_cases() if args.quick else correctness_cases(long=args.long)
     for c in todo:

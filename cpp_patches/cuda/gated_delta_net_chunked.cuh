@@ -218,6 +218,19 @@ static __device__ __forceinline__ void mma_row2(float (&d1)[R][4], float (&d2)[R
 static __device__ __forceinline__ int frag_row(int m0, int e) { return m0 + ((threadIdx.x & 31) >> 2) + (e >= 2 ? 8 : 0); }
 static __device__ __forceinline__ int frag_col(int n0, int e) { return n0 + 2 * (threadIdx.x & 3) + (e & 1); }
 
+// f(r, e, row, col) for each fragment element e of R tiles in a row band (rows m0.., columns
+// n0 + 8r..), as mma_row / mma_row2 hold them
+template <int R, typename F>
+static __device__ __forceinline__ void each_frag(int m0, int n0, F f) {
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            f(r, e, frag_row(m0, e), frag_col(n0 + 8 * r, e));
+        }
+    }
+}
+
 // Inclusive prefix sum of x[0..C) in place, by warp 0 (C == 64: two values per lane), in
 // double: the decays exp(c_t - c_s) take differences of these sums, and after a strong forget
 // gate early in a chunk (g = -300, say) float sums would leave those differences only ~1e-5
@@ -502,14 +515,9 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
             mma_row2(pk, o1, vm0, vn0, S, [&](int m, int kk) { return Ks[m * LDS + kk]; },
                                           [&](int m, int kk) { return Qs[m * LDS + kk]; },
                                           [&](int kk, int nn) { return St[kk * LDV + nn]; });
-#pragma unroll
-            for (int r = 0; r < PV; r++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int t = frag_row(vm0, e), j = frag_col(vn0 + 8 * r, e);
-                    R[t * LDV + j] = bs[t] * (R[t * LDV + j] - expf(cs[t]) * pk[r][e]);
-                }
-            }
+            each_frag<PV>(vm0, vn0, [&](int r, int e, int t, int j) {
+                R[t * LDV + j] = bs[t] * (R[t * LDV + j] - expf(cs[t]) * pk[r][e]);
+            });
         }
         __syncthreads();
         if (more) {
@@ -521,13 +529,7 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
             float d[PV][4] = {};
             mma_row(d, vm0, vn0, vm0 + 16, [&](int m, int kk) { return Ts[m * LDC + kk]; },
                                            [&](int kk, int nn) { return R[kk * LDV + nn]; });
-#pragma unroll
-            for (int r = 0; r < PV; r++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    D[frag_row(vm0, e) * LDV + frag_col(vn0 + 8 * r, e)] = d[r][e];
-                }
-            }
+            each_frag<PV>(vm0, vn0, [&](int r, int e, int t, int j) { D[t * LDV + j] = d[r][e]; });
         }
         __syncthreads();
         if (more) {
@@ -538,22 +540,10 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
         {
             const float decay_c = expf(cs[C - 1]);
             float sv[PS][4];
-#pragma unroll
-            for (int r = 0; r < PS; r++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    sv[r][e] = decay_c * St[frag_row(sm0, e) * LDV + frag_col(sn0 + 8 * r, e)];
-                }
-            }
+            each_frag<PS>(sm0, sn0, [&](int r, int e, int i, int j) { sv[r][e] = decay_c * St[i * LDV + j]; });
             mma_row(sv, sm0, sn0, C, [&](int m, int kk) { return Ks[kk * LDS + m]; },
                                      [&](int kk, int nn) { return ws[kk] * D[kk * LDV + nn]; });
-#pragma unroll
-            for (int r = 0; r < PS; r++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    St[frag_row(sm0, e) * LDV + frag_col(sn0 + 8 * r, e)] = sv[r][e];
-                }
-            }
+            each_frag<PS>(sm0, sn0, [&](int r, int e, int i, int j) { St[i * LDV + j] = sv[r][e]; });
         }
         __syncthreads();
         if (more) {
@@ -562,25 +552,14 @@ __global__ void __launch_bounds__(NT, 1) gdn_chunk_state(const params p) {
 
         // phase 4: O = scale exp(c) O1 + QKm delta -> dst (QKm is zero above the diagonal)
         {
-#pragma unroll
-            for (int r = 0; r < PV; r++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    o1[r][e] *= p.scale * expf(cs[frag_row(vm0, e)]);
-                }
-            }
+            each_frag<PV>(vm0, vn0, [&](int r, int e, int t, int) { o1[r][e] *= p.scale * expf(cs[t]); });
             mma_row(o1, vm0, vn0, vm0 + 16, [&](int m, int kk) { return QKs[m * LDC + kk]; },
                                             [&](int kk, int nn) { return D[kk * LDV + nn]; });
-#pragma unroll
-            for (int r = 0; r < PV; r++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int t = frag_row(vm0, e), j = frag_col(vn0 + 8 * r, e);
-                    if (t < n) {
-                        p.out[((seq * p.T_out + t0 + t) * p.H + h) * S + j0 + j] = o1[r][e];
-                    }
+            each_frag<PV>(vm0, vn0, [&](int r, int e, int t, int j) {
+                if (t < n) {
+                    p.out[((seq * p.T_out + t0 + t) * p.H + h) * S + j0 + j] = o1[r][e];
                 }
-            }
+            });
         }
         __syncthreads();
     }

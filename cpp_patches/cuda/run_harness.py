@@ -270,4 +270,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (RuntimeError, subprocess.CalledProcessError) as e:   # CUDA errors, nvcc failures
+        sys.exit(f"error: {e}")
