@@ -4,7 +4,7 @@
 #   make test              setup, then the whole test suite (GPU tests skip without a GPU)
 #   make llama-upstream    the same llama.cpp unpatched, in its own build directory (A/B, compatibility)
 #   make patches-export    rewrite cpp_patches/*.patch from the commits in build/src/vendor/llama.cpp
-#   make cuda-check        compile the CUDA files the series touches with nvcc (no GPU needed)
+#   make cuda-check        compile the CUDA work with nvcc (no GPU needed; fetches cuBLAS headers if missing)
 #   make cuda-bundle       pack .device/ for a GPU session (cpp_patches/cuda/gpu_session.sh)
 # Variables: BACKEND=cpu|cuda|metal|vulkan (detected when empty), CUDA_ARCHS="86;89;90a;120",
 #            JOBS (default: all cores), PYTHON (interpreter for the venv, default python3).
@@ -21,7 +21,7 @@ BUILD   := build/$(BACKEND)
 UP_SRC  := build/upstream-src
 UP_BUILD:= build/upstream-$(BACKEND)
 
-.PHONY: demo setup venv llama bindings test llama-upstream patches-export cuda-check cuda-bundle clean help
+.PHONY: demo setup venv llama bindings test llama-upstream patches-export cuda-deps cuda-check cuda-bundle clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -52,13 +52,18 @@ llama-upstream:
 demo: setup
 	$(VPY) examples/demo.py
 
-test: setup
+test: setup cuda-deps
 	$(VPY) -m pytest -q
 
 patches-export:
 	@$(TREE) export $(SRC)
 
-cuda-check: venv
+# With nvcc but no cuBLAS headers (a compiler-only CUDA install), the pinned ones from PyPI; else nothing.
+cuda-deps:
+	@$(PYTHON) cpp_patches/cuda/ggml_compile.py --fetch-only
+
+cuda-check: venv cuda-deps
+	@$(TREE) prepare $(SRC)
 	$(VPY) -m pytest -q tests/test_cuda_compile.py
 
 cuda-bundle: setup

@@ -1,5 +1,7 @@
 """Compile-check the CUDA sources of the patch work with nvcc (no GPU needed), so a build break
-cannot land; run the kernels on a GPU with cpp_patches/cuda/run_harness.py."""
+cannot land: the kernel in its standalone harness, and the pending ggml wiring in ggml-cuda's own
+translation unit (cpp_patches/cuda/ggml_compile.py). Run the kernels on a GPU with
+cpp_patches/cuda/run_harness.py."""
 
 import shutil
 import subprocess
@@ -27,6 +29,72 @@ def test_chunked_gdn_kernel_compiles(tmp_path, arch):
     spills = [line for line in r.stderr.splitlines() if "spill" in line and not line.strip().startswith("0 bytes")
               and " 0 bytes spill stores, 0 bytes spill loads" not in line]
     assert not spills, spills
+
+
+PREPARED = ROOT / "build" / "src" / "vendor" / "llama.cpp"
+
+
+@pytest.fixture(scope="module")
+def promoted(tmp_path_factory):
+    """ggml/ and test-backend-ops.cpp of the prepared tree with the chunked kernel promoted."""
+    import ggml_compile
+
+    assert (PREPARED / ".git").exists(), "the prepared tree is missing: `make setup` prepares it before the tests"
+    dest = tmp_path_factory.mktemp("promoted") / "llama.cpp"
+    ggml_compile.export_promoted(PREPARED, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def cublas():
+    import ggml_compile
+
+    if ggml_compile.nvcc_finds_cublas():
+        return None
+    assert (ggml_compile.CUBLAS_INCLUDE / "cublas_v2.h").exists(), \
+        "nvcc has no cuBLAS headers: `make cuda-deps` fetches the pinned ones (make test does it first)"
+    return ggml_compile.CUBLAS_INCLUDE
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["80", "90a"])
+def test_ggml_cuda_translation_unit_compiles_with_the_chunked_path(promoted, cublas, arch):
+    """gated_delta_net.cu with the pending wiring, in ggml-cuda's translation unit and flags:
+    compiles warning-free in the changed files, instantiates every chunked kernel, no spills."""
+    import ggml_compile
+
+    report = ggml_compile.compile_tu(promoted, arch, cublas)
+    names = sorted(ggml_compile.kernel_name(k) for k in report["kernels"])
+    assert names == ["gdn_chunk_prep<128>", "gdn_chunk_prep<64>", "gdn_chunk_state<128,32>",
+                     "gdn_chunk_state<128,64>", "gdn_chunk_state<64,32>"]
+    for k, v in report["kernels"].items():
+        assert v["registers"] and v["registers"] <= 255 and v["spill_bytes"] == 0, (k, v)
+
+
+@needs_nvcc
+def test_ggml_compile_reports_a_warning_in_the_changed_file(promoted, cublas, tmp_path):
+    """The check is not blind: an unused variable in the wiring is an error of the check."""
+    import ggml_compile
+    import tree
+
+    broken = tmp_path / "llama.cpp"
+    shutil.copytree(promoted, broken)
+    cu = broken / "ggml" / "src" / "ggml-cuda" / "gated_delta_net.cu"
+    text = cu.read_text()
+    anchor = "void ggml_cuda_op_gated_delta_net("
+    assert anchor in text
+    head, tail = text.split(anchor, 1)
+    body_start = tail.index("{") + 1
+    cu.write_text(head + anchor + tail[:body_start] + "\n    int qwen35_unused_probe = 1;" + tail[body_start:])
+    with pytest.raises(tree.TreeError, match="qwen35_unused_probe|unused variable"):
+        ggml_compile.compile_tu(broken, "80", cublas)
+
+
+def test_test_backend_ops_cases_compile(promoted):
+    """The pending patch's test-backend-ops cases compile (the CI build has only the series)."""
+    import ggml_compile
+
+    ggml_compile.check_test_backend_ops(promoted)
 
 
 def test_pending_patches_apply_on_the_series():

@@ -34,6 +34,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 import tree  # noqa: E402
+from ggml_compile import pending_patches, promote  # noqa: E402
 
 OUT = ROOT / ".device"
 TMP = ROOT / ".device.partial"   # built here, renamed to OUT when complete
@@ -55,10 +56,7 @@ def promoted_tree() -> Path:
     shutil.rmtree(SRC, ignore_errors=True)
     tree.prepare(SRC)
     llama = SRC / "vendor" / "llama.cpp"
-    shutil.copy(HERE / "gated_delta_net_chunked.cuh", llama / "ggml" / "src" / "ggml-cuda")
-    pending = sorted((HERE.parent / "pending").glob("*.patch"))
-    for patch in pending:
-        tree.apply_patch(llama, patch)
+    pending = promote(llama, commit=True)
     (SRC / tree.STAMP).unlink(missing_ok=True)   # not the series' tree any more
     log(f"prepared {llama} with {len(pending)} pending patch(es) and the chunked kernel header")
     return llama
@@ -107,7 +105,7 @@ def main() -> int:
     raw.unlink()
     manifest = {
         "llama.cpp": tree.LLAMA_CPP_COMMIT, "series": tree.series_id(),
-        "pending": [p.name for p in sorted((HERE.parent / "pending").glob("*.patch"))],
+        "pending": [p.name for p in pending_patches()],
         "files": {str(p.relative_to(TMP)): tree.sha256_file(p) for p in sorted(TMP.rglob("*")) if p.is_file()},
     }
     (TMP / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
