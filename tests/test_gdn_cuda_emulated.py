@@ -142,3 +142,48 @@ def test_state_pass_fits_in_one_wave():
     assert emu.choose_bv(128, 16, 1, **h100) == 32
     assert emu.choose_bv(128, 48, 1, **a100) == 32
     assert emu.choose_bv(64, 48, 1, **h100) == 32
+
+
+# (compute capability, multiprocessors, opt-in shared memory per block, per multiprocessor)
+DEVICES = {
+    "H100": (900, 132, 232448, 233472),
+    "A100": (800, 108, 166912, 167936),
+    "RTX 3090": (860, 82, 101376, 102400),
+    "RTX 4090": (890, 128, 101376, 102400),
+    "RTX 5090": (1200, 170, 101376, 102400),
+    "T4": (750, 40, 65536, 65536),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("device", DEVICES)
+def test_dispatcher_takes_the_chunked_path_only_where_it_launches(device):
+    """ggml's dispatcher asks usable(S_v, cc, smpbo) before the chunked path; where it says yes
+    the kernels must launch (and be right) on that device, where it says no they could not (the
+    launch refuses the shared memory): GeForce cards (99 KiB) keep the token kernel for Qwen3.5's
+    S_v = 128 instead of failing, A100/H100 take both head sizes, pre-Ampere neither."""
+    from emulate import Emulator, build, inputs_for
+    import gated_delta_net as ref   # cpp_patches/reference, on the path once emulate is imported
+
+    cc, n_sm, optin, per_sm = DEVICES[device]
+    emu = Emulator(build())
+    usable = {S: emu.usable(S, cc, optin) for S in (64, 128)}
+    assert usable == {"H100": {64: True, 128: True}, "A100": {64: True, 128: True},
+                      "T4": {64: False, 128: False}}.get(device, {64: True, 128: False})
+    if cc < 800:
+        return   # no tf32 mma / cp.async: nothing to launch
+    emu.set_device(n_sm=n_sm, smem_optin=optin, smem_per_sm=per_sm)
+    try:
+        for S in (128, 64):   # a refused launch first: it must leave no error behind for the next one
+            case = dict(S=S, T=65, H_k=1, H_v=2, B=1, B_qk=1, g_scale=1.0)
+            x = inputs_for(case)
+            try:
+                out, st = emu.run(*x)
+            except RuntimeError as e:
+                assert not usable[S], f"usable() says yes for S_v {S} on the {device} but the launch fails: {e}"
+                continue
+            assert usable[S], f"the launch fits S_v {S} on the {device} but usable() sends it to the token kernel"
+            o_ref, s_ref = ref.recurrent(*x)
+            assert ref.rel_rms(out, o_ref) <= TOL_REL_RMS and ref.rel_rms(st, s_ref[0]) <= TOL_REL_RMS
+    finally:
+        emu.reset_device()

@@ -31,5 +31,8 @@ def test_chunked_kernel_matches_reference_on_this_gpu(tmp_path):
     assert rows_file.exists(), f"the harness did not finish (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     rows = json.loads(rows_file.read_text())["correctness"]
     bad = [row for row in rows if not row["ok"]]
-    assert rows and not bad, bad
+    assert rows and not bad, bad   # cases this GPU cannot hold must have been refused by the launch
     assert r.returncode == 0, r.stdout[-2000:]
+    if all(row.get("not_on_this_gpu") for row in rows):
+        pytest.skip("the chunked kernels do not run on this GPU (needs sm_80+ and its shared memory; ggml keeps "
+                    "the token-sequential kernel here): only the refusal was checked")

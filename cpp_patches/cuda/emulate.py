@@ -75,6 +75,22 @@ class Emulator:
         self.lib.gdn_emu_run.restype = ctypes.c_int
         self.lib.gdn_emu_choose_bv.argtypes = [i64] * 3 + [ctypes.c_int] * 3
         self.lib.gdn_emu_choose_bv.restype = ctypes.c_int
+        self.lib.gdn_emu_set_device.argtypes = [ctypes.c_int] * 3
+        self.lib.gdn_emu_set_device.restype = None
+        self.lib.gdn_emu_reset_device.restype = None
+        self.lib.gdn_emu_usable.argtypes = [i64, ctypes.c_int, i64]
+        self.lib.gdn_emu_usable.restype = ctypes.c_int
+
+    def set_device(self, *, n_sm: int, smem_optin: int, smem_per_sm: int) -> None:
+        """Later runs emulate a device with these limits (reset_device: back to the H100)."""
+        self.lib.gdn_emu_set_device(n_sm, smem_optin, smem_per_sm)
+
+    def reset_device(self) -> None:
+        self.lib.gdn_emu_reset_device()
+
+    def usable(self, S: int, cc: int, smem_optin: int) -> bool:
+        """The header's usable(): ggml takes the chunked path for S on this device."""
+        return bool(self.lib.gdn_emu_usable(S, cc, smem_optin))
 
     def choose_bv(self, S: int, H: int, B: int, *, n_sm: int, smem_optin: int, smem_per_sm: int) -> int:
         """The value-column tile the launch picks on a device with these limits."""

@@ -18,7 +18,7 @@
 // operands in flight (registers and cp.async) while it computes the current one. The tile
 // width (32 or 64 value columns) is chosen so that the state kernel's blocks all fit on the
 // device at once. Products run on tensor cores in 3xTF32 (hi*hi + hi*lo + lo*hi), which keeps
-// float32 accuracy. Needs sm_80+ (mma .tf32, cp.async); see available().
+// float32 accuracy. Needs sm_80+ (mma .tf32, cp.async) and room for the tiles; see usable().
 
 #ifdef GDN_CHUNKED_EMULATE
 #include "simt_emu.h"
@@ -62,7 +62,7 @@ static __host__ __device__ inline int64_t n_chunks(int64_t T) { return (T + C - 
 // ---------------------------------------------------------------- 3xTF32 tensor-core tile
 
 // TF32 tensor cores exist from sm_80 on NVIDIA; other targets compile to a trap and the host
-// dispatcher never launches these kernels there (see available()).
+// dispatcher never launches these kernels there (see usable()).
 #if !defined(GDN_CHUNKED_EMULATE) && !defined(GGML_USE_HIP) && !defined(GGML_USE_MUSA) && \
     (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
 #define GDN_CHUNKED_TF32 1
@@ -636,9 +636,13 @@ template <int S, int BV>
 static cudaError_t launch_sb(const params & p, cudaStream_t stream) {
     const size_t sp = prep_smem<S>(), ss = state_smem<S, BV>();
     cudaError_t err = cudaFuncSetAttribute(gdn_chunk_prep<S>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sp);
-    if (err != cudaSuccess) return err;
-    err = cudaFuncSetAttribute(gdn_chunk_state<S, BV>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) ss);
-    if (err != cudaSuccess) return err;
+    if (err == cudaSuccess) {
+        err = cudaFuncSetAttribute(gdn_chunk_state<S, BV>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) ss);
+    }
+    if (err != cudaSuccess) {   // too little shared memory here (see usable()): nothing launched
+        (void) cudaGetLastError();   // returned, not left as the runtime's last error for a later check
+        return err;
+    }
     void (*const prep)(params)  = gdn_chunk_prep<S>;
     void (*const state)(params) = gdn_chunk_state<S, BV>;
     GDN_LAUNCH(prep, "gdn_chunk_prep", dim3((unsigned) n_chunks(p.T), (unsigned) p.H, (unsigned) p.n_seqs), NT, sp,
@@ -657,15 +661,25 @@ static cudaError_t launch_s(const params & p, int bv, cudaStream_t stream) {
     return cudaErrorInvalidValue;
 }
 
-// True when the chunked path covers this shape (S_v, scalar gate) on a device of compute
-// capability cc (major * 100 + minor * 10, NVIDIA only).
+// True when the chunked path covers this shape: scalar gate, S_v 64 or 128.
 static inline bool supported(int64_t S_v, bool kda) { return !kda && (S_v == 64 || S_v == 128); }
-static inline bool available(int cc) {
+
+// True when the kernels for S_v run on a device of compute capability cc (major * 100 +
+// minor * 10, NVIDIA only) whose blocks may opt in to smem_optin bytes of shared memory (ggml's
+// smpbo; the narrowest state tile decides). A100, H100, B200 (163-227 KiB) take S_v 64 and 128;
+// the 99 KiB of sm_86 / sm_89 / sm_120 (GeForce, workstation cards) hold S_v 64 only, and
+// S_v 128 keeps the token-sequential kernel there.
+static inline bool usable(int64_t S_v, int cc, size_t smem_optin) {
 #if defined(GGML_USE_HIP) || defined(GGML_USE_MUSA)
-    (void) cc;
+    (void) S_v; (void) cc; (void) smem_optin;
     return false;
 #else
-    return cc >= 800;
+    if (cc < 800) return false;
+    switch (S_v) {
+        case 64:  return prep_smem<64>()  <= smem_optin && state_smem<64, 32>()  <= smem_optin;
+        case 128: return prep_smem<128>() <= smem_optin && state_smem<128, 32>() <= smem_optin;
+        default:  return false;
+    }
 #endif
 }
 

@@ -75,6 +75,22 @@ int gdn_emu_run(const float * q, const float * k, const float * v, const float *
     return (int) err;
 }
 
+// The following calls emulate a device of n_sm multiprocessors with smem_optin bytes of opt-in
+// shared memory per block and smem_per_sm per multiprocessor (gdn_emu_reset_device: the H100).
+void gdn_emu_set_device(int n_sm, int smem_optin, int smem_per_sm) {
+    simt::device.n_sm = n_sm;
+    simt::device.smem_optin = smem_optin;
+    simt::device.smem_per_sm = smem_per_sm;
+}
+
+void gdn_emu_reset_device(void) { simt::device = simt::device_limits{}; }
+
+// gdn_chunked::usable: whether ggml's dispatcher takes the chunked path for head size S on a
+// device of compute capability cc with smem_optin bytes of opt-in shared memory per block.
+int gdn_emu_usable(int64_t S, int cc, int64_t smem_optin) {
+    return gdn_chunked::usable(S, cc, (size_t) smem_optin) ? 1 : 0;
+}
+
 // The BV the launch chooses on an emulated device of n_sm multiprocessors, smem_optin bytes of
 // opt-in shared memory per block and smem_per_sm per multiprocessor.
 int gdn_emu_choose_bv(int64_t S, int64_t H, int64_t B, int n_sm, int smem_optin, int smem_per_sm) {

@@ -15,6 +15,21 @@ extern "C" int gdn_harness_choose_bv(int64_t S, int64_t H, int64_t B) {
     return S == 64 ? gdn_chunked::choose_bv_here<64>(H, B) : gdn_chunked::choose_bv_here<128>(H, B);
 }
 
+// Whether this device runs the kernels for head size S with value-column tile bv (0: the
+// launch's choice): usable() as ggml's dispatcher asks it, and room for a forced 64-column tile.
+extern "C" int gdn_harness_usable(int64_t S, int bv) {
+    int dev = 0, major = 0, minor = 0, optin = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+        (void) cudaGetLastError();
+        return 0;
+    }
+    if (!gdn_chunked::usable(S, 100 * major + 10 * minor, (size_t) optin)) return 0;
+    return bv != 64 || (S == 128 && gdn_chunked::state_smem<128, 64>() <= (size_t) optin);
+}
+
 // strides (host array, in floats): sq1 sq2 sq3 sv1 sv2 sv3 sb1 sb2 sb3 (ggml's nb / 4).
 // out holds T_out tokens per sequence; the kernel writes tokens [0, T). bv: value columns per
 // state-pass block (32, 64; 0 = the launch's own choice). Returns a cudaError_t.
@@ -46,4 +61,5 @@ extern "C" int gdn_harness_download(void * dst, const void * src, size_t bytes) 
 }
 extern "C" int gdn_harness_fill_nan(void * p, size_t bytes) { return (int) cudaMemset(p, 0xff, bytes); }
 extern "C" int gdn_harness_sync(void) { return (int) cudaDeviceSynchronize(); }
+extern "C" int gdn_harness_last_error(void) { return (int) cudaGetLastError(); }
 extern "C" const char * gdn_harness_error(int err) { return cudaGetErrorString((cudaError_t) err); }

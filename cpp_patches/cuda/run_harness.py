@@ -62,6 +62,8 @@ def build(out: Path, arch: str | None = None) -> ctypes.CDLL:
     lib.gdn_harness_run.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_void_p]
     lib.gdn_harness_choose_bv.restype = ctypes.c_int
     lib.gdn_harness_choose_bv.argtypes = [ctypes.c_int64] * 3
+    lib.gdn_harness_usable.restype = ctypes.c_int
+    lib.gdn_harness_usable.argtypes = [ctypes.c_int64, ctypes.c_int]
     lib.gdn_harness_alloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
     lib.gdn_harness_free.argtypes = [ctypes.c_void_p]
     lib.gdn_harness_upload.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
@@ -149,10 +151,28 @@ def run_once(lib, inputs, *, pad=0, extra=0, bv=0):
         mem.free()
 
 
+def refused(lib, inputs, *, bv=0) -> bool:
+    """A launch this GPU cannot hold returns an error (and leaves none behind) instead of running."""
+    try:
+        run_once(lib, inputs, bv=bv)
+    except RuntimeError:
+        return lib.gdn_harness_last_error() == 0 and lib.gdn_harness_sync() == 0
+    return False
+
+
 def correctness(lib, cases) -> list[dict]:
+    """Every case against the reference; a case this GPU cannot run (usable(): S_v 128 on a
+    99 KiB GeForce card, a forced 64-column tile on an A100) is not run but must be refused."""
     rows = []
     for c in cases:
         inputs = inputs_for(c)
+        if not lib.gdn_harness_usable(c["S"], c["bv"]):
+            row = dict(c, not_on_this_gpu=True, launch_refused=refused(lib, inputs, bv=c["bv"]))
+            row["ok"] = row["launch_refused"]
+            rows.append(row)
+            print(("--  " if row["ok"] else "FAIL") + f" {case_id(c):42s} not for this GPU"
+                  + ("; launch refused" if row["ok"] else "; the launch did not refuse it!"), flush=True)
+            continue
         o, s = run_once(lib, inputs, pad=c["pad"], extra=c["extra"], bv=c["bv"])
         T = c["T"]
         o_ref, s_ref = ref.recurrent(*inputs) if T <= 1000 else ref.chunked(*inputs)
@@ -225,6 +245,9 @@ def bench(lib, torch, with_fla: bool) -> dict:
             inputs = ref.random_inputs(rng, B=1, T=T, H_k=H_k, H_v=H_v, S=S)
             row = dict(shape=name, T=T, H_k=H_k, H_v=H_v, bv_chosen=lib.gdn_harness_choose_bv(S, H_v, 1))
             for bv in (32, 64):   # both tiles, to check the choice
+                if not lib.gdn_harness_usable(S, bv):
+                    row[f"chunked_bv{bv}_ms"] = None   # this GPU cannot hold the tile
+                    continue
                 go, out, st = run_kernel(lib, torch, inputs, bv=bv)
                 row[f"chunked_bv{bv}_ms"] = median_ms(torch, go)
             row["chunked_ms"] = row[f"chunked_bv{row['bv_chosen']}_ms"]
@@ -261,11 +284,17 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     bad = [r for r in result["correctness"] if not r["ok"]]
-    print(f"correctness: {len(result['correctness']) - len(bad)} passed, {len(bad)} failed")
+    ran = [r for r in result["correctness"] if not r.get("not_on_this_gpu")]
+    print(f"correctness: {len(ran) - sum(not r['ok'] for r in ran)} passed, {len(bad)} failed, "
+          f"{len(result['correctness']) - len(ran)} not for this GPU")
+
+    def ms(v):
+        return "-" if v is None else f"{v:.3f}"
+
     for r in result.get("bench", {}).get("rows", []):
         extra = "".join(f"  {k[:-3]} {v:.3f} ms" for k, v in r.items() if k.startswith("fla") and k.endswith("_ms"))
-        print(f"{r['shape']:8s} T={r['T']:6d} chunked {r['chunked_ms']:.3f} ms (BV {r['bv_chosen']}; "
-              f"32: {r['chunked_bv32_ms']:.3f}, 64: {r['chunked_bv64_ms']:.3f}){extra}")
+        print(f"{r['shape']:8s} T={r['T']:6d} chunked {ms(r['chunked_ms'])} ms (BV {r['bv_chosen']}; "
+              f"32: {ms(r['chunked_bv32_ms'])}, 64: {ms(r['chunked_bv64_ms'])}){extra}")
     return 1 if bad else 0
 
 
