@@ -62,8 +62,13 @@ step_build() {
     echo "build: started in the background (build/cuda-build.log)"
 }
 
+need_build() {
+    [ -x "$BIN/llama-bench" ] || { echo "error: no CUDA build in $BLD: run the build and wait steps first" >&2; return 1; }
+}
+
 step_wait() {
     local waited=0
+    [ -f build/cuda-build.log ] || { echo "error: no build was started on this machine: run the build step first" >&2; return 1; }
     while [ ! -f build/cuda-build.rc ]; do
         if [ $waited -ge 540 ]; then
             echo "wait: the build is still running after ${waited}s; call 'wait' again"; tail -3 build/cuda-build.log
@@ -78,16 +83,20 @@ step_wait() {
     echo "wait: build done"
 }
 
-step_check() {
-    python3 cpp_patches/cuda/run_harness.py --json "$OUT/harness-check.json" | tee "$OUT/harness-check.log" | tail -3
+step_check() {   # a failing grid still gets the sanitizers' word
+    local rc=0
+    python3 cpp_patches/cuda/run_harness.py --json "$OUT/harness-check.json" > "$OUT/harness-check.log" 2>&1 || rc=$?
+    grep -E "^FAIL|^error" "$OUT/harness-check.log" | head -5 || true
+    tail -1 "$OUT/harness-check.log"
     for tool in memcheck racecheck synccheck; do
         if compute-sanitizer --tool $tool --error-exitcode 9 python3 cpp_patches/cuda/run_harness.py --quick \
                 > "$OUT/sanitizer-$tool.log" 2>&1; then
             echo "compute-sanitizer $tool: clean"
         else
-            echo "compute-sanitizer $tool: FAILED (exit $?)"; grep -m5 -E "=====|ERROR" "$OUT/sanitizer-$tool.log" || true
+            rc=1; echo "compute-sanitizer $tool: FAILED"; grep -m5 -E "=====|ERROR" "$OUT/sanitizer-$tool.log" || true
         fi
     done
+    return $rc
 }
 
 step_bench() {
@@ -97,6 +106,7 @@ step_bench() {
 }
 
 step_ops() {
+    need_build
     "$BIN/test-backend-ops" -o GATED_DELTA_NET -b CUDA0 > "$OUT/ops-eval.log" 2>&1 || true
     grep -E "passed|FAIL" "$OUT/ops-eval.log" | tail -3
     "$BIN/test-backend-ops" perf -o GATED_DELTA_NET -b CUDA0 > "$OUT/ops-perf-chunked.log" 2>&1
@@ -118,6 +128,7 @@ EOF
 }
 
 step_e2e() {
+    need_build
     python_env
     local gguf=/tmp/tiny-f32.gguf text=examples/models/text/calibration.txt
     qwen35-convert examples/models/qwen35-dense-tiny -o $gguf --type F32 --force > "$OUT/e2e-convert.log" 2>&1
@@ -133,6 +144,7 @@ step_e2e() {
 }
 
 step_model() {
+    need_build
     python_env
     local ck gguf=/tmp/q35-4b-shape-bf16.gguf
     ck=$(python3 bench/convert_bench.py --make-only --layers 32 --workdir /tmp/bench --tokenizer-from "$BUNDLE/tokenizer")
@@ -154,18 +166,24 @@ for r in new:
 EOF
 }
 
+STEPS="build check bench wait ops e2e model"
+if [ "${1:-}" = --one ]; then   # one step in its own process: its first failing command ends it
+    set -E
+    trap 'rc=$?; [[ $BASH_COMMAND == return* ]] || echo "  failed (exit $rc): $BASH_COMMAND"' ERR
+    "step_$2"
+    exit
+fi
 [ $# -gt 0 ] || { sed -n '2,25p' "$0"; exit 2; }
-nvidia-smi -L
 for step in "$@"; do
-    echo "== $step"
-    case $step in
-        build) step_build ;;
-        wait)  step_wait ;;
-        check) step_check ;;
-        bench) step_bench ;;
-        ops)   step_ops ;;
-        e2e)   step_e2e ;;
-        model) step_model ;;
-        *) echo "error: unknown step '$step' (build check bench wait ops e2e model)" >&2; exit 2 ;;
+    case " $STEPS " in
+        *" $step "*) ;;
+        *) echo "error: unknown step '$step' ($STEPS)" >&2; exit 2 ;;
     esac
 done
+nvidia-smi -L
+status=0
+for step in "$@"; do   # a failed step is reported and the call goes on: device time is scarce
+    echo "== $step"
+    bash "$0" --one "$step" || { echo "== $step: FAILED"; status=1; }
+done
+exit $status

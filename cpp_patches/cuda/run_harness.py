@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import re
 import subprocess
 import sys
 import time
@@ -43,7 +44,8 @@ def gpu_arch() -> str:
     """This machine's GPU as an nvcc arch (8.9 -> 89, 9.0 -> 90a); 90a when nvidia-smi cannot say."""
     r = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
                        text=True)
-    cap = r.stdout.split()[0].replace(".", "") if r.returncode == 0 and r.stdout.strip() else "90"
+    first = r.stdout.split()[0] if r.returncode == 0 and r.stdout.strip() else ""
+    cap = first.replace(".", "") if re.fullmatch(r"\d+\.\d+", first) else "90"
     return cap + "a" if cap == "90" else cap
 
 
