@@ -139,7 +139,7 @@ def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                cwd=cwd, env=env, capture=True)
 
 
-def _first_hunk_error(output: str) -> str:
+def first_hunk_error(output: str) -> str:
     for line in output.splitlines():
         if line.startswith("error:") and "patch failed" in line:
             return line[len("error:"):].strip()
@@ -168,7 +168,7 @@ def apply_patch(llama_dir: Path, patch: Path) -> None:
     """Apply one patch as a commit (git am) to a prepared tree, or raise naming the patch."""
     r = _git(["am", "-q", "--keep-cr", "--whitespace=nowarn", str(patch)], llama_dir)
     if r.returncode != 0:
-        detail = _first_hunk_error(r.stdout + "\n" + r.stderr)
+        detail = first_hunk_error(r.stdout + "\n" + r.stderr)
         _git(["am", "--abort"], llama_dir)
         raise TreeError(f"patch {patch.name} does not apply to llama.cpp {LLAMA_CPP_COMMIT}: "
                         f"{detail}; regenerate it with `make patches-export` from an edited tree")

@@ -131,7 +131,7 @@ def promote(llama: Path, commit: bool) -> list[Path]:
                            text=True)
         if r.returncode != 0:
             raise tree.TreeError(f"pending patch {patch.name} does not apply on the series: "
-                                 f"{tree._first_hunk_error(r.stderr)}; rebase it on a `make setup` tree")
+                                 f"{tree.first_hunk_error(r.stderr)}; rebase it on a `make setup` tree")
     return patches
 
 
@@ -234,10 +234,10 @@ def run(archs: list[str], prepared: Path, keep: Path | None = None) -> dict:
     if not have_nvcc():
         raise tree.TreeError("nvcc is not on PATH; install the CUDA toolkit (no GPU needed) or put its bin/ on PATH")
     cublas = cublas_include()
+    if keep is not None and keep.exists() and any(keep.iterdir()):
+        raise tree.TreeError(f"{keep} is not empty; give --keep a new folder")
     with tempfile.TemporaryDirectory() as tmp:
         llama = keep or Path(tmp) / "llama.cpp"
-        if keep is not None:
-            shutil.rmtree(keep, ignore_errors=True)
         export_promoted(prepared, llama)
         report = {"pending": [p.name for p in pending_patches()], "cublas": str(cublas) if cublas else "toolkit",
                   "tu": [compile_tu(llama, a, cublas) for a in archs]}
