@@ -153,31 +153,8 @@ static __device__ __forceinline__ void mma_3xtf32(float d[4], const uint32_t ah[
     mma_tf32(d, ah, bh);
 }
 
-// d (16x8 tile at rows m0.., cols n0..) += sum_{k < kdim} a(m, k) * b(k, n), one warp.
-// Fragment ownership: d[0] (m0+gr, n0+2tg), d[1] (m0+gr, n0+2tg+1), d[2]/d[3] the same at m0+gr+8.
-template <typename FA, typename FB>
-static __device__ __forceinline__ void mma_tile(float d[4], int m0, int n0, int kdim, FA a, FB b) {
-    for (int k0 = 0; k0 < kdim; k0 += 8) {
-        uint32_t ah[4], al[4], bh[2], bl[2];
-        frag_a(a, m0, k0, ah, al);
-        frag_b(b, k0, n0, bh, bl);
-        mma_3xtf32(d, ah, al, bh, bl);
-    }
-}
-
-// Two products that share the B operand (loaded and split once): d1 += a1 b, d2 += a2 b.
-template <typename FA1, typename FA2, typename FB>
-static __device__ __forceinline__ void mma_tile2(float d1[4], float d2[4], int m0, int n0, int kdim, FA1 a1, FA2 a2,
-                                                 FB b) {
-    for (int k0 = 0; k0 < kdim; k0 += 8) {
-        uint32_t ah[4], al[4], bh[2], bl[2];
-        frag_b(b, k0, n0, bh, bl);
-        frag_a(a1, m0, k0, ah, al);
-        mma_3xtf32(d1, ah, al, bh, bl);
-        frag_a(a2, m0, k0, ah, al);
-        mma_3xtf32(d2, ah, al, bh, bl);
-    }
-}
+// Fragment ownership of a 16x8 tile (rows m0.., cols n0..) in d[4]: d[0] (m0+gr, n0+2tg),
+// d[1] (m0+gr, n0+2tg+1), d[2]/d[3] the same at m0+gr+8 (frag_row / frag_col below).
 
 // R tiles in one row band (rows m0.., columns n0 + 8r..): d[r] += a b. Each k-step loads and
 // splits the A fragment once for all R tiles.
@@ -302,20 +279,17 @@ __global__ void __launch_bounds__(NT) gdn_chunk_prep(const params p) {
     float * QKg = p.QKm + slot * C * C;
     for (int tile = warp; tile < (C / 16) * (C / 8); tile += NW) {
         const int m0 = (tile / (C / 8)) * 16, n0 = (tile % (C / 8)) * 8;
-        float kk[4] = {0, 0, 0, 0}, qk[4] = {0, 0, 0, 0};
-        if (n0 <= m0 + 15) {
-            mma_tile(kk, m0, n0, S, [&](int m, int kk_) { return Ks[m * LDS + kk_]; },
-                                    [&](int kk_, int nn) { return Ks[nn * LDS + kk_]; });
-            mma_tile(qk, m0, n0, S, [&](int m, int kk_) { return Qs[m * LDS + kk_]; },
-                                    [&](int kk_, int nn) { return Ks[nn * LDS + kk_]; });
+        float kk[1][4] = {}, qk[1][4] = {};
+        if (n0 <= m0 + 15) {   // one K^T fragment per k-step for both products
+            mma_row2(kk, qk, m0, n0, S, [&](int m, int kk_) { return Ks[m * LDS + kk_]; },
+                                        [&](int m, int kk_) { return Qs[m * LDS + kk_]; },
+                                        [&](int kk_, int nn) { return Ks[nn * LDS + kk_]; });
         }
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int t = frag_row(m0, e), s = frag_col(n0, e);
+        each_frag<1>(m0, n0, [&](int, int e, int t, int s) {
             const float decay = s <= t ? expf((float) (cd[t] - cd[s])) : 0.0f;
-            As[t * LDA + s]  = s < t ? bs[t] * decay * kk[e] : 0.0f;
-            QKg[t * C + s]   = p.scale * decay * qk[e];
-        }
+            As[t * LDA + s]  = s < t ? bs[t] * decay * kk[0][e] : 0.0f;
+            QKg[t * C + s]   = p.scale * decay * qk[0][e];
+        });
     }
     __syncthreads();
 
