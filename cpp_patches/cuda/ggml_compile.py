@@ -237,8 +237,13 @@ def run(archs: list[str], prepared: Path, keep: Path | None = None) -> dict:
     if keep is not None and keep.exists() and any(keep.iterdir()):
         raise tree.TreeError(f"{keep} is not empty; give --keep a new folder")
     with tempfile.TemporaryDirectory() as tmp:
-        llama = keep or Path(tmp) / "llama.cpp"
+        llama = Path(tmp) / "llama.cpp"
         export_promoted(prepared, llama)
+        if keep is not None:   # only a complete export is moved there
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            if keep.exists():
+                keep.rmdir()   # empty, checked above
+            llama = Path(shutil.move(str(llama), str(keep)))
         report = {"pending": [p.name for p in pending_patches()], "cublas": str(cublas) if cublas else "toolkit",
                   "tu": [compile_tu(llama, a, cublas) for a in archs]}
         check_test_backend_ops(llama)
