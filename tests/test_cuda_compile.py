@@ -14,24 +14,36 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "cpp_patches" / "cuda"))
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+PREPARED = ROOT / "build" / "src" / "vendor" / "llama.cpp"
 
 
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["80", "90a"])
-def test_chunked_gdn_kernel_compiles(tmp_path, arch):
+def test_chunked_gdn_kernel_compiles(tmp_path, arch, cublas):
+    """The GPU harness: the chunked kernels, and upstream's token-sequential kernel taken from the
+    prepared tree beside them (the bench times both on the same buffers)."""
+    import ggml_compile
     from run_harness import nvcc_cmd
 
-    cmd = nvcc_cmd(tmp_path / "libgdn.so", arch) + ["-Xptxas", "-v"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert (PREPARED / ".git").exists(), "the prepared tree is missing: `make setup` prepares it before the tests"
+    lib = tmp_path / "libgdn.so"
+    r = subprocess.run(nvcc_cmd(lib, arch, PREPARED) + ["-Xptxas", "-v"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert (tmp_path / "libgdn.so").stat().st_size > 0
-    # no register spills in the state kernel (they would cost more than the chunking gains)
-    spills = [line for line in r.stderr.splitlines() if "spill" in line and not line.strip().startswith("0 bytes")
-              and " 0 bytes spill stores, 0 bytes spill loads" not in line]
+    kernels = {ggml_compile.kernel_name(k): v for k, v in ggml_compile.ptxas_report(r.stderr).items()}
+    assert {"gdn_chunk_prep<64>", "gdn_chunk_prep<128>", "gdn_chunk_state<128,64>"} <= set(kernels), kernels
+    assert [k for k in kernels if "gated_delta_net_cuda" in k], f"upstream's kernel is not in the harness: {kernels}"
+    # no register spills in the chunked kernels (they would cost more than the chunking gains)
+    spills = {k: v for k, v in kernels.items() if k.startswith("gdn_chunk_") and v["spill_bytes"]}
     assert not spills, spills
+    # nothing left for the loader to find in ggml: ctypes must open it on a machine with no ggml
+    undefined = subprocess.run(["nm", "-D", "--undefined-only", str(lib)], capture_output=True, text=True,
+                               check=True).stdout
+    assert "ggml" not in undefined, [line for line in undefined.splitlines() if "ggml" in line]
+    # and run_harness.py finds every entry point it binds (loading needs no GPU)
+    from run_harness import build
 
-
-PREPARED = ROOT / "build" / "src" / "vendor" / "llama.cpp"
+    loaded = build(lib, arch, PREPARED)
+    assert loaded.gdn_harness_scratch_floats(64, 2, 1) > 0
 
 
 @pytest.fixture(scope="module")

@@ -187,3 +187,34 @@ def test_dispatcher_takes_the_chunked_path_only_where_it_launches(device):
             assert ref.rel_rms(out, o_ref) <= TOL_REL_RMS and ref.rel_rms(st, s_ref[0]) <= TOL_REL_RMS
     finally:
         emu.reset_device()
+
+
+@needs_cxx
+def test_gpu_harness_driver_runs_on_the_emulator():
+    """run_harness.py's correctness pass (the first thing a GPU session runs) unchanged on the
+    emulator, which exports the harness's entry points over host memory: NaN-poisoned buffers,
+    the kept tail, strided rows, q/k shared across sequences, the token-sequential stand-in for
+    upstream's kernel on the same buffers, and on a GeForce-sized device the refused launch."""
+    import ctypes
+
+    import run_harness
+    from emulate import Emulator, build, quick_cases
+
+    lib = run_harness.bind(ctypes.CDLL(str(build())))
+    rows = run_harness.correctness(lib, quick_cases())
+    assert len(rows) == 4 and all(r["ok"] and not r.get("not_on_this_gpu") for r in rows), rows
+    both = [r for r in rows if "upstream_ok" in r]
+    assert {case_id(r) for r in both} == {case_id(c) for c in quick_cases() if not c["extra"]}
+    assert all(r["upstream_ok"] and r["upstream_err_out"] > 0 for r in both), both
+
+    cc, n_sm, optin, per_sm = DEVICES["RTX 4090"]
+    emu = Emulator(build())   # the same loaded library: its device limits are the harness's
+    emu.set_device(n_sm=n_sm, smem_optin=optin, smem_per_sm=per_sm)
+    try:
+        cases = [dict(S=S, T=65, H_k=1, H_v=2, B=1, B_qk=1, g_scale=1.0, pad=0, extra=0, bv=0, spike=0)
+                 for S in (128, 64)]
+        s128, s64 = run_harness.correctness(lib, cases)
+    finally:
+        emu.reset_device()
+    assert s128["not_on_this_gpu"] and s128["launch_refused"] and s128["ok"], s128
+    assert s64["ok"] and not s64.get("not_on_this_gpu") and s64["upstream_ok"], s64

@@ -1,9 +1,15 @@
 // The chunked GATED_DELTA_NET CUDA kernels (gated_delta_net_chunked.cuh) compiled as plain C++
-// and run on the CPU by simt_emu.h. Driven from Python (cpp_patches/cuda/emulate.py):
+// and run on the CPU by simt_emu.h. Driven from Python (cpp_patches/cuda/emulate.py); it also
+// exports the GPU harness's entry points (gdn_harness.cu) over host memory, so that
+// run_harness.py's correctness pass runs here unchanged:
 //   g++ -O2 -std=c++17 -shared -fPIC -DGDN_CHUNKED_EMULATE -I cpp_patches/cuda
 //       -o libgdn_emu.so cpp_patches/cuda/gdn_emu.cpp  (one command)
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
 
 #include "simt_emu.h"
 
@@ -102,5 +108,93 @@ int gdn_emu_choose_bv(int64_t S, int64_t H, int64_t B, int n_sm, int smem_optin,
     simt::device = saved;
     return bv;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The entry points of gdn_harness.cu, on the emulator: "device" memory is host memory, the
+// device is simt::device (sm_90 with its limits), launches run at once (schedule 0, fast math).
+
+size_t gdn_harness_scratch_floats(int64_t T, int64_t H, int64_t B) { return gdn_chunked::scratch_floats(T, H, B); }
+
+int gdn_harness_choose_bv(int64_t S, int64_t H, int64_t B) {
+    return S == 64 ? gdn_chunked::choose_bv_here<64>(H, B) : gdn_chunked::choose_bv_here<128>(H, B);
+}
+
+int gdn_harness_usable(int64_t S, int bv) {
+    const size_t optin = (size_t) simt::device.smem_optin;
+    if (!gdn_chunked::usable(S, 900, optin)) return 0;
+    return bv != 64 || (S == 128 && gdn_chunked::state_smem<128, 64>() <= optin);
+}
+
+int gdn_harness_run(const float * q, const float * k, const float * v, const float * g, const float * beta,
+                    const float * state, float * out, float * state_out, float * scratch, const int64_t * strides,
+                    int64_t S, int64_t H, int64_t H_k, int64_t T, int64_t T_out, int64_t B, int64_t rq3, int bv,
+                    void *) {
+    simt::schedule_order = 0;
+    simt::cp_async_early = false;
+    simt::fast_math = true;
+    gdn_chunked::params p{};
+    p.q = q; p.k = k; p.v = v; p.g = g; p.beta = beta; p.state_in = state;
+    p.out = out; p.state_out = state_out;
+    p.H = H; p.H_k = H_k; p.T = T; p.T_out = T_out; p.n_seqs = B; p.rq3 = rq3;
+    gdn_chunked::bind_scratch(p, scratch);
+    p.sq1 = strides[0]; p.sq2 = strides[1]; p.sq3 = strides[2];
+    p.sv1 = strides[3]; p.sv2 = strides[4]; p.sv3 = strides[5];
+    p.sb1 = strides[6]; p.sb2 = strides[7]; p.sb3 = strides[8];
+    p.scale = 1.0f / sqrtf((float) S);
+    return (int) gdn_chunked::launch(p, S, nullptr, bv);
+}
+
+// In place of llama.cpp's token-sequential CUDA kernel: the same recurrence, token by token in
+// float32 from the op's definition (state stored transposed, M[col][i] = S[i][col]; value head h
+// reads key head h % H_k of q/k sequence seq / rq3; output scaled by 1/sqrt(S)).
+int gdn_harness_run_upstream(const float * q, const float * k, const float * v, const float * g,
+                             const float * beta, const float * state, float * out, float * state_out,
+                             const int64_t * sd, int64_t S, int64_t H, int64_t H_k, int64_t T, int64_t B,
+                             int64_t rq3, void *) {
+    if (S != 64 && S != 128) return (int) cudaErrorInvalidValue;
+    const float scale = 1.0f / sqrtf((float) S);
+    std::vector<float> M((size_t) (S * S));
+    for (int64_t seq = 0; seq < B; seq++) {
+        for (int64_t h = 0; h < H; h++) {
+            const int64_t iq1 = h % H_k, iq3 = seq / rq3;
+            const int64_t st = (seq * H + h) * S * S;
+            std::copy(state + st, state + st + S * S, M.begin());
+            for (int64_t t = 0; t < T; t++) {
+                const float * q_t = q + iq3 * sd[2] + t * sd[1] + iq1 * sd[0];
+                const float * k_t = k + iq3 * sd[2] + t * sd[1] + iq1 * sd[0];
+                const float * v_t = v + seq * sd[5] + t * sd[4] + h * sd[3];
+                const int64_t gb = seq * sd[8] + t * sd[7] + h * sd[6];
+                const float decay = ::expf(g[gb]);
+                float * o = out + ((seq * T + t) * H + h) * S;
+                for (int64_t col = 0; col < S; col++) {
+                    float * m = M.data() + col * S;
+                    float kv = 0.0f;
+                    for (int64_t i = 0; i < S; i++) kv += m[i] * k_t[i];
+                    const float delta = (v_t[col] - decay * kv) * beta[gb];
+                    float acc = 0.0f;
+                    for (int64_t i = 0; i < S; i++) {
+                        m[i] = decay * m[i] + k_t[i] * delta;
+                        acc += m[i] * q_t[i];
+                    }
+                    o[col] = acc * scale;
+                }
+            }
+            std::copy(M.begin(), M.end(), state_out + st);
+        }
+    }
+    return (int) cudaSuccess;
+}
+
+int gdn_harness_alloc(void ** p, size_t bytes) {
+    *p = malloc(bytes);
+    return *p ? (int) cudaSuccess : 2;   // cudaErrorMemoryAllocation
+}
+int gdn_harness_free(void * p) { free(p); return (int) cudaSuccess; }
+int gdn_harness_upload(void * dst, const void * src, size_t bytes) { memcpy(dst, src, bytes); return (int) cudaSuccess; }
+int gdn_harness_download(void * dst, const void * src, size_t bytes) { memcpy(dst, src, bytes); return (int) cudaSuccess; }
+int gdn_harness_fill_nan(void * p, size_t bytes) { memset(p, 0xff, bytes); return (int) cudaSuccess; }
+int gdn_harness_sync(void) { return (int) cudaSuccess; }
+int gdn_harness_last_error(void) { return (int) cudaGetLastError(); }
+const char * gdn_harness_error(int err) { return err == 0 ? "no error" : "emulated CUDA error"; }
 
 } // extern "C"

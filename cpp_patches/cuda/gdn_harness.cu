@@ -1,10 +1,30 @@
-// Standalone driver for the chunked GATED_DELTA_NET CUDA kernel: compiles in seconds, no ggml.
-// Built as a shared library and driven from Python (cpp_patches/cuda/run_harness.py), which
-// owns device memory (torch) and compares with the numpy reference. Same call as the CPU
-// emulator's driver (gdn_emu.cpp), on device pointers:
-//   nvcc -O3 -std=c++17 -use_fast_math -gencode=arch=compute_90a,code=sm_90a -shared \
-//        -Xcompiler -fPIC -I cpp_patches/cuda -o libgdn_harness.so gdn_harness.cu
+// Standalone driver for the chunked GATED_DELTA_NET CUDA kernel: compiles in seconds, without
+// the rest of ggml-cuda. Built as a shared library and driven from Python
+// (cpp_patches/cuda/run_harness.py), which compares with the numpy reference. Same call as the
+// CPU emulator's driver (gdn_emu.cpp), on device pointers. Beside it, llama.cpp's own
+// token-sequential kernel (gated_delta_net_cuda, taken from the tree's ggml-cuda/gated_delta_net.cu
+// into gdn_upstream_kernel.cuh by run_harness.py), so both run on the same buffers in one process:
+//   nvcc -O3 -std=c++17 -use_fast_math -extended-lambda -gencode=arch=compute_90a,code=sm_90a \
+//        -shared -Xcompiler -fPIC -I cpp_patches/cuda -I <dir of gdn_upstream_kernel.cuh> \
+//        -I <llama.cpp>/ggml/src -I <llama.cpp>/ggml/include -o libgdn_harness.so gdn_harness.cu
+#include "ggml-cuda/common.cuh"
 #include "gated_delta_net_chunked.cuh"
+#include "gdn_upstream_kernel.cuh"
+
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+
+// common.cuh's checks call ggml_abort, which lives in libggml-base; the harness links no ggml.
+void ggml_abort(const char * file, int line, const char * fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    fprintf(stderr, "%s:%d: ", file, line);
+    vfprintf(stderr, fmt, args);
+    fputc('\n', stderr);
+    va_end(args);
+    abort();
+}
 
 extern "C" size_t gdn_harness_scratch_floats(int64_t T, int64_t H, int64_t B) {
     return gdn_chunked::scratch_floats(T, H, B);
@@ -47,6 +67,35 @@ extern "C" int gdn_harness_run(const float * q, const float * k, const float * v
     p.sb1 = strides[6]; p.sb2 = strides[7]; p.sb3 = strides[8];
     p.scale = 1.0f / sqrtf((float) S);
     return (int) gdn_chunked::launch(p, S, (cudaStream_t) stream, bv);
+}
+
+template <int S>
+static void launch_upstream(const float * q, const float * k, const float * v, const float * g, const float * beta,
+                            const float * state, float * out, float * state_out, const int64_t * sd, int64_t H,
+                            int64_t H_k, int64_t T, int64_t B, int64_t rq3, cudaStream_t stream) {
+    const int num_warps = 4;   // as ggml-cuda launches it: one value column per warp, K = 1
+    const dim3 grid((unsigned) H, (unsigned) B, (unsigned) ((S + num_warps - 1) / num_warps));
+    const dim3 block(32, num_warps, 1);
+    gated_delta_net_cuda<S, false, false><<<grid, block, 0, stream>>>(
+        q, k, v, g, beta, state, out, state_out, H, T, B, sd[0], sd[1], sd[2], sd[3], sd[4], sd[5], sd[6], sd[7],
+        sd[8], init_fastdiv_values((uint64_t) H_k), init_fastdiv_values((uint64_t) rq3), 1.0f / sqrtf((float) S),
+        (int64_t) 0, 1);
+}
+
+// llama.cpp's token-sequential kernel on the same buffers (no snapshots). out holds exactly T
+// tokens per sequence, as that kernel lays it out. S 64 or 128. Returns a cudaError_t.
+extern "C" int gdn_harness_run_upstream(const float * q, const float * k, const float * v, const float * g,
+                                        const float * beta, const float * state, float * out, float * state_out,
+                                        const int64_t * strides, int64_t S, int64_t H, int64_t H_k, int64_t T,
+                                        int64_t B, int64_t rq3, void * stream) {
+    if (S == 64) {
+        launch_upstream<64>(q, k, v, g, beta, state, out, state_out, strides, H, H_k, T, B, rq3, (cudaStream_t) stream);
+    } else if (S == 128) {
+        launch_upstream<128>(q, k, v, g, beta, state, out, state_out, strides, H, H_k, T, B, rq3, (cudaStream_t) stream);
+    } else {
+        return (int) cudaErrorInvalidValue;
+    }
+    return (int) cudaGetLastError();
 }
 
 // Device memory for the correctness checks, so they need no framework (torch is only used by

@@ -6,10 +6,12 @@
 #
 #   build   unpack the patched llama.cpp (chunked kernel promoted) and start its CUDA build
 #           (sm_90a; test-backend-ops, llama-bench, llama-perplexity) in the background
-#   check   harness: the correctness grid of cases.py on the GPU, then compute-sanitizer
-#           (memcheck, racecheck, synccheck) on the quick cases
-#   bench   harness: op time at Qwen3.5-27B / 35B-A3B shapes, T 512..32768, both tiles, and
-#           flash-linear-attention's chunk_gated_delta_rule on the same shapes
+#   check   harness: the correctness grid of cases.py on the GPU (upstream's kernel on the same
+#           buffers beside it), then compute-sanitizer (memcheck, racecheck, synccheck) on the
+#           quick cases
+#   bench   harness: op time at Qwen3.5-27B / 35B-A3B shapes, T 512..32768: upstream's kernel,
+#           the chunked one (both tiles) and flash-linear-attention's chunk_gated_delta_rule,
+#           on the same inputs in one process
 #   wait    block until the background build is done (up to 9 minutes; call again if it is not)
 #   ops     test-backend-ops -o GATED_DELTA_NET: eval (CUDA vs CPU) and perf, chunked kernel vs
 #           upstream's (GGML_CUDA_GDN_CHUNKED=0)
@@ -85,6 +87,8 @@ step_wait() {
 
 step_check() {   # a failing grid still gets the sanitizers' word
     local rc=0
+    need_bundle
+    unpack   # upstream's kernel runs beside the chunked one in the harness
     python3 cpp_patches/cuda/run_harness.py --json "$OUT/harness-check.json" > "$OUT/harness-check.log" 2>&1 || rc=$?
     grep -E "^FAIL|^error" "$OUT/harness-check.log" | head -5 || true
     tail -1 "$OUT/harness-check.log"

@@ -4,12 +4,17 @@ Runs on a machine with a CUDA GPU and nvcc; the benchmark also needs torch (and 
 
     python3 cpp_patches/cuda/run_harness.py [--quick | --no-check] [--bench] [--fla] [--json FILE]
 
-1. compiles gdn_harness.cu with gated_delta_net_chunked.cuh for sm_90a (seconds);
+1. compiles gdn_harness.cu for this GPU (seconds): gated_delta_net_chunked.cuh, and beside it
+   llama.cpp's own token-sequential kernel taken from the tree's ggml-cuda/gated_delta_net.cu
+   (--llama; default: build/src/vendor/llama.cpp from `make setup`, else the device bundle's
+   build/cuda-src/vendor/llama.cpp);
 2. correctness: every case of cases.py (the grid the CPU emulator, emulate.py, also runs)
    against the float64 numpy reference (cpp_patches/reference/gated_delta_net.py), outputs
-   poisoned with NaN before each run;
-3. --bench: median op time over several runs at Qwen3.5-27B / 35B-A3B shapes, and with --fla
-   flash-linear-attention's chunk_gated_delta_rule on the same shapes in the same run.
+   poisoned with NaN before each run; upstream's kernel on the same inputs as a check that
+   both read the buffers alike;
+3. --bench: median op time over several runs at Qwen3.5-27B / 35B-A3B shapes, chunked against
+   upstream's kernel, and with --fla flash-linear-attention's chunk_gated_delta_rule, all on
+   the same inputs in the same run.
 Prints a table last; --json FILE writes every number.
 """
 
@@ -34,10 +39,72 @@ from cases import TOL_REL_RMS, case_id, correctness_cases, ggml_layout  # noqa: 
 from emulate import inputs_for, quick_cases  # noqa: E402
 
 
-def nvcc_cmd(out: Path, arch: str = "90a") -> list[str]:
-    # -use_fast_math as ggml-cuda builds it (expf is __expf there)
-    return ["nvcc", "-O3", "-std=c++17", "-use_fast_math", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-            "-shared", "-Xcompiler", "-fPIC", "-I", str(HERE), "-o", str(out), str(HERE / "gdn_harness.cu")]
+ROOT = HERE.parent.parent
+TREES = [ROOT / "build" / "src" / "vendor" / "llama.cpp", ROOT / "build" / "cuda-src" / "vendor" / "llama.cpp"]
+GDN_CU = Path("ggml") / "src" / "ggml-cuda" / "gated_delta_net.cu"
+# upstream's kernel template: everything from it to its host-side launcher
+UPSTREAM_KERNEL = re.compile(r"template\s*<\s*int S_v,\s*bool KDA,\s*bool keep_rs_t\s*>.*?(?=template\s*<\s*bool KDA,"
+                             r"\s*bool keep_rs_t\s*>\s*static void launch_gated_delta_net\b)", re.S)
+# A sequential float32 kernel: the pinned library's CPU op is within 2e-5 of the reference on
+# this grid (tests/test_gdn_reference.py); 5x that for __expf and the warp sums' order.
+UPSTREAM_TOL_REL_RMS = 1e-4
+
+
+def llama_tree(given: Path | None = None) -> Path:
+    for tree in [given] if given else TREES:
+        if (tree / GDN_CU).exists():
+            return tree
+    raise RuntimeError(f"no llama.cpp tree with {GDN_CU} at {given or ' or '.join(map(str, TREES))} (its "
+                       "token-sequential kernel runs beside the chunked one): run `make setup`, or on the device "
+                       "a gpu_session.sh step, which unpacks .device/")
+
+
+def write_upstream_kernel(llama: Path, dest_dir: Path) -> Path:
+    """dest_dir/gdn_upstream_kernel.cuh: llama.cpp's gated_delta_net_cuda kernel template from
+    the tree (rewritten only when it changes, so a built harness stays fresh)."""
+    src = llama / GDN_CU
+    m = UPSTREAM_KERNEL.search(src.read_text())
+    if m is None:
+        raise RuntimeError(f"{src}: no gated_delta_net_cuda kernel before launch_gated_delta_net; this llama.cpp "
+                           "lays the file out differently: update UPSTREAM_KERNEL in run_harness.py")
+    text = f"// llama.cpp's token-sequential kernel, from {src}\n#pragma once\n\n" + m.group(0)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / "gdn_upstream_kernel.cuh"
+    if not dest.exists() or dest.read_text() != text:
+        dest.write_text(text)
+    return dest
+
+
+def cublas_include() -> Path | None:
+    """Where cublas_v2.h is (ggml-cuda's common.cuh includes it), or None when nvcc finds it:
+    the pinned headers of `make cuda-deps`, else those of an installed nvidia-cublas wheel
+    (torch's)."""
+    import ggml_compile
+
+    if ggml_compile.nvcc_finds_cublas():
+        return None
+    if (ggml_compile.CUBLAS_INCLUDE / "cublas_v2.h").exists():
+        return ggml_compile.CUBLAS_INCLUDE
+    for d in filter(None, sys.path):   # nvidia/<cu13 or cublas>/include/ of the wheel
+        for header in sorted(Path(d).glob("nvidia/*/include/cublas_v2.h")):
+            return header.parent
+    raise RuntimeError("nvcc finds no cuBLAS headers: run `make cuda-deps`, or install the CUDA toolkit's cuBLAS")
+
+
+def nvcc_cmd(out: Path, arch: str, llama: Path) -> list[str]:
+    """The harness's compile command (writes the upstream kernel's header beside out); ggml-cuda's
+    flags and definitions: -use_fast_math as it builds (expf is __expf there)."""
+    from ggml_compile import DEFINES
+
+    inc = write_upstream_kernel(llama, out.parent / f"{out.stem}.include").parent
+    cmd = ["nvcc", "-O3", "-std=c++17", "-use_fast_math", "-extended-lambda",
+           f"-gencode=arch=compute_{arch},code=sm_{arch}", "-shared", "-Xcompiler", "-fPIC"]
+    cmd += [f"-D{d}" for d in DEFINES]
+    cmd += ["-I", str(HERE), "-I", str(inc), "-I", str(llama / "ggml" / "src"), "-I", str(llama / "ggml" / "include")]
+    cublas = cublas_include()
+    if cublas is not None:
+        cmd += ["-I", str(cublas)]
+    return cmd + ["-o", str(out), str(HERE / "gdn_harness.cu")]
 
 
 def gpu_arch() -> str:
@@ -49,19 +116,27 @@ def gpu_arch() -> str:
     return cap + "a" if cap == "90" else cap
 
 
-def build(out: Path, arch: str | None = None) -> ctypes.CDLL:
+def build(out: Path, arch: str | None = None, llama: Path | None = None) -> ctypes.CDLL:
     """Compiles the harness unless out is newer than its sources (repeated runs, e.g. under
     compute-sanitizer, reuse it)."""
-    sources = [HERE / "gdn_harness.cu", HERE / "gated_delta_net_chunked.cuh"]
+    llama = llama_tree(llama)
+    sources = [HERE / "gdn_harness.cu", HERE / "gated_delta_net_chunked.cuh", llama / GDN_CU]
     if not out.exists() or out.stat().st_mtime < max(p.stat().st_mtime for p in sources):
         t = time.time()
-        subprocess.run(nvcc_cmd(out, arch or gpu_arch()), check=True)
+        subprocess.run(nvcc_cmd(out, arch or gpu_arch(), llama), check=True)
         print(f"compiled harness in {time.time() - t:.1f}s", flush=True)
-    lib = ctypes.CDLL(str(out))
+    return bind(ctypes.CDLL(str(out)))
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The harness's entry points with their C types (gdn_harness.cu; the CPU emulator's
+    gdn_emu.cpp exports the same ones)."""
     lib.gdn_harness_scratch_floats.restype = ctypes.c_size_t
     lib.gdn_harness_scratch_floats.argtypes = [ctypes.c_int64] * 3
     lib.gdn_harness_run.restype = ctypes.c_int
     lib.gdn_harness_run.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_void_p]
+    lib.gdn_harness_run_upstream.restype = ctypes.c_int
+    lib.gdn_harness_run_upstream.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
     lib.gdn_harness_choose_bv.restype = ctypes.c_int
     lib.gdn_harness_choose_bv.argtypes = [ctypes.c_int64] * 3
     lib.gdn_harness_usable.restype = ctypes.c_int
@@ -76,17 +151,28 @@ def build(out: Path, arch: str | None = None) -> ctypes.CDLL:
     return lib
 
 
-def run_kernel(lib, torch, inputs, *, pad=0, extra=0, bv=0):
-    """Device buffers for one call; returns (go, out (B, T + extra, H, S), state (B, H, S, S))."""
+def run_kernel(lib, torch, inputs, *, pad=0, extra=0, bv=0, upstream=False):
+    """Device buffers for one call; returns (go, out (B, T + extra, H, S), state (B, H, S, S)).
+    upstream: llama.cpp's token-sequential kernel instead of the chunked one (extra = 0)."""
     B_qk, T, H_k, S = inputs[0].shape
     B, _, H, _ = inputs[2].shape
     *arrays, strides, T_out = ggml_layout(*inputs, pad=pad, extra=extra)
     dev = [torch.from_numpy(x).cuda() for x in arrays]
     out = torch.full((B, T_out, H, S), float("nan"), device="cuda")
     st = torch.full((B, H, S, S), float("nan"), device="cuda")
+    stream = torch.cuda.current_stream().cuda_stream
+    if upstream:
+        assert T_out == T, "upstream's kernel writes exactly T tokens per sequence"
+        args = [x.data_ptr() for x in dev] + [out.data_ptr(), st.data_ptr(), strides.ctypes.data]
+
+        def go():
+            err = lib.gdn_harness_run_upstream(*args, S, H, H_k, T, B, B // B_qk, stream)
+            if err != 0:
+                raise RuntimeError(f"upstream kernel launch failed: cudaError {err}")
+
+        return go, out, st
     scratch = torch.empty(lib.gdn_harness_scratch_floats(T, H, B), device="cuda")
     args = [x.data_ptr() for x in dev] + [out.data_ptr(), st.data_ptr(), scratch.data_ptr(), strides.ctypes.data]
-    stream = torch.cuda.current_stream().cuda_stream
 
     def go():
         err = lib.gdn_harness_run(*args, S, H, H_k, T, T_out, B, B // B_qk, bv, stream)
@@ -134,8 +220,9 @@ class DeviceArrays:
         self.ptrs = []
 
 
-def run_once(lib, inputs, *, pad=0, extra=0, bv=0):
-    """One call on fresh device buffers (outputs NaN-filled): (out (B, T + extra, H, S), state)."""
+def run_once(lib, inputs, *, pad=0, extra=0, bv=0, upstream=False):
+    """One call on fresh device buffers (outputs NaN-filled): (out (B, T + extra, H, S), state).
+    upstream: llama.cpp's token-sequential kernel instead of the chunked one (extra = 0)."""
     B_qk, T, H_k, S = inputs[0].shape
     B, _, H, _ = inputs[2].shape
     *arrays, strides, T_out = ggml_layout(*inputs, pad=pad, extra=extra)
@@ -143,9 +230,13 @@ def run_once(lib, inputs, *, pad=0, extra=0, bv=0):
     try:
         ins = [mem.upload(x) for x in arrays]
         out, st = mem.nan(B * T_out * H * S), mem.nan(B * H * S * S)
-        scratch = mem.nan(lib.gdn_harness_scratch_floats(T, H, B))
-        err = lib.gdn_harness_run(*ins, out, st, scratch, strides.ctypes.data, S, H, H_k, T, T_out, B, B // B_qk,
-                                  bv, None)
+        if upstream:
+            assert T_out == T, "upstream's kernel writes exactly T tokens per sequence"
+            err = lib.gdn_harness_run_upstream(*ins, out, st, strides.ctypes.data, S, H, H_k, T, B, B // B_qk, None)
+        else:
+            scratch = mem.nan(lib.gdn_harness_scratch_floats(T, H, B))
+            err = lib.gdn_harness_run(*ins, out, st, scratch, strides.ctypes.data, S, H, H_k, T, T_out, B,
+                                      B // B_qk, bv, None)
         mem._check(err, "kernel launch")
         mem._check(lib.gdn_harness_sync(), "kernel run")
         return mem.download(out, (B, T_out, H, S)), mem.download(st, (B, H, S, S))
@@ -183,10 +274,16 @@ def correctness(lib, cases) -> list[dict]:
                    err_out=ref.rel_rms(o[:, :T], o_ref), err_state=ref.rel_rms(s, s_ref[0]))
         row["ok"] = (not row["nan"] and row["tail_untouched"] and row["err_out"] <= TOL_REL_RMS
                      and row["err_state"] <= TOL_REL_RMS)
+        note = ""
+        if c["extra"] == 0:   # upstream's kernel on the same buffers: both read the layout alike
+            uo, us = run_once(lib, inputs, pad=c["pad"], upstream=True)
+            row["upstream_err_out"], row["upstream_err_state"] = ref.rel_rms(uo, o_ref), ref.rel_rms(us, s_ref[0])
+            row["upstream_ok"] = max(row["upstream_err_out"], row["upstream_err_state"]) <= UPSTREAM_TOL_REL_RMS
+            note = f"  upstream {row['upstream_err_out']:.1e}" + ("" if row["upstream_ok"] else " UPSTREAM DISAGREES")
         rows.append(row)
         print(("ok  " if row["ok"] else "FAIL") + f" {case_id(c):42s} out {row['err_out']:.2e} "
               f"state {row['err_state']:.2e}" + (" NaN!" if row["nan"] else "")
-              + ("" if row["tail_untouched"] else " tail written!"), flush=True)
+              + ("" if row["tail_untouched"] else " tail written!") + note, flush=True)
     return rows
 
 
@@ -202,6 +299,12 @@ def median_ms(torch, fn, reps=20, warmup=3) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b))
     return float(np.median(times))
+
+
+def rel_rms_torch(torch, x, ref_x) -> float:
+    """Relative RMS difference of two device tensors, in float64 on the device."""
+    x, ref_x = x.double(), ref_x.double()
+    return float(torch.linalg.vector_norm(x - ref_x) / torch.linalg.vector_norm(ref_x))
 
 
 def fla_call(fla, torch, inputs, dtype):
@@ -246,13 +349,22 @@ def bench(lib, torch, with_fla: bool) -> dict:
             S = 128
             inputs = ref.random_inputs(rng, B=1, T=T, H_k=H_k, H_v=H_v, S=S)
             row = dict(shape=name, T=T, H_k=H_k, H_v=H_v, bv_chosen=lib.gdn_harness_choose_bv(S, H_v, 1))
+            go, up_out, up_st = run_kernel(lib, torch, inputs, upstream=True)
+            row["upstream_ms"] = median_ms(torch, go)
             for bv in (32, 64):   # both tiles, to check the choice
                 if not lib.gdn_harness_usable(S, bv):
                     row[f"chunked_bv{bv}_ms"] = None   # this GPU cannot hold the tile
                     continue
                 go, out, st = run_kernel(lib, torch, inputs, bv=bv)
                 row[f"chunked_bv{bv}_ms"] = median_ms(torch, go)
+                # the timed kernels' own results, chunked against upstream's
+                row[f"chunked_bv{bv}_vs_upstream_out"] = rel_rms_torch(torch, out, up_out)
+                row[f"chunked_bv{bv}_vs_upstream_state"] = rel_rms_torch(torch, st, up_st)
+                del out, st
             row["chunked_ms"] = row[f"chunked_bv{row['bv_chosen']}_ms"]
+            if row["chunked_ms"]:
+                row["speedup_vs_upstream"] = row["upstream_ms"] / row["chunked_ms"]
+            del up_out, up_st
             if fla is not None:
                 for dt in (torch.float32, torch.bfloat16):
                     key = "fla_" + str(dt).split(".")[-1] + "_ms"
@@ -274,8 +386,10 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--lib", type=Path, default=Path("/tmp/libgdn_harness.so"))
     ap.add_argument("--arch", help="nvcc arch (default: this GPU's, e.g. 90a)")
+    ap.add_argument("--llama", type=Path, help="llama.cpp tree for upstream's kernel (default: "
+                    + " or ".join(str(t.relative_to(ROOT)) for t in TREES) + ")")
     args = ap.parse_args()
-    lib = build(args.lib, args.arch)
+    lib = build(args.lib, args.arch, args.llama)
     cases = [] if args.no_check else quick_cases() if args.quick else correctness_cases(long=True)
     result = {"correctness": correctness(lib, cases)}
     if args.bench:
@@ -289,15 +403,21 @@ def main() -> int:
     ran = [r for r in result["correctness"] if not r.get("not_on_this_gpu")]
     print(f"correctness: {len(ran) - sum(not r['ok'] for r in ran)} passed, {len(bad)} failed, "
           f"{len(result['correctness']) - len(ran)} not for this GPU")
+    up = [r for r in ran if "upstream_ok" in r]
+    up_bad = [r for r in up if not r["upstream_ok"]]
+    if up:
+        print(f"upstream kernel on the same buffers: {len(up) - len(up_bad)} of {len(up)} within "
+              f"{UPSTREAM_TOL_REL_RMS:g} of the reference")
 
     def ms(v):
         return "-" if v is None else f"{v:.3f}"
 
     for r in result.get("bench", {}).get("rows", []):
         extra = "".join(f"  {k[:-3]} {v:.3f} ms" for k, v in r.items() if k.startswith("fla") and k.endswith("_ms"))
-        print(f"{r['shape']:8s} T={r['T']:6d} chunked {ms(r['chunked_ms'])} ms (BV {r['bv_chosen']}; "
-              f"32: {ms(r['chunked_bv32_ms'])}, 64: {ms(r['chunked_bv64_ms'])}){extra}")
-    return 1 if bad else 0
+        speedup = f" ({r['speedup_vs_upstream']:.1f}x)" if r.get("speedup_vs_upstream") else ""
+        print(f"{r['shape']:8s} T={r['T']:6d} upstream {ms(r['upstream_ms'])} ms  chunked {ms(r['chunked_ms'])} ms"
+              f"{speedup} (BV {r['bv_chosen']}; 32: {ms(r['chunked_bv32_ms'])}, 64: {ms(r['chunked_bv64_ms'])}){extra}")
+    return 1 if bad or up_bad else 0
 
 
 if __name__ == "__main__":
