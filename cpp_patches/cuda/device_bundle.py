@@ -13,6 +13,8 @@ carry):
                      toolkit as a wheel (the converter, for the end-to-end and llama-bench GGUFs)
 * tokenizer/         the Qwen3.5 tokenizer files (tokenizer.json xz-compressed) for the synthetic
                      Qwen3.5-4B-shaped checkpoint
+* cublas-include/    the pinned cuBLAS headers (ggml_compile.py's, 0.6 MB), which the harness
+                     compiles against should the device's nvcc not find its own
 * MANIFEST.json      what went in, with sha256s
 
 cpp_patches/cuda/gpu_session.sh uses it on the device.
@@ -34,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 import tree  # noqa: E402
-from ggml_compile import pending_patches, promote  # noqa: E402
+from ggml_compile import fetch_cublas_headers, pending_patches, promote  # noqa: E402
 
 OUT = ROOT / ".device"
 TMP = ROOT / ".device.partial"   # built here, renamed to OUT when complete
@@ -103,6 +105,7 @@ def main() -> int:
     with lzma.open(raw.with_suffix(".json.xz"), "wb", preset=9) as f:
         f.write(raw.read_bytes())
     raw.unlink()
+    shutil.copytree(fetch_cublas_headers(), TMP / "cublas-include")
     manifest = {
         "llama.cpp": tree.LLAMA_CPP_COMMIT, "series": tree.series_id(),
         "pending": [p.name for p in pending_patches()],

@@ -77,14 +77,15 @@ def write_upstream_kernel(llama: Path, dest_dir: Path) -> Path:
 
 def cublas_include() -> Path | None:
     """Where cublas_v2.h is (ggml-cuda's common.cuh includes it), or None when nvcc finds it:
-    the pinned headers of `make cuda-deps`, else those of an installed nvidia-cublas wheel
-    (torch's)."""
+    the pinned headers of `make cuda-deps` or of the device bundle, else those of an installed
+    nvidia-cublas wheel (torch's)."""
     import ggml_compile
 
     if ggml_compile.nvcc_finds_cublas():
         return None
-    if (ggml_compile.CUBLAS_INCLUDE / "cublas_v2.h").exists():
-        return ggml_compile.CUBLAS_INCLUDE
+    for inc in (ggml_compile.CUBLAS_INCLUDE, ROOT / ".device" / "cublas-include"):
+        if (inc / "cublas_v2.h").exists():
+            return inc
     for d in filter(None, sys.path):   # nvidia/<cu13 or cublas>/include/ of the wheel
         for header in sorted(Path(d).glob("nvidia/*/include/cublas_v2.h")):
             return header.parent
