@@ -201,6 +201,7 @@ def test_gpu_harness_driver_runs_on_the_emulator():
     from emulate import Emulator, build, quick_cases
 
     lib = run_harness.bind(ctypes.CDLL(str(build())))
+    run_harness.require_device(lib)
     rows = run_harness.correctness(lib, quick_cases())
     assert len(rows) == 4 and all(r["ok"] and not r.get("not_on_this_gpu") for r in rows), rows
     both = [r for r in rows if "upstream_ok" in r]

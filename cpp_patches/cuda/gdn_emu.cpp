@@ -193,6 +193,7 @@ int gdn_harness_free(void * p) { free(p); return (int) cudaSuccess; }
 int gdn_harness_upload(void * dst, const void * src, size_t bytes) { memcpy(dst, src, bytes); return (int) cudaSuccess; }
 int gdn_harness_download(void * dst, const void * src, size_t bytes) { memcpy(dst, src, bytes); return (int) cudaSuccess; }
 int gdn_harness_fill_nan(void * p, size_t bytes) { memset(p, 0xff, bytes); return (int) cudaSuccess; }
+int gdn_harness_device_count(int * n) { *n = 1; return (int) cudaSuccess; }
 int gdn_harness_sync(void) { return (int) cudaSuccess; }
 int gdn_harness_last_error(void) { return (int) cudaGetLastError(); }
 const char * gdn_harness_error(int err) { return err == 0 ? "no error" : "emulated CUDA error"; }

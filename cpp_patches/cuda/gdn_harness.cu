@@ -109,6 +109,7 @@ extern "C" int gdn_harness_download(void * dst, const void * src, size_t bytes) 
     return (int) cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost);
 }
 extern "C" int gdn_harness_fill_nan(void * p, size_t bytes) { return (int) cudaMemset(p, 0xff, bytes); }
+extern "C" int gdn_harness_device_count(int * n) { return (int) cudaGetDeviceCount(n); }
 extern "C" int gdn_harness_sync(void) { return (int) cudaDeviceSynchronize(); }
 extern "C" int gdn_harness_last_error(void) { return (int) cudaGetLastError(); }
 extern "C" const char * gdn_harness_error(int err) { return cudaGetErrorString((cudaError_t) err); }

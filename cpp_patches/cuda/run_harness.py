@@ -149,7 +149,16 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gdn_harness_fill_nan.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
     lib.gdn_harness_error.restype = ctypes.c_char_p
     lib.gdn_harness_error.argtypes = [ctypes.c_int]
+    lib.gdn_harness_device_count.argtypes = [ctypes.POINTER(ctypes.c_int)]
     return lib
+
+
+def require_device(lib) -> None:
+    n = ctypes.c_int(0)
+    err = lib.gdn_harness_device_count(ctypes.byref(n))
+    if err != 0 or n.value < 1:
+        raise RuntimeError("no CUDA device here (" + (lib.gdn_harness_error(err).decode() if err else "none found")
+                           + "): run the harness on a machine with an NVIDIA GPU")
 
 
 def run_kernel(lib, torch, inputs, *, pad=0, extra=0, bv=0, upstream=False):
@@ -391,6 +400,7 @@ def main() -> int:
                     + " or ".join(str(t.relative_to(ROOT)) for t in TREES) + ")")
     args = ap.parse_args()
     lib = build(args.lib, args.arch, args.llama)
+    require_device(lib)
     cases = [] if args.no_check else quick_cases() if args.quick else correctness_cases(long=True)
     result = {"correctness": correctness(lib, cases)}
     if args.bench:
