@@ -69,10 +69,13 @@ def cublas():
 
 
 @needs_nvcc
-@pytest.mark.parametrize("arch", ["80", "90a"])
+@pytest.mark.parametrize("arch", ["75", "80", "90a", "120a"])
 def test_ggml_cuda_translation_unit_compiles_with_the_chunked_path(promoted, cublas, arch):
     """gated_delta_net.cu with the pending wiring, in ggml-cuda's translation unit and flags:
-    compiles warning-free in the changed files, instantiates every chunked kernel, no spills."""
+    compiles warning-free in the changed files, instantiates every chunked kernel, no spills.
+    ggml's default (non-native) CUDA 13 build is one binary for 75-virtual, 80-virtual, 86, 89,
+    90-virtual, 120a and 121a: sm_75 takes the kernels' trap stubs (no TF32 mma or cp.async;
+    the dispatcher never launches them there), which must compile too, or every such build breaks."""
     import ggml_compile
 
     report = ggml_compile.compile_tu(promoted, arch, cublas)

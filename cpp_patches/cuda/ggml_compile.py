@@ -1,6 +1,6 @@
 """Compile what the CUDA work changes in llama.cpp, as ggml's own build would, without a GPU.
 
-    python3 cpp_patches/cuda/ggml_compile.py [--arch 80 90a] [--keep DIR] [--json]
+    python3 cpp_patches/cuda/ggml_compile.py [--arch 75 80 90a 120a] [--keep DIR] [--json]
     python3 cpp_patches/cuda/ggml_compile.py --fetch-only      # only the cuBLAS headers, if needed
 
 1. exports ggml/ and tests/test-backend-ops.cpp from the prepared tree (`make setup`) with
@@ -252,7 +252,8 @@ def run(archs: list[str], prepared: Path, keep: Path | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", nargs="+", default=["80", "90a"], help="nvcc archs (default: 80 90a)")
+    ap.add_argument("--arch", nargs="+", default=["75", "80", "90a", "120a"],
+                    help="nvcc archs (default: 75 80 90a 120a: the kernels' stub, Ampere, Hopper, Blackwell)")
     ap.add_argument("--tree", type=Path, default=tree.ROOT / "build" / "src" / "vendor" / "llama.cpp",
                     help="the prepared llama.cpp tree (default: make setup's)")
     ap.add_argument("--keep", type=Path, help="export the promoted sources here and leave them")
