@@ -21,9 +21,9 @@ CUDA_DIR = ROOT / "cpp_patches" / "cuda"
 sys.path.insert(0, str(CUDA_DIR))
 
 from cases import TOL_REL_RMS, case_id, correctness_cases  # noqa: E402
+from emulate import SOURCES  # noqa: E402
 
 EMULATE = CUDA_DIR / "emulate.py"
-SOURCES = ("gdn_emu.cpp", "simt_emu.h", "gated_delta_net_chunked.cuh")
 
 needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                                reason="no C++ compiler (g++/c++) on PATH")

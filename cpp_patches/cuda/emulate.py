@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 import gated_delta_net as ref  # noqa: E402
 from cases import TOL_REL_RMS, case_id, correctness_cases, ggml_layout  # noqa: E402
 
-SOURCES = ("gdn_emu.cpp", "simt_emu.h", "gated_delta_net_chunked.cuh")
+SOURCES = ("gdn_emu.cpp", "gdn_driver.h", "simt_emu.h", "gated_delta_net_chunked.cuh")
 ORDERS = {"lockstep": 0, "lockstep-reverse": 1, "warp-serial": 2, "warp-serial-reverse": 3, "shuffled": 7}
 # (thread schedule, cp.async copies land at issue) pairs the race check compares
 SCHEDULES = [("lockstep", False), ("lockstep-reverse", True), ("warp-serial", True), ("warp-serial-reverse", False),

@@ -28,6 +28,7 @@ inline float expf(float x) {
 } // namespace gdn_chunked
 
 #include "gated_delta_net_chunked.cuh"
+#include "gdn_driver.h"
 
 namespace {
 float * guarded_copy(const float * src, int64_t n, const char * name) {
@@ -57,21 +58,11 @@ int gdn_emu_run(const float * q, const float * k, const float * v, const float *
     simt::schedule_order = order;
     simt::cp_async_early = async_early != 0;
     simt::fast_math = fast_math != 0;
-    gdn_chunked::params p{};
-    p.q = guarded_copy(q, sizes[0], "q");
-    p.k = guarded_copy(k, sizes[0], "k");
-    p.v = guarded_copy(v, sizes[1], "v");
-    p.g = guarded_copy(g, sizes[2], "g");
-    p.beta = guarded_copy(beta, sizes[2], "beta");
-    p.state_in = guarded_copy(state, sizes[3], "state_in");
-    p.out = guarded_nan(sizes[4], "out");
-    p.state_out = guarded_nan(sizes[3], "state_out");
-    p.H = H; p.H_k = H_k; p.T = T; p.T_out = T_out; p.n_seqs = B; p.rq3 = rq3;
-    gdn_chunked::bind_scratch(p, guarded_nan((int64_t) gdn_chunked::scratch_floats(T, H, B), "scratch"));
-    p.sq1 = strides[0]; p.sq2 = strides[1]; p.sq3 = strides[2];
-    p.sv1 = strides[3]; p.sv2 = strides[4]; p.sv3 = strides[5];
-    p.sb1 = strides[6]; p.sb2 = strides[7]; p.sb3 = strides[8];
-    p.scale = 1.0f / sqrtf((float) S);
+    const gdn_chunked::params p = gdn_driver_params(
+        guarded_copy(q, sizes[0], "q"), guarded_copy(k, sizes[0], "k"), guarded_copy(v, sizes[1], "v"),
+        guarded_copy(g, sizes[2], "g"), guarded_copy(beta, sizes[2], "beta"), guarded_copy(state, sizes[3], "state_in"),
+        guarded_nan(sizes[4], "out"), guarded_nan(sizes[3], "state_out"),
+        guarded_nan((int64_t) gdn_chunked::scratch_floats(T, H, B), "scratch"), strides, S, H, H_k, T, T_out, B, rq3);
     const cudaError_t err = gdn_chunked::launch(p, S, nullptr, bv);
     if (err == cudaSuccess) {
         memcpy(out, p.out, (size_t) sizes[4] * sizeof(float));
@@ -132,15 +123,8 @@ int gdn_harness_run(const float * q, const float * k, const float * v, const flo
     simt::schedule_order = 0;
     simt::cp_async_early = false;
     simt::fast_math = true;
-    gdn_chunked::params p{};
-    p.q = q; p.k = k; p.v = v; p.g = g; p.beta = beta; p.state_in = state;
-    p.out = out; p.state_out = state_out;
-    p.H = H; p.H_k = H_k; p.T = T; p.T_out = T_out; p.n_seqs = B; p.rq3 = rq3;
-    gdn_chunked::bind_scratch(p, scratch);
-    p.sq1 = strides[0]; p.sq2 = strides[1]; p.sq3 = strides[2];
-    p.sv1 = strides[3]; p.sv2 = strides[4]; p.sv3 = strides[5];
-    p.sb1 = strides[6]; p.sb2 = strides[7]; p.sb3 = strides[8];
-    p.scale = 1.0f / sqrtf((float) S);
+    const gdn_chunked::params p = gdn_driver_params(q, k, v, g, beta, state, out, state_out, scratch, strides, S, H,
+                                                    H_k, T, T_out, B, rq3);
     return (int) gdn_chunked::launch(p, S, nullptr, bv);
 }
 
@@ -190,8 +174,14 @@ int gdn_harness_alloc(void ** p, size_t bytes) {
     return *p ? (int) cudaSuccess : 2;   // cudaErrorMemoryAllocation
 }
 int gdn_harness_free(void * p) { free(p); return (int) cudaSuccess; }
-int gdn_harness_upload(void * dst, const void * src, size_t bytes) { memcpy(dst, src, bytes); return (int) cudaSuccess; }
-int gdn_harness_download(void * dst, const void * src, size_t bytes) { memcpy(dst, src, bytes); return (int) cudaSuccess; }
+int gdn_harness_upload(void * dst, const void * src, size_t bytes) {
+    memcpy(dst, src, bytes);
+    return (int) cudaSuccess;
+}
+int gdn_harness_download(void * dst, const void * src, size_t bytes) {
+    memcpy(dst, src, bytes);
+    return (int) cudaSuccess;
+}
 int gdn_harness_fill_nan(void * p, size_t bytes) { memset(p, 0xff, bytes); return (int) cudaSuccess; }
 int gdn_harness_device_count(int * n) { *n = 1; return (int) cudaSuccess; }
 int gdn_harness_sync(void) { return (int) cudaSuccess; }

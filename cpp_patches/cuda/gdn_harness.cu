@@ -9,6 +9,7 @@
 //        -I <llama.cpp>/ggml/src -I <llama.cpp>/ggml/include -o libgdn_harness.so gdn_harness.cu
 #include "ggml-cuda/common.cuh"
 #include "gated_delta_net_chunked.cuh"
+#include "gdn_driver.h"
 #include "gdn_upstream_kernel.cuh"
 
 #include <cstdarg>
@@ -57,15 +58,8 @@ extern "C" int gdn_harness_run(const float * q, const float * k, const float * v
                                const float * beta, const float * state, float * out, float * state_out,
                                float * scratch, const int64_t * strides, int64_t S, int64_t H, int64_t H_k,
                                int64_t T, int64_t T_out, int64_t B, int64_t rq3, int bv, void * stream) {
-    gdn_chunked::params p{};
-    p.q = q; p.k = k; p.v = v; p.g = g; p.beta = beta; p.state_in = state;
-    p.out = out; p.state_out = state_out;
-    p.H = H; p.H_k = H_k; p.T = T; p.T_out = T_out; p.n_seqs = B; p.rq3 = rq3;
-    gdn_chunked::bind_scratch(p, scratch);
-    p.sq1 = strides[0]; p.sq2 = strides[1]; p.sq3 = strides[2];
-    p.sv1 = strides[3]; p.sv2 = strides[4]; p.sv3 = strides[5];
-    p.sb1 = strides[6]; p.sb2 = strides[7]; p.sb3 = strides[8];
-    p.scale = 1.0f / sqrtf((float) S);
+    const gdn_chunked::params p = gdn_driver_params(q, k, v, g, beta, state, out, state_out, scratch, strides, S, H,
+                                                    H_k, T, T_out, B, rq3);
     return (int) gdn_chunked::launch(p, S, (cudaStream_t) stream, bv);
 }
 
@@ -88,10 +82,11 @@ extern "C" int gdn_harness_run_upstream(const float * q, const float * k, const 
                                         const float * beta, const float * state, float * out, float * state_out,
                                         const int64_t * strides, int64_t S, int64_t H, int64_t H_k, int64_t T,
                                         int64_t B, int64_t rq3, void * stream) {
+    const cudaStream_t st = (cudaStream_t) stream;
     if (S == 64) {
-        launch_upstream<64>(q, k, v, g, beta, state, out, state_out, strides, H, H_k, T, B, rq3, (cudaStream_t) stream);
+        launch_upstream<64>(q, k, v, g, beta, state, out, state_out, strides, H, H_k, T, B, rq3, st);
     } else if (S == 128) {
-        launch_upstream<128>(q, k, v, g, beta, state, out, state_out, strides, H, H_k, T, B, rq3, (cudaStream_t) stream);
+        launch_upstream<128>(q, k, v, g, beta, state, out, state_out, strides, H, H_k, T, B, rq3, st);
     } else {
         return (int) cudaErrorInvalidValue;
     }

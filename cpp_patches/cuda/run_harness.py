@@ -121,7 +121,7 @@ def build(out: Path, arch: str | None = None, llama: Path | None = None) -> ctyp
     """Compiles the harness unless out is newer than its sources (repeated runs, e.g. under
     compute-sanitizer, reuse it)."""
     llama = llama_tree(llama)
-    sources = [HERE / "gdn_harness.cu", HERE / "gated_delta_net_chunked.cuh", llama / GDN_CU]
+    sources = [HERE / f for f in ("gdn_harness.cu", "gdn_driver.h", "gated_delta_net_chunked.cuh")] + [llama / GDN_CU]
     if not out.exists() or out.stat().st_mtime < max(p.stat().st_mtime for p in sources):
         t = time.time()
         subprocess.run(nvcc_cmd(out, arch or gpu_arch(), llama), check=True)

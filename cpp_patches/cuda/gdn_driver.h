@@ -1,0 +1,23 @@
+// The call the drivers of the chunked GATED_DELTA_NET kernels share: the GPU harness
+// (gdn_harness.cu) and the CPU emulator (gdn_emu.cpp) take the op's buffers, ggml's strides as
+// one array and the sizes, and launch through these params. Include after
+// gated_delta_net_chunked.cuh.
+#pragma once
+
+// strides (in floats): sq1 sq2 sq3 sv1 sv2 sv3 sb1 sb2 sb3 (ggml's nb / 4). out holds T_out tokens
+// per sequence; the kernels write tokens [0, T).
+inline gdn_chunked::params gdn_driver_params(const float * q, const float * k, const float * v, const float * g,
+                                             const float * beta, const float * state, float * out, float * state_out,
+                                             float * scratch, const int64_t * strides, int64_t S, int64_t H,
+                                             int64_t H_k, int64_t T, int64_t T_out, int64_t B, int64_t rq3) {
+    gdn_chunked::params p{};
+    p.q = q; p.k = k; p.v = v; p.g = g; p.beta = beta; p.state_in = state;
+    p.out = out; p.state_out = state_out;
+    p.H = H; p.H_k = H_k; p.T = T; p.T_out = T_out; p.n_seqs = B; p.rq3 = rq3;
+    gdn_chunked::bind_scratch(p, scratch);
+    p.sq1 = strides[0]; p.sq2 = strides[1]; p.sq3 = strides[2];
+    p.sv1 = strides[3]; p.sv2 = strides[4]; p.sv3 = strides[5];
+    p.sb1 = strides[6]; p.sb2 = strides[7]; p.sb3 = strides[8];
+    p.scale = 1.0f / sqrtf((float) S);
+    return p;
+}
