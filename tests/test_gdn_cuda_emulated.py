@@ -219,3 +219,45 @@ def test_gpu_harness_driver_runs_on_the_emulator():
         emu.reset_device()
     assert s128["not_on_this_gpu"] and s128["launch_refused"] and s128["ok"], s128
     assert s64["ok"] and not s64.get("not_on_this_gpu") and s64["upstream_ok"], s64
+
+
+@needs_cxx
+def test_gpu_harness_bench_runs_on_the_emulator(capsys):
+    """run_harness.py's benchmark pass (what the first call of a GPU session measures) on the
+    emulator with host tensors and tiny shapes: each row's upstream and chunked times, the tile
+    that cannot be used left out, the timed kernels' results against each other, the threshold
+    sweep's crossover by its definition, and the printed table."""
+    import ctypes
+
+    import torch
+
+    import run_harness
+    from emulate import build
+
+    lib = run_harness.bind(ctypes.CDLL(str(build())))
+    result = run_harness.bench(lib, torch, False, shapes=(("tiny", 1, 2),), lengths=(65, 130), sweep=(16, 64, 130),
+                               S=64, reps=1, sweep_reps=1, device="cpu")
+    rows = result["rows"]
+    assert [(r["shape"], r["T"]) for r in rows] == [("tiny", 65), ("tiny", 130)]
+    for r in rows:
+        assert r["bv_chosen"] == 32 and r["chunked_bv64_ms"] is None   # S_v 64 has no 64-column tile
+        assert r["chunked_ms"] == r["chunked_bv32_ms"] > 0 and r["upstream_ms"] > 0
+        assert r["speedup_vs_upstream"] == pytest.approx(r["upstream_ms"] / r["chunked_ms"])
+        assert 0 < r["chunked_bv32_vs_upstream_out"] <= TOL_REL_RMS
+        assert 0 < r["chunked_bv32_vs_upstream_state"] <= TOL_REL_RMS
+
+    sweep = result["threshold"]["tiny"]
+    assert [r["T"] for r in sweep["rows"]] == [16, 64, 130]
+    faster = {r["T"]: r["chunked_ms"] < r["upstream_ms"] for r in sweep["rows"]}
+    start = sweep["chunked_faster_from"]
+    if start is None:
+        assert not faster[130]
+    else:
+        assert all(f for T, f in faster.items() if T >= start)
+        earlier = [T for T in faster if T < start]
+        assert not earlier or not faster[max(earlier)]   # the length just before it was not faster
+
+    capsys.readouterr()
+    run_harness.print_bench(result)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3 and printed[0].startswith("tiny     T=    65 upstream ") and "chunked faster from" in printed[2]

@@ -11,7 +11,7 @@
 #           quick cases
 #   bench   harness: op time at Qwen3.5-27B / 35B-A3B shapes, T 512..32768: upstream's kernel,
 #           the chunked one (both tiles) and flash-linear-attention's chunk_gated_delta_rule,
-#           on the same inputs in one process
+#           on the same inputs in one process; then T 16..512 for the chunked path's threshold
 #   wait    block until the background build is done (up to 9 minutes; call again if it is not)
 #   ops     test-backend-ops -o GATED_DELTA_NET: eval (CUDA vs CPU) and perf, chunked kernel vs
 #           upstream's (GGML_CUDA_GDN_CHUNKED=0)

@@ -161,34 +161,39 @@ def require_device(lib) -> None:
                            + "): run the harness on a machine with an NVIDIA GPU")
 
 
-def run_kernel(lib, torch, inputs, *, pad=0, extra=0, bv=0, upstream=False):
+class Launch:
+    """One kernel call, repeatable, on buffers it holds: the C call gets bare addresses, so the
+    tensors (and the host strides array) must live as long as the call can be made."""
+
+    def __init__(self, fn, what: str, buffers: tuple, args: tuple):
+        self.fn, self.what, self.buffers, self.args = fn, what, buffers, args
+
+    def __call__(self) -> None:
+        err = self.fn(*self.args)
+        if err != 0:
+            raise RuntimeError(f"{self.what} launch failed: cudaError {err}")
+
+
+def run_kernel(lib, torch, inputs, *, pad=0, extra=0, bv=0, upstream=False, device="cuda"):
     """Device buffers for one call; returns (go, out (B, T + extra, H, S), state (B, H, S, S)).
-    upstream: llama.cpp's token-sequential kernel instead of the chunked one (extra = 0)."""
+    upstream: llama.cpp's token-sequential kernel instead of the chunked one (extra = 0).
+    device "cpu": host tensors, for the emulator's harness entry points."""
     B_qk, T, H_k, S = inputs[0].shape
     B, _, H, _ = inputs[2].shape
     *arrays, strides, T_out = ggml_layout(*inputs, pad=pad, extra=extra)
-    dev = [torch.from_numpy(x).cuda() for x in arrays]
-    out = torch.full((B, T_out, H, S), float("nan"), device="cuda")
-    st = torch.full((B, H, S, S), float("nan"), device="cuda")
-    stream = torch.cuda.current_stream().cuda_stream
+    dev = [torch.from_numpy(x).to(device) for x in arrays]
+    out = torch.full((B, T_out, H, S), float("nan"), device=device)
+    st = torch.full((B, H, S, S), float("nan"), device=device)
+    stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else None
+    ptrs = tuple(x.data_ptr() for x in dev) + (out.data_ptr(), st.data_ptr())
     if upstream:
         assert T_out == T, "upstream's kernel writes exactly T tokens per sequence"
-        args = [x.data_ptr() for x in dev] + [out.data_ptr(), st.data_ptr(), strides.ctypes.data]
-
-        def go():
-            err = lib.gdn_harness_run_upstream(*args, S, H, H_k, T, B, B // B_qk, stream)
-            if err != 0:
-                raise RuntimeError(f"upstream kernel launch failed: cudaError {err}")
-
+        go = Launch(lib.gdn_harness_run_upstream, "upstream kernel", (dev, out, st, strides),
+                    ptrs + (strides.ctypes.data, S, H, H_k, T, B, B // B_qk, stream))
         return go, out, st
-    scratch = torch.empty(lib.gdn_harness_scratch_floats(T, H, B), device="cuda")
-    args = [x.data_ptr() for x in dev] + [out.data_ptr(), st.data_ptr(), scratch.data_ptr(), strides.ctypes.data]
-
-    def go():
-        err = lib.gdn_harness_run(*args, S, H, H_k, T, T_out, B, B // B_qk, bv, stream)
-        if err != 0:
-            raise RuntimeError(f"kernel launch failed: cudaError {err}")
-
+    scratch = torch.empty(lib.gdn_harness_scratch_floats(T, H, B), device=device)
+    go = Launch(lib.gdn_harness_run, "chunked kernel", (dev, out, st, scratch, strides),
+                ptrs + (scratch.data_ptr(), strides.ctypes.data, S, H, H_k, T, T_out, B, B // B_qk, bv, stream))
     return go, out, st
 
 
@@ -297,11 +302,18 @@ def correctness(lib, cases) -> list[dict]:
     return rows
 
 
-def median_ms(torch, fn, reps=20, warmup=3) -> float:
+def median_ms(torch, fn, reps=20, warmup=3, device="cuda") -> float:
+    """Median time of fn over reps runs after warmup: CUDA events on the GPU, the wall clock on
+    the CPU (the emulator)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
+        if device != "cuda":
+            t = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t))
+            continue
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         fn()
@@ -346,7 +358,17 @@ def fla_accuracy(fla, torch) -> dict:
     return row
 
 
-def bench(lib, torch, with_fla: bool) -> dict:
+# Qwen3.5's Gated DeltaNet layers (S = 128): (name, H_k, H_v)
+BENCH_SHAPES = (("27B", 16, 48), ("35B-A3B", 16, 32))
+BENCH_T = (512, 2048, 8192, 32768)
+# short prompts, for the dispatcher's threshold (GGML_CUDA_GDN_CHUNK_MIN)
+SWEEP_T = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, sweep=SWEEP_T, S=128, reps=20,
+          sweep_reps=50, device="cuda") -> dict:
+    """Op times on the same inputs: upstream's kernel, the chunked one (both tiles; the launch's
+    choice is chunked_ms) and FLA (float32 and bfloat16 inputs); then the threshold sweep."""
     rng = np.random.default_rng(7)
     fla = None
     result = {"rows": []}
@@ -354,19 +376,18 @@ def bench(lib, torch, with_fla: bool) -> dict:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla  # noqa: N813
 
         result["fla_accuracy"] = fla_accuracy(fla, torch)
-    for name, H_k, H_v in (("27B", 16, 48), ("35B-A3B", 16, 32)):
-        for T in (512, 2048, 8192, 32768):
-            S = 128
+    for name, H_k, H_v in shapes:
+        for T in lengths:
             inputs = ref.random_inputs(rng, B=1, T=T, H_k=H_k, H_v=H_v, S=S)
             row = dict(shape=name, T=T, H_k=H_k, H_v=H_v, bv_chosen=lib.gdn_harness_choose_bv(S, H_v, 1))
-            go, up_out, up_st = run_kernel(lib, torch, inputs, upstream=True)
-            row["upstream_ms"] = median_ms(torch, go)
+            go, up_out, up_st = run_kernel(lib, torch, inputs, upstream=True, device=device)
+            row["upstream_ms"] = median_ms(torch, go, reps, device=device)
             for bv in (32, 64):   # both tiles, to check the choice
                 if not lib.gdn_harness_usable(S, bv):
                     row[f"chunked_bv{bv}_ms"] = None   # this GPU cannot hold the tile
                     continue
-                go, out, st = run_kernel(lib, torch, inputs, bv=bv)
-                row[f"chunked_bv{bv}_ms"] = median_ms(torch, go)
+                go, out, st = run_kernel(lib, torch, inputs, bv=bv, device=device)
+                row[f"chunked_bv{bv}_ms"] = median_ms(torch, go, reps, device=device)
                 # the timed kernels' own results, chunked against upstream's
                 row[f"chunked_bv{bv}_vs_upstream_out"] = rel_rms_torch(torch, out, up_out)
                 row[f"chunked_bv{bv}_vs_upstream_state"] = rel_rms_torch(torch, st, up_st)
@@ -374,16 +395,39 @@ def bench(lib, torch, with_fla: bool) -> dict:
             row["chunked_ms"] = row[f"chunked_bv{row['bv_chosen']}_ms"]
             if row["chunked_ms"]:
                 row["speedup_vs_upstream"] = row["upstream_ms"] / row["chunked_ms"]
-            del up_out, up_st
+            del go, up_out, up_st
             if fla is not None:
                 for dt in (torch.float32, torch.bfloat16):
                     key = "fla_" + str(dt).split(".")[-1] + "_ms"
                     try:
-                        row[key] = median_ms(torch, fla_call(fla, torch, inputs, dt))
+                        row[key] = median_ms(torch, fla_call(fla, torch, inputs, dt), reps)
                     except Exception as e:  # noqa: BLE001  (record why FLA could not run)
                         row[key.replace("_ms", "_error")] = f"{type(e).__name__}: {e}"[:200]
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
+    if lib.gdn_harness_usable(S, 0):
+        result["threshold"] = threshold_sweep(lib, torch, shapes, sweep, S, sweep_reps, device)
+    return result
+
+
+def threshold_sweep(lib, torch, shapes, lengths, S, reps, device) -> dict:
+    """Upstream's kernel against the chunked one on short prompts, per shape: the times, and
+    the shortest T from which the chunked path was faster at every longer T measured (None:
+    not within the sweep). The dispatcher's GGML_CUDA_GDN_CHUNK_MIN comes from these."""
+    rng = np.random.default_rng(11)
+    result = {}
+    for name, H_k, H_v in shapes:
+        rows = []
+        for T in lengths:
+            inputs = ref.random_inputs(rng, B=1, T=T, H_k=H_k, H_v=H_v, S=S)
+            go_up, *_ = run_kernel(lib, torch, inputs, upstream=True, device=device)
+            go_ch, *_ = run_kernel(lib, torch, inputs, device=device)
+            rows.append(dict(T=T, upstream_ms=median_ms(torch, go_up, reps, device=device),
+                             chunked_ms=median_ms(torch, go_ch, reps, device=device)))
+        faster = [r["chunked_ms"] < r["upstream_ms"] for r in rows]
+        from_T = next((r["T"] for i, r in enumerate(rows) if all(faster[i:])), None)
+        result[name] = {"rows": rows, "chunked_faster_from": from_T}
+        print(json.dumps({"threshold": name, **result[name]}), flush=True)
     return result
 
 
@@ -419,16 +463,22 @@ def main() -> int:
     if up:
         print(f"upstream kernel on the same buffers: {len(up) - len(up_bad)} of {len(up)} within "
               f"{UPSTREAM_TOL_REL_RMS:g} of the reference")
+    print_bench(result.get("bench", {}))
+    return 1 if bad or up_bad else 0
 
+
+def print_bench(bench_result: dict) -> None:
     def ms(v):
         return "-" if v is None else f"{v:.3f}"
 
-    for r in result.get("bench", {}).get("rows", []):
+    for r in bench_result.get("rows", []):
         extra = "".join(f"  {k[:-3]} {v:.3f} ms" for k, v in r.items() if k.startswith("fla") and k.endswith("_ms"))
-        speedup = f" ({r['speedup_vs_upstream']:.1f}x)" if r.get("speedup_vs_upstream") else ""
+        speedup = f" ({r['speedup_vs_upstream']:.2f}x)" if r.get("speedup_vs_upstream") else ""
         print(f"{r['shape']:8s} T={r['T']:6d} upstream {ms(r['upstream_ms'])} ms  chunked {ms(r['chunked_ms'])} ms"
               f"{speedup} (BV {r['bv_chosen']}; 32: {ms(r['chunked_bv32_ms'])}, 64: {ms(r['chunked_bv64_ms'])}){extra}")
-    return 1 if bad or up_bad else 0
+    for name, t in bench_result.get("threshold", {}).items():
+        times = ", ".join(f"{r['T']}: {r['upstream_ms'] / r['chunked_ms']:.2f}x" for r in t["rows"])
+        print(f"{name:8s} chunked faster from T = {t['chunked_faster_from']} (upstream / chunked: {times})")
 
 
 if __name__ == "__main__":
