@@ -14,7 +14,8 @@ Runs on a machine with a CUDA GPU and nvcc; the benchmark also needs torch (and 
    both read the buffers alike;
 3. --bench: median op time over several runs at Qwen3.5-27B / 35B-A3B shapes, chunked against
    upstream's kernel, and with --fla flash-linear-attention's chunk_gated_delta_rule, all on
-   the same inputs in the same run.
+   the same inputs in the same run; then short prompts (T 16..512), upstream against chunked,
+   for the dispatcher's threshold (GGML_CUDA_GDN_CHUNK_MIN).
 Prints a table last; --json FILE writes every number.
 """
 
