@@ -15,8 +15,9 @@
 #   wait    block until the background build is done (up to 9 minutes; call again if it is not)
 #   ops     test-backend-ops -o GATED_DELTA_NET: eval (CUDA vs CPU) and perf, chunked kernel vs
 #           upstream's (GGML_CUDA_GDN_CHUNKED=0)
-#   e2e     the trained tiny checkpoint (S_v 64) -> F32 GGUF; perplexity and KL divergence of
-#           CUDA logits (chunked, and upstream kernel) against CPU logits
+#   e2e     tests/test_gdn_cuda_gpu.py's end-to-end test: the trained tiny checkpoint (S_v 64)
+#           as F32 GGUF, KL divergence of CUDA logits (chunked, and upstream's kernel) against
+#           CPU logits (llama-perplexity)
 #   model   a Qwen3.5-4B-shaped GGUF (synthetic weights, 32 layers, BF16); llama-bench pp2048,
 #           pp8192, tg128, chunked vs upstream kernel
 #
@@ -131,20 +132,11 @@ for case in new:
 EOF
 }
 
-step_e2e() {
+step_e2e() {   # tests/test_gdn_cuda_gpu.py's end-to-end test on this build (logs in $OUT)
     need_build
     python_env
-    local gguf=/tmp/tiny-f32.gguf text=examples/models/text/calibration.txt
-    qwen35-convert examples/models/qwen35-dense-tiny -o $gguf --type F32 --force > "$OUT/e2e-convert.log" 2>&1
-    local common=(-m $gguf -f $text -c 512 -b 512 -ub 512 --chunks 16)
-    "$BIN/llama-perplexity" "${common[@]}" -dev none --kl-divergence-base /tmp/cpu.kld > "$OUT/e2e-cpu.log" 2>&1
-    "$BIN/llama-perplexity" "${common[@]}" -ngl 99 --kl-divergence-base /tmp/cpu.kld --kl-divergence \
-        > "$OUT/e2e-cuda-chunked.log" 2>&1
-    GGML_CUDA_GDN_CHUNKED=0 "$BIN/llama-perplexity" "${common[@]}" -ngl 99 --kl-divergence-base /tmp/cpu.kld \
-        --kl-divergence > "$OUT/e2e-cuda-upstream.log" 2>&1
-    for f in cuda-chunked cuda-upstream; do
-        echo "$f vs CPU:"; grep -E "Mean +KLD|Maximum KLD|Same top p|RMS Δp" "$OUT/e2e-$f.log" || tail -5 "$OUT/e2e-$f.log"
-    done
+    QWEN35_CUDA_BIN=$PWD/$BIN QWEN35_E2E_LOGS=$OUT python3 -m pytest -q -s -p no:cacheprovider \
+        tests/test_gdn_cuda_gpu.py -k tiny_model 2>&1 | tee "$OUT/e2e-pytest.log" | grep -E "vs CPU|passed|failed|skipped|Error"
 }
 
 step_model() {
