@@ -110,10 +110,11 @@ step_bench() {
         | tee "$OUT/harness-bench.log" | grep -v '^{'
 }
 
-step_ops() {
+step_ops() {   # a failing eval still gets its perf numbers, then fails the step
+    local rc=0
     need_build
-    "$BIN/test-backend-ops" -o GATED_DELTA_NET -b CUDA0 > "$OUT/ops-eval.log" 2>&1 || true
-    grep -E "passed|FAIL" "$OUT/ops-eval.log" | tail -3
+    "$BIN/test-backend-ops" -o GATED_DELTA_NET -b CUDA0 > "$OUT/ops-eval.log" 2>&1 || rc=$?
+    grep -E "passed|FAIL" "$OUT/ops-eval.log" | tail -3 || true
     "$BIN/test-backend-ops" perf -o GATED_DELTA_NET -b CUDA0 > "$OUT/ops-perf-chunked.log" 2>&1
     GGML_CUDA_GDN_CHUNKED=0 "$BIN/test-backend-ops" perf -o GATED_DELTA_NET -b CUDA0 > "$OUT/ops-perf-upstream.log" 2>&1
     python3 - "$OUT/ops-perf-chunked.log" "$OUT/ops-perf-upstream.log" <<'EOF'
@@ -130,6 +131,8 @@ for case in new:
     if case in old:
         print(f"{old[case]:10.1f} us -> {new[case]:10.1f} us  {old[case] / new[case]:5.2f}x  {case}")
 EOF
+    [ $rc = 0 ] || echo "ops: test-backend-ops eval failed (exit $rc): see ops-eval.log"
+    return $rc
 }
 
 step_e2e() {   # tests/test_gdn_cuda_gpu.py's end-to-end test on this build (logs in $OUT)
