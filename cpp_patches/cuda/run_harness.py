@@ -46,8 +46,10 @@ GDN_CU = Path("ggml") / "src" / "ggml-cuda" / "gated_delta_net.cu"
 # upstream's kernel template: everything from it to its host-side launcher
 UPSTREAM_KERNEL = re.compile(r"template\s*<\s*int S_v,\s*bool KDA,\s*bool keep_rs_t\s*>.*?(?=template\s*<\s*bool KDA,"
                              r"\s*bool keep_rs_t\s*>\s*static void launch_gated_delta_net\b)", re.S)
-# A sequential float32 kernel: the pinned library's CPU op is within 2e-5 of the reference on
-# this grid (tests/test_gdn_reference.py); 5x that for __expf and the warp sums' order.
+# Upstream's kernel is a sequential float32 recurrence. The emulator's token-sequential stand-in
+# for it is within 3.4e-7 of the reference on this whole grid (T 8192 included), the pinned CPU
+# op within 2e-5 on tests/test_gdn_reference.py's grid; 5x the latter for __expf (a few ulp per
+# decay, more near g = -20) and the warp sums' order.
 UPSTREAM_TOL_REL_RMS = 1e-4
 
 
