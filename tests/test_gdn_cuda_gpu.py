@@ -91,6 +91,7 @@ def test_tiny_model_on_cuda_matches_cpu_with_the_chunked_kernel(tmp_path):
     from qwen35.converter.convert import convert
 
     logs = Path(os.environ.get("QWEN35_E2E_LOGS") or tmp_path)
+    (logs / "e2e-perplexity.log").unlink(missing_ok=True)
     gguf = convert(TRAINED, tmp_path / "tiny-f32.gguf", file_type="F32").path
     base = tmp_path / "cpu.kld"
     cmd = [str(CUDA_BIN / "llama-perplexity"), "-m", str(gguf), "-f", str(TEXT), "-c", "512", "-b", "512",
@@ -98,7 +99,8 @@ def test_tiny_model_on_cuda_matches_cpu_with_the_chunked_kernel(tmp_path):
 
     def run(name, extra, **env):
         r = subprocess.run(cmd + extra, capture_output=True, text=True, env={**os.environ, **env}, timeout=900)
-        (logs / f"e2e-{name}.log").write_text(r.stdout + r.stderr)
+        with open(logs / "e2e-perplexity.log", "a") as f:   # one file: a device call returns at most 8
+            f.write(f"==== {name}: {' '.join(cmd + extra)}\n{r.stdout}{r.stderr}\n")
         assert r.returncode == 0, f"llama-perplexity ({name}) failed:\n{(r.stdout + r.stderr)[-3000:]}"
         return r.stdout + r.stderr
 
