@@ -1,7 +1,7 @@
 // The chunked GATED_DELTA_NET CUDA kernels (gated_delta_net_chunked.cuh) compiled as plain C++
 // and run on the CPU by simt_emu.h. Driven from Python (cpp_patches/cuda/emulate.py); it also
 // exports the GPU harness's entry points (gdn_harness.cu) over host memory, so that
-// run_harness.py's correctness pass runs here unchanged:
+// run_harness.py's correctness pass and benchmark run here unchanged:
 //   g++ -O2 -std=c++17 -shared -fPIC -DGDN_CHUNKED_EMULATE -I cpp_patches/cuda
 //       -o libgdn_emu.so cpp_patches/cuda/gdn_emu.cpp  (one command)
 #include <algorithm>

@@ -471,11 +471,13 @@ def main() -> int:
 
 
 def print_bench(bench_result: dict) -> None:
+    """The table: each time with its ratio to the chunked kernel's (above 1: the chunked one is faster)."""
     def ms(v):
         return "-" if v is None else f"{v:.3f}"
 
     for r in bench_result.get("rows", []):
-        extra = "".join(f"  {k[:-3]} {v:.3f} ms" for k, v in r.items() if k.startswith("fla") and k.endswith("_ms"))
+        extra = "".join(f"  {k[:-3]} {v:.3f} ms" + (f" ({v / r['chunked_ms']:.2f}x)" if r["chunked_ms"] else "")
+                        for k, v in r.items() if k.startswith("fla") and k.endswith("_ms"))
         speedup = f" ({r['speedup_vs_upstream']:.2f}x)" if r.get("speedup_vs_upstream") else ""
         print(f"{r['shape']:8s} T={r['T']:6d} upstream {ms(r['upstream_ms'])} ms  chunked {ms(r['chunked_ms'])} ms"
               f"{speedup} (BV {r['bv_chosen']}; 32: {ms(r['chunked_bv32_ms'])}, 64: {ms(r['chunked_bv64_ms'])}){extra}")
