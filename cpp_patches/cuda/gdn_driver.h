@@ -1,7 +1,7 @@
-// The call the drivers of the chunked GATED_DELTA_NET kernels share: the GPU harness
+// What the drivers of the chunked GATED_DELTA_NET kernels share: the GPU harness
 // (gdn_harness.cu) and the CPU emulator (gdn_emu.cpp) take the op's buffers, ggml's strides as
-// one array and the sizes, and launch through these params. Include after
-// gated_delta_net_chunked.cuh.
+// one array and the sizes, launch through these params, and answer the same questions about the
+// device. Include after gated_delta_net_chunked.cuh.
 #pragma once
 
 // strides (in floats): sq1 sq2 sq3 sv1 sv2 sv3 sb1 sb2 sb3 (ggml's nb / 4). out holds T_out tokens
@@ -20,4 +20,17 @@ inline gdn_chunked::params gdn_driver_params(const float * q, const float * k, c
     p.sb1 = strides[6]; p.sb2 = strides[7]; p.sb3 = strides[8];
     p.scale = 1.0f / sqrtf((float) S);
     return p;
+}
+
+// The value-column tile the launch chooses on the current device for H heads, B sequences.
+inline int gdn_driver_choose_bv(int64_t S, int64_t H, int64_t B) {
+    return S == 64 ? gdn_chunked::choose_bv_here<64>(H, B) : gdn_chunked::choose_bv_here<128>(H, B);
+}
+
+// Whether a device of compute capability cc (e.g. 900) with smem_optin bytes of opt-in shared
+// memory per block runs head size S with tile bv (0: the launch's choice): usable() as ggml's
+// dispatcher asks it, and room for a forced 64-column tile.
+inline bool gdn_driver_usable(int64_t S, int bv, int cc, size_t smem_optin) {
+    if (!gdn_chunked::usable(S, cc, smem_optin)) return false;
+    return bv != 64 || (S == 128 && gdn_chunked::state_smem<128, 64>() <= smem_optin);
 }

@@ -95,7 +95,7 @@ int gdn_emu_choose_bv(int64_t S, int64_t H, int64_t B, int n_sm, int smem_optin,
     simt::device.n_sm = n_sm;
     simt::device.smem_optin = smem_optin;
     simt::device.smem_per_sm = smem_per_sm;
-    const int bv = S == 64 ? gdn_chunked::choose_bv_here<64>(H, B) : gdn_chunked::choose_bv_here<128>(H, B);
+    const int bv = gdn_driver_choose_bv(S, H, B);
     simt::device = saved;
     return bv;
 }
@@ -106,14 +106,10 @@ int gdn_emu_choose_bv(int64_t S, int64_t H, int64_t B, int n_sm, int smem_optin,
 
 size_t gdn_harness_scratch_floats(int64_t T, int64_t H, int64_t B) { return gdn_chunked::scratch_floats(T, H, B); }
 
-int gdn_harness_choose_bv(int64_t S, int64_t H, int64_t B) {
-    return S == 64 ? gdn_chunked::choose_bv_here<64>(H, B) : gdn_chunked::choose_bv_here<128>(H, B);
-}
+int gdn_harness_choose_bv(int64_t S, int64_t H, int64_t B) { return gdn_driver_choose_bv(S, H, B); }
 
 int gdn_harness_usable(int64_t S, int bv) {
-    const size_t optin = (size_t) simt::device.smem_optin;
-    if (!gdn_chunked::usable(S, 900, optin)) return 0;
-    return bv != 64 || (S == 128 && gdn_chunked::state_smem<128, 64>() <= optin);
+    return gdn_driver_usable(S, bv, 900, (size_t) simt::device.smem_optin) ? 1 : 0;
 }
 
 int gdn_harness_run(const float * q, const float * k, const float * v, const float * g, const float * beta,

@@ -32,9 +32,7 @@ extern "C" size_t gdn_harness_scratch_floats(int64_t T, int64_t H, int64_t B) {
 }
 
 // The BV the launch would choose on this device for H heads and B sequences of head size S.
-extern "C" int gdn_harness_choose_bv(int64_t S, int64_t H, int64_t B) {
-    return S == 64 ? gdn_chunked::choose_bv_here<64>(H, B) : gdn_chunked::choose_bv_here<128>(H, B);
-}
+extern "C" int gdn_harness_choose_bv(int64_t S, int64_t H, int64_t B) { return gdn_driver_choose_bv(S, H, B); }
 
 // Whether this device runs the kernels for head size S with value-column tile bv (0: the
 // launch's choice): usable() as ggml's dispatcher asks it, and room for a forced 64-column tile.
@@ -47,8 +45,7 @@ extern "C" int gdn_harness_usable(int64_t S, int bv) {
         (void) cudaGetLastError();
         return 0;
     }
-    if (!gdn_chunked::usable(S, 100 * major + 10 * minor, (size_t) optin)) return 0;
-    return bv != 64 || (S == 128 && gdn_chunked::state_smem<128, 64>() <= (size_t) optin);
+    return gdn_driver_usable(S, bv, 100 * major + 10 * minor, (size_t) optin) ? 1 : 0;
 }
 
 // strides (host array, in floats): sq1 sq2 sq3 sv1 sv2 sv3 sb1 sb2 sb3 (ggml's nb / 4).
