@@ -6,6 +6,7 @@
 #   make patches-export    rewrite cpp_patches/*.patch from the commits in build/src/vendor/llama.cpp
 #   make cuda-check        compile the CUDA work with nvcc (no GPU needed; fetches cuBLAS headers if missing)
 #   make cuda-bundle       pack .device/ for a GPU session (cpp_patches/cuda/gpu_session.sh)
+#   make cuda-rehearse     run that session's CUDA build here, without a GPU (~35 min on 2 cores)
 # Variables: BACKEND=cpu|cuda|metal|vulkan (detected when empty), CUDA_ARCHS="86;89;90a;120",
 #            JOBS (default: all cores), PYTHON (interpreter for the venv, default python3).
 
@@ -21,11 +22,11 @@ BUILD   := build/$(BACKEND)
 UP_SRC  := build/upstream-src
 UP_BUILD:= build/upstream-$(BACKEND)
 
-.PHONY: demo setup venv llama bindings test llama-upstream patches-export cuda-deps cuda-check cuda-bundle clean help
+.PHONY: demo setup venv llama bindings test llama-upstream patches-export cuda-deps cuda-check cuda-bundle cuda-rehearse clean help
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '2,11p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: venv llama bindings
 	@$(VENV)/bin/qwen35 build-info
@@ -68,6 +69,9 @@ cuda-check: venv cuda-deps
 
 cuda-bundle: setup
 	$(VPY) cpp_patches/cuda/device_bundle.py
+
+cuda-rehearse: cuda-bundle
+	$(VPY) cpp_patches/cuda/rehearse_build.py
 
 clean:
 	rm -rf build $(VENV)

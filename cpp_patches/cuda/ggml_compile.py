@@ -70,6 +70,35 @@ def nvcc_finds_cublas() -> bool:
         return r.returncode == 0
 
 
+def download_cublas_wheel(dest: Path) -> Path:
+    """The pinned nvidia-cublas wheel (~420 MB) downloaded into dest and checked by sha256."""
+    r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
+                        "--only-binary=:all:", "--platform", "manylinux_2_27_x86_64", "-d", str(dest),
+                        f"{CUBLAS}=={CUBLAS_VERSION}"])
+    wheel = dest / CUBLAS_FILE
+    if r.returncode != 0 or not wheel.exists():
+        raise tree.TreeError(f"could not download {CUBLAS}=={CUBLAS_VERSION} from PyPI; check the network "
+                             "or install a CUDA toolkit with cuBLAS")
+    digest = tree.sha256_file(wheel)
+    if digest != CUBLAS_SHA256:
+        raise tree.TreeError(f"{CUBLAS_FILE} has sha256 {digest}, expected {CUBLAS_SHA256}; "
+                             "refusing an unverified cuBLAS")
+    return wheel
+
+
+def extract_cublas(wheel: Path, dest: Path, part: str, suffixes: tuple[str, ...]) -> list[Path]:
+    """The wheel's nvidia/*/PART/* files whose names end in one of suffixes, flat into dest."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = []
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            parts = info.filename.split("/")
+            if len(parts) == 4 and parts[0] == "nvidia" and parts[2] == part and parts[3].endswith(suffixes):
+                (dest / parts[3]).write_bytes(z.read(info))
+                out.append(dest / parts[3])
+    return out
+
+
 def fetch_cublas_headers() -> Path:
     """.cache/cublas-VERSION/include from the pinned wheel (downloaded once, ~420 MB, then deleted)."""
     if (CUBLAS_INCLUDE / "cublas_v2.h").exists():
@@ -78,25 +107,10 @@ def fetch_cublas_headers() -> Path:
     tmp = tree.CACHE / "cublas.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     log(f"nvcc has no cuBLAS headers: taking them from {CUBLAS}=={CUBLAS_VERSION} (PyPI, ~420 MB download)")
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
-                        "--only-binary=:all:", "--platform", "manylinux_2_27_x86_64", "-d", str(tmp),
-                        f"{CUBLAS}=={CUBLAS_VERSION}"])
-    wheel = tmp / CUBLAS_FILE
     try:
-        if r.returncode != 0 or not wheel.exists():
-            raise tree.TreeError(f"could not download {CUBLAS}=={CUBLAS_VERSION} from PyPI; check the network "
-                                 "or install a CUDA toolkit with cuBLAS")
-        digest = tree.sha256_file(wheel)
-        if digest != CUBLAS_SHA256:
-            raise tree.TreeError(f"{CUBLAS_FILE} has sha256 {digest}, expected {CUBLAS_SHA256}; "
-                                 "refusing unverified headers")
+        wheel = download_cublas_wheel(tmp)
         inc = tmp / "include"
-        inc.mkdir()
-        with zipfile.ZipFile(wheel) as z:
-            for info in z.infolist():
-                parts = info.filename.split("/")
-                if len(parts) == 4 and parts[0] == "nvidia" and parts[2] == "include" and parts[3].endswith(".h"):
-                    (inc / parts[3]).write_bytes(z.read(info))
+        extract_cublas(wheel, inc, "include", (".h",))
         if not (inc / "cublas_v2.h").exists():
             raise tree.TreeError(f"{CUBLAS_FILE} has no include/cublas_v2.h")
         CUBLAS_INCLUDE.parent.mkdir(parents=True, exist_ok=True)
