@@ -122,3 +122,29 @@ def test_pending_patches_apply_on_the_series():
     for patch in pending:
         r = subprocess.run(["git", "apply", "--check", str(patch)], cwd=llama, capture_output=True, text=True)
         assert r.returncode == 0, f"{patch.name} no longer applies: {r.stderr.strip()}"
+
+
+@needs_nvcc
+def test_rehearsal_driver_stand_in_links_what_a_library_imports(tmp_path):
+    """The CUDA build rehearsal's libcuda stand-in: the driver functions read from a library that
+    calls them (the names written in its source are the oracle) must then link an executable."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cpp_patches" / "cuda"))
+    import rehearse_build
+
+    assert (rehearse_build.toolkit_root() / "include" / "cuda_runtime.h").exists()
+    called = ["cuDeviceGet", "cuMemCreate", "cuMemMap"]
+    (tmp_path / "user.c").write_text("".join(f"int {f}(void);\n" for f in called)
+                                     + "int use(void) { return " + " + ".join(f"{f}()" for f in called) + "; }\n")
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    rehearse_build.write_driver_stub(lib, [])   # as before the first pass: CMake only needs the file
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / "libuser.so"), str(tmp_path / "user.c"),
+                    f"-L{lib / 'stubs'}", "-Wl,--no-as-needed", "-lcuda"], check=True)
+    assert rehearse_build.driver_imports(tmp_path / "libuser.so") == sorted(called)
+    (tmp_path / "main.c").write_text("int use(void);\nint main(void) { return use() != 0; }\n")
+    link = ["cc", "-o", str(tmp_path / "main"), str(tmp_path / "main.c"), f"-L{tmp_path}", "-luser",
+            f"-Wl,-rpath-link,{lib / 'stubs'}"]
+    assert subprocess.run(link, capture_output=True).returncode != 0   # the empty stand-in cannot link it
+    rehearse_build.write_driver_stub(lib, rehearse_build.driver_imports(tmp_path / "libuser.so"))
+    r = subprocess.run(link, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -125,7 +125,10 @@ def build_step(tree_dir: Path, env: dict) -> int:
     rc_file = tree_dir / "build" / "cuda-build.rc"
     subprocess.run(["bash", "cpp_patches/cuda/gpu_session.sh", "--one", "build"], cwd=tree_dir, env=env,
                    check=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 3 * 3600
     while not rc_file.exists():
+        if time.monotonic() > deadline:
+            raise tree.TreeError(f"the build step wrote no exit status in 3 hours; see {rc_file.parent / 'cuda-build.log'}")
         time.sleep(5)
     time.sleep(0.5)   # the rc is written by echo; let it land
     return int(rc_file.read_text().strip() or 1)
