@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "cpp_patches" / "cuda"))
+import ggml_compile  # noqa: E402
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 PREPARED = ROOT / "build" / "src" / "vendor" / "llama.cpp"
@@ -22,7 +23,6 @@ PREPARED = ROOT / "build" / "src" / "vendor" / "llama.cpp"
 def test_chunked_gdn_kernel_compiles(tmp_path, arch, cublas):
     """The GPU harness: the chunked kernels, and upstream's token-sequential kernel taken from the
     prepared tree beside them (the bench times both on the same buffers)."""
-    import ggml_compile
     from run_harness import nvcc_cmd
 
     assert (PREPARED / ".git").exists(), "the prepared tree is missing: `make setup` prepares it before the tests"
@@ -49,8 +49,6 @@ def test_chunked_gdn_kernel_compiles(tmp_path, arch, cublas):
 @pytest.fixture(scope="module")
 def promoted(tmp_path_factory):
     """ggml/ and test-backend-ops.cpp of the prepared tree with the chunked kernel promoted."""
-    import ggml_compile
-
     assert (PREPARED / ".git").exists(), "the prepared tree is missing: `make setup` prepares it before the tests"
     dest = tmp_path_factory.mktemp("promoted") / "llama.cpp"
     ggml_compile.export_promoted(PREPARED, dest)
@@ -59,8 +57,6 @@ def promoted(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cublas():
-    import ggml_compile
-
     if ggml_compile.nvcc_finds_cublas():
         return None
     assert (ggml_compile.CUBLAS_INCLUDE / "cublas_v2.h").exists(), \
@@ -69,15 +65,14 @@ def cublas():
 
 
 @needs_nvcc
-@pytest.mark.parametrize("arch", ["75", "80", "90a", "120a"])
+@pytest.mark.parametrize("arch", ggml_compile.DEFAULT_BUILD_ARCHS)
 def test_ggml_cuda_translation_unit_compiles_with_the_chunked_path(promoted, cublas, arch):
     """gated_delta_net.cu with the pending wiring, in ggml-cuda's translation unit and flags:
     compiles warning-free in the changed files, instantiates every chunked kernel, no spills.
     ggml's default (non-native) CUDA 13 build is one binary for 75-virtual, 80-virtual, 86, 89,
-    90-virtual, 120a and 121a: sm_75 takes the kernels' trap stubs (no TF32 mma or cp.async;
-    the dispatcher never launches them there), which must compile too, or every such build breaks."""
-    import ggml_compile
-
+    90-virtual, 120a and 121a; each is compiled here. sm_75 takes the kernels' trap stubs (no
+    TF32 mma or cp.async; the dispatcher never launches them there), which must compile too,
+    or every such build breaks."""
     report = ggml_compile.compile_tu(promoted, arch, cublas)
     names = sorted(ggml_compile.kernel_name(k) for k in report["kernels"])
     assert names == ["gdn_chunk_prep<128>", "gdn_chunk_prep<64>", "gdn_chunk_state<128,32>",
@@ -89,7 +84,6 @@ def test_ggml_cuda_translation_unit_compiles_with_the_chunked_path(promoted, cub
 @needs_nvcc
 def test_ggml_compile_reports_a_warning_in_the_changed_file(promoted, cublas, tmp_path):
     """The check is not blind: an unused variable in the wiring is an error of the check."""
-    import ggml_compile
     import tree
 
     broken = tmp_path / "llama.cpp"
@@ -107,8 +101,6 @@ def test_ggml_compile_reports_a_warning_in_the_changed_file(promoted, cublas, tm
 
 def test_test_backend_ops_cases_compile(promoted):
     """The pending patch's test-backend-ops cases compile (the CI build has only the series)."""
-    import ggml_compile
-
     ggml_compile.check_test_backend_ops(promoted)
 
 

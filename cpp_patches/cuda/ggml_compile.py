@@ -1,6 +1,6 @@
 """Compile what the CUDA work changes in llama.cpp, as ggml's own build would, without a GPU.
 
-    python3 cpp_patches/cuda/ggml_compile.py [--arch 75 80 90a 120a] [--keep DIR] [--json]
+    python3 cpp_patches/cuda/ggml_compile.py [--arch 86 90a ...] [--keep DIR] [--json]
     python3 cpp_patches/cuda/ggml_compile.py --fetch-only      # only the cuBLAS headers, if needed
 
 1. exports ggml/ and tests/test-backend-ops.cpp from the prepared tree (`make setup`) with
@@ -40,6 +40,11 @@ CHANGED = ("gated_delta_net.cu", "gated_delta_net_chunked.cuh")
 # The kernels the wiring must instantiate: prep for S_v 64/128, state for (S_v, tile) pairs.
 KERNELS = ("gdn_chunk_prepILi64E", "gdn_chunk_prepILi128E", "gdn_chunk_stateILi64ELi32E",
            "gdn_chunk_stateILi128ELi32E", "gdn_chunk_stateILi128ELi64E")
+
+# Every target of ggml's default (non-native) CUDA 13 build, compiled here as real code: the
+# virtual ones (75, 80, 90) run as PTX JIT-compiled to the card, so their SASS is checked too.
+# sm_75 gets the kernels' trap stubs (no TF32 mma or cp.async; never launched there).
+DEFAULT_BUILD_ARCHS = ("75", "80", "86", "89", "90a", "120a", "121a")
 
 # Headers only (they do not depend on the platform), so the one x86-64 file is pinned everywhere.
 CUBLAS = "nvidia-cublas"
@@ -266,8 +271,8 @@ def run(archs: list[str], prepared: Path, keep: Path | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", nargs="+", default=["75", "80", "90a", "120a"],
-                    help="nvcc archs (default: 75 80 90a 120a: the kernels' stub, Ampere, Hopper, Blackwell)")
+    ap.add_argument("--arch", nargs="+", default=list(DEFAULT_BUILD_ARCHS),
+                    help=f"nvcc archs (default: {' '.join(DEFAULT_BUILD_ARCHS)}, ggml's default CUDA 13 build)")
     ap.add_argument("--tree", type=Path, default=tree.ROOT / "build" / "src" / "vendor" / "llama.cpp",
                     help="the prepared llama.cpp tree (default: make setup's)")
     ap.add_argument("--keep", type=Path, help="export the promoted sources here and leave them")
