@@ -57,6 +57,18 @@ def inspect_cmd(
     print(json.dumps(as_dict(rep)) if as_json else render(rep))
 
 
+def _quiet_transformers() -> None:
+    """transformers is only the reference here: its notes (kernel fallbacks, load reports) are not
+    the user's business, and its weight-loading bar belongs on a terminal only."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return  # verify() says what to install
+    hf_logging.set_verbosity_error()
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+
+
 @app.command("verify")
 def verify_cmd(
     hf_dir: str = typer.Argument(..., help="The Hugging Face checkpoint the GGUF was made from."),
@@ -68,6 +80,7 @@ def verify_cmd(
     """Compare the GGUF's logits with transformers' on the same tokens (for small checkpoints)."""
     from qwen35.converter.verify import DEFAULT_TEXT, verify
 
+    _quiet_transformers()
     try:
         m = verify(hf_dir, gguf, text=text or DEFAULT_TEXT, max_tokens=max_tokens)
     except (ValueError, OSError, RuntimeError) as e:

@@ -104,8 +104,10 @@ def test_verify_cli_on_a_converted_checkpoint(tmp_path, lib_dir):
     hf = tiny.make_checkpoint(tmp_path / "hf")
     convert(hf, tmp_path / "f32.gguf", file_type="F32")
     convert(hf, tmp_path / "q8.gguf", file_type="Q8_0")
-    f32 = json.loads(subprocess.run([QWEN35, "verify", str(hf), str(tmp_path / "f32.gguf"), "--json"],
-                                    capture_output=True, text=True, check=True).stdout)
+    run = subprocess.run([QWEN35, "verify", str(hf), str(tmp_path / "f32.gguf"), "--json"],
+                         capture_output=True, text=True, check=True)
+    assert run.stderr == ""  # no progress bar off a terminal, no notes from the reference's library
+    f32 = json.loads(run.stdout)
     q8 = json.loads(subprocess.run([QWEN35, "verify", str(hf), str(tmp_path / "q8.gguf"), "--json"],
                                    capture_output=True, text=True, check=True).stdout)
     assert f32["n_tokens"] > 20 and f32["top1_agreement"] == 1.0
