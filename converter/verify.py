@@ -39,7 +39,9 @@ def logit_metrics(ref: np.ndarray, ours: np.ndarray) -> dict:
 def verify(hf_dir: str | Path, gguf: str | Path, *, text: str = DEFAULT_TEXT, max_tokens: int = 256) -> dict:
     """Metrics for the GGUF against transformers on the tokens of text (llama.cpp's tokenizer)."""
     from qwen35.bindings.model import Model
+    from qwen35.converter.checkpoint import open_checkpoint
 
+    open_checkpoint(hf_dir)  # a local Qwen3.5 safetensors checkpoint, or a one-line error naming the fix
     try:
         import torch
         from transformers import AutoModelForCausalLM
@@ -51,7 +53,9 @@ def verify(hf_dir: str | Path, gguf: str | Path, *, text: str = DEFAULT_TEXT, ma
         if not tokens:
             raise ValueError("the text tokenizes to nothing; pass a longer --text")
         ours = m.logits(tokens)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    # local files only (never a download), safetensors only (never pickle)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True,
+                                                 use_safetensors=True).eval()
     with torch.no_grad():
         ref = model(torch.tensor([tokens])).logits[0].numpy()
     n = min(ref.shape[1], ours.shape[1])  # GGUF vocab may be padded differently from lm_head

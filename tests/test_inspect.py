@@ -113,3 +113,20 @@ def test_verify_cli_on_a_converted_checkpoint(tmp_path, lib_dir):
     assert f32["n_tokens"] > 20 and f32["top1_agreement"] == 1.0
     assert f32["max_abs"] <= 2e-3 * f32["logit_std"]
     assert q8["kld_mean"] > f32["kld_mean"]  # rounding to Q8_0 moves the distribution, measurably
+
+
+def test_verify_refuses_what_is_not_a_local_safetensors_checkpoint(tmp_path):
+    """One line naming the fix, exit 1, and no attempt to reach the hub or unpickle weights."""
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")  # never opened: the checkpoint is checked first
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text(json.dumps({"architectures": ["Qwen3_5ForCausalLM"]}))
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x02")
+    cases = {str(tmp_path / "missing"): "has no config.json",  # not a folder: was taken for a hub repo id
+             "Qwen/Qwen3.5-4B": "has no config.json",
+             str(pickled): "safetensors is required"}
+    for hf_dir, message in cases.items():
+        run = subprocess.run([QWEN35, "verify", hf_dir, str(gguf)], capture_output=True, text=True)
+        assert run.returncode == 1 and run.stdout == ""
+        assert run.stderr.count("\n") == 1 and run.stderr.startswith("error: ") and message in run.stderr, run.stderr
