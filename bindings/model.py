@@ -74,27 +74,31 @@ def _meta(model_p, key: str) -> str | None:
     return buf.value.decode("utf-8", errors="replace")
 
 
-def _gguf_architecture(path: Path) -> str:
-    """``general.architecture`` from the GGUF header (no tensor data is read)."""
-    from qwen35.converter.gguf_scan import GGUFScanError, scan
+def _gguf_header(path: Path):
+    """The model's GGUF header (no tensor data is read): all parts of a split model, any part
+    given, with ``.path`` its first part (the one llama.cpp loads)."""
+    from qwen35.converter.gguf_scan import GGUFScanError, scan, scan_model
 
     try:
-        arch = scan(path).get("general.architecture")
+        head = scan(path)
     except (GGUFScanError, ValueError, OSError) as e:
         raise ModelError(f"{path} is not a readable GGUF file ({e}); convert the checkpoint first") from e
-    if not isinstance(arch, str):
+    try:
+        head = scan_model(path, head)
+    except (GGUFScanError, ValueError, OSError) as e:
+        raise ModelError(str(e)) from e
+    if not isinstance(head.get("general.architecture"), str):
         raise ModelError(f"{path} has no general.architecture; it is not a llama.cpp model file")
-    return arch
+    return head
 
 
-def _check_fit(path: Path, devs: list, n_gpu_layers: int, n_cpu_moe: int) -> None:
-    """Refuse a model whose weights cannot fit: on the offload devices (by the share of blocks
-    offloaded; experts kept on the CPU by n_cpu_moe do not count), else in RAM."""
-    from qwen35.converter.gguf_scan import scan
-
+def _check_fit(info, devs: list, n_gpu_layers: int, n_cpu_moe: int) -> None:
+    """Refuse a model (info: its _gguf_header) whose weights cannot fit: on the offload devices
+    (by the share of blocks offloaded; experts kept on the CPU by n_cpu_moe do not count), else
+    in RAM."""
     from . import devices as dv
 
-    info = scan(path)
+    path = info.path
     n_layer = int(info.get(f"{info.get('general.architecture')}.block_count") or 1)
     sizes = {t.name: t.nbytes for t in info.tensors}
     total = sum(sizes.values())
@@ -124,10 +128,10 @@ def _cpu_has_amx() -> bool:
     return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
-def _model_params(path: Path, *, n_gpu_layers: int, rpc_servers, n_cpu_moe: int, check_fit: bool,
+def _model_params(head, *, n_gpu_layers: int, rpc_servers, n_cpu_moe: int, check_fit: bool,
                   repack: bool | None, load_mtp: bool):
-    """llama_model_params for Model.load, and the ctypes buffers they point to (keep them alive
-    until the model is loaded)."""
+    """llama_model_params for Model.load (head: the model's _gguf_header), and the ctypes
+    buffers they point to (keep them alive until the model is loaded)."""
     import llama_cpp
 
     from . import devices as dv
@@ -154,7 +158,7 @@ def _model_params(path: Path, *, n_gpu_layers: int, rpc_servers, n_cpu_moe: int,
         keep += [arr, patterns]
         mp.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
     if check_fit:
-        _check_fit(path, devs if n_gpu_layers else [], n_gpu_layers, n_cpu_moe)
+        _check_fit(head, devs if n_gpu_layers else [], n_gpu_layers, n_cpu_moe)
     if repack is None:
         repack = not _cpu_has_amx()
         if not repack:
@@ -219,7 +223,8 @@ class Model:
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path} does not exist; pass the path of a .gguf file")
-        arch = _gguf_architecture(path)
+        head = _gguf_header(path)
+        path, arch = head.path, head.get("general.architecture")  # a split model loads from its first part
         if arch not in ARCHITECTURES:
             raise ModelError(f"{path} is a {arch!r} model, not Qwen3.5 ({' or '.join(ARCHITECTURES)})")
         if kv_type not in KV_TYPES:
@@ -228,7 +233,7 @@ class Model:
         import llama_cpp
 
         llama_cpp.llama_backend_init()
-        mp, keep = _model_params(path, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, n_cpu_moe=n_cpu_moe,
+        mp, keep = _model_params(head, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, n_cpu_moe=n_cpu_moe,
                                  check_fit=check_fit, repack=repack, load_mtp=load_mtp)
         model_p = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         del keep
@@ -338,8 +343,10 @@ class Model:
         return int(llama_cpp.llama_n_rs_seq(self._ctx))
 
     def identity(self) -> str:
-        """What a saved session must match: the model file's name and size."""
-        return f"{self.path.name} ({self.path.stat().st_size} bytes)"
+        """What a saved session must match: the model file's name and size (of all its parts)."""
+        from qwen35.converter.gguf_scan import split_parts
+
+        return f"{self.path.name} ({sum(p.stat().st_size for p in split_parts(self.path))} bytes)"
 
     def seq_state(self, seq_id: int) -> bytes:
         """The whole state of one sequence (KV cache and recurrent state)."""

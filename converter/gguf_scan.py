@@ -7,12 +7,14 @@ is what comparing, inspecting and verifying files needs.
 
 from __future__ import annotations
 
+import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
+from gguf.gguf_writer import SHARD_NAME_FORMAT
 
 _SCALAR = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
            GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
@@ -38,6 +40,7 @@ class TensorInfo:
     qtype: GGMLQuantizationType
     offset: int             # absolute file offset
     nbytes: int
+    file: Path | None = None  # the split part holding it (scan_model); None: the scanned file
 
 
 @dataclass
@@ -48,7 +51,7 @@ class GGUFScan:
     tensors: list[TensorInfo]
 
     def data(self, t: TensorInfo) -> np.ndarray:
-        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,))
+        return np.memmap(t.file or self.path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.nbytes,))
 
     def get(self, key: str, default=None):
         kv = self.kv.get(key)
@@ -56,9 +59,54 @@ class GGUFScan:
 
 
 def scan(path: str | Path) -> GGUFScan:
+    """One file's header; for a part of a split model, that part alone (see scan_model)."""
     path = Path(path)
     with open(path, "rb", buffering=1 << 20) as f:
         return _scan(path, f)
+
+
+def split_parts(path: str | Path, first: GGUFScan | None = None) -> list[Path]:
+    """Every file of the model that path belongs to, the first part first: [path] for a single
+    file; for a split model (llama.cpp's and gguf-split's PREFIX-0000N-of-0000M.gguf, any part
+    given) all M parts, which must sit side by side."""
+    path = Path(path)
+    head = first if first is not None else scan(path)
+    count = head.get(Keys.Split.LLM_KV_SPLIT_COUNT, 0) or 0
+    if count <= 1:
+        return [path]
+    m = re.fullmatch(r"(.+)-(\d{5})-of-(\d{5})\.gguf", path.name)
+    if not m or int(m.group(3)) != count:
+        raise GGUFScanError(f"{path} is one of {count} split files but is not named PREFIX-0000N-of-{count:05d}.gguf; "
+                            "give the parts back the names they were written with")
+    parts = [path.with_name(SHARD_NAME_FORMAT.format(m.group(1), i + 1, count)) for i in range(count)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise GGUFScanError(f"{path} is one of {count} split files and {missing[0]} is missing; "
+                            "put all the parts in one folder")
+    return parts
+
+
+def scan_model(path: str | Path, given: GGUFScan | None = None) -> GGUFScan:
+    """The whole model's header: one file's, or for a split model the first part's metadata with
+    the tensors of all parts (each TensorInfo names its part), whichever part path is. given:
+    scan(path), where the caller has it already."""
+    given = given if given is not None else scan(path)
+    parts = split_parts(path, given)
+    if len(parts) == 1:
+        return given
+    scans = [given if p == Path(path) else scan(p) for p in parts]
+    tensors = []
+    for i, (p, s) in enumerate(zip(parts, scans)):
+        if s.get(Keys.Split.LLM_KV_SPLIT_NO) != i or s.get(Keys.Split.LLM_KV_SPLIT_COUNT) != len(parts):
+            raise GGUFScanError(f"{p} is not part {i + 1} of {len(parts)} of {parts[0].name}'s model "
+                                "(its split.no / split.count say otherwise); re-split or re-convert the model")
+        tensors += [replace(t, file=p) for t in s.tensors]
+    first = scans[0]
+    expected = first.get(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
+    if expected is not None and expected != len(tensors):
+        raise GGUFScanError(f"the {len(parts)} parts of {parts[0].name} hold {len(tensors)} tensors, "
+                            f"split.tensors.count says {expected}; re-split or re-convert the model")
+    return GGUFScan(parts[0], first.version, first.kv, tensors)
 
 
 def _scan(path: Path, f) -> GGUFScan:

@@ -40,9 +40,9 @@ class Report:
 
 
 def _from_gguf(path: Path) -> Report:
-    from .gguf_scan import scan
+    from .gguf_scan import scan_model
 
-    s = scan(path)
+    s = scan_model(path)  # a split model: all its parts
     arch = s.get("general.architecture")
     if arch not in ("qwen35", "qwen35moe"):
         raise ValueError(f"{path} is a {arch!r} model, not Qwen3.5")

@@ -48,13 +48,14 @@ def kld_rows(ref_logits: np.ndarray, cand_logits: np.ndarray) -> np.ndarray:
 
 
 def file_stats(path: Path) -> tuple[int, float]:
-    """(file bytes, bits per weight of the tensor data)."""
-    from qwen35.converter.gguf_scan import scan
+    """(file bytes, bits per weight of the tensor data); a split model: all its parts."""
+    from qwen35.converter.gguf_scan import scan, scan_model, split_parts
 
-    info = scan(path)
+    first = scan(path)
+    info = scan_model(path, first)
     data = sum(t.nbytes for t in info.tensors)
     params = sum(int(np.prod(t.ne)) for t in info.tensors)
-    return path.stat().st_size, 8 * data / max(params, 1)
+    return sum(p.stat().st_size for p in split_parts(path, first)), 8 * data / max(params, 1)
 
 
 def chunks(tokens: list[int], n_ctx: int, max_chunks: int | None) -> list[list[int]]:

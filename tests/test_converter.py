@@ -14,6 +14,7 @@ from gguf_compare import differences, tensor_order
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVERT = str(Path(sys.executable).parent / "qwen35-convert")
+QWEN35 = str(Path(sys.executable).parent / "qwen35")
 
 # llama.cpp f32 weights + F32 KV cache (flash attention off: its CPU kernel rounds through F16,
 # measured 2.1e-3 x std with it, 5.7e-5 x std without) vs transformers float32, relative to the
@@ -257,7 +258,60 @@ def test_split_files_load_in_llama_cpp_like_the_whole_file(ckpts, tmp_path):
         a = m.logits(tokens)
     with Model.load(parts[0], n_ctx=64, n_threads=2, repack=False) as m:
         b = m.logits(tokens)
-    assert np.array_equal(a, b)
+    with Model.load(parts[-1], n_ctx=64, n_threads=2, repack=False) as m:  # any part names the model
+        c = m.logits(tokens)
+        assert m.path == parts[0]
+    assert np.array_equal(a, b) and np.array_equal(a, c)
+
+
+def test_split_files_are_one_model_to_inspect_and_eval(ckpts, tmp_path, monkeypatch):
+    """inspect, quant eval's file stats and the fit check see every part of a split model (the
+    whole file, and gguf's own reader over the parts, are the oracles); a missing or renamed part
+    is a one-line error naming it."""
+    import gguf
+
+    from qwen35.bindings.model import Model, ModelError
+    from qwen35.converter.inspect import inspect
+    from qwen35.quant import file_stats
+
+    whole = tmp_path / "whole.gguf"
+    assert _ours(ckpts["moe-per-expert"], whole, "Q8_0").returncode == 0
+    d = tmp_path / "parts"
+    d.mkdir()
+    assert _ours(ckpts["moe-per-expert"], d / "m.gguf", "Q8_0", "--split-max-size", "4M").returncode == 0
+    parts = sorted(d.glob("m-*-of-*.gguf"))
+    assert len(parts) >= 3
+    readers = [gguf.GGUFReader(p) for p in parts]
+    n_tensors = sum(len(r.tensors) for r in readers)
+    n_params = sum(int(t.n_elements) for r in readers for t in r.tensors)
+    ref = inspect(whole)
+    for p in (parts[0], parts[1]):
+        rep = inspect(p)
+        assert sum(rep.tensors_per_type.values()) == n_tensors == sum(ref.tensors_per_type.values())
+        assert rep.n_params == n_params == ref.n_params
+        assert (rep.blocks, rep.weight_bytes, rep.tensors_per_type) == (ref.blocks, ref.weight_bytes, ref.tensors_per_type)
+        assert rep.memory == ref.memory
+        size, bpw = file_stats(p)
+        assert size == sum(q.stat().st_size for q in parts) and bpw == file_stats(whole)[1]
+
+    from qwen35.bindings import devices
+
+    monkeypatch.setattr(devices, "host_memory", lambda: (ref.weight_bytes - 1, ref.weight_bytes - 1))
+    with pytest.raises(ModelError, match="of weights, this machine"):  # the fit check counts every part
+        Model.load(parts[0], n_ctx=64)
+    monkeypatch.undo()
+
+    hidden = parts[1].rename(tmp_path / parts[1].name)
+    r = subprocess.run([QWEN35, "inspect", str(parts[0])], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
+    assert f"{hidden.name} is missing" in r.stderr and "one folder" in r.stderr
+    with pytest.raises(ModelError, match=f"{hidden.name} is missing"):
+        Model.load(parts[0], n_ctx=64)
+    hidden.rename(parts[1])
+    renamed = d / "renamed.gguf"
+    parts[0].rename(renamed)
+    r = subprocess.run([QWEN35, "inspect", str(renamed)], capture_output=True, text=True)
+    assert r.returncode == 1 and "not named PREFIX-0000N-of-" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_copied_bf16_with_nans_still_matches_upstream(ckpts, tmp_path):
