@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -48,6 +49,11 @@ def chat(
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     spec = speculative is not None
+    notes = logging.StreamHandler(sys.stderr)  # the bindings' notes (e.g. -ngl on a CPU-only build), one line each
+    notes.setFormatter(logging.Formatter("note: %(message)s"))
+    log = logging.getLogger("qwen35")
+    log.addHandler(notes)
+    log.propagate = False
     with Model.load(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads or None, load_mtp=spec,
                     n_rs_seq=max(draft_max, 1) if spec else None) as m:
         session = Chat(m, system=system, enable_thinking=think, speculative=speculative, draft_max=draft_max,

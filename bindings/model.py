@@ -143,6 +143,12 @@ def _model_params(head, *, n_gpu_layers: int, rpc_servers, n_cpu_moe: int, check
         devs = dv.gpu_devices() + (dv.rpc_devices(rpc_servers) if rpc_servers else [])
     except dv.DeviceError as e:
         raise ModelError(str(e)) from None
+    if n_gpu_layers and not devs:  # llama.cpp would say so only in the log the bindings keep quiet
+        import logging
+
+        logging.getLogger("qwen35").warning(
+            "n_gpu_layers (-ngl) %d has no effect: this llama.cpp build has no GPU backend and the model runs on "
+            "the CPU; rebuild with `make setup BACKEND=cuda` (or metal, vulkan) to offload", n_gpu_layers)
     if rpc_servers:
         arr = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
         keep.append(arr)

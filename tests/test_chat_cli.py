@@ -94,3 +94,24 @@ def test_one_shot_json(gguf):
     out = json.loads(r.stdout)
     assert out["usage"]["completion_tokens"] == 5 and out["finish_reason"] == "length"
     assert out["usage"]["evaluated_tokens"] == out["usage"]["prompt_tokens"] > 0
+
+
+def test_gpu_layers_on_a_build_without_a_gpu_backend_say_so(gguf, caplog):
+    """-ngl on a CPU-only build: the reply as usual, and one line on stderr saying the layers stay
+    on the CPU and how to get a GPU build (llama.cpp says it only in the log the bindings silence).
+    The Python API logs the same note (logger "qwen35", WARNING). With a GPU backend: no note."""
+    from qwen35.bindings import devices
+    from qwen35.bindings.model import Model
+
+    r = subprocess.run([QWEN35, "chat", str(gguf), "-p", "Hi!", "-n", "3", "--json", "--threads", "2", "-ngl", "99"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["usage"]["completion_tokens"] == 3
+    if devices.gpu_devices():
+        assert r.stderr == ""
+        return
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("note: n_gpu_layers (-ngl) 99 has no effect")
+    assert "make setup BACKEND=cuda" in r.stderr
+    with caplog.at_level("WARNING", logger="qwen35"):
+        Model.load(gguf, n_ctx=64, n_gpu_layers=-1).close()
+    assert [r.name for r in caplog.records] == ["qwen35"] and "no GPU backend" in caplog.records[0].getMessage()
