@@ -13,6 +13,17 @@ HELP = """commands: /think on|off  /reset  /save FILE  /load FILE  /stats  /help
 multi-line input: end a line with \\ to continue it, or enclose lines in triple quotes (\"\"\")"""
 
 
+def _print_notes() -> None:
+    """The bindings' notes (logger "qwen35", e.g. -ngl on a CPU-only build) as one stderr line each."""
+    log = logging.getLogger("qwen35")
+    if not any(getattr(h, "qwen35_notes", False) for h in log.handlers):
+        notes = logging.StreamHandler(sys.stderr)
+        notes.setFormatter(logging.Formatter("note: %(message)s"))
+        notes.qwen35_notes = True
+        log.addHandler(notes)
+        log.propagate = False
+
+
 def chat(
     model: Path = typer.Argument(..., help="A Qwen3.5 GGUF file."),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Reply to this one message and exit."),
@@ -49,11 +60,7 @@ def chat(
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     spec = speculative is not None
-    notes = logging.StreamHandler(sys.stderr)  # the bindings' notes (e.g. -ngl on a CPU-only build), one line each
-    notes.setFormatter(logging.Formatter("note: %(message)s"))
-    log = logging.getLogger("qwen35")
-    log.addHandler(notes)
-    log.propagate = False
+    _print_notes()
     with Model.load(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads or None, load_mtp=spec,
                     n_rs_seq=max(draft_max, 1) if spec else None) as m:
         session = Chat(m, system=system, enable_thinking=think, speculative=speculative, draft_max=draft_max,

@@ -41,7 +41,7 @@ def verify(hf_dir: str | Path, gguf: str | Path, *, text: str = DEFAULT_TEXT, ma
     from qwen35.bindings.model import Model
     from qwen35.converter.checkpoint import open_checkpoint
 
-    open_checkpoint(hf_dir)  # a local Qwen3.5 safetensors checkpoint, or a one-line error naming the fix
+    open_checkpoint(hf_dir).close()  # a local Qwen3.5 safetensors checkpoint, or a one-line error naming the fix
     try:
         import torch
         from transformers import AutoModelForCausalLM

@@ -49,13 +49,13 @@ def kld_rows(ref_logits: np.ndarray, cand_logits: np.ndarray) -> np.ndarray:
 
 def file_stats(path: Path) -> tuple[int, float]:
     """(file bytes, bits per weight of the tensor data); a split model: all its parts."""
-    from qwen35.converter.gguf_scan import scan, scan_model, split_parts
+    from qwen35.converter.gguf_scan import scan_model
 
-    first = scan(path)
-    info = scan_model(path, first)
+    info = scan_model(path)
     data = sum(t.nbytes for t in info.tensors)
     params = sum(int(np.prod(t.ne)) for t in info.tensors)
-    return sum(p.stat().st_size for p in split_parts(path, first)), 8 * data / max(params, 1)
+    files = {info.path} | {t.file for t in info.tensors if t.file}
+    return sum(f.stat().st_size for f in files), 8 * data / max(params, 1)
 
 
 def chunks(tokens: list[int], n_ctx: int, max_chunks: int | None) -> list[list[int]]:
