@@ -41,6 +41,15 @@ class ContentDelta:
 Event = Union[ReasoningDelta, ContentDelta, ToolCall, MalformedToolCall]
 
 
+class ContextOverflow(ModelError):
+    """The conversation and a reply of max_tokens do not fit the context. The message that was
+    to be sent is not added: the conversation is as it was before the call."""
+
+    def __init__(self, message: str, *, tokens: int, max_tokens: int, limit: int):
+        super().__init__(message)
+        self.tokens, self.max_tokens, self.limit = tokens, max_tokens, limit
+
+
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
@@ -48,6 +57,7 @@ class Usage:
     evaluated_tokens: int       # prompt tokens run through the model this turn
     completion_tokens: int
     restored_from: int | None = None
+    dropped_messages: int = 0   # oldest messages left out to fit the context (overflow="drop_oldest")
 
 
 @dataclass(frozen=True)
@@ -91,7 +101,7 @@ class Reply:
     reasoning: str
     tool_calls: list[ToolCall]
     malformed_tool_calls: list[MalformedToolCall]
-    finish_reason: str          # stop | length | tool_calls
+    finish_reason: str          # stop | length | tool_calls | interrupted (the stream was closed or raised)
     usage: Usage
     timings: Timings
     tokens: list[int] = field(default_factory=list)
@@ -114,6 +124,70 @@ def sample(logits: "np.ndarray", params: SamplingParams, rng) -> int:
         keep = int(np.searchsorted(np.cumsum(p), params.top_p) + 1)
         idx, p = idx[:keep], p[:keep] / p[:keep].sum()
     return int(idx[rng.choice(len(idx), p=p)])
+
+
+class _ReplyText:
+    """The text of one reply as it is sampled: token bytes decoded as UTF-8 across token
+    boundaries, the reasoning split from the answer at </think> (a partial tag is held back),
+    and the answer fed to the tool-call parser."""
+
+    def __init__(self, model: "Model", parser: ToolCallParser, thinking: bool):
+        self.model, self.parser, self.thinking = model, parser, thinking
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.held = ""          # reasoning text that might be the start of </think>
+        self.tokens: list[int] = []
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+        self.calls: list[ToolCall] = []
+        self.bad: list[MalformedToolCall] = []
+
+    def feed(self, token: int) -> list[Event]:
+        """The events of one more token. All of its text is taken in before any event is given,
+        so a consumer that stops at one of them leaves nothing half-done."""
+        self.tokens.append(token)
+        text = self.decoder.decode(self.model.piece(token))
+        if not self.thinking:
+            # the answer starts at its first visible character
+            return self._answer(text if self.content or text.strip() or self.calls else text.lstrip("\n"))
+        self.held += text
+        if THINK_END in self.held:
+            reasoning, after = self.held.split(THINK_END, 1)
+            self.thinking, self.held = False, ""
+            return self._reasoning(reasoning) + self._answer(after.lstrip("\n"))
+        keep = next((k for k in range(min(len(THINK_END) - 1, len(self.held)), 0, -1)
+                     if THINK_END.startswith(self.held[-k:])), 0)
+        shown, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
+        return self._reasoning(shown)
+
+    def finish(self) -> tuple[list[Event], dict]:
+        """The events held back until the end, and the assistant message of the reply."""
+        tail = self.decoder.decode(b"", final=True)
+        rest = self._reasoning(self.held + tail) if self.thinking else self._answer(tail)
+        self.held = ""
+        for e in self.parser.finish():
+            rest += self._event(e)
+        msg = {"role": "assistant", "content": "".join(self.content).strip()}
+        if self.reasoning:
+            msg["reasoning_content"] = "".join(self.reasoning).strip()
+        if self.calls:
+            msg["tool_calls"] = [c.as_message_call() for c in self.calls]
+        return rest, msg
+
+    def _reasoning(self, text: str) -> list[Event]:
+        if not text:
+            return []
+        self.reasoning.append(text)
+        return [ReasoningDelta(text)]
+
+    def _answer(self, text: str) -> list[Event]:
+        return [ev for e in self.parser.feed(text) for ev in self._event(e)]
+
+    def _event(self, e) -> list[Event]:
+        if isinstance(e, Text):
+            self.content.append(e.text)
+            return [ContentDelta(e.text)]
+        (self.calls if isinstance(e, ToolCall) else self.bad).append(e)
+        return [e]
 
 
 class Chat:
@@ -171,111 +245,84 @@ class Chat:
             pass
         return self.last
 
-    def _prompt(self, max_tokens: int) -> tuple[list[int], list[int]]:
+    def _prompt(self, messages: list[dict], max_tokens: int) -> tuple[list[int], list[int], list[dict]]:
+        """The prompt of messages, after dropping the oldest exchanges if the overflow policy
+        allows; returns (tokens, assistant-turn starts, the messages it renders)."""
         while True:
-            text = self.model.render(self.messages, enable_thinking=self.enable_thinking, tools=self.tools)
+            text = self.model.render(messages, enable_thinking=self.enable_thinking, tools=self.tools)
             tokens = self.model.tokenize(text)
             limit = self.model.n_ctx_seq
             if len(tokens) + max_tokens <= limit:
                 break
-            droppable = [i for i, m in enumerate(self.messages) if m["role"] != "system"]
-            if self.overflow == "error" or len(droppable) <= 1:
-                raise ModelError(f"the conversation ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                                 f"{limit}-token context; load the model with a larger n_ctx, lower max_tokens, "
-                                 "reset the chat, or choose overflow='drop_oldest'")
+            droppable = [i for i, m in enumerate(messages) if m["role"] != "system"]
+            nxt = next((i for i in droppable[1:] if messages[i]["role"] == "user"), None)
+            if self.overflow == "error" or nxt is None:
+                fixes = ("reset the chat, or choose overflow='drop_oldest'" if self.overflow == "error"
+                         else "or send a shorter message")
+                what = "the conversation" if self.overflow == "error" else "the last exchange alone"
+                raise ContextOverflow(
+                    f"{what} ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the {limit}-token context, "
+                    f"so the message was not added; load the model with a larger n_ctx, lower max_tokens, {fixes}",
+                    tokens=len(tokens), max_tokens=max_tokens, limit=limit)
             # drop the oldest exchange: everything up to the next user message
-            first = droppable[0]
-            nxt = next((i for i in droppable[1:] if self.messages[i]["role"] == "user"), None)
-            if nxt is None:
-                raise ModelError(f"the last message alone ({len(tokens)} tokens) does not fit the {limit}-token context")
-            del self.messages[first:nxt]
+            messages = messages[:droppable[0]] + messages[nxt:]
         n = len(self._assistant_start)
         marks = [i for i in range(len(tokens) - n + 1) if tokens[i:i + n] == self._assistant_start]
-        return tokens, marks
+        return tokens, marks, messages
 
     def stream(self, user: str | None = None, sampling: SamplingParams = SamplingParams()) -> Iterator[Event]:
         """Add the user message (if any) and generate the reply as events; the whole reply is in
-        ``self.last`` afterwards and the assistant message is appended to the conversation."""
+        ``self.last`` afterwards and the assistant message is appended to the conversation.
+
+        Stopping early (closing the stream, breaking out of the loop, Ctrl-C) keeps what was
+        generated as the reply, with finish_reason "interrupted"; before the first token, or when
+        the message does not fit the context, the conversation stays as it was."""
         import numpy as np
 
         t_start = time.perf_counter()
-        if user is not None:
-            self.messages.append({"role": "user", "content": user})
-        prompt, marks = self._prompt(sampling.max_tokens)
+        asked = [*self.messages, {"role": "user", "content": user}] if user is not None else list(self.messages)
+        prompt, marks, messages = self._prompt(asked, sampling.max_tokens)
         t0 = time.perf_counter()
         logits, u = self.cache.eval(prompt, marks=marks)
         t1 = time.perf_counter()
-        rng = np.random.default_rng(sampling.seed)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        parser = ToolCallParser(self.tools)
-        thinking = self.enable_thinking
-        held = ""               # reasoning text that might be the start of </think>
-        reasoning, content, calls, bad, out = [], [], [], [], []
-        finish = "length"
+        text = _ReplyText(self.model, ToolCallParser(self.tools), self.enable_thinking)
+        spec = [0, 0, 0]  # steps, drafted, accepted
         t_first = None
 
-        def emit_content(text: str) -> Iterator[Event]:
-            for e in parser.feed(text):
-                yield from self._event(e, content, calls, bad)
+        def record(finish: str) -> list[Event]:
+            """Flush what is held back, and make the reply and the assistant message the chat's."""
+            t2 = time.perf_counter()
+            rest, msg = text.finish()
+            if text.calls and finish == "stop":
+                finish = "tool_calls"
+            n = len(text.tokens)
+            usage = Usage(u.prompt_tokens, u.reused_tokens, u.evaluated_tokens, n, u.restored_from,
+                          len(asked) - len(messages))
+            timings = Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, u.evaluated_tokens, n,
+                              ((t_first or t2) - t_start) * 1e3)
+            reply = Reply(msg["content"], msg.get("reasoning_content", ""), text.calls, text.bad, finish, usage,
+                          timings, text.tokens, Speculation(*spec) if self.speculative else None)
+            self.messages, self.last = [*messages, msg], reply   # one statement: both or neither
+            return rest
 
-        spec = [0, 0, 0]  # steps, drafted, accepted
-        tokens = self._tokens(logits, sampling, rng, spec)
-        for tok in tokens:
-            if t_first is None:
-                t_first = time.perf_counter()
-            if self.model.is_eog(tok):
-                finish = "stop"
-                break
-            out.append(tok)
-            text = decoder.decode(self.model.piece(tok))
-            if thinking:
-                held += text
-                if THINK_END in held:
-                    before, after = held.split(THINK_END, 1)
-                    if before:
-                        reasoning.append(before)
-                        yield ReasoningDelta(before)
-                    thinking, held = False, ""
-                    yield from emit_content(after.lstrip("\n"))
-                else:
-                    keep = next((k for k in range(min(len(THINK_END) - 1, len(held)), 0, -1)
-                                 if THINK_END.startswith(held[-k:])), 0)
-                    if len(held) > keep:
-                        reasoning.append(held[: len(held) - keep])
-                        yield ReasoningDelta(held[: len(held) - keep])
-                        held = held[len(held) - keep:]
-            elif content or text.strip() or calls:
-                yield from emit_content(text)
-            else:
-                yield from emit_content(text.lstrip("\n"))
-            if len(out) >= sampling.max_tokens:
-                break
+        finish = "length"
+        tokens = self._tokens(logits, sampling, np.random.default_rng(sampling.seed), spec)
+        try:
+            for tok in tokens:
+                t_first = t_first or time.perf_counter()
+                if self.model.is_eog(tok):
+                    finish = "stop"
+                    break
+                yield from text.feed(tok)
+                if len(text.tokens) >= sampling.max_tokens:
+                    break
+        except BaseException:   # GeneratorExit, KeyboardInterrupt, a failed decode: keep what came
+            tokens.close()
+            if text.tokens:
+                record("interrupted")
+            raise
         tokens.close()
-        t2 = time.perf_counter()
-        tail = decoder.decode(b"", final=True)
-        if thinking:
-            held += tail
-            if held:
-                reasoning.append(held)
-                yield ReasoningDelta(held)
-        else:
-            yield from emit_content(tail)
-        for e in parser.finish():
-            yield from self._event(e, content, calls, bad)
-        if calls and finish == "stop":
-            finish = "tool_calls"
-        text_content = "".join(content).strip()
-        msg = {"role": "assistant", "content": text_content}
-        if reasoning:
-            msg["reasoning_content"] = "".join(reasoning).strip()
-        if calls:
-            msg["tool_calls"] = [c.as_message_call() for c in calls]
-        self.messages.append(msg)
-        usage = Usage(u.prompt_tokens, u.reused_tokens, u.evaluated_tokens, len(out), u.restored_from)
-        self.last = Reply(text_content, "".join(reasoning).strip(), calls, bad, finish, usage,
-                          Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, u.evaluated_tokens, len(out),
-                                  ((t_first or t2) - t_start) * 1e3), out,
-                          Speculation(*spec) if self.speculative else None)
+        yield from record(finish)
 
     def _tokens(self, logits: "np.ndarray", sampling: SamplingParams, rng, spec: list[int]) -> Iterator[int]:
         """The sampled tokens of the reply, one at a time; a token is evaluated only when the
@@ -305,18 +352,6 @@ class Chat:
                 tok = nxt
                 break
 
-    @staticmethod
-    def _event(e, content, calls, bad) -> Iterator[Event]:
-        if isinstance(e, Text):
-            content.append(e.text)
-            yield ContentDelta(e.text)
-        elif isinstance(e, ToolCall):
-            calls.append(e)
-            yield e
-        else:
-            bad.append(e)
-            yield e
-
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> None:
         """The conversation, its tokens, the sequence's whole state (KV cache + recurrent) and the
@@ -326,6 +361,7 @@ class Chat:
         import numpy as np
         from safetensors.numpy import save_file
 
+        self.cache.sync()   # after an interrupted turn: save a state that matches the tokens
         state = self.model.seq_state(self.cache.seq_id)
         tensors = {"state": np.frombuffer(state, dtype=np.uint8),
                    "tokens": np.asarray(self.cache.tokens, dtype=np.int32),
@@ -375,16 +411,16 @@ class Chat:
             raise ModelError(f"{path} is not a saved chat (no qwen35-chat-1 format tag)")
         if meta.get("model") != self.model.identity():
             raise ModelError(f"{path} was saved with another model ({meta.get('model')}); load it with that model")
-        self.model.set_seq_state(self.cache.seq_id, tensors["state"].tobytes())
-        self.messages = json.loads(meta["messages"])
-        self.tools = json.loads(meta["tools"])
-        self.enable_thinking = json.loads(meta["enable_thinking"])
-        tokens = [int(t) for t in tensors["tokens"]]
-        self.cache.adopt(tokens, tensors["logits"],
-                         {int(k.split(".", 1)[1]): v.tobytes() for k, v in tensors.items()
-                          if k.startswith("checkpoint.")},
-                         {int(k.rsplit(".", 1)[1]): v for k, v in tensors.items() if k.startswith("mtp.checkpoint.")})
-        if self.model.mtp is not None:  # a chat saved without the head: drafts rebuild from the tokens
-            state = tensors.get("mtp.state")
-            self.model.mtp.set_state(self.cache.seq_id, tokens, None if state is None else state.tobytes(),
-                                     tensors.get("mtp.hidden"))
+        with self.cache.changing(0):   # cut short: the sequence is started over on the next turn
+            self.model.set_seq_state(self.cache.seq_id, tensors["state"].tobytes())
+            tokens = [int(t) for t in tensors["tokens"]]
+            self.cache.adopt(tokens, tensors["logits"],
+                             {int(k.split(".", 1)[1]): v.tobytes() for k, v in tensors.items()
+                              if k.startswith("checkpoint.")},
+                             {int(k.rsplit(".", 1)[1]): v for k, v in tensors.items() if k.startswith("mtp.checkpoint.")})
+            if self.model.mtp is not None:  # a chat saved without the head: drafts rebuild from the tokens
+                state = tensors.get("mtp.state")
+                self.model.mtp.set_state(self.cache.seq_id, tokens, None if state is None else state.tobytes(),
+                                         tensors.get("mtp.hidden"))
+            self.messages, self.tools, self.enable_thinking = (
+                json.loads(meta["messages"]), json.loads(meta["tools"]), json.loads(meta["enable_thinking"]))

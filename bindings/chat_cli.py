@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 
 HELP = """commands: /think on|off  /reset  /save FILE  /load FILE  /stats  /help  /quit
-multi-line input: end a line with \\ to continue it, or enclose lines in triple quotes (\"\"\")"""
+multi-line input: end a line with \\ to continue it, or enclose lines in triple quotes (\"\"\")
+Ctrl-C stops a reply (what came is kept); Ctrl-D or /quit leaves"""
+OVERFLOW = {"error": "error", "drop-oldest": "drop_oldest"}
 
 
 def _print_notes() -> None:
@@ -44,11 +48,16 @@ def chat(
     draft_max: int = typer.Option(3, "--draft-max", help="With --speculative: most tokens drafted per step."),
     draft_p_min: float = typer.Option(0.0, "--draft-p-min",
                                       help="With --speculative: stop a draft below this head probability."),
+    overflow: str = typer.Option("error", "--overflow", metavar="error|drop-oldest",
+                                 help="When the conversation outgrows --ctx: refuse the message, or drop the "
+                                      "oldest exchanges (with a note)."),
 ) -> None:
     """Chat with a Qwen3.5 GGUF; each turn evaluates only what is new."""
     from rich.console import Console
 
-    from .chat import Chat
+    from qwen35.errors import Interrupted
+
+    from .chat import Chat, ContextOverflow
     from .model import Model, ModelError, SamplingParams
 
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
@@ -57,6 +66,8 @@ def chat(
                                  param_hint="--speculative")
     if draft_max < 1:
         raise typer.BadParameter(f"{draft_max} drafts per step; use 1 or more", param_hint="--draft-max")
+    if overflow not in OVERFLOW:
+        raise typer.BadParameter(f"{overflow!r} is not a policy; use error or drop-oldest", param_hint="--overflow")
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     spec = speculative is not None
@@ -64,9 +75,16 @@ def chat(
     with Model.load(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads or None, load_mtp=spec,
                     n_rs_seq=max(draft_max, 1) if spec else None) as m:
         session = Chat(m, system=system, enable_thinking=think, speculative=speculative, draft_max=draft_max,
-                       draft_p_min=draft_p_min)
+                       draft_p_min=draft_p_min, overflow=OVERFLOW[overflow])
         if prompt is not None:
-            _turn(session, prompt, sampling, out, quiet=as_json)
+            try:
+                _turn(session, prompt, sampling, out, err, quiet=as_json)
+            except ContextOverflow as e:
+                raise ModelError(_overflow_line(e, interactive=False)) from None
+            except (Interrupted, KeyboardInterrupt):
+                out.print()
+                print("error: interrupted", file=sys.stderr)
+                raise typer.Exit(130)
             if as_json:
                 print(json.dumps(_reply_json(session.last)))
             return
@@ -83,42 +101,87 @@ def chat(
             except EOFError:
                 out.print()
                 return
+            except (Interrupted, KeyboardInterrupt):   # at the prompt: the line goes, the chat stays (as in a shell)
+                out.print()
+                err.print("(Ctrl-D or /quit leaves)", style="dim")
+                continue
             if text is None:
                 continue
+            last = session.last
             try:
                 if text.startswith("/"):
                     if _command(session, text, err):
                         return
                 else:
-                    _turn(session, text, sampling, out)
+                    _turn(session, text, sampling, out, err)
+            except ContextOverflow as e:
+                err.print(f"error: {_overflow_line(e, interactive=True)}", style="red", markup=False)
             except ModelError as e:
                 err.print(f"error: {e}", style="red", markup=False)
+            except (Interrupted, KeyboardInterrupt):
+                out.print()
+                if text.startswith("/"):
+                    err.print("[interrupted]", style="dim", markup=False)
+                else:
+                    kept = session.last is not last   # the chat recorded the reply so far
+                    err.print("[stopped: the reply so far is kept]" if kept
+                              else "[interrupted: the message was not sent]", style="dim", markup=False)
 
 
-def _turn(session, text: str | None, sampling, out, quiet: bool = False) -> None:
+@contextmanager
+def _signals_held():
+    """Ctrl-C while a piece of the reply is being written arrives just after it: raised inside
+    rich's write, it would leave the text in rich's buffer to be written a second time."""
+    if not hasattr(signal, "pthread_sigmask"):   # Windows
+        yield
+        return
+    try:   # a Ctrl-C already pending is raised by the call that blocks: the finally must unblock
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _overflow_line(e, interactive: bool) -> str:
+    """A ContextOverflow in the command's own terms."""
+    fixes = "/reset, a larger --ctx" if interactive else "a larger --ctx"
+    return (f"the conversation ({e.tokens} tokens) + a reply of up to {e.max_tokens} tokens does not fit the "
+            f"{e.limit}-token context, so the message was not sent; use {fixes}, a lower --max-tokens"
+            + (", or --overflow drop-oldest" if interactive else ""))
+
+
+def _turn(session, text: str | None, sampling, out, err, quiet: bool = False) -> None:
     """One reply, streamed to the terminal: reasoning dimmed, tool calls in colour."""
+    from contextlib import closing
+
     from .chat import ContentDelta, ReasoningDelta
     from .toolcalls import MalformedToolCall, ToolCall
 
     shown_reasoning = False
-    for e in session.stream(text, sampling):
-        if quiet:
-            continue
-        if isinstance(e, ReasoningDelta):
-            out.print(e.text, end="", style="dim")
-            shown_reasoning = True
-        elif isinstance(e, ContentDelta):
-            if shown_reasoning:
-                out.print()
-                shown_reasoning = False
-            out.print(e.text, end="", markup=False)
-        elif isinstance(e, ToolCall):
-            out.print(f"\n[tool call] {e.name}({json.dumps(e.arguments, ensure_ascii=False)})", style="cyan",
-                      markup=False)
-        elif isinstance(e, MalformedToolCall):
-            out.print(f"\n[malformed tool call: {e.reason}]", style="red", markup=False)
+    with closing(session.stream(text, sampling)) as events:   # Ctrl-C: the chat keeps what came, now
+        for e in events:
+            if quiet:
+                continue
+            with _signals_held():
+                if isinstance(e, ReasoningDelta):
+                    out.print(e.text, end="", style="dim", markup=False)
+                    shown_reasoning = True
+                elif isinstance(e, ContentDelta):
+                    if shown_reasoning:
+                        out.print()
+                        shown_reasoning = False
+                    out.print(e.text, end="", markup=False)
+                elif isinstance(e, ToolCall):
+                    out.print(f"\n[tool call] {e.name}({json.dumps(e.arguments, ensure_ascii=False)})", style="cyan",
+                              markup=False)
+                elif isinstance(e, MalformedToolCall):
+                    out.print(f"\n[malformed tool call: {e.reason}]", style="red", markup=False)
     if not quiet:
         out.print()
+    dropped = session.last.usage.dropped_messages
+    if dropped:
+        err.print(f"note: the {dropped} oldest messages were left out to fit the {session.model.n_ctx_seq}-token "
+                  "context", style="dim")
 
 
 def _reply_json(r) -> dict:

@@ -171,6 +171,9 @@ def _model_params(head, *, n_gpu_layers: int, rpc_servers, n_cpu_moe: int, check
             log.info("AMX CPU: loading without extra buffer types (llama.cpp --no-repack)")
     mp.use_extra_bufts = repack
     mp.load_mtp = load_mtp
+    progress = llama_cpp.llama_progress_callback(native.load_progress)   # Ctrl-C stops the load
+    keep.append(progress)
+    mp.progress_callback = progress
     return mp, keep
 
 
@@ -241,36 +244,46 @@ class Model:
         llama_cpp.llama_backend_init()
         mp, keep = _model_params(head, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, n_cpu_moe=n_cpu_moe,
                                  check_fit=check_fit, repack=repack, load_mtp=load_mtp)
-        model_p = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
-        del keep
-        if not model_p:
-            raise ModelError(f"llama.cpp could not load {path}; run with QWEN35_DEBUG=1 to see its log")
-        if load_mtp and llama_cpp.llama_model_n_layer_nextn(model_p) < 1:
-            llama_cpp.llama_model_free(model_p)
-            raise ModelError(f"{path.name} has no MTP block to draft with; convert the checkpoint with "
-                             "`qwen35-convert --mtp keep` (the default), or decode without speculation")
-        if n_rs_seq is None:
-            n_rs_seq = DRAFT_MAX if load_mtp else 0
-        cp = _context_params(n_ctx=n_ctx, n_seq_max=n_seq_max, n_rs_seq=n_rs_seq, n_threads=n_threads,
-                             kv_type=kv_type, flash_attn=flash_attn)
-        ctx_p = llama_cpp.llama_init_from_model(model_p, cp)
-        if not ctx_p:
-            llama_cpp.llama_model_free(model_p)
-            raise ModelError(f"could not create a {n_ctx}-token context for {path}; lower n_ctx")
-        mtp = None
-        if load_mtp:
-            from .mtp import MTPHead
+        model_p = ctx_p = mtp_ctx = mtp = None
+        try:   # whatever was created goes again on any error, Ctrl-C included
+            model_p = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+            native.take_interrupt()
+            del keep
+            if not model_p:
+                raise ModelError(f"llama.cpp could not load {path}; run with QWEN35_DEBUG=1 to see its log")
+            if load_mtp and llama_cpp.llama_model_n_layer_nextn(model_p) < 1:
+                raise ModelError(f"{path.name} has no MTP block to draft with; convert the checkpoint with "
+                                 "`qwen35-convert --mtp keep` (the default), or decode without speculation")
+            if n_rs_seq is None:
+                n_rs_seq = DRAFT_MAX if load_mtp else 0
+            cp = _context_params(n_ctx=n_ctx, n_seq_max=n_seq_max, n_rs_seq=n_rs_seq, n_threads=n_threads,
+                                 kv_type=kv_type, flash_attn=flash_attn)
+            ctx_p = llama_cpp.llama_init_from_model(model_p, cp)
+            native.take_interrupt()
+            if not ctx_p:
+                raise ModelError(f"could not create a {n_ctx}-token context for {path}; lower n_ctx")
+            if load_mtp:
+                from .mtp import MTPHead
 
-            cp.ctx_type = llama_cpp.LLAMA_CONTEXT_TYPE_MTP
-            cp.n_rs_seq = 0
-            mtp_ctx = llama_cpp.llama_init_from_model(model_p, cp)
-            if not mtp_ctx:
+                cp.ctx_type = llama_cpp.LLAMA_CONTEXT_TYPE_MTP
+                cp.n_rs_seq = 0
+                mtp_ctx = llama_cpp.llama_init_from_model(model_p, cp)
+                native.take_interrupt()
+                if not mtp_ctx:
+                    raise ModelError(f"could not create the MTP draft context for {path}; lower n_ctx")
+                native.ext().set_embeddings_nextn(ctx_p, True, False)  # the target's hidden row of every token
+                mtp = MTPHead(model_p, mtp_ctx, n_seq_max)
+            return cls(path, model_p, ctx_p, n_ctx, mtp)
+        except BaseException:
+            if mtp is not None:
+                mtp.close()
+            elif mtp_ctx:
+                llama_cpp.llama_free(mtp_ctx)
+            if ctx_p:
                 llama_cpp.llama_free(ctx_p)
+            if model_p:
                 llama_cpp.llama_model_free(model_p)
-                raise ModelError(f"could not create the MTP draft context for {path}; lower n_ctx")
-            native.ext().set_embeddings_nextn(ctx_p, True, False)  # the target's hidden row of every token
-            mtp = MTPHead(model_p, mtp_ctx, n_seq_max)
-        return cls(path, model_p, ctx_p, n_ctx, mtp)
+            raise
 
     def close(self) -> None:
         import llama_cpp
@@ -287,6 +300,7 @@ class Model:
         if self._model:
             llama_cpp.llama_model_free(self._model)
             self._model = None
+        native.take_interrupt()
 
     def __enter__(self) -> "Model":
         return self
@@ -361,13 +375,16 @@ class Model:
         size = llama_cpp.llama_state_seq_get_size(self._ctx, seq_id)
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, seq_id)
+        native.take_interrupt()
         return bytes(buf[:n])
 
     def set_seq_state(self, seq_id: int, data: bytes) -> None:
         import llama_cpp
 
         buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-        if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(data), seq_id) == 0:
+        ok = llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(data), seq_id)
+        native.take_interrupt()
+        if ok == 0:
             raise ModelError("llama.cpp could not restore the saved state (different model or context settings)")
 
     def _piece(self, token: int) -> bytes:
@@ -436,7 +453,9 @@ class Model:
             b = self._one
             b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0], b.n_tokens = \
                 tokens[0], pos, 1, seq_id, True, 1
-            if llama_cpp.llama_decode(self._ctx, b) != 0:
+            rc = llama_cpp.llama_decode(self._ctx, b)
+            native.take_interrupt()
+            if rc != 0:
                 raise ModelError("llama_decode failed")
             self._observe(tokens, pos, seq_id)
         else:
@@ -461,7 +480,9 @@ class Model:
                     batch.seq_id[j][0] = seq_id
                     batch.logits[j] = all_logits or (last_logits and i + j == len(tokens) - 1)
                 batch.n_tokens = len(part)
-                if llama_cpp.llama_decode(self._ctx, batch) != 0:
+                rc = llama_cpp.llama_decode(self._ctx, batch)
+                native.take_interrupt()
+                if rc != 0:
                     raise ModelError("llama_decode failed")
                 self._observe(part, pos + i, seq_id)
                 if sink is not None:

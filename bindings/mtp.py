@@ -19,6 +19,8 @@ import ctypes
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from . import native
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -31,8 +33,6 @@ class MTPHead:
 
     def __init__(self, model_p, ctx_p, n_seq: int):
         import llama_cpp
-
-        from . import native
 
         self._lib = native.ext()
         self.ctx = ctx_p
@@ -102,6 +102,7 @@ class MTPHead:
         size = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        native.take_interrupt()
         return bytes(buf[:n])
 
     def set_state(self, seq: int, tokens: list[int], data: bytes | None, last_hidden: "np.ndarray | None") -> None:
@@ -112,7 +113,9 @@ class MTPHead:
         self.remove(seq, 0)
         if data is not None:
             buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-            if llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), seq) == 0:
+            ok = llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), seq)
+            native.take_interrupt()
+            if ok == 0:
                 from .model import ModelError
 
                 raise ModelError("llama.cpp could not restore the saved MTP draft state (other context settings); "
@@ -163,7 +166,8 @@ class MTPHead:
         import llama_cpp
 
         synced = self._synced.get(seq, 1)
-        queue = [e for e in self._queue.pop(seq, []) if e[0] >= synced]
+        queue = [e for e in self._queue.get(seq, []) if e[0] >= synced]
+        # whatever a cut-short flush or draft left past synced goes first
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), seq, synced, -1)
         end = queue[-1][0] + 1 if queue else synced
         # every target decode and seq_rm is mirrored here, so the pairs follow on without a gap
@@ -171,13 +175,16 @@ class MTPHead:
             raise RuntimeError(f"MTP cache of sequence {seq} is out of step with the target "
                                f"(synced {synced}, queued from {queue[0][0] if queue else '-'}, "
                                f"draft at {head[0] if head else '-'})")
-        self._synced[seq] = end
         items = queue + ([head] if head is not None else [])
         result = (None, None)
         for i in range(0, len(items), MAX_BATCH):
             part = items[i:i + MAX_BATCH]
             want = head is not None and i + MAX_BATCH >= len(items)
             result = self._decode(part, seq, want=want)
+        # only now, and in this order: cut short before, the pairs stay queued and synced stays
+        # where it was; between the two, the queue's pairs all lie before synced and are skipped
+        self._synced[seq] = end
+        self._queue.pop(seq, None)
         return result
 
     def _decode(self, pairs, seq: int, want: bool):
@@ -199,6 +206,7 @@ class MTPHead:
             if want and j == len(pairs) - 1:
                 llama_cpp.llama_batch_ext_set_output_logits(b, idx, True)
         rc = llama_cpp.llama_process(self.ctx, llama_cpp.LLAMA_PROCESS_TYPE_DECODE, b)
+        native.take_interrupt()
         if rc != 0:
             raise RuntimeError(f"MTP decode failed (llama_process returned {rc})")
         if not want:

@@ -124,10 +124,52 @@ def _route_native_log() -> None:
 
     _log_callback = llama_cpp.llama_log_callback(cb)
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+    sys.unraisablehook = _keeping_interrupts(sys.unraisablehook)
     if os.environ.get("QWEN35_DEBUG"):
         logging.basicConfig(level=logging.DEBUG)
     else:
         _llama_log.setLevel(logging.ERROR)
+
+
+_interrupted = False  # a Ctrl-C landed in a callback during the C call in progress
+
+
+def _keeping_interrupts(hook):
+    """Python runs a Ctrl-C handler wherever the main thread next executes Python: while a model
+    loads, that is mostly inside llama.cpp's log callback (hundreds of lines), and ctypes prints
+    an exception raised in a callback and drops it: the load, and the command, went on. This
+    hook notes the interrupt instead; take_interrupt() raises it once the C call has returned,
+    and a load in progress stops at its next tensor (load_progress). Any other unraisable
+    exception goes to the previous hook."""
+    from qwen35.errors import Interrupted
+
+    def unraisable(u):
+        global _interrupted
+        if u.exc_type is not None and issubclass(u.exc_type, (KeyboardInterrupt, Interrupted)):
+            _interrupted = True
+        else:
+            hook(u)
+
+    return unraisable
+
+
+def take_interrupt() -> None:
+    """Call after a C call that may call back into Python (llama.cpp logs while loading a model,
+    creating a context, saving or restoring state): a Ctrl-C that landed in a callback during it
+    is raised here, by the SIGINT handler in force, as the keypress would have been."""
+    global _interrupted
+    if _interrupted:
+        _interrupted = False
+        import signal
+
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            handler(signal.SIGINT, sys._getframe())
+
+
+def load_progress(progress: float, user) -> bool:
+    """llama_model_params.progress_callback: false (stop loading) once a Ctrl-C has landed."""
+    return not _interrupted
 
 
 class _Ext:

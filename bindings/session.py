@@ -9,12 +9,18 @@ conv states only, not the KV cache) taken at chosen positions. On divergence it 
 newest checkpoint at or before the divergence point, drops the KV cache past it, and evaluates
 from there. A divergence within the last ``n_rs_seq`` tokens is undone by llama.cpp's own
 recurrent-state rollback, without a checkpoint.
+
+An operation cut short (Ctrl-C, a failed decode) may leave the sequence holding more or other
+than ``tokens`` says. The cache notes what it was about to change before it changes it, and its
+next use puts the sequence back in step from the newest checkpoint before that point (or from
+nothing), so an interruption costs re-evaluation, never a wrong state.
 """
 
 from __future__ import annotations
 
 import ctypes
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
@@ -50,6 +56,7 @@ class PromptCache:
         self.checkpoints: OrderedDict[int, bytes] = OrderedDict()  # position -> state after tokens[:position]
         self.checkpoint_hidden: dict[int, "np.ndarray"] = {}  # position -> target hidden row at position - 1 (MTP)
         self._last_logits: "np.ndarray | None" = None
+        self._unsure: int | None = None  # an operation did not finish: the sequence may differ from tokens past this
         self.reset()  # the cache owns its sequence: whatever an earlier user left there goes
 
     # ---------------------------------------------------------------- state
@@ -58,10 +65,44 @@ class PromptCache:
         return sum(len(b) for b in self.checkpoints.values())
 
     def reset(self) -> None:
+        with self.changing(0):
+            self._clear()
+
+    def _clear(self) -> None:
         self.model.seq_rm(self.seq_id, 0)
         self.tokens, self._last_logits = [], None
         self.checkpoints.clear()
         self.checkpoint_hidden.clear()
+
+    @contextmanager
+    def changing(self, keep: int | None = None):
+        """Around anything that changes the sequence. keep: how many of ``tokens`` the change
+        leaves alone (default: all). Should it not finish, the next use of the cache restores
+        the newest checkpoint at or before keep."""
+        self.sync()
+        self._unsure = len(self.tokens) if keep is None else keep
+        yield
+        self._unsure = None
+
+    def _keep_only(self, keep: int) -> None:
+        """Lower the bound of what the change in progress leaves alone."""
+        self._unsure = min(self._unsure, keep) if self._unsure is not None else keep
+
+    def sync(self) -> None:
+        """Put the sequence back in step with ``tokens`` after an operation that did not finish:
+        restore the newest checkpoint it did not touch, else start over. Nothing when in step."""
+        if self._unsure is None:
+            return
+        n = min(self._unsure, len(self.tokens))
+        del self.tokens[n:]
+        for p in [p for p in self.checkpoints if p > n]:
+            del self.checkpoints[p]
+            self.checkpoint_hidden.pop(p, None)
+        self._last_logits = None
+        # both go through Model.seq_rm, which also takes the MTP head's cache back to the same point
+        if not (self.checkpoints and self._restore(max(self.checkpoints))):
+            self._clear()
+        self._unsure = None
 
     def _save_checkpoint(self) -> None:
         import llama_cpp
@@ -111,6 +152,10 @@ class PromptCache:
 
             raise ModelError(f"{len(prompt)} tokens exceed n_ctx={self.model.n_ctx}; load the model with a "
                              "larger n_ctx or shorten the conversation")
+        with self.changing():
+            return self._eval(prompt, marks)
+
+    def _eval(self, prompt: list[int], marks: Iterable[int]) -> tuple["np.ndarray", Usage]:
         common = 0
         for a, b in zip(self.tokens, prompt):
             if a != b:
@@ -122,6 +167,7 @@ class PromptCache:
         target = min(common, len(prompt) - 1)
         restored, rolled = None, 0
         if target < len(self.tokens):
+            self._keep_only(target)
             n_back = len(self.tokens) - target
             if (0 < target and n_back <= self.model.n_rs_seq
                     and self.model.seq_rm(self.seq_id, target)):
@@ -132,7 +178,7 @@ class PromptCache:
                 if usable and self._restore(max(usable)):
                     restored = max(usable)
                 else:
-                    self.reset()
+                    self._clear()
             for p in [p for p in self.checkpoints if p > len(self.tokens)]:
                 del self.checkpoints[p]
                 self.checkpoint_hidden.pop(p, None)
@@ -152,6 +198,7 @@ class PromptCache:
                 self.tokens.extend(part)
             if end < len(prompt):
                 self._save_checkpoint()
+            self._unsure = len(self.tokens)   # in step up to here: a later interruption keeps this part
             start = end
         return self._last_logits.copy(), Usage(len(prompt), reused, len(todo), restored, rolled)
 
@@ -165,7 +212,8 @@ class PromptCache:
 
     def adopt(self, tokens: list[int], logits: "np.ndarray", checkpoints: dict[int, bytes],
               checkpoint_hidden: dict[int, "np.ndarray"] | None = None) -> None:
-        """Take over a sequence whose state was restored from a saved session."""
+        """Take over a sequence whose state was restored from a saved session (call it inside
+        ``changing(0)`` around that restore)."""
         self.tokens = list(tokens)
         self._last_logits = logits.copy() if logits.size else None
         self.checkpoints = OrderedDict(sorted(checkpoints.items()))
@@ -173,14 +221,19 @@ class PromptCache:
 
     def extend(self, tokens: list[int]) -> "np.ndarray":
         """Evaluate tokens after the cached ones; the logits of every one [n, n_vocab]."""
-        logits = self.model.eval_all(tokens, len(self.tokens), self.seq_id)
-        self.tokens.extend(tokens)
-        self._last_logits = logits[-1].copy()
+        with self.changing():
+            logits = self.model.eval_all(tokens, len(self.tokens), self.seq_id)
+            self.tokens.extend(tokens)
+            self._last_logits = logits[-1].copy()
         return logits
 
     def truncate(self, n: int, last_logits: "np.ndarray") -> None:
         """Keep the first n tokens (a rejected draft's tail goes, by llama.cpp's recurrent
         rollback); last_logits: the logits after token n - 1, known to the caller."""
+        with self.changing(n):
+            self._truncate(n, last_logits)
+
+    def _truncate(self, n: int, last_logits: "np.ndarray") -> None:
         if n < len(self.tokens):
             if not self.model.seq_rm(self.seq_id, n):
                 from .model import ModelError
@@ -196,6 +249,7 @@ class PromptCache:
 
     def append(self, token: int) -> "np.ndarray":
         """Evaluate one more token (generation); returns its logits."""
-        self._last_logits = self.model._decode_seq([token], len(self.tokens), self.seq_id)
-        self.tokens.append(token)
+        with self.changing():
+            self._last_logits = self.model._decode_seq([token], len(self.tokens), self.seq_id)
+            self.tokens.append(token)
         return self._last_logits  # callers must not modify it (it is also the cache's copy)

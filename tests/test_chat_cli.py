@@ -54,6 +54,19 @@ class Terminal:
     def send(self, line):
         os.write(self.master, line.encode() + b"\r")
 
+    def wait_reading(self, timeout=60):
+        """Until the program waits for a line. Ctrl-C in the instant between drawing the prompt
+        and starting to wait would be lost (the handler would run once a key comes: CPython's
+        readline), as no person can press it; so the tests press it while the program waits."""
+        wchan = Path(f"/proc/{self.p.pid}/wchan")
+        if not wchan.exists():
+            time.sleep(1)
+            return
+        deadline = time.monotonic() + timeout
+        while not any(w in wchan.read_text() for w in ("poll", "select", "wait_woken")):
+            assert time.monotonic() < deadline, f"not waiting for input: {wchan.read_text()!r}"
+            time.sleep(0.02)
+
 
 def test_interactive_chat_in_a_terminal(gguf, tmp_path):
     t = Terminal([QWEN35, "chat", str(gguf), "--ctx", "2048", "-n", "6", "--no-think", "--threads", "2"])
@@ -115,3 +128,99 @@ def test_gpu_layers_on_a_build_without_a_gpu_backend_say_so(gguf, caplog):
     with caplog.at_level("WARNING", logger="qwen35"):
         Model.load(gguf, n_ctx=64, n_gpu_layers=-1).close()
     assert [r.name for r in caplog.records] == ["qwen35"] and "no GPU backend" in caplog.records[0].getMessage()
+
+
+def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(gguf):
+    """Ctrl-C during a reply stops it and keeps it; Ctrl-C at the prompt drops the line; neither ends
+    the chat (the terminal sends SIGINT to the foreground process: here sent to it directly)."""
+    import signal
+
+    t = Terminal([QWEN35, "chat", str(gguf), "--ctx", "8192", "-n", "6000", "--no-think", "--threads", "2"])
+    t.expect(r"\n> ")
+    t.send("Tell me a very long story.")
+    t.expect(r"story\.\n[^\n>]{20}")   # the reply has started streaming
+    t.p.send_signal(signal.SIGINT)
+    t.expect(r"\[stopped: the reply so far is kept\]")
+    t.expect(r"\n> ")
+    t.send("/stats")
+    stats = t.expect(r"prompt (\d+) tokens: (\d+) reused, (\d+) evaluated .* \| reply (\d+) tokens")
+    assert 0 < int(stats.group(4)) < 6000
+    t.expect(r"\n> ")
+    t.wait_reading()
+    t.p.send_signal(signal.SIGINT)     # at the prompt
+    t.expect(r"Ctrl-D or /quit leaves")
+    t.send("/reset")
+    t.expect(r"conversation cleared")
+    t.send("/quit")
+    assert t.p.wait(timeout=60) == 0
+
+
+def test_a_message_that_does_not_fit_is_not_sent(gguf):
+    """Over --ctx: one error line naming the command's own fixes, and the conversation is as before
+    (the next, shorter message is answered); --overflow drop-oldest drops instead, with a note."""
+    long = "word " * 300
+    r = subprocess.run([QWEN35, "chat", str(gguf), "--ctx", "256", "-n", "8", "--no-think", "--threads", "2"],
+                       input=f"{long}\nHello\n/stats\n", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "was not sent" in errors[0], r.stderr
+    assert "--ctx" in errors[0] and "--overflow drop-oldest" in errors[0] and "n_ctx" not in errors[0]
+    stats = re.search(r"prompt (\d+) tokens", r.stderr)
+    assert stats and int(stats.group(1)) < 60, r.stderr      # only "Hello" was sent
+    r = subprocess.run([QWEN35, "chat", str(gguf), "-p", long, "--ctx", "256", "--threads", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stdout.strip() == ""
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "was not sent; use a larger --ctx" in r.stderr
+    msgs = "".join(f"Question {i}: " + "tell me more " * 12 + "\n" for i in range(6))
+    r = subprocess.run([QWEN35, "chat", str(gguf), "--ctx", "256", "-n", "24", "--no-think", "--threads", "2",
+                        "--overflow", "drop-oldest"], input=msgs, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "error" not in r.stderr, r.stderr
+    assert re.search(r"note: the \d+ oldest messages were left out to fit the 256-token context", r.stderr)
+
+
+def test_ctrl_c_in_one_shot_mode_exits_130(gguf):
+    """During the reply: what came is printed, then one error line. While the model loads
+    (llama.cpp logging through its Python callback, where ctypes used to drop the interrupt and
+    the whole reply went on): the load stops, the same exit."""
+    import signal
+
+    argv = [QWEN35, "chat", str(gguf), "-p", "Tell me a very long story.", "--ctx", "8192", "-n", "8000",
+            "--threads", "2"]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = p.stdout.read(1)            # the reply has started
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip().splitlines() == ["error: interrupted"], err
+    assert len(first + out) < 8000
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "QWEN35_DEBUG": "1"})   # llama.cpp's log on stderr
+    p.stderr.readline()                 # the load has started
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted"), err[-2000:]
+    assert out.strip() == "" and "Exception ignored" not in err
+
+
+def test_reasoning_and_replies_are_shown_verbatim():
+    """Model text is never read as rich markup: "list[int]" keeps its brackets and a stray "[/x]"
+    does not end the chat (rich raises MarkupError on it)."""
+    import io
+
+    from rich.console import Console
+
+    from qwen35.bindings.chat import ContentDelta, ReasoningDelta
+    from qwen35.bindings.chat_cli import _turn
+
+    class Session:
+        last = None
+
+        def stream(self, text, sampling):
+            yield ReasoningDelta("x is list[int], [bold]not bold[/bold] and [/x] ")
+            yield ContentDelta("dict[str, int] [/y]")
+
+    buf = io.StringIO()
+    out = Console(file=buf, highlight=False, soft_wrap=True, force_terminal=False)
+    session = Session()
+    session.last = type("R", (), {"usage": type("U", (), {"dropped_messages": 0})()})()
+    _turn(session, "q", None, out, out)
+    assert buf.getvalue() == "x is list[int], [bold]not bold[/bold] and [/x] \ndict[str, int] [/y]\n"
