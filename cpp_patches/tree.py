@@ -212,7 +212,13 @@ def detect_backend() -> str:
     return "cpu"
 
 
-def cmake_flags(backend: str, cuda_archs: str, sid: str) -> list[str]:
+# CPU code for any x86-64 of the last decade (AVX2, FMA, F16C, BMI2) instead of -march=native:
+# for binaries built on one machine and run on another (the GPU session's prebuilt tools).
+PORTABLE_X86 = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+                "-DGGML_BMI2=ON"]
+
+
+def cmake_flags(backend: str, cuda_archs: str, sid: str, portable_cpu: bool = False) -> list[str]:
     flags = [
         "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
         "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_TOOLS=ON",
@@ -227,18 +233,23 @@ def cmake_flags(backend: str, cuda_archs: str, sid: str) -> list[str]:
         flags += ["-DGGML_VULKAN=ON"]
     elif backend != "cpu":
         raise TreeError(f"unknown BACKEND={backend!r}; use cpu, cuda, metal or vulkan")
+    if portable_cpu:
+        if platform.machine() not in ("x86_64", "AMD64"):
+            raise TreeError(f"--portable-cpu is for x86-64 builds; this machine is {platform.machine()}")
+        flags += PORTABLE_X86
     return flags
 
 
 def build(src: Path, build_dir: Path, backend: str, cuda_archs: str, jobs: int,
-          targets: list[str], upstream: bool = False) -> None:
+          targets: list[str], upstream: bool = False, portable_cpu: bool = False,
+          cmake_args: list[str] | None = None) -> None:
     llama_dir = src / "vendor" / "llama.cpp"
     if not (llama_dir / "CMakeLists.txt").exists():
         raise TreeError(f"{llama_dir} is not a llama.cpp tree; run `make setup` to prepare it")
     if backend == "cuda" and not shutil.which("nvcc"):
         raise TreeError("BACKEND=cuda needs nvcc on PATH; install the CUDA toolkit or use BACKEND=cpu")
     sid = "upstream" if upstream else series_id()
-    flags = cmake_flags(backend, cuda_archs, sid)
+    flags = cmake_flags(backend, cuda_archs, sid, portable_cpu) + list(cmake_args or [])
     flags_file = build_dir / ".qwen35-flags"
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     if not flags_file.exists() or flags_file.read_text() != json.dumps(flags + gen):
@@ -335,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     p.add_argument("--targets", nargs="+", default=TOOL_TARGETS)
     p.add_argument("--upstream", action="store_true")
+    p.add_argument("--portable-cpu", action="store_true",
+                   help="CPU code for any x86-64 with AVX2 rather than this machine's (-march=native)")
+    p.add_argument("--cmake-arg", action="append", default=[], metavar="ARG",
+                   help="one more CMake argument (repeatable), e.g. from cuda/device_env.py --cmake-args")
     p = sub.add_parser("bindings")
     p.add_argument("src", type=Path)
     p.add_argument("build_dir", type=Path)
@@ -351,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             prepare(args.dest, args.upstream)
         elif args.cmd == "build":
             build(args.src, args.build_dir, args.backend or detect_backend(), args.cuda_archs,
-                  args.jobs, args.targets, args.upstream)
+                  args.jobs, args.targets, args.upstream, args.portable_cpu, args.cmake_arg)
         elif args.cmd == "bindings":
             install_bindings(args.src, args.build_dir, args.python)
         elif args.cmd == "export":

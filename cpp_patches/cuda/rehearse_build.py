@@ -9,8 +9,10 @@ ggml-cuda translation unit, and the three tools the session runs. This script ru
 (`gpu_session.sh --one build`) here, in a copy of the working tree as the device receives it (the
 files git tracks or would track, plus .device/), against:
 
-* a copy of nvcc's toolkit with the pinned nvidia-cublas wheel's libraries and headers added
-  (checked by sha256; a compiler-only install has neither);
+* a copy of nvcc's toolkit without cuBLAS (as a compiler-only install is), and the pinned
+  nvidia-cublas wheel (checked by sha256) laid out as pip installs it, on PYTHONPATH: the build
+  step's cuda/device_env.py must find it there, as it finds torch's cuBLAS on a device whose
+  toolkit lacks one, and the tools must then resolve it through their RPATH;
 * a stand-in libcuda.so (lib/stubs, where a full toolkit keeps NVIDIA's own stub) that defines
   the driver functions libggml-cuda.so imports: the first pass links libggml-cuda, the names are
   read from it, then the step runs again and links the tools.
@@ -90,20 +92,20 @@ def driver_imports(lib: Path) -> list[str]:
     return sorted(n for n in names if re.fullmatch(r"cu[A-Z]\w*", n))
 
 
-def make_toolkit(dest: Path) -> Path:
+def make_toolkit(dest: Path, site: Path) -> Path:
+    """dest: a copy of nvcc's toolkit (compiler only here: no cuBLAS), with the driver stand-in's
+    folder; site: the pinned cuBLAS wheel laid out as pip installs it (nvidia/cu13/lib, include),
+    where cuda/device_env.py finds torch's cuBLAS on a device whose toolkit lacks it."""
     top = toolkit_root()
-    log(f"toolkit: a copy of {top} with the pinned cuBLAS (~420 MB download)")
+    log(f"toolkit: a copy of {top}; the pinned cuBLAS as a pip install beside it (~420 MB download)")
     shutil.copytree(top, dest, symlinks=True)
     lib = dest / "lib64" if (dest / "lib64").is_dir() else dest / "lib"
+    for stale in [*lib.glob("libcublas*"), *(dest / "include").glob("cublas*")]:
+        stale.unlink()   # a full toolkit here: take it apart, so the device's other path is the one rehearsed
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         wheel = download_cublas_wheel(Path(tmp))
-        libs = extract_cublas(wheel, lib, "lib", (".so.13",))
-        extract_cublas(wheel, dest / "include", "include", (".h",))
-    for so in libs:   # the unversioned names CMake's FindCUDAToolkit links against
-        plain = lib / so.name.split(".so")[0]
-        link = plain.with_name(plain.name + ".so")
-        link.unlink(missing_ok=True)
-        link.symlink_to(so.name)
+        extract_cublas(wheel, site / "nvidia" / "cu13" / "lib", "lib", (".so.13",))
+        extract_cublas(wheel, site / "nvidia" / "cu13" / "include", "include", (".h",))
     write_driver_stub(lib, [])
     return lib
 
@@ -160,12 +162,14 @@ def run() -> dict:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     t0 = time.monotonic()
-    lib = make_toolkit(WORK / "toolkit")
+    site = WORK / "site"
+    lib = make_toolkit(WORK / "toolkit", site)
     tree_dir = WORK / "tree"
     device_tree(tree_dir)
     toolkit = WORK / "toolkit"
     env = dict(os.environ, PATH=f"{toolkit / 'bin'}:{os.environ['PATH']}", CUDAToolkit_ROOT=str(toolkit),
-               CUDACXX=str(toolkit / "bin" / "nvcc"), LD_LIBRARY_PATH=f"{lib}:{lib / 'stubs'}")
+               CUDACXX=str(toolkit / "bin" / "nvcc"), LD_LIBRARY_PATH=f"{lib}:{lib / 'stubs'}",
+               PYTHONPATH=str(site))
     bindir = tree_dir / "build" / "cuda" / "bin"
     log("build step, pass 1 (stops at the tools' link: the driver stand-in is still empty)")
     rc = build_step(tree_dir, env)

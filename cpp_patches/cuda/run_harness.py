@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import json
 import re
 import subprocess
@@ -62,15 +63,19 @@ def llama_tree(given: Path | None = None) -> Path:
                        "a gpu_session.sh step, which unpacks .device/")
 
 
-def write_upstream_kernel(llama: Path, dest_dir: Path) -> Path:
-    """dest_dir/gdn_upstream_kernel.cuh: llama.cpp's gated_delta_net_cuda kernel template from
-    the tree (rewritten only when it changes, so a built harness stays fresh)."""
+def upstream_kernel_text(llama: Path) -> str:
+    """llama.cpp's gated_delta_net_cuda kernel template from the tree, as a header."""
     src = llama / GDN_CU
     m = UPSTREAM_KERNEL.search(src.read_text())
     if m is None:
         raise RuntimeError(f"{src}: no gated_delta_net_cuda kernel before launch_gated_delta_net; this llama.cpp "
                            "lays the file out differently: update UPSTREAM_KERNEL in run_harness.py")
-    text = f"// llama.cpp's token-sequential kernel, from {src}\n#pragma once\n\n" + m.group(0)
+    return f"// llama.cpp's token-sequential kernel, from {GDN_CU}\n#pragma once\n\n" + m.group(0)
+
+
+def write_upstream_kernel(llama: Path, dest_dir: Path) -> Path:
+    """dest_dir/gdn_upstream_kernel.cuh: upstream_kernel_text (rewritten only when it changes)."""
+    text = upstream_kernel_text(llama)
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / "gdn_upstream_kernel.cuh"
     if not dest.exists() or dest.read_text() != text:
@@ -95,20 +100,36 @@ def cublas_include() -> Path | None:
     raise RuntimeError("nvcc finds no cuBLAS headers: run `make cuda-deps`, or install the CUDA toolkit's cuBLAS")
 
 
+NVCC_FLAGS = ["-O3", "-std=c++17", "-use_fast_math", "-extended-lambda", "-shared", "-Xcompiler", "-fPIC"]
+HARNESS_SOURCES = ("gdn_harness.cu", "gdn_driver.h", "gated_delta_net_chunked.cuh")
+
+
 def nvcc_cmd(out: Path, arch: str, llama: Path) -> list[str]:
     """The harness's compile command (writes the upstream kernel's header beside out); ggml-cuda's
     flags and definitions: -use_fast_math as it builds (expf is __expf there)."""
     from ggml_compile import DEFINES
 
     inc = write_upstream_kernel(llama, out.parent / f"{out.stem}.include").parent
-    cmd = ["nvcc", "-O3", "-std=c++17", "-use_fast_math", "-extended-lambda",
-           f"-gencode=arch=compute_{arch},code=sm_{arch}", "-shared", "-Xcompiler", "-fPIC"]
+    cmd = ["nvcc", *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     cmd += [f"-D{d}" for d in DEFINES]
     cmd += ["-I", str(HERE), "-I", str(inc), "-I", str(llama / "ggml" / "src"), "-I", str(llama / "ggml" / "include")]
     cublas = cublas_include()
     if cublas is not None:
         cmd += ["-I", str(cublas)]
     return cmd + ["-o", str(out), str(HERE / "gdn_harness.cu")]
+
+
+def harness_key(arch: str, llama: Path) -> str:
+    """What a compiled harness is made of: its sources, upstream's kernel as the tree has it, the
+    arch and the flags (file times say nothing once a tree is copied to another machine)."""
+    from ggml_compile import DEFINES
+
+    h = hashlib.sha256()
+    for name in HARNESS_SOURCES:
+        h.update(name.encode() + b"\0" + (HERE / name).read_bytes() + b"\0")
+    h.update(upstream_kernel_text(llama).encode() + b"\0")
+    h.update(" ".join([arch, *NVCC_FLAGS, *DEFINES]).encode())
+    return h.hexdigest()
 
 
 def gpu_arch() -> str:
@@ -120,16 +141,25 @@ def gpu_arch() -> str:
     return cap + "a" if cap == "90" else cap
 
 
-def build(out: Path, arch: str | None = None, llama: Path | None = None) -> ctypes.CDLL:
-    """Compiles the harness unless out is newer than its sources (repeated runs, e.g. under
-    compute-sanitizer, reuse it)."""
+def compile_harness(out: Path, arch: str | None = None, llama: Path | None = None) -> Path:
+    """out, compiled unless out.key shows it was compiled from these very sources (the session's
+    later steps, compute-sanitizer's runs, reuse it)."""
     llama = llama_tree(llama)
-    sources = [HERE / f for f in ("gdn_harness.cu", "gdn_driver.h", "gated_delta_net_chunked.cuh")] + [llama / GDN_CU]
-    if not out.exists() or out.stat().st_mtime < max(p.stat().st_mtime for p in sources):
-        t = time.time()
-        subprocess.run(nvcc_cmd(out, arch or gpu_arch(), llama), check=True)
-        print(f"compiled harness in {time.time() - t:.1f}s", flush=True)
-    return bind(ctypes.CDLL(str(out)))
+    arch = arch or gpu_arch()
+    key = harness_key(arch, llama)
+    stamp = out.with_name(out.name + ".key")
+    if out.exists() and stamp.exists() and stamp.read_text() == key:
+        return out
+    stamp.unlink(missing_ok=True)
+    t = time.time()
+    subprocess.run(nvcc_cmd(out, arch, llama), check=True)
+    stamp.write_text(key)
+    print(f"compiled harness (sm_{arch}) in {time.time() - t:.1f}s", flush=True)
+    return out
+
+
+def build(out: Path, arch: str | None = None, llama: Path | None = None) -> ctypes.CDLL:
+    return bind(ctypes.CDLL(str(compile_harness(out, arch, llama))))
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -377,8 +407,6 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
     result = {"rows": []}
     if with_fla:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla  # noqa: N813
-
-        result["fla_accuracy"] = fla_accuracy(fla, torch)
     for name, H_k, H_v in shapes:
         for T in lengths:
             inputs = ref.random_inputs(rng, B=1, T=T, H_k=H_k, H_v=H_v, S=S)
@@ -408,7 +436,9 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
                         row[key.replace("_ms", "_error")] = f"{type(e).__name__}: {e}"[:200]
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
-    if lib.gdn_harness_usable(S, 0):
+    if fla is not None:   # after the timings: its own compiles (other head counts) come last
+        result["fla_accuracy"] = fla_accuracy(fla, torch)
+    if sweep and lib.gdn_harness_usable(S, 0):
         result["threshold"] = threshold_sweep(lib, torch, shapes, sweep, S, sweep_reps, device)
     return result
 
@@ -440,6 +470,7 @@ def main() -> int:
     ap.add_argument("--no-check", action="store_true", help="skip the correctness grid")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--fla", action="store_true")
+    ap.add_argument("--no-sweep", action="store_true", help="with --bench: no short-prompt threshold sweep")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--lib", type=Path, default=Path("/tmp/libgdn_harness.so"))
     ap.add_argument("--arch", help="nvcc arch (default: this GPU's, e.g. 90a)")
@@ -454,7 +485,7 @@ def main() -> int:
         import torch
 
         print(torch.cuda.get_device_name(0), flush=True)
-        result["bench"] = bench(lib, torch, args.fla)
+        result["bench"] = bench(lib, torch, args.fla, sweep=() if args.no_sweep else SWEEP_T)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     bad = [r for r in result["correctness"] if not r["ok"]]

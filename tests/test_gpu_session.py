@@ -1,0 +1,348 @@
+"""The GPU session's tooling, on a machine without a GPU: the plan that runs gpu_session.sh's steps
+within one device call (cpp_patches/cuda/session_plan.py), the discovery of cuBLAS and the
+driver library for the device's CUDA build (cuda/device_env.py), and the build's portable flags.
+
+The device's limits are the oracle: a call is killed at its limit and returns at most 8 files
+from $OUT, named in letters, digits, '.', '_' and '-'; a process the call leaves in a session of
+its own (the background build) lives on. The plan is driven here by stand-in steps (a bash script
+with the real one's `--one STEP` interface) whose times and outcomes the tests choose, and once
+by the real gpu_session.sh in a copy of its folder with no build and no bundle."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA = ROOT / "cpp_patches" / "cuda"
+sys.path.insert(0, str(CUDA))
+sys.path.insert(0, str(ROOT / "cpp_patches"))
+import device_env  # noqa: E402
+import session_plan  # noqa: E402
+import tree  # noqa: E402
+
+OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+# Stand-in steps. build: a background job in its own session (as gpu_session.sh's), done after
+# BUILD_S; ops/e2e need it; bench outlives any budget; sanitize fails. Each step appends its
+# name and start time to order.txt, and writes a log into $LOGS.
+FAKE = r"""#!/usr/bin/env bash
+set -euo pipefail
+cd "$(dirname "$0")"
+[ "$1" = --one ] || exit 9
+echo "$2 $(date +%s.%N)" >> order.txt
+echo "log of $2" > "$LOGS/$2.log"
+case $2 in
+  probe) echo "GPU 0: stand-in" ;;
+  build) mkdir -p build; rm -f build/cuda-build.rc
+         setsid bash -c "echo compiling; sleep $BUILD_S; echo \$BUILD_RC > build/cuda-build.rc; echo linked" \
+             > build/cuda-build.log 2>&1 < /dev/null &
+         echo "build: started" ;;
+  prep)  echo "prep: nothing to make" ;;
+  check) sleep 0.5; echo "correctness: 42 passed, 0 failed" ;;
+  fla)   sleep 0.5; echo "fla timed" ;;
+  ops|e2e) [ "$(cat build/cuda-build.rc 2>/dev/null)" = 0 ] || { echo "error: no CUDA build" >&2; exit 1; }
+         echo "$2 ran on the build" ;;
+  bench) echo "bench: first row"; sleep 601; echo "never printed" ;;
+  sanitize) echo "compute-sanitizer memcheck: FAILED"; exit 1 ;;
+  model) echo "model ran" ;;
+esac
+"""
+
+
+def _fake_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "tree"
+    root.mkdir()
+    (root / "fake.sh").write_text(FAKE)
+    return root
+
+
+def _session(root: Path, tmp_path: Path, steps: list[str], budget: float | None, lines: list[str]):
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    logs.mkdir(exist_ok=True)
+    return session_plan.Session(session_plan.parse_steps(steps), budget, out, logs, root=root,
+                                script=root / "fake.sh", echo=lines.append)
+
+
+def _order(root: Path) -> list[str]:
+    return [line.split()[0] for line in (root / "order.txt").read_text().splitlines()]
+
+
+def _out_files(out: Path) -> dict[str, Path]:
+    files = {p.name: p for p in out.iterdir()}
+    assert len(files) <= 8 and all(OUT_NAME.match(n) for n in files), sorted(files)
+    return files
+
+
+def test_steps_that_need_the_build_wait_for_it_while_the_others_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUILD_S", "3")
+    monkeypatch.setenv("BUILD_RC", "0")
+    root, lines = _fake_tree(tmp_path), []
+    s = _session(root, tmp_path, ["build", "ops", "e2e", "check", "fla"], None, lines)
+    assert s.run() == 0, "\n".join(lines)
+    # ops and e2e come first among the steps given, but the build is running: check and fla go first
+    assert _order(root) == ["probe", "build", "check", "fla", "ops", "e2e"]
+    assert [r.status for r in s.results] == ["ok"] * 6
+    assert any(line.startswith("== waiting for build") for line in lines), lines
+    assert "ops ran on the build" in lines and "e2e ran on the build" in lines
+
+
+def test_a_step_is_cut_at_the_deadline_and_the_out_folder_holds_what_ran(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUILD_S", "600")   # the background build outlives the call
+    monkeypatch.setenv("BUILD_RC", "0")
+    root, lines = _fake_tree(tmp_path), []
+    budget = 20.0
+    s = _session(root, tmp_path, ["build", "check", "bench", "ops", "sanitize"], budget, lines)
+    t0 = time.monotonic()
+    rc = s.run()
+    elapsed = time.monotonic() - t0
+    try:
+        assert rc == 1
+        # within the budget: the device's own limit (timeout_s) is set a little above it
+        assert elapsed <= budget + 2, elapsed
+        status = {r.step: r.status for r in s.results}
+        assert status == {"probe": "ok", "build": "ok", "check": "ok", "bench": "cut", "ops": "not run",
+                          "sanitize": "not run"}, status
+        assert "bench: first row" in lines and "never printed" not in lines
+        # the bench step's own processes are gone; the build (a session of its own) goes on
+        assert not _running("sleep 601") and _running("sleep 600")
+        assert not (root / "build" / "cuda-build.rc").exists()
+        files = _out_files(tmp_path / "out")
+        assert set(files) == {"summary.txt", "steps.json", "gdn-logs.tar.gz"}
+        steps = json.loads(files["steps.json"].read_text())
+        assert steps["budget_s"] == budget and [r["status"] for r in steps["steps"]] == list(status.values())
+        summary = files["summary.txt"].read_text()
+        assert "bench: first row" in summary and "== bench: cut at the deadline" in summary
+        with tarfile.open(files["gdn-logs.tar.gz"]) as tar:
+            names = set(tar.getnames())
+            assert {"probe.log", "build.log", "check.log", "bench.log", "cuda-build.log"} <= names, names
+            assert tar.extractfile("cuda-build.log").read() == b"compiling\n"
+        # the build was still running when time ran out: its log is shown, and the next call
+        # starts it again before the steps that need it
+        assert any(line.startswith("== build (background): running") for line in lines), lines
+        assert lines[-1].endswith("--budget SECONDS build bench ops sanitize"), lines[-1]
+    finally:
+        subprocess.run(["pkill", "-fx", "sleep 600"], check=False)
+
+
+def _running(cmdline: str) -> list[str]:
+    return subprocess.run(["pgrep", "-fx", cmdline], capture_output=True, text=True).stdout.split()
+
+
+def test_a_failed_background_build_is_shown_and_its_steps_fail(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUILD_S", "0.2")
+    monkeypatch.setenv("BUILD_RC", "2")
+    root, lines = _fake_tree(tmp_path), []
+    s = _session(root, tmp_path, ["build", "ops", "check"], 60, lines)
+    assert s.run() == 1
+    assert {r.step: r.status for r in s.results} == {"probe": "ok", "build": "ok", "check": "ok", "ops": "failed"}
+    i = lines.index("== build (background): failed; the end of build/cuda-build.log:")
+    assert lines[i + 1:i + 3] == ["   compiling", "   linked"]
+    assert lines[-1].endswith("--budget SECONDS build ops"), lines[-1]
+
+
+def test_steps_are_named_and_checked_before_anything_runs():
+    assert session_plan.parse_steps(["all"]) == list(session_plan.ALL)
+    assert session_plan.parse_steps(["fla", "probe", "fla"]) == ["probe", "fla"]
+    with pytest.raises(SystemExit, match="unknown step 'bild'"):
+        session_plan.parse_steps(["bild"])
+
+
+def test_the_real_script_without_a_build_fails_each_step_with_its_fix(tmp_path):
+    """gpu_session.sh and the plan as they are, in a copy of their folder with no .device and no
+    build: steps that need the build fail at once with the step to run first; $OUT is complete."""
+    tree_dir = tmp_path / "repo"
+    (tree_dir / "cpp_patches").mkdir(parents=True)
+    shutil.copytree(CUDA, tree_dir / "cpp_patches" / "cuda", ignore=shutil.ignore_patterns("__pycache__"))
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    env = dict(os.environ, OUT=str(out), LOGS=str(logs))
+    script = str(tree_dir / "cpp_patches" / "cuda" / "gpu_session.sh")
+    # without the bundle nothing runs: one line naming the fix, nothing in $OUT
+    r = subprocess.run(["bash", script, "--budget", "120", "all"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stdout == "" and not out.exists()
+    assert r.stderr.strip().splitlines() == [
+        "error: .device/ is missing: run `make cuda-bundle` here and name .device in the device call's carry"]
+    _touch(tree_dir / ".device" / "llama-src.tar.xz")
+    r = subprocess.run(["bash", script, "--budget", "120", "ops", "model"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "error: no CUDA build in build/cuda: run the build step first" in r.stdout
+    files = _out_files(out)
+    assert set(files) == {"summary.txt", "steps.json", "gdn-logs.tar.gz"}
+    steps = {s["step"]: s["status"] for s in json.loads(files["steps.json"].read_text())["steps"]}
+    assert steps["ops"] == steps["model"] == "failed"
+    assert r.stdout.rstrip().endswith("--budget SECONDS build prep ops model")
+    bad = subprocess.run(["bash", script, "--one", "bild"],
+                         capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "unknown step 'bild'" in bad.stderr
+
+
+# --------------------------------------------------------------------------- device_env
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_a_full_toolkit_needs_no_cmake_arguments(tmp_path):
+    top = tmp_path / "cuda"
+    for f in ("lib64/libcublas.so", "lib64/libcublasLt.so", "lib64/stubs/libcuda.so", "include/cublas_v2.h"):
+        _touch(top / f)
+    env = device_env.discover(top, search_path=[], bundle_headers=tmp_path / "none", libcuda=None)
+    assert env.cmake_args() == []
+
+
+def test_a_compiler_only_toolkit_takes_cublas_from_the_python_wheels(tmp_path):
+    top = tmp_path / "cuda"
+    _touch(top / "bin" / "nvcc")
+    _touch(top / "targets" / "x86_64-linux" / "lib" / "libcudart.so")
+    site = tmp_path / "site"
+    for f in ("libcublas.so.12", "libcublas.so.13", "libcublasLt.so.13"):
+        _touch(site / "nvidia" / "cu13" / "lib" / f)
+    _touch(site / "nvidia" / "cu13" / "include" / "cublas_v2.h")
+    libcuda = _touch(tmp_path / "driver" / "libcuda.so.1")
+    env = device_env.discover(top, search_path=["/nonexistent", str(site)], bundle_headers=tmp_path / "none",
+                              libcuda=libcuda)
+    wheel = site / "nvidia" / "cu13"
+    assert env.cmake_args() == [f"-DCUDA_cublas_LIBRARY={wheel / 'lib' / 'libcublas.so.13'}",
+                                f"-DCUDA_cublasLt_LIBRARY={wheel / 'lib' / 'libcublasLt.so.13'}",
+                                f"-DCUDA_cuda_driver_LIBRARY={libcuda}",
+                                f"-DCMAKE_CUDA_FLAGS=-I{wheel / 'include'}"]
+
+
+def test_headers_from_the_bundle_and_clear_errors_when_cublas_is_nowhere(tmp_path):
+    top = tmp_path / "cuda"
+    _touch(top / "lib64" / "stubs" / "libcuda.so")
+    site = tmp_path / "site"
+    with pytest.raises(device_env.EnvError, match="no libcublas.so in .* install cuBLAS"):
+        device_env.discover(top, search_path=[str(site)], bundle_headers=tmp_path / "none", libcuda=None)
+    for f in ("libcublas.so.13", "libcublasLt.so.13"):
+        _touch(site / "nvidia" / "cublas" / "lib" / f)
+    with pytest.raises(device_env.EnvError, match="no cublas_v2.h .*make cuda-bundle"):
+        device_env.discover(top, search_path=[str(site)], bundle_headers=tmp_path / "none", libcuda=None)
+    bundle = tmp_path / "bundle"
+    _touch(bundle / "cublas_v2.h")
+    env = device_env.discover(top, search_path=[str(site)], bundle_headers=bundle, libcuda=None)
+    assert env.cmake_args()[-1] == f"-DCMAKE_CUDA_FLAGS=-I{bundle}"
+    assert not any("cuda_driver" in a for a in env.cmake_args())   # the toolkit's stub is found by CMake
+    _touch(top / "lib64" / "libcublas.so")   # find_library matches the unversioned name: nothing to say
+    _touch(top / "lib64" / "libcublasLt.so")
+    assert device_env.discover(top, search_path=[str(site)], bundle_headers=bundle,
+                               libcuda=None).cmake_args() == [f"-DCMAKE_CUDA_FLAGS=-I{bundle}"]
+    (top / "lib64" / "stubs" / "libcuda.so").unlink()
+    with pytest.raises(device_env.EnvError, match="NVIDIA driver"):
+        device_env.discover(top, search_path=[], bundle_headers=bundle, libcuda=None)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_the_toolkit_root_is_nvccs_own():
+    top = device_env.toolkit_root()
+    assert (top / "include" / "cuda_runtime.h").exists() and (top / "bin").is_dir()
+
+
+# --------------------------------------------------------------------------- tree.py
+
+def test_the_session_build_is_portable_and_takes_extra_cmake_arguments():
+    flags = tree.cmake_flags("cuda", "90a", "sid", portable_cpu=True)
+    assert "-DGGML_NATIVE=OFF" in flags and "-DGGML_AVX2=ON" in flags and "-DCMAKE_CUDA_ARCHITECTURES=90a" in flags
+    assert "-DGGML_NATIVE=OFF" not in tree.cmake_flags("cuda", "90a", "sid")
+    script = (CUDA / "gpu_session.sh").read_text()
+    assert "--portable-cpu" in script and "device_env.py --cmake-args" in script
+
+
+# --------------------------------------------------------------------------- the harness's reuse
+
+def test_the_harness_is_recompiled_exactly_when_what_it_is_made_of_changes(tmp_path, monkeypatch):
+    """Later steps of a session (and compute-sanitizer's runs) reuse the compiled harness; a key of
+    its sources, upstream's kernel from the tree, the arch and the flags decides, not file times
+    (a copied tree's times say nothing). nvcc is replaced by a recorder: the decision is tested."""
+    import run_harness
+
+    prepared = ROOT / "build" / "src" / "vendor" / "llama.cpp"
+    assert (prepared / run_harness.GDN_CU).exists(), "the prepared tree is missing: `make setup` prepares it"
+    calls = []
+
+    def fake_run(cmd, check):
+        calls.append(cmd)
+        Path(cmd[cmd.index("-o") + 1]).write_bytes(b"lib")
+
+    monkeypatch.setattr(run_harness.subprocess, "run", fake_run)
+    monkeypatch.setattr(run_harness, "cublas_include", lambda: None)
+    lib = tmp_path / "libgdn.so"
+    run_harness.compile_harness(lib, "90a", prepared)
+    run_harness.compile_harness(lib, "90a", prepared)
+    assert len(calls) == 1 and "-gencode=arch=compute_90a,code=sm_90a" in calls[0]
+    run_harness.compile_harness(lib, "80", prepared)        # another arch
+    assert len(calls) == 2
+    key = lib.with_name(lib.name + ".key")
+    assert key.read_text() == run_harness.harness_key("80", prepared) != run_harness.harness_key("90a", prepared)
+    key.write_text("0" * 64)                                  # made from other sources
+    run_harness.compile_harness(lib, "80", prepared)
+    assert len(calls) == 3 and key.read_text() == run_harness.harness_key("80", prepared)
+
+
+# --------------------------------------------------------------------------- the build step
+
+FAKE_NVCC = """#!/bin/sh
+echo '#$ TOP={top}'
+"""
+FAKE_TREE = """import json, sys
+from pathlib import Path
+Path("build/tree-argv.json").write_text(json.dumps(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("toolkit", ["full", "compiler-only"])
+def test_the_build_step_hands_cmake_what_the_toolkit_lacks(tmp_path, toolkit):
+    """gpu_session.sh's build step as it is (tree.py replaced by a recorder of its arguments, nvcc
+    by a stand-in naming a made-up toolkit): a compiler-only toolkit gets the wheel's cuBLAS files
+    as CMake arguments, each one word (paths with spaces included); a full one gets none."""
+    repo = tmp_path / "re po"
+    shutil.copytree(CUDA, repo / "cpp_patches" / "cuda", ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "cpp_patches" / "tree.py").write_text(FAKE_TREE)
+    src = tmp_path / "src" / "llama.cpp"
+    _touch(src / "CMakeLists.txt")
+    (repo / ".device").mkdir()
+    with tarfile.open(repo / ".device" / "llama-src.tar.xz", "w:xz") as tar:
+        tar.add(src, arcname="llama.cpp")
+    top = tmp_path / "cuda kit"
+    _touch(top / "lib64" / "stubs" / "libcuda.so")
+    site = tmp_path / "site packages"
+    if toolkit == "full":
+        for f in ("lib64/libcublas.so", "lib64/libcublasLt.so", "include/cublas_v2.h"):
+            _touch(top / f)
+    else:
+        for f in ("lib/libcublas.so.13", "lib/libcublasLt.so.13", "include/cublas_v2.h"):
+            _touch(site / "nvidia" / "cu13" / f)
+    bin_dir = tmp_path / "bin"
+    _touch(bin_dir / "nvcc").write_text(FAKE_NVCC.format(top=top))
+    (bin_dir / "nvcc").chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(site), LOGS=str(tmp_path / "logs"))
+    r = subprocess.run(["bash", str(repo / "cpp_patches" / "cuda" / "gpu_session.sh"), "--one", "build"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rc = repo / "build" / "cuda-build.rc"
+    deadline = time.monotonic() + 60
+    while not rc.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rc.read_text().strip() == "0", (repo / "build" / "cuda-build.log").read_text()
+    argv = json.loads((repo / "build" / "tree-argv.json").read_text())
+    assert argv[:3] == ["build", "build/cuda-src", "build/cuda"] and "--portable-cpu" in argv
+    assert argv[argv.index("--targets") + 1:] == ["test-backend-ops", "llama-bench", "llama-perplexity"]
+    extra = [a for a in argv if a.startswith("--cmake-arg")]
+    if toolkit == "full":
+        assert extra == [] and "" not in argv
+    else:
+        wheel = site / "nvidia" / "cu13"
+        assert extra == [f"--cmake-arg=-DCUDA_cublas_LIBRARY={wheel / 'lib' / 'libcublas.so.13'}",
+                         f"--cmake-arg=-DCUDA_cublasLt_LIBRARY={wheel / 'lib' / 'libcublasLt.so.13'}",
+                         f"--cmake-arg=-DCMAKE_CUDA_FLAGS=-I{wheel / 'include'}"]
+        assert "CMake arguments for this toolkit" in r.stdout
