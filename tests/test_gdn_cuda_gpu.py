@@ -102,6 +102,8 @@ def test_tiny_model_on_cuda_matches_cpu_with_the_chunked_kernel(tmp_path):
         with open(logs / "e2e-perplexity.log", "a") as f:   # one file: a device call returns at most 8
             f.write(f"==== {name}: {' '.join(cmd + extra)}\n{r.stdout}{r.stderr}\n")
         assert r.returncode == 0, f"llama-perplexity ({name}) failed:\n{(r.stdout + r.stderr)[-3000:]}"
+        if name != "cpu":   # llama.cpp falls back to the CPU when CUDA does not start: that compares CPU to CPU
+            assert "CUDA0 model buffer size" in r.stdout + r.stderr, f"{name} did not run on the GPU:\n{r.stderr[-3000:]}"
         return r.stdout + r.stderr
 
     run("cpu", ["-dev", "none"])

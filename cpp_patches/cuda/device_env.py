@@ -187,7 +187,18 @@ def probe() -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cmake-args", action="store_true", help="print the CMake arguments, one per line")
+    ap.add_argument("--lib-dirs", action="store_true",
+                    help="print the toolkit's and the NVIDIA wheels' library folders, ':'-joined (CMake leaves "
+                         "nvcc's own out of the tools' RUNPATH: the loader must know it)")
     args = ap.parse_args(argv)
+    if args.lib_dirs:
+        try:
+            dirs = _lib_dirs(toolkit_root()) + _wheel_dirs("lib", sys.path)
+        except EnvError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(":".join(map(str, dirs)))
+        return 0
     if not args.cmake_args:
         return probe()
     try:

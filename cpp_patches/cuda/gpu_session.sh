@@ -55,7 +55,7 @@ need_bundle() {
 python_env() {   # the carried wheels (FLA, this toolkit) and the tree's gguf-py, once per machine
     need_bundle
     if [ ! -d /tmp/site/qwen35 ]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$BUNDLE"/whl/*.whl
+        python3 -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --target /tmp/site "$BUNDLE"/whl/*.whl
     fi
     unpack
     export PYTHONPATH=/tmp/site:$PWD/$SRC/vendor/llama.cpp/gguf-py${PYTHONPATH:+:$PYTHONPATH}
@@ -95,8 +95,16 @@ step_build() {
     echo "build: started in the background (build/cuda-build.log)"
 }
 
-need_build() {
+need_build() {   # and the libraries it loads: CMake leaves nvcc's own lib folder out of the RUNPATH
     [ -x "$BIN/llama-bench" ] || { echo "error: no CUDA build in $BLD: run the build step first (see build/cuda-build.log)" >&2; return 1; }
+    if ldd "$BIN/libggml-cuda.so" | grep -q "not found"; then
+        LD_LIBRARY_PATH=$(python3 cpp_patches/cuda/device_env.py --lib-dirs)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+        export LD_LIBRARY_PATH
+        if ldd "$BIN/libggml-cuda.so" | grep "not found"; then
+            echo "error: libggml-cuda.so cannot load the libraries above, not even from $LD_LIBRARY_PATH" >&2
+            return 1
+        fi
+    fi
 }
 
 step_wait() {
@@ -165,6 +173,12 @@ step_ops() {   # a failing eval still gets its perf numbers, then fails the step
     need_build
     "$BIN/test-backend-ops" -o GATED_DELTA_NET -b CUDA0 > "$LOGS/ops-eval.log" 2>&1 || rc=$?
     grep -E "passed|FAIL" "$LOGS/ops-eval.log" | tail -3 || true
+    # without a working CUDA backend test-backend-ops skips every case and still says "passed"
+    if ! grep -qE "^Backend [0-9]+/[0-9]+: CUDA0" "$LOGS/ops-eval.log" \
+            || ! grep -qE "^  [1-9][0-9]*/[0-9]+ tests passed" "$LOGS/ops-eval.log"; then
+        echo "ops: test-backend-ops tested no case on CUDA0 (see ops-eval.log)"; grep -m3 -i "cuda" "$LOGS/ops-eval.log" || true
+        rc=1
+    fi
     "$BIN/test-backend-ops" perf -o GATED_DELTA_NET -b CUDA0 > "$LOGS/ops-perf-chunked.log" 2>&1
     GGML_CUDA_GDN_CHUNKED=0 "$BIN/test-backend-ops" perf -o GATED_DELTA_NET -b CUDA0 > "$LOGS/ops-perf-upstream.log" 2>&1
     python3 - "$LOGS/ops-perf-chunked.log" "$LOGS/ops-perf-upstream.log" <<'EOF'
@@ -177,9 +191,11 @@ def read(path):
             rows[m.group(1)] = float(m.group(2))
     return rows
 new, old = read(sys.argv[1]), read(sys.argv[2])
-for case in new:
-    if case in old:
-        print(f"{old[case]:10.1f} us -> {new[case]:10.1f} us  {old[case] / new[case]:5.2f}x  {case}")
+both = [case for case in new if case in old]
+for case in both:
+    print(f"{old[case]:10.1f} us -> {new[case]:10.1f} us  {old[case] / new[case]:5.2f}x  {case}")
+if not both:
+    sys.exit("ops: test-backend-ops perf timed no GATED_DELTA_NET case on CUDA0 (see ops-perf-*.log)")
 EOF
     [ $rc = 0 ] || echo "ops: test-backend-ops eval failed (exit $rc): see ops-eval.log"
     return $rc
@@ -206,6 +222,8 @@ step_model() {
     python3 - "$LOGS/llama-bench-chunked1.json" "$LOGS/llama-bench-chunked0.json" <<'EOF'
 import json, statistics, sys
 new, old = (json.load(open(p)) for p in sys.argv[1:3])
+if not new or any(not r.get("gpu_info") for r in new + old):   # llama-bench runs on the CPU when CUDA fails
+    sys.exit("model: llama-bench saw no GPU (see llama-bench-chunked*.log)")
 key = lambda r: (r["n_prompt"], r["n_gen"], r["n_ubatch"])
 med = lambda r: statistics.median(r["samples_ts"]) if r.get("samples_ts") else r["avg_ts"]
 old = {key(r): r for r in old}
@@ -222,5 +240,6 @@ case "${2:-}" in
     *) echo "error: unknown step '${2:-}' (probe build prep check bench fla sanitize wait ops e2e model)" >&2; exit 2 ;;
 esac
 set -E
-trap 'rc=$?; [[ $BASH_COMMAND == return* ]] || echo "  failed (exit $rc): $BASH_COMMAND"' ERR
+NL=$'\n'
+trap 'rc=$?; [[ $BASH_COMMAND == return* ]] || echo "  failed (exit $rc): ${BASH_COMMAND%%"$NL"*}"' ERR
 "step_$2"

@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 import tree  # noqa: E402
+import device_env  # noqa: E402
 from ggml_compile import download_cublas_wheel, extract_cublas  # noqa: E402
 
 WORK = ROOT / "build" / "cuda-rehearsal"
@@ -54,15 +55,11 @@ def log(msg: str) -> None:
 
 
 def toolkit_root() -> Path:
-    """The CUDA toolkit nvcc belongs to (nvcc on PATH may be a wrapper script)."""
-    if not shutil.which("nvcc"):
-        raise tree.TreeError("nvcc is not on PATH; install the CUDA toolkit (the compiler is enough)")
-    r = subprocess.run(["nvcc", "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-                       capture_output=True, text=True)
-    m = re.search(r"^#\$ TOP=(.+)$", r.stdout + r.stderr, re.M)
-    if not m:
-        raise tree.TreeError("could not find nvcc's toolkit folder (no TOP= in `nvcc --dryrun`)")
-    top = Path(m.group(1).strip()).resolve()
+    """The CUDA toolkit nvcc belongs to (device_env's answer, as on the device), checked whole."""
+    try:
+        top = device_env.toolkit_root()
+    except device_env.EnvError as e:
+        raise tree.TreeError(f"{e}; install the CUDA toolkit (the compiler is enough)") from None
     if not (top / "include" / "cuda_runtime.h").exists():
         raise tree.TreeError(f"{top} has no include/cuda_runtime.h; is nvcc's toolkit complete?")
     return top
