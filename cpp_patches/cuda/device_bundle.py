@@ -112,11 +112,27 @@ def main() -> int:
         "files": {str(p.relative_to(TMP)): tree.sha256_file(p) for p in sorted(TMP.rglob("*")) if p.is_file()},
     }
     (TMP / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))
+    total = sum(p.stat().st_size for p in TMP.rglob("*") if p.is_file())
+    tree_bytes = working_tree_bytes()
+    if total + tree_bytes > CARRY_LIMIT:
+        raise tree.TreeError(f"the working tree ({tree_bytes / 2**20:.1f} MiB) and .device ({total / 2**20:.1f} MiB) "
+                             f"are over the {CARRY_LIMIT >> 20} MiB a device call takes: remove untracked files")
     shutil.rmtree(OUT, ignore_errors=True)
     os.replace(TMP, OUT)
-    total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
-    print(f"{OUT}: {total / 1e6:.1f} MB (carry it as .device)")
+    print(f"{OUT}: {total / 1e6:.1f} MB (carry it as .device); with the working tree "
+          f"{(total + tree_bytes) / 2**20:.1f} MiB travel, of the {CARRY_LIMIT >> 20} MiB a device call takes")
     return 0
+
+
+CARRY_LIMIT = 64 << 20   # what one device call takes: the working tree and the carried paths
+
+
+def working_tree_bytes() -> int:
+    """The files a device call sends: those git tracks, and those it would track."""
+    r = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                       capture_output=True, check=True)
+    return sum((ROOT / f).stat().st_size for f in filter(None, r.stdout.decode().split("\0"))
+               if (ROOT / f).is_file())
 
 
 if __name__ == "__main__":
