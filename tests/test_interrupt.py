@@ -247,6 +247,9 @@ def test_ctrl_c_while_a_model_loads_stops_the_load_and_reaches_the_caller(dense_
     level, ctrl_c = log.level, CtrlC()
     log.setLevel(logging.DEBUG)
     log.addFilter(ctrl_c)
+    # Python's own handler, as in a terminal: a process started in the background by a
+    # non-interactive shell (`cmd &`, as CI runners may) inherits SIGINT ignored, and keeps it so
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             Model.load(dense_f32, n_ctx=256, n_threads=2).close()
@@ -254,6 +257,7 @@ def test_ctrl_c_while_a_model_loads_stops_the_load_and_reaches_the_caller(dense_
         with Model.load(dense_f32, n_ctx=256, n_threads=2) as m:   # nothing left pending
             assert m.tokenize("Hello")
     finally:
+        signal.signal(signal.SIGINT, handler)
         log.removeFilter(ctrl_c)
         log.setLevel(level)
     assert "Exception ignored" not in capfd.readouterr().err
