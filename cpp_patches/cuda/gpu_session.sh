@@ -2,15 +2,16 @@
 # The GPU checks and measurements of the chunked GATED_DELTA_NET kernel, on the device machine.
 #
 # Here first: `make cuda-bundle` packs .device/ (the machine has no network). Then one device
-# call, from the repository root (carry: [".device"], timeout_s 570):
+# call, from the repository root (carry: [".device"], timeout_s 510):
 #
-#   bash cpp_patches/cuda/gpu_session.sh --budget 540 all
+#   bash cpp_patches/cuda/gpu_session.sh --budget 480 all
 #
-# runs every step below within 540 s (cuda/session_plan.py schedules them: a step that needs the
+# runs every step below within 480 s (cuda/session_plan.py schedules them: a step that needs the
 # CUDA build waits while it builds in the background, the next one that does not runs first; a
 # step is cut at the deadline). Its output and every log land in $OUT as summary.txt, steps.json
 # and gdn-logs.tar.gz, rewritten after each step, so a call cut short still returns what ran. It
-# ends by naming the steps left, for a second call: `... --budget 240 build fla sanitize`.
+# ends by naming the steps left, for a second call: `... --budget 150 build fla sanitize`
+# (15 minutes of device time a session, the machine's start included: about 5 are left).
 #
 #   probe     the machine: GPU, driver, nvcc, CMake, torch, where cuBLAS comes from (always first)
 #   build     unpack the patched llama.cpp (chunked kernel promoted) and start its CUDA build

@@ -1,7 +1,7 @@
 """Run gpu_session.sh's steps in one device call, within a time budget, and keep what they leave.
 
-    bash cpp_patches/cuda/gpu_session.sh --budget 540 all
-    bash cpp_patches/cuda/gpu_session.sh --budget 240 build fla sanitize
+    bash cpp_patches/cuda/gpu_session.sh --budget 480 all
+    bash cpp_patches/cuda/gpu_session.sh --budget 150 build fla sanitize
 
 A device call has a hard limit (10 minutes a command, 15 minutes of device time a session with
 the machine's start), returns at most 8 files from $OUT, and a command killed at its limit leaves
