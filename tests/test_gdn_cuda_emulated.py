@@ -262,3 +262,50 @@ def test_gpu_harness_bench_runs_on_the_emulator(capsys):
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 3 and printed[0].startswith("tiny     T=    65 upstream ")
     assert "chunked faster from" in printed[2]
+
+
+@needs_cxx
+def test_gpu_harness_bench_with_fla_and_what_fla_warm_compiles_for_it(tmp_path, monkeypatch):
+    """The benchmark's FLA path (run_harness --fla) on the emulator, with a stand-in for FLA
+    (tests/standin_fla.py): FLA timed in both dtypes on every row, the count of kernels Triton
+    compiled while it was timed, FLA's accuracy rows. And the GPU session's `warm` step
+    (fla_warm.py) makes, for the same shapes, calls that differ from the timed run's only in T,
+    which FLA's kernels do not specialize on: so what it compiles is what the timed run asks for."""
+    import ctypes
+
+    import torch
+
+    import fla_warm
+    import run_harness
+    import standin_fla
+    from emulate import build
+
+    site = standin_fla.install(tmp_path)
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("STANDIN_LOG", str(log))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
+    lib = run_harness.bind(ctypes.CDLL(str(build())))
+    shapes, lengths = (("tiny", 1, 2),), (65, 130)
+    monkeypatch.syspath_prepend(str(site))
+    try:
+        result = run_harness.bench(lib, torch, True, shapes=shapes, lengths=lengths, sweep=(), S=64, reps=1,
+                                   device="cpu")
+        timed = standin_fla.calls(log)
+        log.unlink()
+        for v in fla_warm.variants(shapes, lengths, S=64):
+            fla_warm.warm_one(fla_warm.spec(v), "cpu")
+        warm = standin_fla.calls(log)
+    finally:
+        for mod in [m for m in sys.modules if m == "fla" or m.startswith("fla.")]:
+            del sys.modules[mod]
+
+    for r in result["rows"]:
+        assert r["fla_float32_ms"] > 0 and r["fla_bfloat16_ms"] > 0, r
+    accuracy_calls = 4   # two dtypes, with and without the forget-gate spike
+    assert set(result["fla_accuracy"]) == {f"fla_{dt}{s}_err_{x}" for dt in ("float32", "bfloat16")
+                                           for s in ("", "_spike") for x in ("out", "state")}
+    # each call of the stand-in "compiled" one kernel; the accuracy calls come after the count
+    assert result["fla_kernels_compiled_while_timed"] == len(timed) - accuracy_calls >= 2 * len(lengths)
+    assert len(warm) == 4   # (tiny, accuracy) x (float32, bfloat16)
+    assert {standin_fla.signature(c) for c in timed} == {standin_fla.signature(c) for c in warm}
+    assert len({c["args"][0][0][1] for c in timed}) == 3   # T 65, 130 and the accuracy's 1000

@@ -25,6 +25,7 @@ CUDA = ROOT / "cpp_patches" / "cuda"
 sys.path.insert(0, str(CUDA))
 sys.path.insert(0, str(ROOT / "cpp_patches"))
 import device_env  # noqa: E402
+import standin_fla  # noqa: E402
 import session_plan  # noqa: E402
 import tree  # noqa: E402
 
@@ -47,10 +48,11 @@ case $2 in
          echo "build: started" ;;
   prep)  echo "prep: nothing to make" ;;
   check) sleep 0.5; echo "correctness: 42 passed, 0 failed" ;;
-  fla)   sleep 0.5; echo "fla timed" ;;
+  warm)  [ "${WARM_RC:-0}" = 0 ] || { echo "warm: 27B float32: FAILED"; exit 1; }; echo "warm: compiled" ;;
+  fla)   sleep 0.5; [ "${FLA_RC:-0}" = 0 ] || exit 1; echo "fla timed" ;;
   ops|e2e) [ "$(cat build/cuda-build.rc 2>/dev/null)" = 0 ] || { echo "error: no CUDA build" >&2; exit 1; }
          echo "$2 ran on the build" ;;
-  bench) echo "bench: first row"; sleep 601; echo "never printed" ;;
+  bench) echo "bench: first row"; sleep "${BENCH_S:-601}"; echo "never printed" ;;
   sanitize) echo "compute-sanitizer memcheck: FAILED"; exit 1 ;;
   model) echo "model ran" ;;
 esac
@@ -148,9 +150,33 @@ def test_a_failed_background_build_is_shown_and_its_steps_fail(tmp_path, monkeyp
     assert lines[-1].endswith("--budget SECONDS build ops"), lines[-1]
 
 
+def test_warm_runs_before_fla_and_a_next_call_warms_again_only_for_fla(tmp_path, monkeypatch):
+    """warm fills Triton's cache for fla on this machine: the next call (a fresh machine) repeats it
+    before an unfinished fla, and does not repeat a failed warm once fla has run."""
+    monkeypatch.setenv("BUILD_S", "0.2")
+    monkeypatch.setenv("BUILD_RC", "0")
+    monkeypatch.setenv("BENCH_S", "0")
+    root, lines = _fake_tree(tmp_path), []
+    _session(root, tmp_path, ["all"], None, lines).run()
+    order = _order(root)
+    assert order.index("warm") == order.index("fla") - 1, order
+    assert lines[-1].endswith("--budget SECONDS sanitize"), lines[-1]   # the stand-in sanitize fails
+
+    for case, (warm_rc, fla_rc, next_call) in enumerate([("1", "0", "sanitize"),    # fla compiled for itself
+                                                         ("0", "1", "warm fla sanitize"),
+                                                         ("1", "1", "warm fla sanitize")]):
+        monkeypatch.setenv("WARM_RC", warm_rc)
+        monkeypatch.setenv("FLA_RC", fla_rc)
+        where, lines = tmp_path / str(case), []
+        where.mkdir()
+        _session(_fake_tree(where), where, ["fla", "warm", "sanitize"], None, lines).run()
+        assert lines[-1].endswith("--budget SECONDS " + next_call), (case, lines[-1])
+
+
 def test_steps_are_named_and_checked_before_anything_runs():
     assert session_plan.parse_steps(["all"]) == list(session_plan.ALL)
     assert session_plan.parse_steps(["fla", "probe", "fla"]) == ["probe", "fla"]
+    assert session_plan.parse_steps(["fla", "warm", "build"]) == ["probe", "build", "warm", "fla"]
     with pytest.raises(SystemExit, match="unknown step 'bild'"):
         session_plan.parse_steps(["bild"])
 
@@ -346,3 +372,52 @@ def test_the_build_step_hands_cmake_what_the_toolkit_lacks(tmp_path, toolkit):
                          f"--cmake-arg=-DCUDA_cublasLt_LIBRARY={wheel / 'lib' / 'libcublasLt.so.13'}",
                          f"--cmake-arg=-DCMAKE_CUDA_FLAGS=-I{wheel / 'include'}"]
         assert "CMake arguments for this toolkit" in r.stdout
+
+
+def _standin_fla(tmp_path: Path, monkeypatch) -> Path:
+    site = standin_fla.install(tmp_path)
+    log = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("STANDIN_LOG", str(log))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
+    monkeypatch.delenv("FLA_CACHE_RESULTS", raising=False)
+    return log
+
+
+def test_fla_warm_calls_fla_once_per_variant_in_parallel_processes(tmp_path, monkeypatch):
+    """fla_warm.py calls FLA once per shape and dtype of the timed run (run_harness --fla), each in
+    a process of its own, all at once, with FLA's autotuning results kept out of Triton's cache,
+    and reports the kernels the shared cache gained. (That its calls are those the timed run makes
+    is tested with the harness on the CPU emulator, tests/test_gdn_cuda_emulated.py.)"""
+    import run_harness
+
+    log = _standin_fla(tmp_path, monkeypatch)
+    monkeypatch.setenv("STANDIN_SLEEP", "2")
+    p = subprocess.run([sys.executable, str(CUDA / "fla_warm.py"), "--device", "cpu"], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    warm, lines = standin_fla.calls(log), p.stdout.splitlines()
+    pids = {c["pid"] for c in warm}
+    assert len(warm) == 6 and len(pids) == 6 and os.getpid() not in pids
+    assert {c["fla_cache_results"] for c in warm} == {"0"}
+    heads = {(c["args"][0][0][2], c["args"][2][0][2], c["args"][0][1]) for c in warm}   # H_k, H_v, dtype
+    acc = run_harness.FLA_ACCURACY_SHAPE
+    assert heads == {(H_k, H_v, "torch." + dt) for _n, H_k, H_v in run_harness.BENCH_SHAPES + (("", acc["H_k"], acc["H_v"]),)
+                     for dt in run_harness.FLA_DTYPES}
+    spans = sorted((c["start"], c["end"]) for c in warm)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans   # one began before another ended
+    assert sum(" ok in " in line for line in lines) == 6 and lines[-1].startswith("warm: 6 of 6 variants in ")
+    assert lines[-1].endswith(f"({tmp_path / 'triton-cache'}) went from 0 to 6 compiled kernels"), lines
+
+
+def test_fla_warm_names_a_variant_that_failed_and_keeps_the_others(tmp_path, monkeypatch):
+    log = _standin_fla(tmp_path, monkeypatch)
+    monkeypatch.setenv("STANDIN_FAIL_DTYPE", "torch.bfloat16")
+    p = subprocess.run([sys.executable, str(CUDA / "fla_warm.py"), "--device", "cpu", "--jobs", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stdout + p.stderr
+    failed = [line for line in p.stdout.splitlines() if ": FAILED (exit 1) in " in line]
+    assert len(failed) == 3 and all("bfloat16" in line for line in failed), p.stdout
+    assert "RuntimeError: PTXASError: stand-in failure for torch.bfloat16" in p.stdout
+    assert len(log.read_text().splitlines()) == 3
+    assert p.stdout.splitlines()[-1].startswith("warm: 3 of 6 variants in ")

@@ -10,7 +10,7 @@
 # CUDA build waits while it builds in the background, the next one that does not runs first; a
 # step is cut at the deadline). Its output and every log land in $OUT as summary.txt, steps.json
 # and gdn-logs.tar.gz, rewritten after each step, so a call cut short still returns what ran. It
-# ends by naming the steps left, for a second call: `... --budget 150 build fla sanitize`
+# ends by naming the steps left, for a second call: `... --budget 150 build warm fla sanitize`
 # (15 minutes of device time a session, the machine's start included: about 5 are left).
 #
 #   probe     the machine: GPU, driver, nvcc, CMake, torch, where cuBLAS comes from (always first)
@@ -28,6 +28,8 @@
 #             CPU logits (llama-perplexity)                                         [needs build]
 #   model     llama-bench pp2048, pp8192, tg128 on prep's GGUF, chunked vs upstream kernel
 #                                                                             [needs build, prep]
+#   warm      compile FLA's Triton kernels for `fla` ahead, one process per shape and dtype at once
+#             (cuda/fla_warm.py; one process would spend minutes compiling its ~200 autotuning configs)
 #   fla       harness: the bench shapes again with flash-linear-attention's chunk_gated_delta_rule
 #             (float32 and bfloat16 inputs) beside both kernels, on the same inputs in one process
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck on the harness's quick cases
@@ -61,6 +63,7 @@ python_env() {   # the carried wheels (FLA, this toolkit) and the tree's gguf-py
     unpack
     export PYTHONPATH=/tmp/site:$PWD/$SRC/vendor/llama.cpp/gguf-py${PYTHONPATH:+:$PYTHONPATH}
     export PATH=/tmp/site/bin:$PATH
+    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}   # warm fills it, fla reads it
 }
 
 unpack() {
@@ -146,6 +149,11 @@ step_bench() {
     python_env
     python3 cpp_patches/cuda/run_harness.py --no-check --bench --json "$LOGS/harness-bench.json" \
         | tee "$LOGS/harness-bench.log" | grep -v '^{'
+}
+
+step_warm() {
+    python_env
+    python3 cpp_patches/cuda/fla_warm.py 2>&1 | tee "$LOGS/fla-warm.log"
 }
 
 step_fla() {
@@ -237,8 +245,8 @@ EOF
 }
 
 case "${2:-}" in
-    probe|build|prep|check|bench|fla|sanitize|wait|ops|e2e|model) ;;
-    *) echo "error: unknown step '${2:-}' (probe build prep check bench fla sanitize wait ops e2e model)" >&2; exit 2 ;;
+    probe|build|prep|check|bench|warm|fla|sanitize|wait|ops|e2e|model) ;;
+    *) echo "error: unknown step '${2:-}' (probe build prep check bench warm fla sanitize wait ops e2e model)" >&2; exit 2 ;;
 esac
 set -E
 NL=$'\n'

@@ -25,6 +25,7 @@ import argparse
 import ctypes
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -362,28 +363,27 @@ def rel_rms_torch(torch, x, ref_x) -> float:
     return float(torch.linalg.vector_norm(x - ref_x) / torch.linalg.vector_norm(ref_x))
 
 
-def fla_call(fla, torch, inputs, dtype):
+def fla_call(fla, torch, inputs, dtype, device="cuda"):
     """flash-linear-attention's chunk_gated_delta_rule on the reference's inputs: native grouped
     value heads (it reads key head h // (H_v / H_k) for value head h, where ggml tiles h % H_k:
     the same work, another pairing) and the state in ggml's [V, K] order (state_v_first)."""
-    q, k, v, g, beta, s0 = (torch.from_numpy(np.ascontiguousarray(x)).cuda() for x in inputs)
+    q, k, v, g, beta, s0 = (torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in inputs)
     qd, kd, vd = (x.to(dtype) for x in (q, k, v))
     S = q.shape[-1]
     return lambda: fla(qd, kd, vd, g[..., 0], beta[..., 0], scale=S ** -0.5, initial_state=s0,
                        output_final_state=True, state_v_first=True)
 
 
-def fla_accuracy(fla, torch) -> dict:
+def fla_accuracy(fla, torch, device="cuda") -> dict:
     """FLA's error against the float64 reference (H_v = H_k, where the head pairings agree), with
     float32 and bfloat16 inputs, on i.i.d. gates and with a strong forget gate early in each chunk
     (cases.py's spike): the accuracy its timings come with."""
     row = {}
     for label, spike in (("", 0), ("_spike", 300)):
-        inputs = inputs_for(dict(S=128, T=1000, H_k=4, H_v=4, B=1, B_qk=1, g_scale=0.05 if spike else 1.0,
-                                 spike=spike))
+        inputs = inputs_for(dict(FLA_ACCURACY_SHAPE, B=1, B_qk=1, g_scale=0.05 if spike else 1.0, spike=spike))
         o_ref, s_ref = ref.recurrent(*inputs)
-        for dt in (torch.float32, torch.bfloat16):
-            o, st = fla_call(fla, torch, inputs, dt)()
+        for dt in (getattr(torch, name) for name in FLA_DTYPES):
+            o, st = fla_call(fla, torch, inputs, dt, device)()
             name = str(dt).split(".")[-1] + label
             row[f"fla_{name}_err_out"] = ref.rel_rms(o.float().cpu().numpy(), o_ref)
             row[f"fla_{name}_err_state"] = ref.rel_rms(st.float().cpu().numpy(), s_ref[0])
@@ -394,6 +394,21 @@ def fla_accuracy(fla, torch) -> dict:
 # Qwen3.5's Gated DeltaNet layers (S = 128): (name, H_k, H_v)
 BENCH_SHAPES = (("27B", 16, 48), ("35B-A3B", 16, 32))
 BENCH_T = (512, 2048, 8192, 32768)
+# FLA is timed with float32 and bfloat16 q/k/v; its accuracy is checked on this shape
+FLA_DTYPES = ("float32", "bfloat16")
+FLA_ACCURACY_SHAPE = dict(S=128, T=1000, H_k=4, H_v=4)
+
+
+def triton_kernels() -> int:
+    """How many compiled kernels Triton's on-disk cache holds (fla_warm.py fills it)."""
+    return sum(1 for _ in triton_cache_dir().rglob("*.cubin")) if triton_cache_dir().is_dir() else 0
+
+
+def triton_cache_dir() -> Path:
+    """Triton's on-disk cache, as Triton itself chooses it (TRITON_CACHE_DIR, else under TRITON_HOME or ~)."""
+    if os.environ.get("TRITON_CACHE_DIR"):
+        return Path(os.environ["TRITON_CACHE_DIR"])
+    return Path(os.environ.get("TRITON_HOME") or Path.home()) / ".triton" / "cache"
 # short prompts, for the dispatcher's threshold (GGML_CUDA_GDN_CHUNK_MIN)
 SWEEP_T = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -407,6 +422,7 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
     result = {"rows": []}
     if with_fla:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla  # noqa: N813
+        kernels_before = triton_kernels()
     for name, H_k, H_v in shapes:
         for T in lengths:
             inputs = ref.random_inputs(rng, B=1, T=T, H_k=H_k, H_v=H_v, S=S)
@@ -428,16 +444,21 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
                 row["speedup_vs_upstream"] = row["upstream_ms"] / row["chunked_ms"]
             del go, up_out, up_st
             if fla is not None:
-                for dt in (torch.float32, torch.bfloat16):
+                for dt in (getattr(torch, name) for name in FLA_DTYPES):
                     key = "fla_" + str(dt).split(".")[-1] + "_ms"
                     try:
-                        row[key] = median_ms(torch, fla_call(fla, torch, inputs, dt), reps)
+                        row[key] = median_ms(torch, fla_call(fla, torch, inputs, dt, device), reps, device=device)
                     except Exception as e:  # noqa: BLE001  (record why FLA could not run)
                         row[key.replace("_ms", "_error")] = f"{type(e).__name__}: {e}"[:200]
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
     if fla is not None:   # after the timings: its own compiles (other head counts) come last
-        result["fla_accuracy"] = fla_accuracy(fla, torch)
+        # Triton compiles each of FLA's kernels once per autotuning configuration, head counts and
+        # dtype (~1-2 s each) the first time a shape is met: 0 here means fla_warm.py compiled them
+        result["fla_kernels_compiled_while_timed"] = triton_kernels() - kernels_before
+        print(json.dumps({"fla_kernels_compiled_while_timed": result["fla_kernels_compiled_while_timed"],
+                          "triton_cache": str(triton_cache_dir())}), flush=True)
+        result["fla_accuracy"] = fla_accuracy(fla, torch, device)
     if sweep and lib.gdn_harness_usable(S, 0):
         result["threshold"] = threshold_sweep(lib, torch, shapes, sweep, S, sweep_reps, device)
     return result
@@ -512,6 +533,9 @@ def print_bench(bench_result: dict) -> None:
         speedup = f" ({r['speedup_vs_upstream']:.2f}x)" if r.get("speedup_vs_upstream") else ""
         print(f"{r['shape']:8s} T={r['T']:6d} upstream {ms(r['upstream_ms'])} ms  chunked {ms(r['chunked_ms'])} ms"
               f"{speedup} (BV {r['bv_chosen']}; 32: {ms(r['chunked_bv32_ms'])}, 64: {ms(r['chunked_bv64_ms'])}){extra}")
+    if "fla_kernels_compiled_while_timed" in bench_result:
+        print(f"FLA: {bench_result['fla_kernels_compiled_while_timed']} Triton kernels compiled during its timings "
+              "(0: all were compiled ahead by fla_warm.py)")
     for name, t in bench_result.get("threshold", {}).items():
         times = ", ".join(f"{r['T']}: {r['upstream_ms'] / r['chunked_ms']:.2f}x" for r in t["rows"])
         print(f"{name:8s} chunked faster from T = {t['chunked_faster_from']} (upstream / chunked: {times})")

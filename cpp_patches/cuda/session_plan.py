@@ -1,7 +1,7 @@
 """Run gpu_session.sh's steps in one device call, within a time budget, and keep what they leave.
 
     bash cpp_patches/cuda/gpu_session.sh --budget 480 all
-    bash cpp_patches/cuda/gpu_session.sh --budget 150 build fla sanitize
+    bash cpp_patches/cuda/gpu_session.sh --budget 150 build warm fla sanitize
 
 A device call has a hard limit (10 minutes a command, 15 minutes of device time a session with
 the machine's start), returns at most 8 files from $OUT, and a command killed at its limit leaves
@@ -38,9 +38,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 SCRIPT = HERE / "gpu_session.sh"
 
-STEPS = ("probe", "build", "prep", "check", "bench", "ops", "e2e", "model", "fla", "sanitize", "wait")
-ALL = ("probe", "build", "prep", "check", "bench", "ops", "e2e", "model", "fla", "sanitize")
+STEPS = ("probe", "build", "prep", "check", "bench", "ops", "e2e", "model", "warm", "fla", "sanitize", "wait")
+ALL = ("probe", "build", "prep", "check", "bench", "ops", "e2e", "model", "warm", "fla", "sanitize")
 NEEDS = {"ops": ("build",), "e2e": ("build",), "model": ("build", "prep")}
+# warm only fills Triton's cache for fla: a fresh machine (the next call) needs it again before
+# fla, and a warm that failed is not worth repeating once fla has run (it compiled for itself)
+SERVES = {"warm": "fla"}
+REDO = {**NEEDS, "fla": ("warm",)}
 RESERVE_S = 8          # kept back from the budget for the last pack
 MIN_START_S = 10       # a step is not started with less than this left
 POLL_S = 2.0
@@ -204,9 +208,11 @@ class Session:
             self.say(f"   {r.step:9s} {r.status:8s} {r.seconds:6.0f} s  {r.note}")
         self.say(f"   total {self.clock() - self.start:.0f} s" +
                  ("" if self.budget is None else f" of a {self.budget:.0f} s budget"))
-        left = [r.step for r in self.results if r.status != "ok" and r.step != "probe"]
+        done = {r.step for r in self.results if r.status == "ok"}
+        left = [r.step for r in self.results if r.status != "ok" and r.step != "probe"
+                and SERVES.get(r.step) not in done]
         if left:
-            needs = sorted({b for s in left for b in NEEDS.get(s, ())} - set(left),
+            needs = sorted({b for s in left for b in REDO.get(s, ())} - set(left),
                            key=ALL.index)
             self.say("   next call: bash cpp_patches/cuda/gpu_session.sh --budget SECONDS "
                      + " ".join(needs + left))
@@ -251,7 +257,8 @@ def parse_steps(names: list[str]) -> list[str]:
                 steps.append(step)
     if "probe" in steps:
         steps.remove("probe")
-    return ["probe"] + steps
+    # in the order of STEPS whatever order they are named in (warm must come before fla)
+    return ["probe"] + sorted(steps, key=STEPS.index)
 
 
 def main(argv: list[str] | None = None) -> int:
