@@ -421,3 +421,33 @@ def test_fla_warm_names_a_variant_that_failed_and_keeps_the_others(tmp_path, mon
     assert "RuntimeError: PTXASError: stand-in failure for torch.bfloat16" in p.stdout
     assert len(log.read_text().splitlines()) == 3
     assert p.stdout.splitlines()[-1].startswith("warm: 3 of 6 variants in ")
+
+
+def test_the_e2e_step_imports_the_installed_toolkit_not_the_source_folder(tmp_path):
+    """On the device the toolkit is a wheel installed with --target (python_env), and the steps run
+    from the repository root, where the folder qwen35/ holds only the package's top (pyproject maps
+    converter/ and bindings/ into it): `python3 -m pytest` puts the current folder first on sys.path,
+    and the end-to-end test's `import qwen35.converter` then failed. The e2e step runs Python with -P.
+    Here the device's condition is made with -S (no editable install's finder) and the wheel."""
+    whl = tmp_path / "whl"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(whl),
+                    str(ROOT)], check=True, capture_output=True, timeout=300)
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
+                    *map(str, whl.glob("*.whl"))], check=True, capture_output=True, timeout=300)
+    libs = [p for p in sys.path if p.endswith("site-packages")]   # numpy, gguf, ...; its .pth files stay unread
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), *libs]))
+    env.pop("PYTHONSAFEPATH", None)
+    code = "import qwen35.converter.convert, qwen35.bindings.native; print(qwen35.__file__)"
+
+    def python(*flags):
+        return subprocess.run([sys.executable, "-S", *flags, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    shadowed = python()
+    assert shadowed.returncode != 0 and "No module named 'qwen35.converter'" in shadowed.stderr, shadowed
+    safe = python("-P")
+    assert safe.returncode == 0, safe.stderr
+    assert safe.stdout.strip() == str(site / "qwen35" / "__init__.py")
+    body = re.search(r"^step_e2e\(\) \{.*?^\}", (CUDA / "gpu_session.sh").read_text(), re.S | re.M).group(0)
+    assert re.search(r"\bpython3 -P -m pytest\b", body), body

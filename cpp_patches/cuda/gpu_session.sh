@@ -213,7 +213,9 @@ EOF
 step_e2e() {   # tests/test_gdn_cuda_gpu.py's end-to-end test on this build
     need_build
     python_env
-    QWEN35_CUDA_BIN=$PWD/$BIN QWEN35_E2E_LOGS=$LOGS python3 -m pytest -q -s -p no:cacheprovider \
+    # -P: `python3 -m` would put this folder first on sys.path, and its qwen35/ (the package's top
+    # alone: pyproject maps converter/ and bindings/ into it) would hide the installed toolkit
+    QWEN35_CUDA_BIN=$PWD/$BIN QWEN35_E2E_LOGS=$LOGS python3 -P -m pytest -q -s -p no:cacheprovider \
         tests/test_gdn_cuda_gpu.py -k tiny_model 2>&1 | tee "$LOGS/e2e-pytest.log" | grep -E "vs CPU|passed|failed|skipped|Error"
 }
 
