@@ -19,15 +19,18 @@ PREPARED = ROOT / "build" / "src" / "vendor" / "llama.cpp"
 
 
 @needs_nvcc
-@pytest.mark.parametrize("arch", ["80", "90a"])
-def test_chunked_gdn_kernel_compiles(tmp_path, arch, cublas):
+@pytest.mark.parametrize("arch,extra", [("80", ()), ("90a", ()), ("90a", ("GDN_CHUNKED_1XTF32",))],
+                         ids=["80", "90a", "90a-precision-probe"])
+def test_chunked_gdn_kernel_compiles(tmp_path, arch, extra, cublas):
     """The GPU harness: the chunked kernels, and upstream's token-sequential kernel taken from the
-    prepared tree beside them (the bench times both on the same buffers)."""
-    from run_harness import nvcc_cmd
+    prepared tree beside them (the bench times both on the same buffers); also as run_harness.py
+    --precision builds it a second time (one TF32 product instead of three)."""
+    from run_harness import PRECISION_PROBE, nvcc_cmd
 
+    assert not extra or extra == PRECISION_PROBE
     assert (PREPARED / ".git").exists(), "the prepared tree is missing: `make setup` prepares it before the tests"
     lib = tmp_path / "libgdn.so"
-    r = subprocess.run(nvcc_cmd(lib, arch, PREPARED) + ["-Xptxas", "-v"], capture_output=True, text=True)
+    r = subprocess.run(nvcc_cmd(lib, arch, PREPARED, extra) + ["-Xptxas", "-v"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     kernels = {ggml_compile.kernel_name(k): v for k, v in ggml_compile.ptxas_report(r.stderr).items()}
     assert {"gdn_chunk_prep<64>", "gdn_chunk_prep<128>", "gdn_chunk_state<128,64>"} <= set(kernels), kernels
@@ -42,7 +45,7 @@ def test_chunked_gdn_kernel_compiles(tmp_path, arch, cublas):
     # and run_harness.py finds every entry point it binds (loading needs no GPU)
     from run_harness import build
 
-    loaded = build(lib, arch, PREPARED)
+    loaded = build(lib, arch, PREPARED, extra)
     assert loaded.gdn_harness_scratch_floats(64, 2, 1) > 0
 
 

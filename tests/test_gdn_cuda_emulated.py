@@ -309,3 +309,34 @@ def test_gpu_harness_bench_with_fla_and_what_fla_warm_compiles_for_it(tmp_path, 
     assert len(warm) == 4   # (tiny, accuracy) x (float32, bfloat16)
     assert {standin_fla.signature(c) for c in timed} == {standin_fla.signature(c) for c in warm}
     assert len({c["args"][0][0][1] for c in timed}) == 3   # T 65, 130 and the accuracy's 1000
+
+
+@needs_cxx
+def test_gpu_harness_precision_probe_on_the_emulator(capsys):
+    """run_harness.py --precision on the emulator: the kernel built with one TF32 product
+    (PRECISION_PROBE) is a different kernel, worse than the float32-accurate one ggml runs but
+    bounded, against the float64 reference and against upstream's kernel; both are timed."""
+    import ctypes
+
+    import torch
+
+    import run_harness
+    from emulate import build
+
+    lib = run_harness.bind(ctypes.CDLL(str(build())))
+    lib_1x = run_harness.bind(ctypes.CDLL(str(build(defines=run_harness.PRECISION_PROBE))))
+    probe = run_harness.precision_probe(lib, lib_1x, torch, shapes=(("tiny", 2, 4),), lengths=(130,), S=64, reps=1,
+                                        accuracy=dict(S=64, T=200, H_k=2, H_v=4), device="cpu")
+    (row,) = probe["rows"]
+    assert row["3xtf32_ms"] > 0 and row["1xtf32_ms"] > 0
+    assert row["time_1x_over_3x"] == pytest.approx(row["1xtf32_ms"] / row["3xtf32_ms"])
+    assert row["3xtf32_vs_upstream_out"] <= TOL_REL_RMS and row["3xtf32_vs_upstream_state"] <= TOL_REL_RMS
+    assert 1e-5 < row["1xtf32_vs_upstream_out"] < 5e-3 and 1e-5 < row["1xtf32_vs_upstream_state"] < 5e-3, row
+    acc = probe["reference"]
+    assert acc["3xtf32_err_out"] <= TOL_REL_RMS and acc["3xtf32_err_state"] <= TOL_REL_RMS, acc
+    assert 1e-5 < acc["1xtf32_err_out"] < 5e-3 and 1e-5 < acc["1xtf32_err_state"] < 5e-3, acc
+    capsys.readouterr()
+    run_harness.print_precision(probe)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 2 and printed[0].startswith("tiny     T=   130 chunked 3xTF32 ")
+    assert printed[1].startswith("vs the float64 reference (T 200, H_k 2, H_v 4, S 64): 3xTF32 out ")

@@ -41,23 +41,25 @@ SCHEDULES = [("lockstep", False), ("lockstep-reverse", True), ("warp-serial", Tr
              ("shuffled", True)]
 
 
-def compile_cmd(out: Path, source_dir: Path = HERE) -> list[str]:
+def compile_cmd(out: Path, source_dir: Path = HERE, defines: tuple[str, ...] = ()) -> list[str]:
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or "c++"
     return [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas", "-DGDN_CHUNKED_EMULATE",
-            "-I", str(source_dir), "-o", str(out), str(source_dir / "gdn_emu.cpp")]
+            *(f"-D{d}" for d in defines), "-I", str(source_dir), "-o", str(out), str(source_dir / "gdn_emu.cpp")]
 
 
-def build(source_dir: Path = HERE, cache: Path = ROOT / "build" / "simt") -> Path:
-    """Compiles the emulated kernels (a few seconds) unless this exact source is built already."""
+def build(source_dir: Path = HERE, cache: Path = ROOT / "build" / "simt", defines: tuple[str, ...] = ()) -> Path:
+    """Compiles the emulated kernels (a few seconds) unless this exact source is built already
+    (defines: extra macros, e.g. GDN_CHUNKED_1XTF32 for run_harness.py's precision probe)."""
     h = hashlib.sha256()
     for name in SOURCES:
         h.update((source_dir / name).read_bytes())
+    h.update(" ".join(defines).encode())
     out = cache / f"libgdn_emu-{h.hexdigest()[:16]}.so"
     if out.exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    r = subprocess.run(compile_cmd(tmp, source_dir), capture_output=True, text=True)
+    r = subprocess.run(compile_cmd(tmp, source_dir, defines), capture_output=True, text=True)
     if r.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"compiling the emulated kernels failed:\n{r.stderr[-4000:]}")

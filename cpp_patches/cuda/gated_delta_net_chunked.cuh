@@ -145,11 +145,17 @@ static __device__ __forceinline__ void frag_b(FB b, int k0, int n0, uint32_t bh[
     split_tf32(b(k0 + tg + 4, n0 + gr), bh[1], bl[1]);
 }
 
-// d += a_hi b_lo + a_lo b_hi + a_hi b_hi (3xTF32: float32 accuracy on tensor cores)
-static __device__ __forceinline__ void mma_3xtf32(float d[4], const uint32_t ah[4], const uint32_t al[4],
-                                                  const uint32_t bh[2], const uint32_t bl[2]) {
+// d += a_hi b_lo + a_lo b_hi + a_hi b_hi (3xTF32: float32 accuracy on tensor cores).
+// GDN_CHUNKED_1XTF32 keeps a_hi b_hi alone (~1e-3 relative error): only the standalone harness
+// defines it (run_harness.py --precision), to measure what float32 accuracy costs; ggml never does.
+static __device__ __forceinline__ void mma_split(float d[4], const uint32_t ah[4], const uint32_t al[4],
+                                                 const uint32_t bh[2], const uint32_t bl[2]) {
+#if !defined(GDN_CHUNKED_1XTF32)
     mma_tf32(d, al, bh);
     mma_tf32(d, ah, bl);
+#else
+    (void) al; (void) bl;
+#endif
     mma_tf32(d, ah, bh);
 }
 
@@ -167,7 +173,7 @@ static __device__ __forceinline__ void mma_row(float (&d)[R][4], int m0, int n0,
         for (int r = 0; r < R; r++) {
             uint32_t bh[2], bl[2];
             frag_b(b, k0, n0 + 8 * r, bh, bl);
-            mma_3xtf32(d[r], ah, al, bh, bl);
+            mma_split(d[r], ah, al, bh, bl);
         }
     }
 }
@@ -185,8 +191,8 @@ static __device__ __forceinline__ void mma_row2(float (&d1)[R][4], float (&d2)[R
         for (int r = 0; r < R; r++) {
             uint32_t bh[2], bl[2];
             frag_b(b, k0, n0 + 8 * r, bh, bl);
-            mma_3xtf32(d1[r], ah1, al1, bh, bl);
-            mma_3xtf32(d2[r], ah2, al2, bh, bl);
+            mma_split(d1[r], ah1, al1, bh, bl);
+            mma_split(d2[r], ah2, al2, bh, bl);
         }
     }
 }

@@ -33,6 +33,9 @@
 #   fla       harness: the bench shapes again with flash-linear-attention's chunk_gated_delta_rule
 #             (float32 and bfloat16 inputs) beside both kernels, on the same inputs in one process
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck on the harness's quick cases
+#   precision harness: the chunked kernel as ggml runs it (3xTF32) against a build of it with one
+#             TF32 product (~5e-4 relative error), times at the bench shapes: what float32
+#             accuracy costs. Not in `all`: for a second call, or when the kernel is slower than FLA
 #   wait      block until the background build is done (up to 9 minutes)
 #
 #   bash cpp_patches/cuda/gpu_session.sh --one STEP    one step in this process, no plan
@@ -162,6 +165,12 @@ step_fla() {
         | tee "$LOGS/harness-fla.log" | grep -v '^{'
 }
 
+step_precision() {
+    python_env
+    python3 cpp_patches/cuda/run_harness.py --no-check --precision --json "$LOGS/harness-precision.json" \
+        | tee "$LOGS/harness-precision.log" | grep -v '^{'
+}
+
 step_sanitize() {
     local rc=0 tool
     need_bundle
@@ -247,8 +256,8 @@ EOF
 }
 
 case "${2:-}" in
-    probe|build|prep|check|bench|warm|fla|sanitize|wait|ops|e2e|model) ;;
-    *) echo "error: unknown step '${2:-}' (probe build prep check bench warm fla sanitize wait ops e2e model)" >&2; exit 2 ;;
+    probe|build|prep|check|bench|warm|fla|precision|sanitize|wait|ops|e2e|model) ;;
+    *) echo "error: unknown step '${2:-}' (probe build prep check bench warm fla precision sanitize wait ops e2e model)" >&2; exit 2 ;;
 esac
 set -E
 NL=$'\n'

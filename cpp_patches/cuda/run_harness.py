@@ -2,7 +2,7 @@
 
 Runs on a machine with a CUDA GPU and nvcc; the benchmark also needs torch (and FLA for --fla):
 
-    python3 cpp_patches/cuda/run_harness.py [--quick | --no-check] [--bench] [--fla] [--json FILE]
+    python3 cpp_patches/cuda/run_harness.py [--quick | --no-check] [--bench] [--fla] [--precision] [--json FILE]
 
 1. compiles gdn_harness.cu for this GPU (seconds): gated_delta_net_chunked.cuh, and beside it
    llama.cpp's own token-sequential kernel taken from the tree's ggml-cuda/gated_delta_net.cu
@@ -15,7 +15,9 @@ Runs on a machine with a CUDA GPU and nvcc; the benchmark also needs torch (and 
 3. --bench: median op time over several runs at Qwen3.5-27B / 35B-A3B shapes, chunked against
    upstream's kernel, and with --fla flash-linear-attention's chunk_gated_delta_rule, all on
    the same inputs in the same run; then short prompts (T 16..512), upstream against chunked,
-   for the dispatcher's threshold (GGML_CUDA_GDN_CHUNK_MIN).
+   for the dispatcher's threshold (GGML_CUDA_GDN_CHUNK_MIN);
+4. --precision: the chunked kernel built a second time with one TF32 product instead of three
+   (PRECISION_PROBE, never in ggml), timed beside the float32-accurate one: what accuracy costs.
 Prints a table last; --json FILE writes every number.
 """
 
@@ -105,14 +107,15 @@ NVCC_FLAGS = ["-O3", "-std=c++17", "-use_fast_math", "-extended-lambda", "-share
 HARNESS_SOURCES = ("gdn_harness.cu", "gdn_driver.h", "gated_delta_net_chunked.cuh")
 
 
-def nvcc_cmd(out: Path, arch: str, llama: Path) -> list[str]:
+def nvcc_cmd(out: Path, arch: str, llama: Path, extra: tuple[str, ...] = ()) -> list[str]:
     """The harness's compile command (writes the upstream kernel's header beside out); ggml-cuda's
-    flags and definitions: -use_fast_math as it builds (expf is __expf there)."""
+    flags and definitions: -use_fast_math as it builds (expf is __expf there). extra: more macros
+    (PRECISION_PROBE for --precision's second build)."""
     from ggml_compile import DEFINES
 
     inc = write_upstream_kernel(llama, out.parent / f"{out.stem}.include").parent
     cmd = ["nvcc", *NVCC_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}"]
-    cmd += [f"-D{d}" for d in DEFINES]
+    cmd += [f"-D{d}" for d in (*DEFINES, *extra)]
     cmd += ["-I", str(HERE), "-I", str(inc), "-I", str(llama / "ggml" / "src"), "-I", str(llama / "ggml" / "include")]
     cublas = cublas_include()
     if cublas is not None:
@@ -120,7 +123,7 @@ def nvcc_cmd(out: Path, arch: str, llama: Path) -> list[str]:
     return cmd + ["-o", str(out), str(HERE / "gdn_harness.cu")]
 
 
-def harness_key(arch: str, llama: Path) -> str:
+def harness_key(arch: str, llama: Path, extra: tuple[str, ...] = ()) -> str:
     """What a compiled harness is made of: its sources, upstream's kernel as the tree has it, the
     arch and the flags (file times say nothing once a tree is copied to another machine)."""
     from ggml_compile import DEFINES
@@ -129,7 +132,7 @@ def harness_key(arch: str, llama: Path) -> str:
     for name in HARNESS_SOURCES:
         h.update(name.encode() + b"\0" + (HERE / name).read_bytes() + b"\0")
     h.update(upstream_kernel_text(llama).encode() + b"\0")
-    h.update(" ".join([arch, *NVCC_FLAGS, *DEFINES]).encode())
+    h.update(" ".join([arch, *NVCC_FLAGS, *DEFINES, *extra]).encode())
     return h.hexdigest()
 
 
@@ -142,25 +145,30 @@ def gpu_arch() -> str:
     return cap + "a" if cap == "90" else cap
 
 
-def compile_harness(out: Path, arch: str | None = None, llama: Path | None = None) -> Path:
+def compile_harness(out: Path, arch: str | None = None, llama: Path | None = None,
+                    extra: tuple[str, ...] = ()) -> Path:
     """out, compiled unless out.key shows it was compiled from these very sources (the session's
     later steps, compute-sanitizer's runs, reuse it)."""
     llama = llama_tree(llama)
     arch = arch or gpu_arch()
-    key = harness_key(arch, llama)
+    key = harness_key(arch, llama, extra)
     stamp = out.with_name(out.name + ".key")
     if out.exists() and stamp.exists() and stamp.read_text() == key:
         return out
     stamp.unlink(missing_ok=True)
     t = time.time()
-    subprocess.run(nvcc_cmd(out, arch, llama), check=True)
+    subprocess.run(nvcc_cmd(out, arch, llama, extra), check=True)
     stamp.write_text(key)
-    print(f"compiled harness (sm_{arch}) in {time.time() - t:.1f}s", flush=True)
+    print(f"compiled harness (sm_{arch}{''.join(' -D' + d for d in extra)}) in {time.time() - t:.1f}s", flush=True)
     return out
 
 
-def build(out: Path, arch: str | None = None, llama: Path | None = None) -> ctypes.CDLL:
-    return bind(ctypes.CDLL(str(compile_harness(out, arch, llama))))
+def build(out: Path, arch: str | None = None, llama: Path | None = None, extra: tuple[str, ...] = ()) -> ctypes.CDLL:
+    return bind(ctypes.CDLL(str(compile_harness(out, arch, llama, extra))))
+
+
+# --precision: the chunked kernel built with one TF32 product per product instead of three
+PRECISION_PROBE = ("GDN_CHUNKED_1XTF32",)
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -485,6 +493,57 @@ def threshold_sweep(lib, torch, shapes, lengths, S, reps, device) -> dict:
     return result
 
 
+def precision_probe(lib, lib_1x, torch, *, shapes=BENCH_SHAPES, lengths=BENCH_T, S=128, reps=20,
+                    accuracy=FLA_ACCURACY_SHAPE, device="cuda") -> dict:
+    """What float32 accuracy costs: the chunked kernel as ggml runs it (3xTF32 products) against
+    the same kernel built with PRECISION_PROBE (one TF32 product each, ~5e-4 relative error in
+    the emulator; never in ggml), timed on the same inputs at the bench shapes, each with its
+    difference from upstream's kernel; then both against the float64 reference on `accuracy`.
+    The time ratio says how much of the kernel's time the extra tensor-core products take."""
+    rng = np.random.default_rng(7)
+    builds = (("3xtf32", lib), ("1xtf32", lib_1x))
+    result = {"rows": []}
+    for name, H_k, H_v in shapes:
+        for T in lengths:
+            inputs = ref.random_inputs(rng, B=1, T=T, H_k=H_k, H_v=H_v, S=S)
+            row = dict(shape=name, T=T, H_k=H_k, H_v=H_v)
+            go, up_out, up_st = run_kernel(lib, torch, inputs, upstream=True, device=device)
+            go()
+            for label, build_lib in builds:
+                go, out, st = run_kernel(build_lib, torch, inputs, device=device)
+                row[f"{label}_ms"] = median_ms(torch, go, reps, device=device)
+                row[f"{label}_vs_upstream_out"] = rel_rms_torch(torch, out, up_out)
+                row[f"{label}_vs_upstream_state"] = rel_rms_torch(torch, st, up_st)
+                del out, st
+            row["time_1x_over_3x"] = row["1xtf32_ms"] / row["3xtf32_ms"]
+            del go, up_out, up_st
+            result["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    inputs = inputs_for(dict(accuracy, B=1, B_qk=1, g_scale=1.0, spike=0))
+    o_ref, s_ref = ref.recurrent(*inputs)
+    acc = dict(accuracy)
+    for label, build_lib in builds:
+        go, out, st = run_kernel(build_lib, torch, inputs, device=device)
+        go()
+        acc[f"{label}_err_out"] = ref.rel_rms(out.cpu().numpy()[:, :accuracy["T"]], o_ref)
+        acc[f"{label}_err_state"] = ref.rel_rms(st.cpu().numpy(), s_ref[0])
+    result["reference"] = acc
+    print(json.dumps({"precision_reference": acc}), flush=True)
+    return result
+
+
+def print_precision(probe: dict) -> None:
+    for r in probe.get("rows", []):
+        print(f"{r['shape']:8s} T={r['T']:6d} chunked 3xTF32 {r['3xtf32_ms']:.3f} ms, 1xTF32 {r['1xtf32_ms']:.3f} ms "
+              f"({r['time_1x_over_3x']:.2f} of the time); vs upstream's kernel: 3xTF32 "
+              f"{r['3xtf32_vs_upstream_out']:.1e}, 1xTF32 {r['1xtf32_vs_upstream_out']:.1e}")
+    a = probe.get("reference")
+    if a:
+        print(f"vs the float64 reference (T {a['T']}, H_k {a['H_k']}, H_v {a['H_v']}, S {a['S']}): 3xTF32 out "
+              f"{a['3xtf32_err_out']:.1e} state {a['3xtf32_err_state']:.1e}; 1xTF32 out {a['1xtf32_err_out']:.1e} "
+              f"state {a['1xtf32_err_state']:.1e}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only the emulator's quick cases (for compute-sanitizer)")
@@ -492,6 +551,8 @@ def main() -> int:
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--fla", action="store_true")
     ap.add_argument("--no-sweep", action="store_true", help="with --bench: no short-prompt threshold sweep")
+    ap.add_argument("--precision", action="store_true",
+                    help="also time the chunked kernel with one TF32 product instead of three (what float32 costs)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--lib", type=Path, default=Path("/tmp/libgdn_harness.so"))
     ap.add_argument("--arch", help="nvcc arch (default: this GPU's, e.g. 90a)")
@@ -507,6 +568,12 @@ def main() -> int:
 
         print(torch.cuda.get_device_name(0), flush=True)
         result["bench"] = bench(lib, torch, args.fla, sweep=() if args.no_sweep else SWEEP_T)
+    if args.precision:
+        import torch
+
+        lib_1x = build(args.lib.with_name(f"{args.lib.stem}-1xtf32{args.lib.suffix}"), args.arch, args.llama,
+                       PRECISION_PROBE)
+        result["precision"] = precision_probe(lib, lib_1x, torch)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     bad = [r for r in result["correctness"] if not r["ok"]]
@@ -519,6 +586,7 @@ def main() -> int:
         print(f"upstream kernel on the same buffers: {len(up) - len(up_bad)} of {len(up)} within "
               f"{UPSTREAM_TOL_REL_RMS:g} of the reference")
     print_bench(result.get("bench", {}))
+    print_precision(result.get("precision", {}))
     return 1 if bad or up_bad else 0
 
 

@@ -38,7 +38,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 SCRIPT = HERE / "gpu_session.sh"
 
-STEPS = ("probe", "build", "prep", "check", "bench", "ops", "e2e", "model", "warm", "fla", "sanitize", "wait")
+STEPS = ("probe", "build", "prep", "check", "bench", "ops", "e2e", "model", "warm", "fla", "precision", "sanitize",
+         "wait")
 ALL = ("probe", "build", "prep", "check", "bench", "ops", "e2e", "model", "warm", "fla", "sanitize")
 NEEDS = {"ops": ("build",), "e2e": ("build",), "model": ("build", "prep")}
 # warm only fills Triton's cache for fla: a fresh machine (the next call) needs it again before
