@@ -451,3 +451,17 @@ def test_the_e2e_step_imports_the_installed_toolkit_not_the_source_folder(tmp_pa
     assert safe.stdout.strip() == str(site / "qwen35" / "__init__.py")
     body = re.search(r"^step_e2e\(\) \{.*?^\}", (CUDA / "gpu_session.sh").read_text(), re.S | re.M).group(0)
     assert re.search(r"\bpython3 -P -m pytest\b", body), body
+
+
+def test_the_harness_arch_comes_from_nvidia_smi_and_defaults_to_the_h100(tmp_path, monkeypatch):
+    """run_harness compiles for the GPU nvidia-smi names (8.9 -> 89, 9.0 -> 90a); with no
+    nvidia-smi at all (no driver tools) it compiles for the H100 and require_device says the rest."""
+    import run_harness
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert run_harness.gpu_arch() == "90a"
+    smi = tmp_path / "nvidia-smi"
+    for cap, arch in (("8.9", "89"), ("9.0", "90a"), ("12.0", "120")):
+        smi.write_text(f"#!/bin/sh\necho {cap}\n")
+        smi.chmod(0o755)
+        assert run_harness.gpu_arch() == arch, cap

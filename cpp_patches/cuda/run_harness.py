@@ -138,8 +138,11 @@ def harness_key(arch: str, llama: Path, extra: tuple[str, ...] = ()) -> str:
 
 def gpu_arch() -> str:
     """This machine's GPU as an nvcc arch (8.9 -> 89, 9.0 -> 90a); 90a when nvidia-smi cannot say."""
-    r = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
-                       text=True)
+    try:
+        r = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                           text=True)
+    except FileNotFoundError:   # no driver tools here: compile for the H100 (require_device says the rest)
+        return "90a"
     first = r.stdout.split()[0] if r.returncode == 0 and r.stdout.strip() else ""
     cap = first.replace(".", "") if re.fullmatch(r"\d+\.\d+", first) else "90"
     return cap + "a" if cap == "90" else cap
