@@ -32,10 +32,10 @@
 #             (cuda/fla_warm.py; one process would spend minutes compiling its ~200 autotuning configs)
 #   fla       harness: the bench shapes again with flash-linear-attention's chunk_gated_delta_rule
 #             (float32 and bfloat16 inputs) beside both kernels, on the same inputs in one process
-#   sanitize  compute-sanitizer memcheck, racecheck, synccheck on the harness's quick cases
 #   precision harness: the chunked kernel as ggml runs it (3xTF32) against a build of it with one
 #             TF32 product (~5e-4 relative error), times at the bench shapes: what float32
 #             accuracy costs. Not in `all`: for a second call, or when the kernel is slower than FLA
+#   sanitize  compute-sanitizer memcheck, racecheck, synccheck on the harness's quick cases
 #   wait      block until the background build is done (up to 9 minutes)
 #
 #   bash cpp_patches/cuda/gpu_session.sh --one STEP    one step in this process, no plan
