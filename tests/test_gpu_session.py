@@ -465,3 +465,15 @@ def test_the_harness_arch_comes_from_nvidia_smi_and_defaults_to_the_h100(tmp_pat
         smi.write_text(f"#!/bin/sh\necho {cap}\n")
         smi.chmod(0o755)
         assert run_harness.gpu_arch() == arch, cap
+
+
+def test_fla_warm_stops_a_variant_at_its_timeout(tmp_path, monkeypatch):
+    _standin_fla(tmp_path, monkeypatch)
+    monkeypatch.setenv("STANDIN_SLEEP", "120")
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, str(CUDA / "fla_warm.py"), "--device", "cpu", "--timeout", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and time.monotonic() - t0 < 60, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert sum(": FAILED (timed out after 3 s) in " in line for line in lines) == 6, p.stdout
+    assert lines[-1].startswith("warm: 0 of 6 variants in ")

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             rc, out = p.returncode, p.stdout + p.stderr
         except subprocess.TimeoutExpired as e:
             rc = f"timed out after {args.timeout:.0f} s"
-            out = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+            out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
         return v, rc, time.monotonic() - t, out
 
     failed = 0
