@@ -245,6 +245,9 @@ def test_gpu_harness_bench_runs_on_the_emulator(capsys):
         assert r["speedup_vs_upstream"] == pytest.approx(r["upstream_ms"] / r["chunked_ms"])
         assert 0 < r["chunked_bv32_vs_upstream_out"] <= TOL_REL_RMS
         assert 0 < r["chunked_bv32_vs_upstream_state"] <= TOL_REL_RMS
+        # the chosen tile's two kernels timed apart, the state pass per chunk (64 tokens)
+        assert r["prep_ms"] > 0 and r["state_ms"] > 0 and r["stages_reproduce_launch"] is True
+        assert r["state_us_per_chunk"] == pytest.approx(1e3 * r["state_ms"] / -(-r["T"] // 64))
 
     sweep = result["threshold"]["tiny"]
     assert [r["T"] for r in sweep["rows"]] == [16, 64, 130]
@@ -261,7 +264,48 @@ def test_gpu_harness_bench_runs_on_the_emulator(capsys):
     run_harness.print_bench(result)
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 3 and printed[0].startswith("tiny     T=    65 upstream ")
+    assert " ms, " in printed[0] and "us/chunk" in printed[0] and "prep " in printed[0]
     assert "chunked faster from" in printed[2]
+
+
+@needs_cxx
+def test_gpu_harness_runs_each_stage_alone():
+    """The harness's stage launches, which the benchmark times apart: the prep kernel alone
+    writes the scratch and no output; the state pass alone reads that scratch and writes the
+    outputs, and after prep they are the whole launch's bits (the oracle: the whole launch on
+    the same inputs); on a NaN scratch it gives NaN (it really skips prep); a stage number the
+    harness does not know is refused with cudaErrorInvalidValue, having launched nothing."""
+    import ctypes
+
+    import numpy as np
+    import torch
+
+    import gated_delta_net as ref
+    import run_harness
+    from emulate import build
+
+    lib = run_harness.bind(ctypes.CDLL(str(build())))
+    inputs = ref.random_inputs(np.random.default_rng(5), B=2, T=130, H_k=1, H_v=2, S=64)
+    go, full_out, full_st = run_harness.run_kernel(lib, torch, inputs, device="cpu")
+    go()
+    assert not torch.isnan(full_out).any() and not torch.isnan(full_st).any()
+
+    go, out, st = run_harness.run_kernel(lib, torch, inputs, device="cpu")
+    scratch = go.buffers[3]
+    scratch.fill_(float("nan"))
+    go.stages["state"]()
+    assert torch.isnan(out).all() and torch.isnan(st).all()   # NaN scratch in, NaN out
+    go.stages["prep"]()
+    assert not torch.isnan(scratch).any()
+    assert torch.isnan(out).all() and torch.isnan(st).all()   # prep alone writes no output
+    go.stages["state"]()
+    assert torch.equal(out, full_out) and torch.equal(st, full_st)
+
+    out.fill_(float("nan"))
+    bad = run_harness.Launch(lib.gdn_harness_run_stage, "stage 3", go.buffers, go.stages["state"].args[:-2] + (3, None))
+    with pytest.raises(RuntimeError, match="cudaError 1"):
+        bad()
+    assert torch.isnan(out).all()
 
 
 @needs_cxx

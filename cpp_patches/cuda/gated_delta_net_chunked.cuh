@@ -612,8 +612,13 @@ static int choose_bv_here(int64_t H, int64_t n_seqs) {
     return choose_bv((S / 32) * H * n_seqs, state_resident<S, 32>(optin), state_resident<128, 64>(optin), n_sm);
 }
 
+// Which kernels a launch runs. ggml runs both. The standalone harness also times them apart
+// (run_harness.py --bench): `state` alone reads the scratch an earlier launch on the same inputs
+// left, so its time is the sequential walk's alone.
+enum class stage : int { all = 0, prep = 1, state = 2 };
+
 template <int S, int BV>
-static cudaError_t launch_sb(const params & p, cudaStream_t stream) {
+static cudaError_t launch_sb(const params & p, cudaStream_t stream, stage which) {
     const size_t sp = prep_smem<S>(), ss = state_smem<S, BV>();
     cudaError_t err = cudaFuncSetAttribute(gdn_chunk_prep<S>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) sp);
     if (err == cudaSuccess) {
@@ -625,18 +630,22 @@ static cudaError_t launch_sb(const params & p, cudaStream_t stream) {
     }
     void (*const prep)(params)  = gdn_chunk_prep<S>;
     void (*const state)(params) = gdn_chunk_state<S, BV>;
-    GDN_LAUNCH(prep, "gdn_chunk_prep", dim3((unsigned) n_chunks(p.T), (unsigned) p.H, (unsigned) p.n_seqs), NT, sp,
-               stream, p);
-    GDN_LAUNCH(state, "gdn_chunk_state", dim3(S / BV, (unsigned) p.H, (unsigned) p.n_seqs), NT, ss, stream, p);
+    if (which != stage::state) {
+        GDN_LAUNCH(prep, "gdn_chunk_prep", dim3((unsigned) n_chunks(p.T), (unsigned) p.H, (unsigned) p.n_seqs), NT,
+                   sp, stream, p);
+    }
+    if (which != stage::prep) {
+        GDN_LAUNCH(state, "gdn_chunk_state", dim3(S / BV, (unsigned) p.H, (unsigned) p.n_seqs), NT, ss, stream, p);
+    }
     return cudaGetLastError();
 }
 
 template <int S>
-static cudaError_t launch_s(const params & p, int bv, cudaStream_t stream) {
+static cudaError_t launch_s(const params & p, int bv, cudaStream_t stream, stage which) {
     if (bv <= 0) bv = choose_bv_here<S>(p.H, p.n_seqs);
-    if (bv == 32) return launch_sb<S, 32>(p, stream);
+    if (bv == 32) return launch_sb<S, 32>(p, stream, which);
     if constexpr (S == 128) {
-        if (bv == 64) return launch_sb<S, 64>(p, stream);
+        if (bv == 64) return launch_sb<S, 64>(p, stream, which);
     }
     return cudaErrorInvalidValue;
 }
@@ -665,11 +674,12 @@ static inline bool usable(int64_t S_v, int cc, size_t smem_optin) {
 
 // Runs the op for p.T tokens; p.Tm/QKm/cum/wdec must point into scratch_floats(p.T, p.H,
 // p.n_seqs) floats (bind_scratch). bv: value columns per state-pass block, 32 or (S_v = 128 only) 64; 0 chooses
-// for this device.
-static inline cudaError_t launch(const params & p, int64_t S_v, cudaStream_t stream, int bv = 0) {
+// for this device. which: both kernels, or one of them (see stage).
+static inline cudaError_t launch(const params & p, int64_t S_v, cudaStream_t stream, int bv = 0,
+                                 stage which = stage::all) {
     switch (S_v) {
-        case 64:  return launch_s<64>(p, bv, stream);
-        case 128: return launch_s<128>(p, bv, stream);
+        case 64:  return launch_s<64>(p, bv, stream, which);
+        case 128: return launch_s<128>(p, bv, stream, which);
         default:  return cudaErrorInvalidValue;
     }
 }

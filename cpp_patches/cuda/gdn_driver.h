@@ -34,3 +34,14 @@ inline bool gdn_driver_usable(int64_t S, int bv, int cc, size_t smem_optin) {
     if (!gdn_chunked::usable(S, cc, smem_optin)) return false;
     return bv != 64 || (S == 128 && gdn_chunked::state_smem<128, 64>() <= smem_optin);
 }
+
+// The harness's stage numbers (0 both kernels, 1 prep alone, 2 the state pass alone) as the
+// launch's stage; false for any other number.
+inline bool gdn_driver_stage(int n, gdn_chunked::stage & which) {
+    switch (n) {
+        case 0: which = gdn_chunked::stage::all;   return true;
+        case 1: which = gdn_chunked::stage::prep;  return true;
+        case 2: which = gdn_chunked::stage::state; return true;
+        default: return false;
+    }
+}

@@ -106,22 +106,34 @@ int gdn_emu_choose_bv(int64_t S, int64_t H, int64_t B, int n_sm, int smem_optin,
 
 size_t gdn_harness_scratch_floats(int64_t T, int64_t H, int64_t B) { return gdn_chunked::scratch_floats(T, H, B); }
 
+int gdn_harness_chunk_tokens(void) { return gdn_chunked::C; }
+
 int gdn_harness_choose_bv(int64_t S, int64_t H, int64_t B) { return gdn_driver_choose_bv(S, H, B); }
 
 int gdn_harness_usable(int64_t S, int bv) {
     return gdn_driver_usable(S, bv, 900, (size_t) simt::device.smem_optin) ? 1 : 0;
 }
 
-int gdn_harness_run(const float * q, const float * k, const float * v, const float * g, const float * beta,
-                    const float * state, float * out, float * state_out, float * scratch, const int64_t * strides,
-                    int64_t S, int64_t H, int64_t H_k, int64_t T, int64_t T_out, int64_t B, int64_t rq3, int bv,
-                    void *) {
+int gdn_harness_run_stage(const float * q, const float * k, const float * v, const float * g, const float * beta,
+                          const float * state, float * out, float * state_out, float * scratch,
+                          const int64_t * strides, int64_t S, int64_t H, int64_t H_k, int64_t T, int64_t T_out,
+                          int64_t B, int64_t rq3, int bv, int stage, void *) {
     simt::schedule_order = 0;
     simt::cp_async_early = false;
     simt::fast_math = true;
     const gdn_chunked::params p = gdn_driver_params(q, k, v, g, beta, state, out, state_out, scratch, strides, S, H,
                                                     H_k, T, T_out, B, rq3);
-    return (int) gdn_chunked::launch(p, S, nullptr, bv);
+    gdn_chunked::stage which;
+    if (!gdn_driver_stage(stage, which)) return (int) cudaErrorInvalidValue;
+    return (int) gdn_chunked::launch(p, S, nullptr, bv, which);
+}
+
+int gdn_harness_run(const float * q, const float * k, const float * v, const float * g, const float * beta,
+                    const float * state, float * out, float * state_out, float * scratch, const int64_t * strides,
+                    int64_t S, int64_t H, int64_t H_k, int64_t T, int64_t T_out, int64_t B, int64_t rq3, int bv,
+                    void * stream) {
+    return gdn_harness_run_stage(q, k, v, g, beta, state, out, state_out, scratch, strides, S, H, H_k, T, T_out, B,
+                                 rq3, bv, 0, stream);
 }
 
 // In place of llama.cpp's token-sequential CUDA kernel: the same recurrence, token by token in

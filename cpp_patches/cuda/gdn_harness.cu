@@ -31,6 +31,9 @@ extern "C" size_t gdn_harness_scratch_floats(int64_t T, int64_t H, int64_t B) {
     return gdn_chunked::scratch_floats(T, H, B);
 }
 
+// Tokens per chunk: the state pass walks ceil(T / this) chunks one after another.
+extern "C" int gdn_harness_chunk_tokens(void) { return gdn_chunked::C; }
+
 // The BV the launch would choose on this device for H heads and B sequences of head size S.
 extern "C" int gdn_harness_choose_bv(int64_t S, int64_t H, int64_t B) { return gdn_driver_choose_bv(S, H, B); }
 
@@ -50,14 +53,28 @@ extern "C" int gdn_harness_usable(int64_t S, int bv) {
 
 // strides (host array, in floats): sq1 sq2 sq3 sv1 sv2 sv3 sb1 sb2 sb3 (ggml's nb / 4).
 // out holds T_out tokens per sequence; the kernel writes tokens [0, T). bv: value columns per
-// state-pass block (32, 64; 0 = the launch's own choice). Returns a cudaError_t.
+// state-pass block (32, 64; 0 = the launch's own choice). stage (gdn_driver_stage): 0 both
+// kernels, as ggml runs them; 1 the prep kernel alone, 2 the state pass alone (it reads the
+// scratch an earlier launch on the same buffers left), to time them apart. Returns a cudaError_t.
+extern "C" int gdn_harness_run_stage(const float * q, const float * k, const float * v, const float * g,
+                                     const float * beta, const float * state, float * out, float * state_out,
+                                     float * scratch, const int64_t * strides, int64_t S, int64_t H, int64_t H_k,
+                                     int64_t T, int64_t T_out, int64_t B, int64_t rq3, int bv, int stage,
+                                     void * stream) {
+    const gdn_chunked::params p = gdn_driver_params(q, k, v, g, beta, state, out, state_out, scratch, strides, S, H,
+                                                    H_k, T, T_out, B, rq3);
+    gdn_chunked::stage which;
+    if (!gdn_driver_stage(stage, which)) return (int) cudaErrorInvalidValue;
+    return (int) gdn_chunked::launch(p, S, (cudaStream_t) stream, bv, which);
+}
+
+// Both kernels (stage 0).
 extern "C" int gdn_harness_run(const float * q, const float * k, const float * v, const float * g,
                                const float * beta, const float * state, float * out, float * state_out,
                                float * scratch, const int64_t * strides, int64_t S, int64_t H, int64_t H_k,
                                int64_t T, int64_t T_out, int64_t B, int64_t rq3, int bv, void * stream) {
-    const gdn_chunked::params p = gdn_driver_params(q, k, v, g, beta, state, out, state_out, scratch, strides, S, H,
-                                                    H_k, T, T_out, B, rq3);
-    return (int) gdn_chunked::launch(p, S, (cudaStream_t) stream, bv);
+    return gdn_harness_run_stage(q, k, v, g, beta, state, out, state_out, scratch, strides, S, H, H_k, T, T_out, B,
+                                 rq3, bv, 0, stream);
 }
 
 template <int S>

@@ -14,8 +14,9 @@ Runs on a machine with a CUDA GPU and nvcc; the benchmark also needs torch (and 
    both read the buffers alike;
 3. --bench: median op time over several runs at Qwen3.5-27B / 35B-A3B shapes, chunked against
    upstream's kernel, and with --fla flash-linear-attention's chunk_gated_delta_rule, all on
-   the same inputs in the same run; then short prompts (T 16..512), upstream against chunked,
-   for the dispatcher's threshold (GGML_CUDA_GDN_CHUNK_MIN);
+   the same inputs in the same run, and the chosen tile's prep kernel and state pass timed
+   apart (the state pass also per chunk: the sequential walk); then short prompts (T 16..512),
+   upstream against chunked, for the dispatcher's threshold (GGML_CUDA_GDN_CHUNK_MIN);
 4. --precision: the chunked kernel built a second time with one TF32 product instead of three
    (PRECISION_PROBE, never in ggml), timed beside the float32-accurate one: what accuracy costs.
 Prints a table last; --json FILE writes every number.
@@ -179,8 +180,13 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     gdn_emu.cpp exports the same ones)."""
     lib.gdn_harness_scratch_floats.restype = ctypes.c_size_t
     lib.gdn_harness_scratch_floats.argtypes = [ctypes.c_int64] * 3
+    lib.gdn_harness_chunk_tokens.restype = ctypes.c_int
+    lib.gdn_harness_chunk_tokens.argtypes = []
     lib.gdn_harness_run.restype = ctypes.c_int
     lib.gdn_harness_run.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_void_p]
+    lib.gdn_harness_run_stage.restype = ctypes.c_int
+    lib.gdn_harness_run_stage.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7
+                                          + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p])
     lib.gdn_harness_run_upstream.restype = ctypes.c_int
     lib.gdn_harness_run_upstream.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
     lib.gdn_harness_choose_bv.restype = ctypes.c_int
@@ -219,10 +225,16 @@ class Launch:
             raise RuntimeError(f"{self.what} launch failed: cudaError {err}")
 
 
+# the harness's stage numbers (gdn_harness_run_stage): each of the chunked path's kernels alone
+STAGES = {"prep": 1, "state": 2}
+
+
 def run_kernel(lib, torch, inputs, *, pad=0, extra=0, bv=0, upstream=False, device="cuda"):
     """Device buffers for one call; returns (go, out (B, T + extra, H, S), state (B, H, S, S)).
     upstream: llama.cpp's token-sequential kernel instead of the chunked one (extra = 0).
-    device "cpu": host tensors, for the emulator's harness entry points."""
+    device "cpu": host tensors, for the emulator's harness entry points. The chunked kernel's
+    go.stages["prep"] / ["state"] launch one of its two kernels alone on the same buffers (the
+    state pass alone reads the scratch an earlier go() or prep left)."""
     B_qk, T, H_k, S = inputs[0].shape
     B, _, H, _ = inputs[2].shape
     *arrays, strides, T_out = ggml_layout(*inputs, pad=pad, extra=extra)
@@ -237,8 +249,11 @@ def run_kernel(lib, torch, inputs, *, pad=0, extra=0, bv=0, upstream=False, devi
                     ptrs + (strides.ctypes.data, S, H, H_k, T, B, B // B_qk, stream))
         return go, out, st
     scratch = torch.empty(lib.gdn_harness_scratch_floats(T, H, B), device=device)
-    go = Launch(lib.gdn_harness_run, "chunked kernel", (dev, out, st, scratch, strides),
-                ptrs + (scratch.data_ptr(), strides.ctypes.data, S, H, H_k, T, T_out, B, B // B_qk, bv, stream))
+    buffers = (dev, out, st, scratch, strides)
+    args = ptrs + (scratch.data_ptr(), strides.ctypes.data, S, H, H_k, T, T_out, B, B // B_qk, bv)
+    go = Launch(lib.gdn_harness_run, "chunked kernel", buffers, args + (stream,))
+    go.stages = {name: Launch(lib.gdn_harness_run_stage, f"chunked kernel ({name} alone)", buffers,
+                              args + (n, stream)) for name, n in STAGES.items()}
     return go, out, st
 
 
@@ -449,6 +464,9 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
                 # the timed kernels' own results, chunked against upstream's
                 row[f"chunked_bv{bv}_vs_upstream_out"] = rel_rms_torch(torch, out, up_out)
                 row[f"chunked_bv{bv}_vs_upstream_state"] = rel_rms_torch(torch, st, up_st)
+                if bv == row["bv_chosen"]:
+                    n_chunks = -(-T // lib.gdn_harness_chunk_tokens())
+                    row.update(stage_times(torch, go, out, st, n_chunks, reps, device))
                 del out, st
             row["chunked_ms"] = row[f"chunked_bv{row['bv_chosen']}_ms"]
             if row["chunked_ms"]:
@@ -473,6 +491,22 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
     if sweep and lib.gdn_harness_usable(S, 0):
         result["threshold"] = threshold_sweep(lib, torch, shapes, sweep, S, sweep_reps, device)
     return result
+
+
+def stage_times(torch, go, out, st, n_chunks, reps, device) -> dict:
+    """The chunked path's two kernels timed apart, after go() has run on these buffers: the prep
+    kernel (every chunk at once) and the state pass (the chunks one after another, per value
+    tile and head), with the state pass's time per chunk; and whether the state pass alone, on
+    the scratch the prep kernel left, gave the whole launch's bits (it must: the same kernel on
+    the same inputs)."""
+    full_out, full_st = out.clone(), st.clone()
+    out.fill_(float("nan"))
+    st.fill_(float("nan"))
+    prep_ms = median_ms(torch, go.stages["prep"], reps, device=device)
+    state_ms = median_ms(torch, go.stages["state"], reps, device=device)
+    same = bool(torch.equal(out, full_out) and torch.equal(st, full_st))
+    return {"prep_ms": prep_ms, "state_ms": state_ms, "state_us_per_chunk": 1e3 * state_ms / n_chunks,
+            "stages_reproduce_launch": same}
 
 
 def threshold_sweep(lib, torch, shapes, lengths, S, reps, device) -> dict:
@@ -602,8 +636,11 @@ def print_bench(bench_result: dict) -> None:
         extra = "".join(f"  {k[:-3]} {v:.3f} ms" + (f" ({v / r['chunked_ms']:.2f}x)" if r["chunked_ms"] else "")
                         for k, v in r.items() if k.startswith("fla") and k.endswith("_ms"))
         speedup = f" ({r['speedup_vs_upstream']:.2f}x)" if r.get("speedup_vs_upstream") else ""
+        stages = (f"; prep {ms(r['prep_ms'])} + state {ms(r['state_ms'])} ms, {r['state_us_per_chunk']:.1f} us/chunk"
+                  if "prep_ms" in r else "")
         print(f"{r['shape']:8s} T={r['T']:6d} upstream {ms(r['upstream_ms'])} ms  chunked {ms(r['chunked_ms'])} ms"
-              f"{speedup} (BV {r['bv_chosen']}; 32: {ms(r['chunked_bv32_ms'])}, 64: {ms(r['chunked_bv64_ms'])}){extra}")
+              f"{speedup} (BV {r['bv_chosen']}; 32: {ms(r['chunked_bv32_ms'])}, 64: {ms(r['chunked_bv64_ms'])}"
+              f"{stages}){extra}")
     if "fla_kernels_compiled_while_timed" in bench_result:
         print(f"FLA: {bench_result['fla_kernels_compiled_while_timed']} Triton kernels compiled during its timings "
               "(0: all were compiled ahead by fla_warm.py)")
