@@ -19,15 +19,17 @@ PREPARED = ROOT / "build" / "src" / "vendor" / "llama.cpp"
 
 
 @needs_nvcc
-@pytest.mark.parametrize("arch,extra", [("80", ()), ("90a", ()), ("90a", ("GDN_CHUNKED_1XTF32",))],
-                         ids=["80", "90a", "90a-precision-probe"])
+@pytest.mark.parametrize("arch,extra", [("80", ()), ("90a", ()), ("90a", ("GDN_CHUNKED_1XTF32",)),
+                                         ("90a", ("GDN_CHUNKED_NW=16",))],
+                         ids=["80", "90a", "90a-precision-probe", "90a-16-warps"])
 def test_chunked_gdn_kernel_compiles(tmp_path, arch, extra, cublas):
     """The GPU harness: the chunked kernels, and upstream's token-sequential kernel taken from the
     prepared tree beside them (the bench times both on the same buffers); also as run_harness.py
-    --precision builds it a second time (one TF32 product instead of three)."""
-    from run_harness import PRECISION_PROBE, nvcc_cmd
+    --precision builds it a second time (one TF32 product instead of three), and as --bench builds
+    it with 16 warps per block (512 threads: at most 128 registers each, still no spills)."""
+    from run_harness import PRECISION_PROBE, nvcc_cmd, warps_build
 
-    assert not extra or extra == PRECISION_PROBE
+    assert not extra or extra in (PRECISION_PROBE, warps_build(16))
     assert (PREPARED / ".git").exists(), "the prepared tree is missing: `make setup` prepares it before the tests"
     lib = tmp_path / "libgdn.so"
     r = subprocess.run(nvcc_cmd(lib, arch, PREPARED, extra) + ["-Xptxas", "-v"], capture_output=True, text=True)
@@ -49,6 +51,7 @@ def test_chunked_gdn_kernel_compiles(tmp_path, arch, extra, cublas):
     lib.with_name(lib.name + ".key").write_text(harness_key(arch, PREPARED, extra))
     loaded = build(lib, arch, PREPARED, extra)
     assert loaded.gdn_harness_scratch_floats(64, 2, 1) > 0
+    assert loaded.gdn_harness_warps() == (16 if extra == warps_build(16) else 8)
 
 
 @pytest.fixture(scope="module")

@@ -235,8 +235,9 @@ def test_gpu_harness_bench_runs_on_the_emulator(capsys):
     from emulate import build
 
     lib = run_harness.bind(ctypes.CDLL(str(build())))
+    lib16 = run_harness.bind(ctypes.CDLL(str(build(defines=run_harness.warps_build(16)))))
     result = run_harness.bench(lib, torch, False, shapes=(("tiny", 1, 2),), lengths=(65, 130), sweep=(16, 64, 130),
-                               S=64, reps=1, sweep_reps=1, device="cpu")
+                               S=64, reps=1, sweep_reps=1, device="cpu", warps={16: lib16})
     rows = result["rows"]
     assert [(r["shape"], r["T"]) for r in rows] == [("tiny", 65), ("tiny", 130)]
     for r in rows:
@@ -248,6 +249,10 @@ def test_gpu_harness_bench_runs_on_the_emulator(capsys):
         # the chosen tile's two kernels timed apart, the state pass per chunk (64 tokens)
         assert r["prep_ms"] > 0 and r["state_ms"] > 0 and r["stages_reproduce_launch"] is True
         assert r["state_us_per_chunk"] == pytest.approx(1e3 * r["state_ms"] / -(-r["T"] // 64))
+        # the 16-warp build beside it: really 16 warps, the same bits, its stages timed too
+        assert r["nw16_warps"] == 16 and r["nw16_same_bits"] is True
+        assert r["nw16_ms"] > 0 and r["nw16_prep_ms"] > 0 and r["nw16_state_ms"] > 0
+        assert r["nw16_stages_reproduce_launch"] is True
 
     sweep = result["threshold"]["tiny"]
     assert [r["T"] for r in sweep["rows"]] == [16, 64, 130]
@@ -265,7 +270,44 @@ def test_gpu_harness_bench_runs_on_the_emulator(capsys):
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 3 and printed[0].startswith("tiny     T=    65 upstream ")
     assert " ms, " in printed[0] and "us/chunk" in printed[0] and "prep " in printed[0]
+    assert "; 16 warps " in printed[0] and "NOT the same bits" not in printed[0]
     assert "chunked faster from" in printed[2]
+
+
+@needs_cxx
+def test_sixteen_warps_per_block(tmp_path):
+    """The build the benchmark times beside ggml's (GDN_CHUNKED_NW=16: 512 threads, each warp
+    half the tiles): the quick cases against the float64 reference and under every thread
+    schedule and cp.async timing; and bit for bit the 8-warp kernel's results (each tile is
+    summed in the same order, whichever warp owns it), checked with each library saying how
+    many warps it runs."""
+    import ctypes
+
+    import numpy as np
+    import torch
+
+    import gated_delta_net as ref
+    import run_harness
+    from emulate import build, quick_cases
+
+    out = tmp_path / "rows.json"
+    r = _emulate("--quick", "--orders", "--define", "GDN_CHUNKED_NW=16", "--json", str(out))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 * len(quick_cases()) and all(row["ok"] for row in rows), rows
+
+    lib8 = run_harness.bind(ctypes.CDLL(str(build())))
+    lib16 = run_harness.bind(ctypes.CDLL(str(build(defines=run_harness.warps_build(16)))))
+    assert (lib8.gdn_harness_warps(), lib16.gdn_harness_warps()) == (8, 16)
+    for S, bv in ((64, 32), (128, 32), (128, 64)):
+        inputs = ref.random_inputs(np.random.default_rng(S + bv), B=2, T=130, H_k=1, H_v=2, S=S)
+        results = []
+        for lib in (lib8, lib16):
+            go, o, st = run_harness.run_kernel(lib, torch, inputs, bv=bv, device="cpu")
+            go()
+            results.append((o, st))
+        (o8, s8), (o16, s16) = results
+        assert not torch.isnan(o8).any() and torch.equal(o8, o16) and torch.equal(s8, s16), (S, bv)
 
 
 @needs_cxx

@@ -175,13 +175,15 @@ def main() -> int:
     ap.add_argument("--source-dir", type=Path, default=HERE, help="directory holding the kernel sources")
     ap.add_argument("--fail-fast", action="store_true", help="stop at the first failing check")
     ap.add_argument("--json", type=Path, help="write every row here")
+    ap.add_argument("--define", action="append", default=[], metavar="MACRO[=VALUE]",
+                    help="compile the kernels with this macro too (e.g. GDN_CHUNKED_NW=16); repeatable")
     args = ap.parse_args()
     src = args.source_dir.resolve()
     missing = [name for name in SOURCES if not (src / name).exists()]
     if missing:
         sys.exit(f"error: {src} lacks {', '.join(missing)}; point --source-dir at a copy of cpp_patches/cuda")
     try:
-        emu = Emulator(build(src, ROOT / "build" / "simt" if src == HERE else src))
+        emu = Emulator(build(src, ROOT / "build" / "simt" if src == HERE else src, tuple(args.define)))
     except RuntimeError as e:   # the compiler's output, then one line
         sys.exit(f"error: {e}")
     rows = []

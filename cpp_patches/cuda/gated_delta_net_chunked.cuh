@@ -34,9 +34,15 @@
 
 namespace gdn_chunked {
 
-constexpr int C  = 64;      // tokens per chunk
-constexpr int NW = 8;       // warps per block
-constexpr int NT = NW * 32; // threads per block
+// Warps per block: 8 in ggml. GDN_CHUNKED_NW is defined only by the standalone harness
+// (run_harness.py --warps), to time 16 warps against 8; ggml never defines it.
+#ifndef GDN_CHUNKED_NW
+#define GDN_CHUNKED_NW 8
+#endif
+
+constexpr int C  = 64;              // tokens per chunk
+constexpr int NW = GDN_CHUNKED_NW;  // warps per block
+constexpr int NT = NW * 32;         // threads per block
 
 struct params {
     // inputs, ggml layouts (strides in floats):

@@ -108,6 +108,8 @@ size_t gdn_harness_scratch_floats(int64_t T, int64_t H, int64_t B) { return gdn_
 
 int gdn_harness_chunk_tokens(void) { return gdn_chunked::C; }
 
+int gdn_harness_warps(void) { return gdn_chunked::NW; }
+
 int gdn_harness_choose_bv(int64_t S, int64_t H, int64_t B) { return gdn_driver_choose_bv(S, H, B); }
 
 int gdn_harness_usable(int64_t S, int bv) {

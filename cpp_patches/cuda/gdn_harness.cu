@@ -34,6 +34,9 @@ extern "C" size_t gdn_harness_scratch_floats(int64_t T, int64_t H, int64_t B) {
 // Tokens per chunk: the state pass walks ceil(T / this) chunks one after another.
 extern "C" int gdn_harness_chunk_tokens(void) { return gdn_chunked::C; }
 
+// Warps per block this build's kernels run with (GDN_CHUNKED_NW; ggml's: 8).
+extern "C" int gdn_harness_warps(void) { return gdn_chunked::NW; }
+
 // The BV the launch would choose on this device for H heads and B sequences of head size S.
 extern "C" int gdn_harness_choose_bv(int64_t S, int64_t H, int64_t B) { return gdn_driver_choose_bv(S, H, B); }
 

@@ -20,7 +20,8 @@
 #   check     harness: the correctness grid of cases.py on the GPU (upstream's kernel on the same
 #             buffers beside it)
 #   bench     harness: op time at Qwen3.5-27B / 35B-A3B shapes, T 512..32768, upstream's kernel
-#             against the chunked one (both tiles); then T 16..512 for the chunked path's threshold
+#             against the chunked one (both tiles; the chosen one's prep and state pass apart, and
+#             a build of it with 16 warps per block); then T 16..512 for the chunked path's threshold
 #   ops       test-backend-ops -o GATED_DELTA_NET: eval (CUDA vs CPU) and perf, chunked kernel vs
 #             upstream's (GGML_CUDA_GDN_CHUNKED=0)                                  [needs build]
 #   e2e       tests/test_gdn_cuda_gpu.py's end-to-end test: the trained tiny checkpoint (S_v 64)

@@ -171,8 +171,28 @@ def build(out: Path, arch: str | None = None, llama: Path | None = None, extra: 
     return bind(ctypes.CDLL(str(compile_harness(out, arch, llama, extra))))
 
 
+def build_all(builds: dict[str, tuple[Path, tuple[str, ...]]], arch: str | None = None,
+              llama: Path | None = None) -> dict[str, ctypes.CDLL]:
+    """Several harness builds ({name: (library path, extra macros)}), compiled side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    arch = arch or gpu_arch()
+    with ThreadPoolExecutor(max_workers=max(1, len(builds))) as pool:
+        paths = {name: pool.submit(compile_harness, out, arch, llama, extra) for name, (out, extra) in builds.items()}
+        return {name: bind(ctypes.CDLL(str(f.result()))) for name, f in paths.items()}
+
+
 # --precision: the chunked kernel built with one TF32 product per product instead of three
 PRECISION_PROBE = ("GDN_CHUNKED_1XTF32",)
+
+
+# warps per block the kernel's tiles split over (its static_asserts; ggml's build has 8)
+WARPS = (8, 16)
+
+
+def warps_build(nw: int) -> tuple[str, ...]:
+    """--warps: the chunked kernel built with nw warps per block (ggml's build has 8)."""
+    return (f"GDN_CHUNKED_NW={nw}",)
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -182,6 +202,8 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gdn_harness_scratch_floats.argtypes = [ctypes.c_int64] * 3
     lib.gdn_harness_chunk_tokens.restype = ctypes.c_int
     lib.gdn_harness_chunk_tokens.argtypes = []
+    lib.gdn_harness_warps.restype = ctypes.c_int
+    lib.gdn_harness_warps.argtypes = []
     lib.gdn_harness_run.restype = ctypes.c_int
     lib.gdn_harness_run.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_void_p]
     lib.gdn_harness_run_stage.restype = ctypes.c_int
@@ -440,9 +462,12 @@ SWEEP_T = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, sweep=SWEEP_T, S=128, reps=20,
-          sweep_reps=50, device="cuda") -> dict:
+          sweep_reps=50, device="cuda", warps=None) -> dict:
     """Op times on the same inputs: upstream's kernel, the chunked one (both tiles; the launch's
-    choice is chunked_ms) and FLA (float32 and bfloat16 inputs); then the threshold sweep."""
+    choice is chunked_ms, with its two kernels timed apart) and FLA (float32 and bfloat16
+    inputs); then the threshold sweep. warps: {nw: harness built with warps_build(nw)}, each
+    timed at the chosen tile beside ggml's build (nw{nw}_ms, its stages, and whether its results
+    are the same bits: the warps split the same tiles, each summed in the same order)."""
     rng = np.random.default_rng(7)
     fla = None
     result = {"rows": []}
@@ -467,6 +492,8 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
                 if bv == row["bv_chosen"]:
                     n_chunks = -(-T // lib.gdn_harness_chunk_tokens())
                     row.update(stage_times(torch, go, out, st, n_chunks, reps, device))
+                    for nw, wlib in (warps or {}).items():
+                        row.update(warps_times(wlib, torch, inputs, bv, out, st, n_chunks, reps, device, f"nw{nw}_"))
                 del out, st
             row["chunked_ms"] = row[f"chunked_bv{row['bv_chosen']}_ms"]
             if row["chunked_ms"]:
@@ -491,6 +518,16 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
     if sweep and lib.gdn_harness_usable(S, 0):
         result["threshold"] = threshold_sweep(lib, torch, shapes, sweep, S, sweep_reps, device)
     return result
+
+
+def warps_times(wlib, torch, inputs, bv, out, st, n_chunks, reps, device, prefix) -> dict:
+    """A build with another number of warps per block, at tile bv on the same inputs: its time,
+    its two kernels apart, and whether it gives ggml's build's results (out, st) bit for bit."""
+    go, w_out, w_st = run_kernel(wlib, torch, inputs, bv=bv, device=device)
+    row = {"ms": median_ms(torch, go, reps, device=device), "warps": wlib.gdn_harness_warps(),
+           "same_bits": bool(torch.equal(w_out, out) and torch.equal(w_st, st))}
+    row.update(stage_times(torch, go, w_out, w_st, n_chunks, reps, device))
+    return {prefix + k: v for k, v in row.items()}
 
 
 def stage_times(torch, go, out, st, n_chunks, reps, device) -> dict:
@@ -590,13 +627,26 @@ def main() -> int:
     ap.add_argument("--no-sweep", action="store_true", help="with --bench: no short-prompt threshold sweep")
     ap.add_argument("--precision", action="store_true",
                     help="also time the chunked kernel with one TF32 product instead of three (what float32 costs)")
+    ap.add_argument("--warps", type=int, nargs="*", default=[16], metavar="N",
+                    help="with --bench: also time builds with N warps per block (ggml's: 8) at the chosen tile "
+                         "(default: 16; none: --warps alone)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--lib", type=Path, default=Path("/tmp/libgdn_harness.so"))
     ap.add_argument("--arch", help="nvcc arch (default: this GPU's, e.g. 90a)")
     ap.add_argument("--llama", type=Path, help="llama.cpp tree for upstream's kernel (default: "
                     + " or ".join(str(t.relative_to(ROOT)) for t in TREES) + ")")
     args = ap.parse_args()
-    lib = build(args.lib, args.arch, args.llama)
+    bad_warps = [n for n in args.warps if n not in WARPS]
+    if bad_warps:
+        ap.error(f"--warps {bad_warps[0]}: the kernel's tiles split over {' or '.join(map(str, WARPS))} warps")
+    variant = lambda tag: args.lib.with_name(f"{args.lib.stem}-{tag}{args.lib.suffix}")  # noqa: E731
+    builds = {"ggml": (args.lib, ())}
+    if args.bench:
+        builds.update({f"nw{n}": (variant(f"nw{n}"), warps_build(n)) for n in args.warps if n != 8})
+    if args.precision:
+        builds["1xtf32"] = (variant("1xtf32"), PRECISION_PROBE)
+    libs = build_all(builds, args.arch, args.llama)
+    lib = libs["ggml"]
     require_device(lib)
     cases = [] if args.no_check else quick_cases() if args.quick else correctness_cases(long=True)
     result = {"correctness": correctness(lib, cases)}
@@ -604,13 +654,12 @@ def main() -> int:
         import torch
 
         print(torch.cuda.get_device_name(0), flush=True)
-        result["bench"] = bench(lib, torch, args.fla, sweep=() if args.no_sweep else SWEEP_T)
+        warps = {n: libs[f"nw{n}"] for n in args.warps if n != 8}
+        result["bench"] = bench(lib, torch, args.fla, sweep=() if args.no_sweep else SWEEP_T, warps=warps)
     if args.precision:
         import torch
 
-        lib_1x = build(args.lib.with_name(f"{args.lib.stem}-1xtf32{args.lib.suffix}"), args.arch, args.llama,
-                       PRECISION_PROBE)
-        result["precision"] = precision_probe(lib, lib_1x, torch)
+        result["precision"] = precision_probe(lib, libs["1xtf32"], torch)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     bad = [r for r in result["correctness"] if not r["ok"]]
@@ -638,6 +687,10 @@ def print_bench(bench_result: dict) -> None:
         speedup = f" ({r['speedup_vs_upstream']:.2f}x)" if r.get("speedup_vs_upstream") else ""
         stages = (f"; prep {ms(r['prep_ms'])} + state {ms(r['state_ms'])} ms, {r['state_us_per_chunk']:.1f} us/chunk"
                   if "prep_ms" in r else "")
+        for key in sorted(k for k in r if re.fullmatch(r"nw\d+_ms", k)):
+            w = key[:-2]
+            stages += (f"; {r[w + 'warps']} warps {ms(r[key])} ms (prep {ms(r[w + 'prep_ms'])} + state "
+                       f"{ms(r[w + 'state_ms'])}" + ("" if r[w + "same_bits"] else ", NOT the same bits") + ")")
         print(f"{r['shape']:8s} T={r['T']:6d} upstream {ms(r['upstream_ms'])} ms  chunked {ms(r['chunked_ms'])} ms"
               f"{speedup} (BV {r['bv_chosen']}; 32: {ms(r['chunked_bv32_ms'])}, 64: {ms(r['chunked_bv64_ms'])}"
               f"{stages}){extra}")
