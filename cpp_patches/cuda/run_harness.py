@@ -618,7 +618,7 @@ def print_precision(probe: dict) -> None:
               f"state {a['1xtf32_err_state']:.1e}")
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="only the emulator's quick cases (for compute-sanitizer)")
     ap.add_argument("--no-check", action="store_true", help="skip the correctness grid")
@@ -635,6 +635,11 @@ def main() -> int:
     ap.add_argument("--arch", help="nvcc arch (default: this GPU's, e.g. 90a)")
     ap.add_argument("--llama", type=Path, help="llama.cpp tree for upstream's kernel (default: "
                     + " or ".join(str(t.relative_to(ROOT)) for t in TREES) + ")")
+    return ap
+
+
+def main() -> int:
+    ap = parser()
     args = ap.parse_args()
     bad_warps = [n for n in args.warps if n not in WARPS]
     if bad_warps:
