@@ -196,6 +196,7 @@ def test_the_real_script_without_a_build_fails_each_step_with_its_fix(tmp_path):
     assert r.stderr.strip().splitlines() == [
         "error: .device/ is missing: run `make cuda-bundle` here and name .device in the device call's carry"]
     _touch(tree_dir / ".device" / "llama-src.tar.xz")
+    (tree_dir / ".device" / "MANIFEST.json").write_text(json.dumps({"sources": session_plan.bundle_sources(tree_dir)}))
     r = subprocess.run(["bash", script, "--budget", "120", "ops", "model"], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr
@@ -208,6 +209,46 @@ def test_the_real_script_without_a_build_fails_each_step_with_its_fix(tmp_path):
     bad = subprocess.run(["bash", script, "--one", "bild"],
                          capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "unknown step 'bild'" in bad.stderr
+
+
+def test_a_bundle_packed_from_other_sources_is_refused_before_anything_runs(tmp_path):
+    """The CUDA build on the device comes from .device's llama.cpp source, the harness from the
+    working tree: after the kernel header or a patch changes here, an old bundle would build one
+    kernel and time another. The plan compares the sources .device records (device_bundle.py
+    writes them) with the tree's and refuses, with one line naming the first changed file and
+    the fix, before anything runs; a probe alone needs no bundle."""
+    root = tmp_path / "repo"
+    shutil.copytree(ROOT / "cpp_patches", root / "cpp_patches", ignore=shutil.ignore_patterns("__pycache__"))
+    _touch(root / ".device" / "llama-src.tar.xz")
+    manifest = root / ".device" / "MANIFEST.json"
+    sources = session_plan.bundle_sources(root)
+    header = "cpp_patches/cuda/gated_delta_net_chunked.cuh"
+    assert {"cpp_patches/series", header} <= set(sources)
+    assert any(f.startswith("cpp_patches/pending/") for f in sources) and any(f.startswith("cpp_patches/0001-")
+                                                                              for f in sources)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), LOGS=str(tmp_path / "logs"))
+    script = str(root / "cpp_patches" / "cuda" / "gpu_session.sh")
+
+    def refused(*steps) -> str:
+        r = subprocess.run(["bash", script, "--budget", "60", *steps], capture_output=True, text=True, env=env)
+        assert r.returncode == 2 and r.stdout == "" and not out.exists(), r.stdout + r.stderr
+        (line,) = r.stderr.strip().splitlines()
+        assert line.endswith(": run `make cuda-bundle` here and name .device in the device call's carry"), line
+        return line
+
+    assert "no record of the sources" in refused("check")   # a bundle from before the record
+    manifest.write_text(json.dumps({"sources": sources}))
+    assert session_plan.bundle_problem(root) is None
+    kernel = root / header
+    kernel.write_text(kernel.read_text() + "// changed\n")
+    assert refused("all") == (f"error: .device/ was packed before {header} changed: run `make cuda-bundle` here "
+                              "and name .device in the device call's carry")
+    (root / "cpp_patches" / "series").write_text("")
+    assert f"before {header} and 1 more changed" in refused("bench")
+    r = subprocess.run(["bash", script, "--budget", "60", "probe"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert "make cuda-bundle" not in r.stderr and out.exists()
 
 
 # --------------------------------------------------------------------------- device_env

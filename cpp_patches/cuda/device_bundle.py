@@ -37,6 +37,7 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 import tree  # noqa: E402
 from ggml_compile import fetch_cublas_headers, pending_patches, promote  # noqa: E402
+from session_plan import bundle_sources  # noqa: E402
 
 OUT = ROOT / ".device"
 TMP = ROOT / ".device.partial"   # built here, renamed to OUT when complete
@@ -109,6 +110,7 @@ def main() -> int:
     manifest = {
         "llama.cpp": tree.LLAMA_CPP_COMMIT, "series": tree.series_id(),
         "pending": [p.name for p in pending_patches()],
+        "sources": bundle_sources(ROOT),   # session_plan.py refuses a bundle these no longer match
         "files": {str(p.relative_to(TMP)): tree.sha256_file(p) for p in sorted(TMP.rglob("*")) if p.is_file()},
     }
     (TMP / "MANIFEST.json").write_text(json.dumps(manifest, indent=1))

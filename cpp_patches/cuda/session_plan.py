@@ -23,6 +23,7 @@ only what is already there. So:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -262,6 +263,35 @@ def parse_steps(names: list[str]) -> list[str]:
     return ["probe"] + sorted(steps, key=STEPS.index)
 
 
+def bundle_sources(root: Path) -> dict[str, str]:
+    """sha256 of the tree's files that .device's llama.cpp source is made from, beyond the pinned
+    sdist: the series and its patches, the chunked kernel header and the pending patches."""
+    cpp = root / "cpp_patches"
+    files = [cpp / "series", *sorted(cpp.glob("*.patch")), cpp / "cuda" / "gated_delta_net_chunked.cuh",
+             *sorted((cpp / "pending").glob("*.patch"))]
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}
+
+
+def bundle_problem(root: Path) -> str | None:
+    """Why .device cannot serve this tree (missing, or packed from other sources: the build
+    would then not be of the kernel the harness times), or None."""
+    device = root / ".device"
+    if not (device / "llama-src.tar.xz").exists():
+        return ".device/ is missing"
+    try:
+        packed = json.loads((device / "MANIFEST.json").read_text()).get("sources")
+    except (OSError, ValueError):
+        packed = None
+    if not isinstance(packed, dict):
+        return ".device/ has no record of the sources it was packed from"
+    now = bundle_sources(root)
+    changed = sorted(f for f in set(now) | set(packed) if now.get(f) != packed.get(f))
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        return f".device/ was packed before {changed[0]}{more} changed"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, help="seconds for the whole call (default: no limit)")
@@ -270,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     steps = parse_steps(args.steps)
     if args.budget is not None and args.budget <= RESERVE_S + MIN_START_S:
         ap.error(f"--budget must be more than {RESERVE_S + MIN_START_S} seconds")
-    if set(steps) - {"probe", "wait"} and not (ROOT / ".device" / "llama-src.tar.xz").exists():
-        print("error: .device/ is missing: run `make cuda-bundle` here and name .device in the device call's carry",
+    problem = bundle_problem(ROOT) if set(steps) - {"probe", "wait"} else None
+    if problem:
+        print(f"error: {problem}: run `make cuda-bundle` here and name .device in the device call's carry",
               file=sys.stderr)
         return 2
     out = Path(os.environ.get("OUT") or "/tmp/gdn-out")
