@@ -311,6 +311,56 @@ def test_sixteen_warps_per_block(tmp_path):
 
 
 @needs_cxx
+def test_a_harness_variant_that_fails_costs_only_itself(monkeypatch, capsys):
+    """The 16-warp build is an extra of the benchmark: if it does not compile on the device, the
+    other builds are still loaded (a line says which was left out), and if it does not run, each
+    row keeps every other number and says why; a required build's failure still stops the run."""
+    import ctypes
+    import subprocess
+
+    import torch
+
+    import run_harness
+    from emulate import build
+
+    emu = build()
+
+    def compile_harness(out, arch, llama, extra):
+        if extra:
+            raise subprocess.CalledProcessError(1, ["nvcc", *extra])
+        return emu
+
+    monkeypatch.setattr(run_harness, "compile_harness", compile_harness)
+    builds = {"ggml": (Path("/x/lib.so"), ()), "nw16": (Path("/x/lib-nw16.so"), run_harness.warps_build(16))}
+    libs = run_harness.build_all(builds, "90a", Path("/x"))
+    assert set(libs) == {"ggml"} and libs["ggml"].gdn_harness_warps() == 8
+    assert "harness build nw16 left out" in capsys.readouterr().out
+    with pytest.raises(subprocess.CalledProcessError):
+        run_harness.build_all(builds, "90a", Path("/x"), required=("ggml", "nw16"))
+
+    class Refusing:   # a 16-warp build whose launches fail
+        def __init__(self, lib):
+            self.lib = lib
+
+        def __getattr__(self, name):
+            return getattr(self.lib, name)
+
+        @staticmethod
+        def gdn_harness_run(*args):
+            return 1
+
+    lib = run_harness.bind(ctypes.CDLL(str(emu)))
+    result = run_harness.bench(lib, torch, False, shapes=(("tiny", 1, 2),), lengths=(65,), sweep=(), S=64, reps=1,
+                               device="cpu", warps={16: Refusing(lib)})
+    (row,) = result["rows"]
+    assert "cudaError 1" in row["nw16_error"] and "nw16_ms" not in row
+    assert row["chunked_ms"] > 0 and row["state_ms"] > 0 and row["stages_reproduce_launch"] is True
+    capsys.readouterr()
+    run_harness.print_bench(result)
+    assert "; 16 warps failed: chunked kernel launch failed: cudaError 1" in capsys.readouterr().out
+
+
+@needs_cxx
 def test_gpu_harness_runs_each_stage_alone():
     """The harness's stage launches, which the benchmark times apart: the prep kernel alone
     writes the scratch and no output; the state pass alone reads that scratch and writes the

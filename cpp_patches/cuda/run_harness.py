@@ -172,14 +172,24 @@ def build(out: Path, arch: str | None = None, llama: Path | None = None, extra: 
 
 
 def build_all(builds: dict[str, tuple[Path, tuple[str, ...]]], arch: str | None = None,
-              llama: Path | None = None) -> dict[str, ctypes.CDLL]:
-    """Several harness builds ({name: (library path, extra macros)}), compiled side by side."""
+              llama: Path | None = None, required: tuple[str, ...] = ("ggml",)) -> dict[str, ctypes.CDLL]:
+    """Several harness builds ({name: (library path, extra macros)}), compiled side by side. A
+    build not in `required` that fails is left out with a line saying why (the others are still
+    measured); a required one raises."""
     from concurrent.futures import ThreadPoolExecutor
 
     arch = arch or gpu_arch()
+    libs = {}
     with ThreadPoolExecutor(max_workers=max(1, len(builds))) as pool:
         paths = {name: pool.submit(compile_harness, out, arch, llama, extra) for name, (out, extra) in builds.items()}
-        return {name: bind(ctypes.CDLL(str(f.result()))) for name, f in paths.items()}
+        for name, f in paths.items():
+            try:
+                libs[name] = bind(ctypes.CDLL(str(f.result())))
+            except (subprocess.CalledProcessError, OSError) as e:
+                if name in required:
+                    raise
+                print(f"harness build {name} left out: {e}", flush=True)
+    return libs
 
 
 # --precision: the chunked kernel built with one TF32 product per product instead of three
@@ -493,7 +503,11 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
                     n_chunks = -(-T // lib.gdn_harness_chunk_tokens())
                     row.update(stage_times(torch, go, out, st, n_chunks, reps, device))
                     for nw, wlib in (warps or {}).items():
-                        row.update(warps_times(wlib, torch, inputs, bv, out, st, n_chunks, reps, device, f"nw{nw}_"))
+                        try:   # a variant that cannot run here is noted; the row is still measured
+                            row.update(warps_times(wlib, torch, inputs, bv, out, st, n_chunks, reps, device,
+                                                   f"nw{nw}_"))
+                        except RuntimeError as e:
+                            row[f"nw{nw}_error"] = str(e)[:200]
                 del out, st
             row["chunked_ms"] = row[f"chunked_bv{row['bv_chosen']}_ms"]
             if row["chunked_ms"]:
@@ -650,7 +664,8 @@ def main() -> int:
         builds.update({f"nw{n}": (variant(f"nw{n}"), warps_build(n)) for n in args.warps if n != 8})
     if args.precision:
         builds["1xtf32"] = (variant("1xtf32"), PRECISION_PROBE)
-    libs = build_all(builds, args.arch, args.llama)
+    # the variants of --bench are extras (left out if they fail to build); --precision's is the point
+    libs = build_all(builds, args.arch, args.llama, required=("ggml", "1xtf32"))
     lib = libs["ggml"]
     require_device(lib)
     cases = [] if args.no_check else quick_cases() if args.quick else correctness_cases(long=True)
@@ -659,7 +674,7 @@ def main() -> int:
         import torch
 
         print(torch.cuda.get_device_name(0), flush=True)
-        warps = {n: libs[f"nw{n}"] for n in args.warps if n != 8}
+        warps = {n: libs[f"nw{n}"] for n in args.warps if f"nw{n}" in libs}
         result["bench"] = bench(lib, torch, args.fla, sweep=() if args.no_sweep else SWEEP_T, warps=warps)
     if args.precision:
         import torch
@@ -696,6 +711,8 @@ def print_bench(bench_result: dict) -> None:
             w = key[:-2]
             stages += (f"; {r[w + 'warps']} warps {ms(r[key])} ms (prep {ms(r[w + 'prep_ms'])} + state "
                        f"{ms(r[w + 'state_ms'])}" + ("" if r[w + "same_bits"] else ", NOT the same bits") + ")")
+        for key in sorted(k for k in r if re.fullmatch(r"nw\d+_error", k)):
+            stages += f"; {key[2:-6]} warps failed: {r[key]}"
         print(f"{r['shape']:8s} T={r['T']:6d} upstream {ms(r['upstream_ms'])} ms  chunked {ms(r['chunked_ms'])} ms"
               f"{speedup} (BV {r['bv_chosen']}; 32: {ms(r['chunked_bv32_ms'])}, 64: {ms(r['chunked_bv64_ms'])}"
               f"{stages}){extra}")
