@@ -9,6 +9,7 @@ the emulator to notice, so a passing run means something.
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -235,9 +236,11 @@ def test_gpu_harness_bench_runs_on_the_emulator(capsys):
     from emulate import build
 
     lib = run_harness.bind(ctypes.CDLL(str(build())))
-    lib16 = run_harness.bind(ctypes.CDLL(str(build(defines=run_harness.warps_build(16)))))
+    variants = {name: run_harness.bind(ctypes.CDLL(str(build(defines=macros))))
+                for name, (macros, _, _) in run_harness.VARIANTS.items()}
+    assert set(variants) == {"nw16", "1xtf32"}
     result = run_harness.bench(lib, torch, False, shapes=(("tiny", 1, 2),), lengths=(65, 130), sweep=(16, 64, 130),
-                               S=64, reps=1, sweep_reps=1, device="cpu", warps={16: lib16})
+                               S=64, reps=1, sweep_reps=1, device="cpu", variants=variants)
     rows = result["rows"]
     assert [(r["shape"], r["T"]) for r in rows] == [("tiny", 65), ("tiny", 130)]
     for r in rows:
@@ -249,10 +252,15 @@ def test_gpu_harness_bench_runs_on_the_emulator(capsys):
         # the chosen tile's two kernels timed apart, the state pass per chunk (64 tokens)
         assert r["prep_ms"] > 0 and r["state_ms"] > 0 and r["stages_reproduce_launch"] is True
         assert r["state_us_per_chunk"] == pytest.approx(1e3 * r["state_ms"] / -(-r["T"] // 64))
-        # the 16-warp build beside it: really 16 warps, the same bits, its stages timed too
+        # the variants beside it, their stages timed too: the 16-warp build really has 16 warps
+        # and gives the same bits; the 1xTF32 build other bits, further from upstream's kernel
+        for name in ("nw16", "1xtf32"):
+            assert r[f"{name}_ms"] > 0 and r[f"{name}_prep_ms"] > 0 and r[f"{name}_state_ms"] > 0
+            assert r[f"{name}_stages_reproduce_launch"] is True
         assert r["nw16_warps"] == 16 and r["nw16_same_bits"] is True
-        assert r["nw16_ms"] > 0 and r["nw16_prep_ms"] > 0 and r["nw16_state_ms"] > 0
-        assert r["nw16_stages_reproduce_launch"] is True
+        assert r["nw16_vs_upstream_out"] == r["chunked_bv32_vs_upstream_out"]
+        assert r["1xtf32_warps"] == 8 and r["1xtf32_same_bits"] is False
+        assert 1e-5 < r["1xtf32_vs_upstream_out"] < 5e-3 and 1e-5 < r["1xtf32_vs_upstream_state"] < 5e-3
 
     sweep = result["threshold"]["tiny"]
     assert [r["T"] for r in sweep["rows"]] == [16, 64, 130]
@@ -270,7 +278,8 @@ def test_gpu_harness_bench_runs_on_the_emulator(capsys):
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 3 and printed[0].startswith("tiny     T=    65 upstream ")
     assert " ms, " in printed[0] and "us/chunk" in printed[0] and "prep " in printed[0]
-    assert "; 16 warps " in printed[0] and "NOT the same bits" not in printed[0]
+    assert "; nw16 " in printed[0] and ", same bits)" in printed[0] and "NOT the same bits" not in printed[0]
+    assert re.search(r"; 1xtf32 [0-9.]+ ms \(prep [0-9.]+ \+ state [0-9.]+, [0-9.]+e-0[34] from upstream\)", printed[0])
     assert "chunked faster from" in printed[2]
 
 
@@ -331,7 +340,7 @@ def test_a_harness_variant_that_fails_costs_only_itself(monkeypatch, capsys):
         return emu
 
     monkeypatch.setattr(run_harness, "compile_harness", compile_harness)
-    builds = {"ggml": (Path("/x/lib.so"), ()), "nw16": (Path("/x/lib-nw16.so"), run_harness.warps_build(16))}
+    builds = {"ggml": (Path("/x/lib.so"), ()), "nw16": (Path("/x/lib-nw16.so"), run_harness.VARIANTS["nw16"][0])}
     libs = run_harness.build_all(builds, "90a", Path("/x"))
     assert set(libs) == {"ggml"} and libs["ggml"].gdn_harness_warps() == 8
     assert "harness build nw16 left out" in capsys.readouterr().out
@@ -351,13 +360,13 @@ def test_a_harness_variant_that_fails_costs_only_itself(monkeypatch, capsys):
 
     lib = run_harness.bind(ctypes.CDLL(str(emu)))
     result = run_harness.bench(lib, torch, False, shapes=(("tiny", 1, 2),), lengths=(65,), sweep=(), S=64, reps=1,
-                               device="cpu", warps={16: Refusing(lib)})
+                               device="cpu", variants={"nw16": Refusing(lib)})
     (row,) = result["rows"]
     assert "cudaError 1" in row["nw16_error"] and "nw16_ms" not in row
     assert row["chunked_ms"] > 0 and row["state_ms"] > 0 and row["stages_reproduce_launch"] is True
     capsys.readouterr()
     run_harness.print_bench(result)
-    assert "; 16 warps failed: chunked kernel launch failed: cudaError 1" in capsys.readouterr().out
+    assert "; nw16 failed: chunked kernel launch failed: cudaError 1" in capsys.readouterr().out
 
 
 @needs_cxx

@@ -522,9 +522,9 @@ def test_fla_warm_stops_a_variant_at_its_timeout(tmp_path, monkeypatch):
 
 def test_the_harness_steps_ask_run_harness_for_what_they_are_for():
     """Each harness step's command line in gpu_session.sh, parsed by run_harness.py's own
-    argument parser (a typo there would cost a device call): bench times the 16-warp build and
-    sweeps the threshold, fla adds FLA without repeating either, precision builds the 1xTF32
-    probe, check runs the correctness grid, sanitize the quick cases."""
+    argument parser (a typo there would cost a device call): bench times the variant builds
+    (16 warps, 1xTF32) and sweeps the threshold, fla adds FLA without repeating either,
+    precision builds the 1xTF32 probe, check runs the correctness grid, sanitize the quick cases."""
     import shlex
 
     import run_harness
@@ -538,8 +538,9 @@ def test_the_harness_steps_ask_run_harness_for_what_they_are_for():
                 steps[name] = run_harness.parser().parse_args(words[words.index("cpp_patches/cuda/run_harness.py") + 1:])
     assert set(steps) == {"check", "bench", "fla", "precision", "sanitize"}, sorted(steps)
     bench, fla, precision = steps["bench"], steps["fla"], steps["precision"]
-    assert bench.bench and not bench.fla and bench.warps == [16] and not bench.no_sweep and bench.no_check
-    assert fla.bench and fla.fla and fla.warps == [] and fla.no_sweep and fla.no_check
+    assert bench.bench and not bench.fla and bench.variant == list(run_harness.VARIANTS) and not bench.no_sweep
+    assert bench.no_check and set(bench.variant) == {"nw16", "1xtf32"}
+    assert fla.bench and fla.fla and fla.variant == [] and fla.no_sweep and fla.no_check
     assert precision.precision and not precision.bench
     assert not steps["check"].no_check and not steps["check"].quick and not steps["check"].bench
     assert steps["sanitize"].quick

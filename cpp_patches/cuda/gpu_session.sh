@@ -21,7 +21,8 @@
 #             buffers beside it)
 #   bench     harness: op time at Qwen3.5-27B / 35B-A3B shapes, T 512..32768, upstream's kernel
 #             against the chunked one (both tiles; the chosen one's prep and state pass apart, and
-#             a build of it with 16 warps per block); then T 16..512 for the chunked path's threshold
+#             its builds with 16 warps per block and with one TF32 product); then T 16..512 for
+#             the chunked path's threshold
 #   ops       test-backend-ops -o GATED_DELTA_NET: eval (CUDA vs CPU) and perf, chunked kernel vs
 #             upstream's (GGML_CUDA_GDN_CHUNKED=0)                                  [needs build]
 #   e2e       tests/test_gdn_cuda_gpu.py's end-to-end test: the trained tiny checkpoint (S_v 64)
@@ -34,8 +35,8 @@
 #   fla       harness: the bench shapes again with flash-linear-attention's chunk_gated_delta_rule
 #             (float32 and bfloat16 inputs) beside both kernels, on the same inputs in one process
 #   precision harness: the chunked kernel as ggml runs it (3xTF32) against a build of it with one
-#             TF32 product (~5e-4 relative error), times at the bench shapes: what float32
-#             accuracy costs. Not in `all`: for a second call, or when the kernel is slower than FLA
+#             TF32 product (~5e-4 relative error), times at the bench shapes and both against the
+#             float64 reference. Not in `all` (bench times that build too): for a second call
 #   sanitize  compute-sanitizer memcheck, racecheck, synccheck on the harness's quick cases
 #   wait      block until the background build is done (up to 9 minutes)
 #
@@ -162,8 +163,8 @@ step_warm() {
 
 step_fla() {
     python_env
-    # the 16-warp build was timed by bench: not again here
-    python3 cpp_patches/cuda/run_harness.py --no-check --bench --fla --no-sweep --warps --json "$LOGS/harness-fla.json" \
+    # the variant builds were timed by bench: not again here
+    python3 cpp_patches/cuda/run_harness.py --no-check --bench --fla --no-sweep --variant --json "$LOGS/harness-fla.json" \
         | tee "$LOGS/harness-fla.log" | grep -v '^{'
 }
 

@@ -15,7 +15,8 @@ Runs on a machine with a CUDA GPU and nvcc; the benchmark also needs torch (and 
 3. --bench: median op time over several runs at Qwen3.5-27B / 35B-A3B shapes, chunked against
    upstream's kernel, and with --fla flash-linear-attention's chunk_gated_delta_rule, all on
    the same inputs in the same run, and the chosen tile's prep kernel and state pass timed
-   apart (the state pass also per chunk: the sequential walk); then short prompts (T 16..512),
+   apart (the state pass also per chunk: the sequential walk), and beside it the VARIANTS
+   builds (--variant: 16 warps per block; one TF32 product); then short prompts (T 16..512),
    upstream against chunked, for the dispatcher's threshold (GGML_CUDA_GDN_CHUNK_MIN);
 4. --precision: the chunked kernel built a second time with one TF32 product instead of three
    (PRECISION_PROBE, never in ggml), timed beside the float32-accurate one: what accuracy costs.
@@ -196,13 +197,18 @@ def build_all(builds: dict[str, tuple[Path, tuple[str, ...]]], arch: str | None 
 PRECISION_PROBE = ("GDN_CHUNKED_1XTF32",)
 
 
-# warps per block the kernel's tiles split over (its static_asserts; ggml's build has 8)
-WARPS = (8, 16)
-
-
 def warps_build(nw: int) -> tuple[str, ...]:
-    """--warps: the chunked kernel built with nw warps per block (ggml's build has 8)."""
+    """The chunked kernel built with nw warps per block (ggml's build has 8; its tiles split
+    over 8 or 16)."""
     return (f"GDN_CHUNKED_NW={nw}",)
+
+
+# --bench's variants of the chunked kernel, each timed at the chosen tile beside ggml's build:
+# name -> (macros, whether its results must be ggml's build's bits, what it answers)
+VARIANTS = {
+    "nw16": (warps_build(16), True, "16 warps per block instead of 8: more to hide the state pass's latencies"),
+    "1xtf32": (PRECISION_PROBE, False, "one TF32 product instead of three: what float32 accuracy costs"),
+}
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -472,12 +478,11 @@ SWEEP_T = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, sweep=SWEEP_T, S=128, reps=20,
-          sweep_reps=50, device="cuda", warps=None) -> dict:
+          sweep_reps=50, device="cuda", variants=None) -> dict:
     """Op times on the same inputs: upstream's kernel, the chunked one (both tiles; the launch's
     choice is chunked_ms, with its two kernels timed apart) and FLA (float32 and bfloat16
-    inputs); then the threshold sweep. warps: {nw: harness built with warps_build(nw)}, each
-    timed at the chosen tile beside ggml's build (nw{nw}_ms, its stages, and whether its results
-    are the same bits: the warps split the same tiles, each summed in the same order)."""
+    inputs); then the threshold sweep. variants: {name of VARIANTS: its harness build}, each
+    timed at the chosen tile beside ggml's build (variant_times)."""
     rng = np.random.default_rng(7)
     fla = None
     result = {"rows": []}
@@ -502,12 +507,12 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
                 if bv == row["bv_chosen"]:
                     n_chunks = -(-T // lib.gdn_harness_chunk_tokens())
                     row.update(stage_times(torch, go, out, st, n_chunks, reps, device))
-                    for nw, wlib in (warps or {}).items():
+                    for vname, vlib in (variants or {}).items():
                         try:   # a variant that cannot run here is noted; the row is still measured
-                            row.update(warps_times(wlib, torch, inputs, bv, out, st, n_chunks, reps, device,
-                                                   f"nw{nw}_"))
+                            row.update(variant_times(vname, vlib, torch, inputs, bv, out, st, up_out, up_st,
+                                                     n_chunks, reps, device))
                         except RuntimeError as e:
-                            row[f"nw{nw}_error"] = str(e)[:200]
+                            row[f"{vname}_error"] = str(e)[:200]
                 del out, st
             row["chunked_ms"] = row[f"chunked_bv{row['bv_chosen']}_ms"]
             if row["chunked_ms"]:
@@ -534,14 +539,17 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
     return result
 
 
-def warps_times(wlib, torch, inputs, bv, out, st, n_chunks, reps, device, prefix) -> dict:
-    """A build with another number of warps per block, at tile bv on the same inputs: its time,
-    its two kernels apart, and whether it gives ggml's build's results (out, st) bit for bit."""
-    go, w_out, w_st = run_kernel(wlib, torch, inputs, bv=bv, device=device)
-    row = {"ms": median_ms(torch, go, reps, device=device), "warps": wlib.gdn_harness_warps(),
-           "same_bits": bool(torch.equal(w_out, out) and torch.equal(w_st, st))}
-    row.update(stage_times(torch, go, w_out, w_st, n_chunks, reps, device))
-    return {prefix + k: v for k, v in row.items()}
+def variant_times(name, vlib, torch, inputs, bv, out, st, up_out, up_st, n_chunks, reps, device) -> dict:
+    """A variant build (VARIANTS[name]) at tile bv on the same inputs, as {name}_*: its time, its
+    two kernels apart, its warps per block, whether it gives ggml's build's results (out, st)
+    bit for bit, and its difference from upstream's kernel (up_out, up_st)."""
+    go, v_out, v_st = run_kernel(vlib, torch, inputs, bv=bv, device=device)
+    row = {"ms": median_ms(torch, go, reps, device=device), "warps": vlib.gdn_harness_warps(),
+           "same_bits": bool(torch.equal(v_out, out) and torch.equal(v_st, st)),
+           "vs_upstream_out": rel_rms_torch(torch, v_out, up_out),
+           "vs_upstream_state": rel_rms_torch(torch, v_st, up_st)}
+    row.update(stage_times(torch, go, v_out, v_st, n_chunks, reps, device))
+    return {f"{name}_{k}": v for k, v in row.items()}
 
 
 def stage_times(torch, go, out, st, n_chunks, reps, device) -> dict:
@@ -641,9 +649,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-sweep", action="store_true", help="with --bench: no short-prompt threshold sweep")
     ap.add_argument("--precision", action="store_true",
                     help="also time the chunked kernel with one TF32 product instead of three (what float32 costs)")
-    ap.add_argument("--warps", type=int, nargs="*", default=[16], metavar="N",
-                    help="with --bench: also time builds with N warps per block (ggml's: 8) at the chosen tile "
-                         "(default: 16; none: --warps alone)")
+    ap.add_argument("--variant", nargs="*", choices=sorted(VARIANTS), default=list(VARIANTS), metavar="NAME",
+                    help="with --bench: time these builds of the chunked kernel beside ggml's at the chosen tile: "
+                         + "; ".join(f"{n}: {d}" for n, (_, _, d) in VARIANTS.items())
+                         + " (default: all; none: --variant alone)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--lib", type=Path, default=Path("/tmp/libgdn_harness.so"))
     ap.add_argument("--arch", help="nvcc arch (default: this GPU's, e.g. 90a)")
@@ -655,17 +664,12 @@ def parser() -> argparse.ArgumentParser:
 def main() -> int:
     ap = parser()
     args = ap.parse_args()
-    bad_warps = [n for n in args.warps if n not in WARPS]
-    if bad_warps:
-        ap.error(f"--warps {bad_warps[0]}: the kernel's tiles split over {' or '.join(map(str, WARPS))} warps")
     variant = lambda tag: args.lib.with_name(f"{args.lib.stem}-{tag}{args.lib.suffix}")  # noqa: E731
     builds = {"ggml": (args.lib, ())}
-    if args.bench:
-        builds.update({f"nw{n}": (variant(f"nw{n}"), warps_build(n)) for n in args.warps if n != 8})
-    if args.precision:
-        builds["1xtf32"] = (variant("1xtf32"), PRECISION_PROBE)
-    # the variants of --bench are extras (left out if they fail to build); --precision's is the point
-    libs = build_all(builds, args.arch, args.llama, required=("ggml", "1xtf32"))
+    wanted = (args.variant if args.bench else []) + (["1xtf32"] if args.precision else [])
+    builds.update({name: (variant(name), VARIANTS[name][0]) for name in wanted})
+    # --bench's variants are extras (left out if they fail to build); --precision's is the point
+    libs = build_all(builds, args.arch, args.llama, required=("ggml",) + (("1xtf32",) if args.precision else ()))
     lib = libs["ggml"]
     require_device(lib)
     cases = [] if args.no_check else quick_cases() if args.quick else correctness_cases(long=True)
@@ -674,8 +678,8 @@ def main() -> int:
         import torch
 
         print(torch.cuda.get_device_name(0), flush=True)
-        warps = {n: libs[f"nw{n}"] for n in args.warps if f"nw{n}" in libs}
-        result["bench"] = bench(lib, torch, args.fla, sweep=() if args.no_sweep else SWEEP_T, warps=warps)
+        variants = {name: libs[name] for name in args.variant if name in libs}
+        result["bench"] = bench(lib, torch, args.fla, sweep=() if args.no_sweep else SWEEP_T, variants=variants)
     if args.precision:
         import torch
 
@@ -707,12 +711,14 @@ def print_bench(bench_result: dict) -> None:
         speedup = f" ({r['speedup_vs_upstream']:.2f}x)" if r.get("speedup_vs_upstream") else ""
         stages = (f"; prep {ms(r['prep_ms'])} + state {ms(r['state_ms'])} ms, {r['state_us_per_chunk']:.1f} us/chunk"
                   if "prep_ms" in r else "")
-        for key in sorted(k for k in r if re.fullmatch(r"nw\d+_ms", k)):
-            w = key[:-2]
-            stages += (f"; {r[w + 'warps']} warps {ms(r[key])} ms (prep {ms(r[w + 'prep_ms'])} + state "
-                       f"{ms(r[w + 'state_ms'])}" + ("" if r[w + "same_bits"] else ", NOT the same bits") + ")")
-        for key in sorted(k for k in r if re.fullmatch(r"nw\d+_error", k)):
-            stages += f"; {key[2:-6]} warps failed: {r[key]}"
+        for name, (_, same, _) in VARIANTS.items():
+            if f"{name}_ms" in r:
+                v = {k[len(name) + 1:]: x for k, x in r.items() if k.startswith(name + "_")}
+                bits = (("same bits" if v["same_bits"] else "NOT the same bits") if same
+                        else f"{v['vs_upstream_out']:.1e} from upstream")
+                stages += f"; {name} {ms(v['ms'])} ms (prep {ms(v['prep_ms'])} + state {ms(v['state_ms'])}, {bits})"
+            elif f"{name}_error" in r:
+                stages += f"; {name} failed: {r[name + '_error']}"
         print(f"{r['shape']:8s} T={r['T']:6d} upstream {ms(r['upstream_ms'])} ms  chunked {ms(r['chunked_ms'])} ms"
               f"{speedup} (BV {r['bv_chosen']}; 32: {ms(r['chunked_bv32_ms'])}, 64: {ms(r['chunked_bv64_ms'])}"
               f"{stages}){extra}")
