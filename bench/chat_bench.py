@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from qwen35.cpus import usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 REPLY_TOKENS = 100
@@ -124,7 +125,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--threads", type=int, default=usable_cpus())
     ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench-chat")
     a = ap.parse_args()
     a.workdir.mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
+
+from qwen35.cpus import usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
@@ -88,7 +89,7 @@ def main() -> int:
     ap.add_argument("--p-min", type=float, default=0.0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--threads", type=int, default=usable_cpus())
     ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench-mtp")
     ap.add_argument("--json", action="store_true", help="print the table as JSON")
     ap.add_argument("--verify-cost", type=Path, metavar="GGUF",

@@ -179,16 +179,16 @@ def _model_params(head, *, n_gpu_layers: int, rpc_servers, n_cpu_moe: int, check
 
 def _context_params(*, n_ctx: int, n_seq_max: int, n_rs_seq: int, n_threads: int | None, kv_type: str,
                     flash_attn: bool | None):
-    import os
-
     import llama_cpp
+
+    from qwen35.cpus import usable_cpus
 
     cp = llama_cpp.llama_context_default_params()
     cp.n_ctx = n_ctx
     cp.n_seq_max = n_seq_max
     cp.n_rs_seq = n_rs_seq
     cp.n_batch = cp.n_ubatch = min(512, n_ctx)
-    cp.n_threads = cp.n_threads_batch = n_threads or max(1, os.cpu_count() or 1)
+    cp.n_threads = cp.n_threads_batch = n_threads or usable_cpus()
     cp.type_k = cp.type_v = KV_TYPES[kv_type]
     cp.flash_attn_type = {None: -1, False: 0, True: 1}[flash_attn]  # auto / disabled / enabled
     return cp

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -187,4 +186,6 @@ def _quiet_bf16_nans(x: np.ndarray) -> np.ndarray:
 
 
 def default_threads() -> int:
-    return max(1, os.cpu_count() or 1)
+    from qwen35.cpus import usable_cpus
+
+    return usable_cpus()

@@ -128,11 +128,12 @@ def compute_imatrix(model: str | Path, text: str | Path, out: str | Path, *, n_c
     from qwen35.bindings.model import _cpu_has_amx
     from qwen35.bindings import native
     from qwen35.converter import imatrix as imx
+    from qwen35.cpus import usable_cpus
 
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     cmd = [str(build_bin() / "llama-imatrix"), "-m", str(model), "-f", str(text), "-o", str(tmp),
-           "-c", str(n_ctx), "-t", str(n_threads or os.cpu_count() or 1)]
+           "-c", str(n_ctx), "-t", str(n_threads or usable_cpus())]
     if chunks:
         cmd += ["--chunks", str(chunks)]
     if process_output:
