@@ -59,9 +59,10 @@ def assert_ssm_a_correctly_rounded(gguf_path: Path, ckpt: Path) -> None:
     with upstream allow ssm_a that last bit and this pins it."""
     from decimal import Context, Decimal
 
-    import gguf
     import torch
     from safetensors import safe_open
+
+    from qwen35.converter.gguf_scan import scan
 
     a_log = {}
     for f in sorted(ckpt.glob("*.safetensors")):
@@ -69,8 +70,10 @@ def assert_ssm_a_correctly_rounded(gguf_path: Path, ckpt: Path) -> None:
             for k in s.keys():
                 if k.endswith(".linear_attn.A_log") and not k.startswith("mtp."):
                     a_log[int(k.split("layers.")[1].split(".")[0])] = s.get_tensor(k).to(torch.float64).tolist()
-    got = {int(t.name.split(".")[1]): np.asarray(t.data, dtype=np.float32).ravel().tolist()
-           for t in gguf.GGUFReader(gguf_path).tensors if t.name.endswith(".ssm_a")}
+    f = scan(gguf_path)   # (checked against gguf's GGUFReader in test_scan_reads_what_gguf_reads)
+    got = {int(t.name.split(".")[1]): f.data(t).view(np.float32).tolist()
+           for t in f.tensors if t.name.endswith(".ssm_a")}
+    assert all(t.qtype.name == "F32" for t in f.tensors if t.name.endswith(".ssm_a"))
     assert not got or set(got) == set(a_log), (sorted(got), sorted(a_log))
     ctx = Context(prec=40)
     for layer, values in got.items():
@@ -139,7 +142,7 @@ def test_v_head_reorder_is_what_makes_it_work(ckpts, tmp_path, monkeypatch):
 
 
 def test_dry_run_json_plan_matches_the_written_file(ckpts, tmp_path):
-    from gguf import GGUFReader
+    from qwen35.converter.gguf_scan import scan
 
     out = tmp_path / "q8.gguf"
     r = subprocess.run([CONVERT, str(ckpts["dense"]), "-o", str(out), "--type", "Q8_0", "--dry-run", "--json"],
@@ -148,8 +151,42 @@ def test_dry_run_json_plan_matches_the_written_file(ckpts, tmp_path):
     plan = json.loads(r.stdout)
     assert not out.exists() and plan["dry_run"]
     assert _ours(ckpts["dense"], out, "Q8_0").returncode == 0
-    written = {t.name: (t.tensor_type.name, [int(x) for x in t.shape], int(t.n_bytes)) for t in GGUFReader(str(out)).tensors}
+    written = {t.name: (t.qtype.name, list(t.ne), t.nbytes) for t in scan(out).tensors}
     assert {p["name"]: (p["type"], p["shape"], p["bytes"]) for p in plan["plan"]} == written
+
+
+def test_scan_reads_what_gguf_reads(ckpts, tmp_path):
+    """The fast header scan (which the tests above, inspect and the comparisons use to read files
+    with a 248K-token vocabulary) against gguf's own GGUFReader on one file with a K-quant mix:
+    every key with its type, value and raw bytes, every tensor's name, type, shape, offset, size
+    and bytes, in order."""
+    from gguf import GGUFReader, GGUFValueType
+
+    from qwen35.converter.gguf_scan import scan
+
+    out = tmp_path / "q4km.gguf"
+    assert _ours(ckpts["moe-multimodal-mtp-sharded"], out, "Q4_K_M").returncode == 0
+    ours, ref = scan(out), GGUFReader(out)
+    assert ours.version == ref.fields["GGUF.version"].contents()
+    fields = {k: f for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert list(ours.kv) == list(fields)
+    long_arrays = 0
+    for k, f in fields.items():
+        kv = ours.kv[k]
+        assert kv.vtype == f.types[0], k
+        assert kv.raw == b"".join(part.tobytes() for part in f.parts[3:]), k   # after name and type
+        if kv.value is None:
+            long_arrays += 1
+            assert f.types[0] == GGUFValueType.ARRAY and len(f.data) > 64, k
+        else:
+            assert kv.value == f.contents(), k
+    assert long_arrays >= 2                                # tokens, token types (and merges)
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    assert len({t.qtype for t in ours.tensors}) >= 3, {t.qtype for t in ours.tensors}
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert (a.qtype, a.ne, a.offset, a.nbytes) == (b.tensor_type, tuple(int(x) for x in b.shape),
+                                                       b.data_offset, b.n_bytes), a.name
+        assert ours.data(a).tobytes() == np.asarray(b.data).tobytes(), a.name
 
 
 # ---------------------------------------------------------------- bad input
@@ -266,11 +303,10 @@ def test_split_files_load_in_llama_cpp_like_the_whole_file(ckpts, tmp_path):
 
 def test_split_files_are_one_model_to_inspect_and_eval(ckpts, tmp_path, monkeypatch):
     """inspect, quant eval's file stats and the fit check see every part of a split model (the
-    whole file, and gguf's own reader over the parts, are the oracles); a missing or renamed part
-    is a one-line error naming it."""
-    import gguf
-
+    whole file, and each part's own tensor table read alone, are the oracles); a missing or
+    renamed part is a one-line error naming it."""
     from qwen35.bindings.model import Model, ModelError
+    from qwen35.converter.gguf_scan import scan
     from qwen35.converter.inspect import inspect
     from qwen35.quant import file_stats
 
@@ -281,9 +317,9 @@ def test_split_files_are_one_model_to_inspect_and_eval(ckpts, tmp_path, monkeypa
     assert _ours(ckpts["moe-per-expert"], d / "m.gguf", "Q8_0", "--split-max-size", "4M").returncode == 0
     parts = sorted(d.glob("m-*-of-*.gguf"))
     assert len(parts) >= 3
-    readers = [gguf.GGUFReader(p) for p in parts]
-    n_tensors = sum(len(r.tensors) for r in readers)
-    n_params = sum(int(t.n_elements) for r in readers for t in r.tensors)
+    alone = [scan(p) for p in parts]   # one file each (scan is checked against gguf's GGUFReader)
+    n_tensors = sum(len(s.tensors) for s in alone)
+    n_params = sum(int(np.prod(t.ne)) for s in alone for t in s.tensors)
     ref = inspect(whole)
     for p in (parts[0], parts[1]):
         rep = inspect(p)

@@ -147,9 +147,8 @@ def test_plot_is_a_png_of_every_file(files, tmp_path):
 def test_sweep_converts_scores_and_compares_recipes(files, tmp_path):
     """Every target x recipe file equals what qwen35-convert writes on its own, its tensor types
     are the recipe's, and the ratios are the rows' own numbers divided."""
-    from gguf import GGUFReader
-
     from qwen35.converter.convert import convert, make_plan
+    from qwen35.converter.gguf_scan import scan
 
     out = tmp_path / "sweep"
     r = subprocess.run([QWEN35, "quant", "sweep", str(files["hf"]), "--targets", "Q8_0,Q4_K_M",
@@ -165,7 +164,7 @@ def test_sweep_converts_scores_and_compares_recipes(files, tmp_path):
         convert(files["hf"], alone, file_type=x["target"], recipe=x["recipe"], force=True)
         assert Path(x["path"]).read_bytes() == alone.read_bytes()
         plan = {t.out.name: t.qtype for t in make_plan(files["hf"], x["target"], recipe=x["recipe"]).tensors}
-        assert {t.name: t.tensor_type for t in GGUFReader(x["path"]).tensors} == plan
+        assert {t.name: t.qtype for t in scan(x["path"]).tensors} == plan
         up = next(y for y in rows if y["target"] == x["target"] and y["recipe"] == "upstream")
         assert x["kld_vs_upstream"] == pytest.approx(x["kld_mean"] / up["kld_mean"])
         assert x["size_vs_upstream"] == pytest.approx(x["bytes"] / up["bytes"])
