@@ -8,7 +8,8 @@
 #   make cuda-bundle       pack .device/ for a GPU session (cpp_patches/cuda/gpu_session.sh)
 #   make cuda-rehearse     run that session's CUDA build here, without a GPU (~35 min on 2 cores)
 # Variables: BACKEND=cpu|cuda|metal|vulkan (detected when empty), CUDA_ARCHS="86;89;90a;120",
-#            JOBS (default: all cores), PYTHON (interpreter for the venv, default python3).
+#            JOBS (default: all cores), PYTHON (interpreter for the venv, default python3),
+#            TEST_WORKERS (most pytest workers for `make test`, one per CPU; 0: no workers).
 
 PYTHON  ?= python3
 BACKEND ?= $(shell $(PYTHON) cpp_patches/tree.py backend)
@@ -26,7 +27,7 @@ UP_BUILD:= build/upstream-$(BACKEND)
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '2,12p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,13p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: venv llama bindings
 	@$(VENV)/bin/qwen35 build-info
@@ -53,8 +54,11 @@ llama-upstream:
 demo: setup
 	$(VPY) examples/demo.py
 
+# One pytest worker per logical CPU (at most TEST_WORKERS), whole files to a worker: a file's fixtures
+# are built once. TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 4
 test: setup cuda-deps
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n logical --maxprocesses $(TEST_WORKERS) --dist loadfile)
 
 patches-export:
 	@$(TREE) export $(SRC)

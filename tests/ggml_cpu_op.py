@@ -37,8 +37,11 @@ class GgmlCpu:
         c.ggml_graph_compute_with_ctx.restype = ctypes.c_int
         c.ggml_graph_compute_with_ctx.argtypes = [p, p, ctypes.c_int]
 
-    def gated_delta_net(self, q, k, v, g, beta, state, K=1, n_threads=2) -> np.ndarray:
-        """Inputs in the numpy layouts of cpp_patches/reference; returns the flat dst buffer."""
+    def gated_delta_net(self, q, k, v, g, beta, state, K=1, n_threads=None) -> np.ndarray:
+        """Inputs in the numpy layouts of cpp_patches/reference; returns the flat dst buffer
+        (n_threads: the CPUs this process may use, when not given)."""
+        from qwen35.cpus import usable_cpus
+
         arrays = [np.ascontiguousarray(x, np.float32) for x in (q, k, v, g, beta, state)]
         need = sum(a.nbytes for a in arrays) * 2 + (K + 1) * state.nbytes * 2 + v.nbytes + (64 << 20)
         ctx = self.base.ggml_init(_InitParams(need, None, False))
@@ -54,7 +57,7 @@ class GgmlCpu:
             out = self.base.ggml_gated_delta_net(ctx, *tensors, K)
             gf = self.base.ggml_new_graph(ctx)
             self.base.ggml_build_forward_expand(gf, out)
-            if self.cpu.ggml_graph_compute_with_ctx(ctx, gf, n_threads) != 0:
+            if self.cpu.ggml_graph_compute_with_ctx(ctx, gf, n_threads or usable_cpus()) != 0:
                 raise RuntimeError("ggml_graph_compute_with_ctx failed")
             n = self.base.ggml_nbytes(out)
             res = np.empty(n // 4, np.float32)

@@ -4,6 +4,7 @@ sessions resume without re-evaluation, replies stream as reasoning / content / t
 import pytest
 
 from qwen35.bindings.model import ModelError, SamplingParams
+from qwen35.cpus import usable_cpus
 
 GREEDY = SamplingParams(max_tokens=12)
 
@@ -17,7 +18,7 @@ def _load(path, **kw):
     from qwen35.bindings.model import Model
 
     kw.setdefault("n_ctx", 1024)
-    return Model.load(path, n_threads=2, kv_type="f32", flash_attn=False, **kw)
+    return Model.load(path, n_threads=usable_cpus(), kv_type="f32", flash_attn=False, **kw)
 
 
 TURNS = ["Hello there, who are you?", "Tell me about the sea.", "And the mountains?"]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from qwen35.cpus import usable_cpus
+
 QWEN35 = str(Path(sys.executable).parent / "qwen35")
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -69,7 +71,7 @@ class Terminal:
 
 
 def test_interactive_chat_in_a_terminal(gguf, tmp_path):
-    t = Terminal([QWEN35, "chat", str(gguf), "--ctx", "2048", "-n", "6", "--no-think", "--threads", "2"])
+    t = Terminal([QWEN35, "chat", str(gguf), "--ctx", "2048", "-n", "6", "--no-think", "--threads", str(usable_cpus())])
     t.expect(r"thinking off")
     t.expect(r"> ")
     t.send("Hello, how are you?")
@@ -101,7 +103,7 @@ def test_interactive_chat_in_a_terminal(gguf, tmp_path):
 
 
 def test_one_shot_json(gguf):
-    r = subprocess.run([QWEN35, "chat", str(gguf), "-p", "Hi!", "-n", "5", "--json", "--threads", "2"],
+    r = subprocess.run([QWEN35, "chat", str(gguf), "-p", "Hi!", "-n", "5", "--json", "--threads", str(usable_cpus())],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -116,7 +118,7 @@ def test_gpu_layers_on_a_build_without_a_gpu_backend_say_so(gguf, caplog):
     from qwen35.bindings import devices
     from qwen35.bindings.model import Model
 
-    r = subprocess.run([QWEN35, "chat", str(gguf), "-p", "Hi!", "-n", "3", "--json", "--threads", "2", "-ngl", "99"],
+    r = subprocess.run([QWEN35, "chat", str(gguf), "-p", "Hi!", "-n", "3", "--json", "--threads", str(usable_cpus()), "-ngl", "99"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["usage"]["completion_tokens"] == 3
@@ -135,7 +137,7 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(gguf):
     the chat (the terminal sends SIGINT to the foreground process: here sent to it directly)."""
     import signal
 
-    t = Terminal([QWEN35, "chat", str(gguf), "--ctx", "8192", "-n", "6000", "--no-think", "--threads", "2"])
+    t = Terminal([QWEN35, "chat", str(gguf), "--ctx", "8192", "-n", "6000", "--no-think", "--threads", str(usable_cpus())])
     t.expect(r"\n> ")
     t.send("Tell me a very long story.")
     t.expect(r"story\.\n[^\n>]{20}")   # the reply has started streaming
@@ -159,7 +161,7 @@ def test_a_message_that_does_not_fit_is_not_sent(gguf):
     """Over --ctx: one error line naming the command's own fixes, and the conversation is as before
     (the next, shorter message is answered); --overflow drop-oldest drops instead, with a note."""
     long = "word " * 300
-    r = subprocess.run([QWEN35, "chat", str(gguf), "--ctx", "256", "-n", "8", "--no-think", "--threads", "2"],
+    r = subprocess.run([QWEN35, "chat", str(gguf), "--ctx", "256", "-n", "8", "--no-think", "--threads", str(usable_cpus())],
                        input=f"{long}\nHello\n/stats\n", capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -167,12 +169,12 @@ def test_a_message_that_does_not_fit_is_not_sent(gguf):
     assert "--ctx" in errors[0] and "--overflow drop-oldest" in errors[0] and "n_ctx" not in errors[0]
     stats = re.search(r"prompt (\d+) tokens", r.stderr)
     assert stats and int(stats.group(1)) < 60, r.stderr      # only "Hello" was sent
-    r = subprocess.run([QWEN35, "chat", str(gguf), "-p", long, "--ctx", "256", "--threads", "2"],
+    r = subprocess.run([QWEN35, "chat", str(gguf), "-p", long, "--ctx", "256", "--threads", str(usable_cpus())],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stdout.strip() == ""
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "was not sent; use a larger --ctx" in r.stderr
     msgs = "".join(f"Question {i}: " + "tell me more " * 12 + "\n" for i in range(6))
-    r = subprocess.run([QWEN35, "chat", str(gguf), "--ctx", "256", "-n", "24", "--no-think", "--threads", "2",
+    r = subprocess.run([QWEN35, "chat", str(gguf), "--ctx", "256", "-n", "24", "--no-think", "--threads", str(usable_cpus()),
                         "--overflow", "drop-oldest"], input=msgs, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "error" not in r.stderr, r.stderr
     assert re.search(r"note: the \d+ oldest messages were left out to fit the 256-token context", r.stderr)
@@ -185,7 +187,7 @@ def test_ctrl_c_in_one_shot_mode_exits_130(gguf):
     import signal
 
     argv = [QWEN35, "chat", str(gguf), "-p", "Tell me a very long story.", "--ctx", "8192", "-n", "8000",
-            "--threads", "2"]
+            "--threads", str(usable_cpus())]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = p.stdout.read(1)            # the reply has started
     p.send_signal(signal.SIGINT)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qwen35.cpus import usable_cpus
+
 from gguf_compare import differences, tensor_order
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +116,7 @@ def test_f32_logits_match_transformers(ckpts, tmp_path, variant):
     ref_model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = ref_model(torch.tensor([tokens])).logits[0].numpy()
-    with Model.load(out, n_ctx=128, n_threads=2, kv_type="f32", flash_attn=False) as m:
+    with Model.load(out, n_ctx=128, n_threads=usable_cpus(), kv_type="f32", flash_attn=False) as m:
         ours = m.logits(tokens)[:, : ref.shape[1]]
     err = np.abs(ours - ref).max()
     assert err <= TOL_LOGITS_REL_STD * ref.std(), (err, ref.std())
@@ -134,9 +136,9 @@ def test_v_head_reorder_is_what_makes_it_work(ckpts, tmp_path, monkeypatch):
     monkeypatch.undo()
     conv.convert(ckpts["dense"], good, file_type="F32")
     tokens = list(range(1000, 1032))
-    with Model.load(good, n_ctx=64, n_threads=2, kv_type="f32", flash_attn=False) as m:
+    with Model.load(good, n_ctx=64, n_threads=usable_cpus(), kv_type="f32", flash_attn=False) as m:
         a = m.logits(tokens)
-    with Model.load(bad, n_ctx=64, n_threads=2, kv_type="f32", flash_attn=False) as m:
+    with Model.load(bad, n_ctx=64, n_threads=usable_cpus(), kv_type="f32", flash_attn=False) as m:
         b = m.logits(tokens)
     assert np.abs(a - b).max() > 10 * TOL_LOGITS_REL_STD * a.std()
 
@@ -291,11 +293,11 @@ def test_split_files_load_in_llama_cpp_like_the_whole_file(ckpts, tmp_path):
     parts = sorted(tmp_path.glob("split-*-of-*.gguf"))
     assert len(parts) >= 2 and not split.exists() and not list(tmp_path.glob(".*partial*"))
     tokens = list(range(2000, 2024))
-    with Model.load(whole, n_ctx=64, n_threads=2, repack=False) as m:
+    with Model.load(whole, n_ctx=64, n_threads=usable_cpus(), repack=False) as m:
         a = m.logits(tokens)
-    with Model.load(parts[0], n_ctx=64, n_threads=2, repack=False) as m:
+    with Model.load(parts[0], n_ctx=64, n_threads=usable_cpus(), repack=False) as m:
         b = m.logits(tokens)
-    with Model.load(parts[-1], n_ctx=64, n_threads=2, repack=False) as m:  # any part names the model
+    with Model.load(parts[-1], n_ctx=64, n_threads=usable_cpus(), repack=False) as m:  # any part names the model
         c = m.logits(tokens)
         assert m.path == parts[0]
     assert np.array_equal(a, b) and np.array_equal(a, c)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qwen35.cpus import usable_cpus
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # llama.cpp (f32 weights, default f16 KV cache) vs transformers in float32 on random weights
@@ -65,7 +67,7 @@ def test_bindings_match_transformers(tiny):
     hf, gguf = tiny
     messages = [{"role": "user", "content": "Name three colours."}]
     ref_model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    with Model.load(gguf, n_ctx=512, n_threads=2) as m:
+    with Model.load(gguf, n_ctx=512, n_threads=usable_cpus()) as m:
         prompt_text = m.render(messages, enable_thinking=False)
         tokens = m.tokenize(prompt_text)
         # llama.cpp's tokenizer (from the GGUF) agrees with the checkpoint's tokenizer.json
@@ -108,7 +110,7 @@ def test_load_errors_are_one_line_with_the_fix(tmp_path, tiny):
     with pytest.raises(ModelError, match="'llama' model, not Qwen3.5"):
         Model.load(other)
     _, gguf = tiny
-    with Model.load(gguf, n_ctx=64, n_threads=2) as m:
+    with Model.load(gguf, n_ctx=64, n_threads=usable_cpus()) as m:
         from qwen35.bindings.model import SamplingParams
 
         with pytest.raises(ModelError, match="exceeds n_ctx=64"):

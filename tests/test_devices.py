@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from qwen35.bindings.model import Model, ModelError
+from qwen35.cpus import usable_cpus
 
 TOKENS = list(range(3000, 3040))
 
@@ -25,7 +26,7 @@ def _free_port() -> int:
 
 
 def _logits(path, **kw):
-    with Model.load(path, n_ctx=128, n_threads=2, kv_type="f32", flash_attn=False, **kw) as m:
+    with Model.load(path, n_ctx=128, n_threads=usable_cpus(), kv_type="f32", flash_attn=False, **kw) as m:
         return m.logits(TOKENS)
 
 
@@ -81,3 +82,23 @@ def test_a_model_that_does_not_fit_is_refused_with_numbers(moe_f32, monkeypatch)
     monkeypatch.setattr(devices, "device_memory", lambda d: (1 << 20, 8 << 30))
     with pytest.raises(ModelError, match="offload fewer layers"):
         Model.load(moe_f32, n_gpu_layers=99)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="no CPU affinity on this platform")
+def test_default_threads_are_the_cpus_the_process_may_run_on(lib_dir):
+    """A process pinned to one CPU (taskset, a cpuset, a pytest worker) gets one thread by default
+    in llama.cpp contexts, the converter's quantization and llama-imatrix; unpinned, as many as
+    its affinity allows (the oracle: os.sched_getaffinity, asked in the same child process)."""
+    import os
+    import sys
+
+    code = ("import os; from qwen35.bindings.model import _context_params; "
+            "from qwen35.converter.quantize import default_threads; from qwen35.cpus import usable_cpus; "
+            "cp = _context_params(n_ctx=64, n_seq_max=1, n_rs_seq=1, n_threads=None, kv_type='f16', flash_attn=None); "
+            "print(len(os.sched_getaffinity(0)), cp.n_threads, cp.n_threads_batch, default_threads(), usable_cpus())")
+    first = min(os.sched_getaffinity(0))
+    pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            preexec_fn=lambda: os.sched_setaffinity(0, {first}))
+    assert pinned.stdout.split() == ["1"] * 5
+    mine = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert mine.stdout.split() == [str(len(os.sched_getaffinity(0)))] * 5

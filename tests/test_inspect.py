@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from qwen35.cpus import usable_cpus
+
 QWEN35 = str(Path(sys.executable).parent / "qwen35")
 
 
@@ -45,7 +47,7 @@ def test_memory_plan_matches_llama_cpp_allocation(moe, ctx, kv_type):
     old = log.level
     log.setLevel(logging.DEBUG)
     try:
-        with Model.load(gguf, n_ctx=ctx, n_threads=2, kv_type=kv_type):
+        with Model.load(gguf, n_ctx=ctx, n_threads=usable_cpus(), kv_type=kv_type):
             pass
     finally:
         log.removeHandler(cap)

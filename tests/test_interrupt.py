@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from qwen35.bindings.model import SamplingParams
+from qwen35.cpus import usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 BINDINGS = str(Path(__import__("qwen35.bindings.chat", fromlist=["x"]).__file__).parent)
@@ -39,7 +40,7 @@ def _load(path, **kw):
     from qwen35.bindings.model import Model
 
     kw.setdefault("n_ctx", 1024)
-    return Model.load(path, n_threads=2, kv_type="f32", flash_attn=False, **kw)
+    return Model.load(path, n_threads=usable_cpus(), kv_type="f32", flash_attn=False, **kw)
 
 
 class Cut:
@@ -252,9 +253,9 @@ def test_ctrl_c_while_a_model_loads_stops_the_load_and_reaches_the_caller(dense_
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
-            Model.load(dense_f32, n_ctx=256, n_threads=2).close()
+            Model.load(dense_f32, n_ctx=256, n_threads=usable_cpus()).close()
         assert any("cancelled model load" in line for line in lines), lines[-5:]
-        with Model.load(dense_f32, n_ctx=256, n_threads=2) as m:   # nothing left pending
+        with Model.load(dense_f32, n_ctx=256, n_threads=usable_cpus()) as m:   # nothing left pending
             assert m.tokenize("Hello")
     finally:
         signal.signal(signal.SIGINT, handler)

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qwen35.cpus import usable_cpus
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
 NAMES = ["qwen35-dense-tiny", "qwen35-moe-tiny"]
@@ -26,7 +28,7 @@ def f32(tmp_path_factory, lib_dir):
 def _load(path, **kw):
     from qwen35.bindings.model import Model
 
-    return Model.load(path, n_ctx=1024, n_threads=2, kv_type="f32", flash_attn=False, **kw)
+    return Model.load(path, n_ctx=1024, n_threads=usable_cpus(), kv_type="f32", flash_attn=False, **kw)
 
 
 def _torch_mtp(name: str, config):
@@ -190,7 +192,7 @@ def test_chat_command_speculative_json(f32):
     import sys
 
     qwen35 = str(Path(sys.executable).parent / "qwen35")
-    base = [qwen35, "chat", str(f32[NAMES[0]]), "-p", QUESTIONS[0], "-n", "40", "--json", "--threads", "2"]
+    base = [qwen35, "chat", str(f32[NAMES[0]]), "-p", QUESTIONS[0], "-n", "40", "--json", "--threads", str(usable_cpus())]
     plain = subprocess.run(base, capture_output=True, text=True, timeout=300)
     spec = subprocess.run(base + ["--speculative", "mtp", "--draft-max", "2"], capture_output=True, text=True,
                           timeout=300)

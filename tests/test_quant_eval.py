@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qwen35.cpus import usable_cpus
+
 QWEN35 = str(Path(sys.executable).parent / "qwen35")
 N_CTX = 64
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 12
@@ -35,11 +37,11 @@ def _oracle(ref, cand):
     """Softmax probabilities, their logs, KL and NLL written out plainly (no shared helpers)."""
     from qwen35.bindings.model import Model
 
-    with Model.load(ref, n_ctx=N_CTX, n_threads=2, kv_type="f32", flash_attn=False) as m:
+    with Model.load(ref, n_ctx=N_CTX, n_threads=usable_cpus(), kv_type="f32", flash_attn=False) as m:
         toks = m.tokenize(TEXT, special=False)
         chunks = [toks[i:i + N_CTX] for i in range(0, len(toks) - N_CTX + 1, N_CTX)]
         ref_logits = [m.logits(c) for c in chunks]
-    with Model.load(cand, n_ctx=N_CTX, n_threads=2, kv_type="f32", flash_attn=False) as m:
+    with Model.load(cand, n_ctx=N_CTX, n_threads=usable_cpus(), kv_type="f32", flash_attn=False) as m:
         cand_logits = [m.logits(c) for c in chunks]
     kl, nll, same = [], [], []
     half = N_CTX // 2
@@ -59,7 +61,7 @@ def _oracle(ref, cand):
 def test_eval_numbers_equal_a_plain_numpy_computation(files):
     from qwen35.quant import evaluate
 
-    results = evaluate(files["F32"], [files["Q8_0"], files["Q4_0"], files["F32"]], TEXT, n_ctx=N_CTX, n_threads=2)
+    results = evaluate(files["F32"], [files["Q8_0"], files["Q4_0"], files["F32"]], TEXT, n_ctx=N_CTX, n_threads=usable_cpus())
     for r, cand in zip(results[:2], ("Q8_0", "Q4_0")):
         kl, ppl, top1 = _oracle(files["F32"], files[cand])
         assert r.tokens == kl.size > 0
@@ -74,7 +76,7 @@ def test_eval_numbers_equal_a_plain_numpy_computation(files):
 
 def test_cli_json_and_short_text(files, tmp_path):
     r = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), "--text", str(files["text"]),
-                        "--ctx", str(N_CTX), "--chunks", "2", "--json", "--threads", "2"], capture_output=True, text=True)
+                        "--ctx", str(N_CTX), "--chunks", "2", "--json", "--threads", str(usable_cpus())], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)
     assert row["tokens"] == 2 * (N_CTX // 2) and 0 < row["kld_mean"] < row["kld_max"]
@@ -98,7 +100,7 @@ def test_imatrix_command_reports_the_expert_coverage_in_the_file(moe_f32, files,
     hf, model = moe_f32
     out = tmp_path / "imatrix.gguf"
     r = subprocess.run([QWEN35, "quant", "imatrix", str(model), "--text", str(files["text"]), "-o", str(out),
-                        "--ctx", "64", "--json", "--threads", "2"], capture_output=True, text=True)
+                        "--ctx", "64", "--json", "--threads", str(usable_cpus())], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
     counts = {t.name[: -len(".counts")]: np.asarray(t.data).reshape(-1) for t in GGUFReader(out).tensors
@@ -133,7 +135,7 @@ def test_plot_is_a_png_of_every_file(files, tmp_path):
 
     png = tmp_path / "kld.png"
     r = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), str(files["Q4_0"]),
-                        "--text", str(files["text"]), "--ctx", str(N_CTX), "--chunks", "2", "--threads", "2",
+                        "--text", str(files["text"]), "--ctx", str(N_CTX), "--chunks", "2", "--threads", str(usable_cpus()),
                         "--plot", str(png)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(png).shape[0] > 100
@@ -153,7 +155,7 @@ def test_sweep_converts_scores_and_compares_recipes(files, tmp_path):
     out = tmp_path / "sweep"
     r = subprocess.run([QWEN35, "quant", "sweep", str(files["hf"]), "--targets", "Q8_0,Q4_K_M",
                         "--recipes", "upstream,qwen35", "--text", str(files["text"]), "-o", str(out),
-                        "--ctx", str(N_CTX), "--chunks", "2", "--threads", "2", "--json",
+                        "--ctx", str(N_CTX), "--chunks", "2", "--threads", str(usable_cpus()), "--json",
                         "--plot", str(tmp_path / "sweep.png")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from qwen35.cpus import usable_cpus
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFEndian, GGUFWriter
 from gguf import LlamaFileType as F
@@ -129,7 +131,7 @@ def imatrices(wide, tmp_path_factory, build_bin):
     for model, fmt in (("dense", "gguf"), ("dense", "dat"), ("moe-nomtp", "gguf")):
         path = d / f"{model}.{fmt}"
         r = subprocess.run([str(build_bin / "llama-imatrix"), "-m", str(wide[model][1]), "-f", str(text), "-o", str(path),
-                            "--output-format", fmt, "-c", "128", "--chunks", "6", "-t", "2", "--no-repack"],
+                            "--output-format", fmt, "-c", "128", "--chunks", "6", "-t", str(usable_cpus()), "--no-repack"],
                            capture_output=True, text=True)
         assert r.returncode == 0 and path.exists(), r.stderr[-2000:]
         out[model, fmt] = path

@@ -4,6 +4,8 @@ those of a fresh full prefill of the same tokens (F32 KV cache: max |delta| <= 1
 import numpy as np
 import pytest
 
+from qwen35.cpus import usable_cpus
+
 TOL = 1e-4
 
 
@@ -15,7 +17,7 @@ def gguf_f32(tiny_f32_gguf):
 def _load(path, **kw):
     from qwen35.bindings.model import Model
 
-    return Model.load(path, n_ctx=256, n_threads=2, kv_type="f32", flash_attn=False, **kw)
+    return Model.load(path, n_ctx=256, n_threads=usable_cpus(), kv_type="f32", flash_attn=False, **kw)
 
 
 @pytest.fixture(scope="module")

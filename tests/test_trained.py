@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qwen35.cpus import usable_cpus
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
 NAMES = ["qwen35-dense-tiny", "qwen35-moe-tiny"]
@@ -107,7 +109,7 @@ def test_llama_cpp_tokenizes_and_renders_like_the_checkpoint(name, f32):
     hf_tok = Tokenizer.from_file(str(MODELS / name / "tokenizer.json"))
     auto = AutoTokenizer.from_pretrained(MODELS / name)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does `os.path.join()` do?"}]
-    with Model.load(f32[name], n_ctx=256, n_threads=2) as m:
+    with Model.load(f32[name], n_ctx=256, n_threads=usable_cpus()) as m:
         for k in range(4):
             text = _heldout(3000, 20_000 * k)
             assert m.tokenize(text, special=False) == hf_tok.encode(text, add_special_tokens=False).ids
@@ -130,7 +132,7 @@ def test_f32_logits_match_transformers(name, f32):
     ref_model = AutoModelForCausalLM.from_pretrained(MODELS / name, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = ref_model(torch.tensor([tokens])).logits[0].numpy()
-    with Model.load(f32[name], n_ctx=256, n_threads=2, kv_type="f32", flash_attn=False) as m:
+    with Model.load(f32[name], n_ctx=256, n_threads=usable_cpus(), kv_type="f32", flash_attn=False) as m:
         ours = m.logits(tokens)
     assert np.abs(ours - ref).max() <= TOL_LOGITS_REL_STD * ref.std(), (np.abs(ours - ref).max(), ref.std())
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
@@ -145,7 +147,7 @@ def test_quantization_quality_baseline(name, f32, tmp_path):
     from qwen35.quant import evaluate
 
     files = [convert(MODELS / name, tmp_path / f"{t}.gguf", file_type=t).path for t in ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M")]
-    res = evaluate(f32[name], files, _heldout(60_000), n_ctx=512, max_chunks=12, n_threads=2)
+    res = evaluate(f32[name], files, _heldout(60_000), n_ctx=512, max_chunks=12, n_threads=usable_cpus())
     top1 = [r.top1_agreement for r in res]
     assert top1 == sorted(top1, reverse=True) and top1[0] > 0.98 and top1[2] > 0.9, top1
     if name == "qwen35-dense-tiny":
