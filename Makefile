@@ -23,7 +23,7 @@ BUILD   := build/$(BACKEND)
 UP_SRC  := build/upstream-src
 UP_BUILD:= build/upstream-$(BACKEND)
 
-.PHONY: demo setup venv llama bindings test llama-upstream patches-export cuda-deps cuda-check cuda-bundle cuda-rehearse clean help
+.PHONY: demo setup venv llama bindings test upstream-lib llama-upstream patches-export cuda-deps cuda-check cuda-bundle cuda-rehearse clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -57,8 +57,14 @@ demo: setup
 # One pytest worker per logical CPU (at most TEST_WORKERS), whole files to a worker: a file's fixtures
 # are built once. TEST_WORKERS=0 runs the suite in this process.
 TEST_WORKERS ?= 4
-test: setup cuda-deps
-	$(VPY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n logical --maxprocesses $(TEST_WORKERS) --dist loadfile)
+test: setup cuda-deps upstream-lib
+	$(VPY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n logical --maxprocesses $(TEST_WORKERS) --dist loadfile) --durations=15
+
+# The unpatched libllama the tests compare against (tests/test_native.py builds it too when it is
+# missing), built here with every core: inside a pinned test worker it would get one.
+upstream-lib:
+	@$(TREE) prepare $(UP_SRC) --upstream
+	@$(TREE) build $(UP_SRC) build/upstream-cpu --upstream --backend cpu --targets llama --jobs $(JOBS)
 
 patches-export:
 	@$(TREE) export $(SRC)

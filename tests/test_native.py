@@ -46,7 +46,8 @@ def test_opt_out_accepts_a_mismatch_knowingly(tmp_path):
 
 @pytest.fixture(scope="module")
 def upstream_libllama() -> Path:
-    """libllama from the same pinned sdist without the series (`make llama-upstream` shares it)."""
+    """libllama from the same pinned sdist without the series (`make test` builds it first, with
+    every core; `make llama-upstream` shares it)."""
     tree = [sys.executable, str(ROOT / "cpp_patches" / "tree.py")]
     subprocess.run(tree + ["prepare", str(ROOT / "build/upstream-src"), "--upstream"], check=True)
     subprocess.run(tree + ["build", str(ROOT / "build/upstream-src"), str(ROOT / "build/upstream-cpu"),
