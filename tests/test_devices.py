@@ -1,8 +1,10 @@
 """Model placement: ggml RPC servers on loopback, experts kept in CPU memory, the fit check."""
 
 import logging
+import os
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -84,14 +86,11 @@ def test_a_model_that_does_not_fit_is_refused_with_numbers(moe_f32, monkeypatch)
         Model.load(moe_f32, n_gpu_layers=99)
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="no CPU affinity on this platform")
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this platform")
 def test_default_threads_are_the_cpus_the_process_may_run_on(lib_dir):
     """A process pinned to one CPU (taskset, a cpuset, a pytest worker) gets one thread by default
-    in llama.cpp contexts, the converter's quantization and llama-imatrix; unpinned, as many as
-    its affinity allows (the oracle: os.sched_getaffinity, asked in the same child process)."""
-    import os
-    import sys
-
+    in llama.cpp contexts and the converter's quantization; unpinned, as many as its affinity
+    allows (the oracle: os.sched_getaffinity, asked in the same child process)."""
     code = ("import os; from qwen35.bindings.model import _context_params; "
             "from qwen35.converter.quantize import default_threads; from qwen35.cpus import usable_cpus; "
             "cp = _context_params(n_ctx=64, n_seq_max=1, n_rs_seq=1, n_threads=None, kv_type='f16', flash_attn=None); "
