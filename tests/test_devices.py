@@ -27,6 +27,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rpc_server(build_bin) -> tuple[subprocess.Popen, int]:
+    """A ggml-rpc-server listening on loopback. The port is picked free, then released for the
+    server to bind; if something took it in between, the server exits ("Failed to create server
+    socket") and another port is tried."""
+    for _ in range(5):
+        port = _free_port()
+        proc = subprocess.Popen([str(build_bin / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return proc, port
+            except OSError:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    raise AssertionError("rpc-server did not start listening in 30 s")
+                time.sleep(0.1)
+    raise AssertionError(f"rpc-server exited at start five times (last exit status {proc.returncode})")
+
+
 def _logits(path, **kw):
     with Model.load(path, n_ctx=128, n_threads=usable_cpus(), kv_type="f32", flash_attn=False, **kw) as m:
         return m.logits(TOKENS)
@@ -34,19 +56,12 @@ def _logits(path, **kw):
 
 def test_rpc_on_loopback_gives_the_local_logits(moe_f32, caplog, build_bin):
     local = _logits(moe_f32)
-    ports = [_free_port(), _free_port()]
-    servers = [subprocess.Popen([str(build_bin / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(p), "-t", "1"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for p in ports]
+    servers, ports = [], []
     try:
-        for p in ports:  # wait until both listen
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", p), timeout=1).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, "rpc-server did not start"
-                    time.sleep(0.1)
+        for _ in range(2):
+            proc, port = _rpc_server(build_bin)
+            servers.append(proc)
+            ports.append(port)
         with caplog.at_level(logging.DEBUG, logger="qwen35.llama_cpp"):
             remote = _logits(moe_f32, n_gpu_layers=99, rpc_servers=[f"127.0.0.1:{p}" for p in ports])
         # llama.cpp put weights on both servers (its load log names each RPC buffer)
