@@ -60,8 +60,8 @@ TEST_WORKERS ?= 4
 test: setup cuda-deps upstream-lib
 	$(VPY) -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n logical --maxprocesses $(TEST_WORKERS) --dist loadfile) --durations=15
 
-# The unpatched libllama the tests compare against (tests/test_native.py builds it too when it is
-# missing), built here with every core: inside a pinned test worker it would get one.
+# The unpatched libllama the tests compare against (tests/test_native.py runs this target too, for
+# pytest run alone), built here with every core: inside a pinned test worker it would get one.
 upstream-lib:
 	@$(TREE) prepare $(UP_SRC) --upstream
 	@$(TREE) build $(UP_SRC) build/upstream-cpu --upstream --backend cpu --targets llama --jobs $(JOBS)
