@@ -65,7 +65,7 @@ def run_ours(path: Path, turns: int, threads: int) -> list[dict]:
     with Model.load(path, n_ctx=8192, n_threads=threads) as m:
         chat = Chat(m, enable_thinking=False)
         for t in range(turns):
-            r = chat.send(user_message(t), SamplingParams(max_tokens=REPLY_TOKENS))
+            r = chat.send(user_message(t), SamplingParams(temperature=0, max_tokens=REPLY_TOKENS))
             rows.append({"prompt": r.usage.prompt_tokens, "evaluated": r.usage.evaluated_tokens,
                          "ttft_s": r.timings.first_token_ms / 1e3, "decode_tok_s": r.timings.decode_tok_s})
     return rows

@@ -52,7 +52,7 @@ def run(path: Path, threads: int, max_tokens: int, draft_max: int | None, p_min:
         chat = Chat(m, speculative="mtp" if spec else None, draft_max=draft_max or 1, draft_p_min=p_min)
         tokens, n, ms, st = [], 0, 0.0, [0, 0, 0]
         for q in QUESTIONS:
-            r = chat.send(q, SamplingParams(max_tokens=max_tokens))
+            r = chat.send(q, SamplingParams(temperature=0, max_tokens=max_tokens))
             tokens.append(r.tokens)
             n += r.usage.completion_tokens
             ms += r.timings.generate_ms

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Union
 
-from .model import DRAFT_MAX, ModelError, SamplingParams
+from . import structured
+from .model import DRAFT_MAX, ModelError
+from .sampling import Sampler, SamplingParams
 from .session import PromptCache
+from .structured import THINK_END, TOOL_OPEN
 from .toolcalls import MalformedToolCall, Text, ToolCall, ToolCallParser
 
 if TYPE_CHECKING:
@@ -23,7 +27,6 @@ if TYPE_CHECKING:
 
     from .model import Model
 
-THINK_END = "</think>"
 OVERFLOW_POLICIES = ("error", "drop_oldest")
 SPECULATIVE = (None, "mtp")
 
@@ -108,64 +111,86 @@ class Reply:
     speculation: Speculation | None = None   # with speculative="mtp"
 
 
-def sample(logits: "np.ndarray", params: SamplingParams, rng) -> int:
-    """Greedy at temperature 0; else temperature, top-k, top-p over a softmax (numpy)."""
-    import numpy as np
+class _StopFilter:
+    """Cuts the reply's text at the first stop string (held back while a stop could begin)."""
 
-    if params.temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / params.temperature
-    idx = np.argsort(-z)
-    if params.top_k > 0:
-        idx = idx[: params.top_k]
-    p = np.exp(z[idx] - z[idx[0]])
-    p /= p.sum()
-    if params.top_p < 1.0:
-        keep = int(np.searchsorted(np.cumsum(p), params.top_p) + 1)
-        idx, p = idx[:keep], p[:keep] / p[:keep].sum()
-    return int(idx[rng.choice(len(idx), p=p)])
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.held, self.stopped = stops, "", False
+        self.keep = max((len(x) for x in stops), default=1) - 1
+
+    def feed(self, text: str) -> str:
+        if not self.stops or self.stopped:
+            return "" if self.stopped else text
+        self.held += text
+        hits = [i for i in (self.held.find(x) for x in self.stops) if i >= 0]
+        if hits:
+            out, self.held, self.stopped = self.held[:min(hits)], "", True
+            return out
+        cut = max(len(self.held) - self.keep, 0)
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out
+
+    def finish(self) -> str:
+        out, self.held = self.held, ""
+        return out
 
 
 class _ReplyText:
     """The text of one reply as it is sampled: token bytes decoded as UTF-8 across token
-    boundaries, the reasoning split from the answer at </think> (a partial tag is held back),
-    and the answer fed to the tool-call parser."""
+    boundaries, cut at a stop string, the reasoning split from the answer at </think> (or at a
+    <tool_call> opened while reasoning; a partial tag is held back), and the answer fed to the
+    tool-call parser. The answer's leading newlines (the format's, after </think>) are dropped;
+    nothing else is."""
 
-    def __init__(self, model: "Model", parser: ToolCallParser, thinking: bool):
+    def __init__(self, model: "Model", parser: ToolCallParser | None, thinking: bool, stops: tuple[str, ...] = ()):
         self.model, self.parser, self.thinking = model, parser, thinking
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.held = ""          # reasoning text that might be the start of </think>
+        self.stop = _StopFilter(stops)
+        self.held = ""          # reasoning text that might be the start of </think> or <tool_call>
+        self.answering = False  # the answer has begun (its leading newlines are behind)
         self.tokens: list[int] = []
         self.reasoning: list[str] = []
         self.content: list[str] = []
         self.calls: list[ToolCall] = []
         self.bad: list[MalformedToolCall] = []
 
+    @property
+    def stopped(self) -> bool:
+        """A stop string was generated: the reply ends here."""
+        return self.stop.stopped
+
     def feed(self, token: int) -> list[Event]:
         """The events of one more token. All of its text is taken in before any event is given,
         so a consumer that stops at one of them leaves nothing half-done."""
         self.tokens.append(token)
-        text = self.decoder.decode(self.model.piece(token))
+        return self.feed_bytes(self.model.piece(token))
+
+    def feed_bytes(self, piece: bytes) -> list[Event]:
+        return self._text(self.stop.feed(self.decoder.decode(piece)))
+
+    def _text(self, text: str) -> list[Event]:
         if not self.thinking:
-            # the answer starts at its first visible character
-            return self._answer(text if self.content or text.strip() or self.calls else text.lstrip("\n"))
+            return self._answer(text)
         self.held += text
-        if THINK_END in self.held:
-            reasoning, after = self.held.split(THINK_END, 1)
+        ends = [(i, tag) for tag in (THINK_END, TOOL_OPEN) if (i := self.held.find(tag)) >= 0]
+        if ends:
+            i, tag = min(ends)
+            reasoning, after = self.held[:i], self.held[i + len(THINK_END):] if tag == THINK_END else self.held[i:]
             self.thinking, self.held = False, ""
-            return self._reasoning(reasoning) + self._answer(after.lstrip("\n"))
-        keep = next((k for k in range(min(len(THINK_END) - 1, len(self.held)), 0, -1)
-                     if THINK_END.startswith(self.held[-k:])), 0)
+            return self._reasoning(reasoning) + self._answer(after)
+        keep = next((k for k in range(min(len(TOOL_OPEN) - 1, len(self.held)), 0, -1)
+                     if THINK_END.startswith(self.held[-k:]) or TOOL_OPEN.startswith(self.held[-k:])), 0)
         shown, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
         return self._reasoning(shown)
 
     def finish(self) -> tuple[list[Event], dict]:
         """The events held back until the end, and the assistant message of the reply."""
-        tail = self.decoder.decode(b"", final=True)
+        tail = self.stop.feed(self.decoder.decode(b"", final=True)) + self.stop.finish()
         rest = self._reasoning(self.held + tail) if self.thinking else self._answer(tail)
         self.held = ""
-        for e in self.parser.finish():
-            rest += self._event(e)
+        if self.parser is not None:
+            for e in self.parser.finish():
+                rest += self._event(e)
         msg = {"role": "assistant", "content": "".join(self.content).strip()}
         if self.reasoning:
             msg["reasoning_content"] = "".join(self.reasoning).strip()
@@ -180,6 +205,13 @@ class _ReplyText:
         return [ReasoningDelta(text)]
 
     def _answer(self, text: str) -> list[Event]:
+        if not self.answering:
+            text = text.lstrip("\n")
+            self.answering = bool(text)
+        if not text:
+            return []
+        if self.parser is None:
+            return self._event(Text(text))
         return [ev for e in self.parser.feed(text) for ev in self._event(e)]
 
     def _event(self, e) -> list[Event]:
@@ -209,7 +241,8 @@ class Chat:
     def __init__(self, model: "Model", *, system: str | None = None, tools: list[dict] | None = None,
                  enable_thinking: bool = True, seq_id: int = 0, checkpoint_every: int = 1024,
                  checkpoint_budget: int = 512 << 20, overflow: str = "error",
-                 speculative: str | None = None, draft_max: int = DRAFT_MAX, draft_p_min: float = 0.0):
+                 speculative: str | None = None, draft_max: int = DRAFT_MAX, draft_p_min: float = 0.0,
+                 sampling: SamplingParams | None = None):
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow={overflow!r} is not one of {', '.join(OVERFLOW_POLICIES)}")
         if speculative not in SPECULATIVE:
@@ -222,6 +255,7 @@ class Chat:
                                  f"({model.n_rs_seq}): rejected drafts are undone by recurrent rollback; "
                                  "load the model with a larger n_rs_seq")
         self.speculative, self.draft_max, self.draft_p_min = speculative, draft_max, draft_p_min
+        self.sampling_params = sampling or SamplingParams()   # what a turn given no sampling uses
         self.model, self.tools, self.enable_thinking, self.overflow = model, tools, enable_thinking, overflow
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.cache = PromptCache(model, seq_id, checkpoint_every=checkpoint_every, budget_bytes=checkpoint_budget)
@@ -240,10 +274,17 @@ class Chat:
             msg["name"] = name
         self.messages.append(msg)
 
-    def send(self, user: str | None = None, sampling: SamplingParams = SamplingParams()) -> Reply:
-        for _ in self.stream(user, sampling):
+    def send(self, user: str | None = None, sampling: SamplingParams | None = None, *,
+             response_format: dict | None = None, tool_choice: str | dict | None = None) -> Reply:
+        """The reply to user (None: to the conversation as it is, e.g. after a tool result)."""
+        for _ in self.stream(user, sampling, response_format=response_format, tool_choice=tool_choice):
             pass
         return self.last
+
+    def sampling(self, sampling: SamplingParams | None = None) -> SamplingParams:
+        """What a reply samples with: sampling (default: the chat's), fields left None from the
+        model's recommendation."""
+        return (sampling or self.sampling_params).resolve(self.model.recommended_sampling)
 
     def _prompt(self, messages: list[dict], max_tokens: int) -> tuple[list[int], list[int], list[dict]]:
         """The prompt of messages, after dropping the oldest exchanges if the overflow policy
@@ -270,22 +311,45 @@ class Chat:
         marks = [i for i in range(len(tokens) - n + 1) if tokens[i:i + n] == self._assistant_start]
         return tokens, marks, messages
 
-    def stream(self, user: str | None = None, sampling: SamplingParams = SamplingParams()) -> Iterator[Event]:
+    def stream(self, user: str | None = None, sampling: SamplingParams | None = None, *,
+               response_format: dict | None = None, tool_choice: str | dict | None = None) -> Iterator[Event]:
         """Add the user message (if any) and generate the reply as events; the whole reply is in
         ``self.last`` afterwards and the assistant message is appended to the conversation.
 
-        Stopping early (closing the stream, breaking out of the loop, Ctrl-C) keeps what was
-        generated as the reply, with finish_reason "interrupted"; before the first token, or when
-        the message does not fit the context, the conversation stays as it was."""
-        import numpy as np
+        sampling: None fields (all of them by default) take the GGUF's recommended sampling
+        (``SamplingParams.resolve``). response_format: OpenAI's ``{"type": "json_object"}`` or
+        ``{"type": "json_schema", "json_schema": {"schema": ...}}``: the answer (after the
+        reasoning, when thinking is on) follows the schema. tool_choice: "auto" (default),
+        "none" (no call), "required" (the answer is one or more calls), or
+        ``{"type": "function", "function": {"name": NAME}}`` (a call of NAME).
 
+        Bad settings raise ValueError (SamplerError for a grammar llama.cpp refuses) before
+        anything is evaluated. Stopping early (closing the stream, breaking out of the loop,
+        Ctrl-C) keeps what was generated as the reply, with finish_reason "interrupted"; before
+        the first token, or when the message does not fit the context, the conversation stays as
+        it was."""
         t_start = time.perf_counter()
+        params = self.sampling(sampling)
+        cons = structured.constraint(response_format, self.tools, tool_choice, thinking=self.enable_thinking)
+        if not cons.calls_allowed:   # tool_choice "none": the call token is never drawn
+            ban = self.model.tokenize(TOOL_OPEN, special=True)
+            if len(ban) == 1:
+                params = replace(params, logit_bias={**params.logit_bias, ban[0]: -math.inf})
         asked = [*self.messages, {"role": "user", "content": user}] if user is not None else list(self.messages)
-        prompt, marks, messages = self._prompt(asked, sampling.max_tokens)
+        prompt, marks, messages = self._prompt(asked, params.max_tokens)
+        sampler = self.model.sampler(params, grammar=cons.grammar, triggers=cons.triggers)
+        try:
+            yield from self._reply(sampler, params, prompt, marks, asked, messages, cons.calls_allowed, t_start)
+        finally:
+            sampler.close()
+
+    def _reply(self, sampler: Sampler, params: SamplingParams, prompt: list[int], marks: list[int],
+               asked: list[dict], messages: list[dict], calls: bool, t_start: float) -> Iterator[Event]:
         t0 = time.perf_counter()
         logits, u = self.cache.eval(prompt, marks=marks)
         t1 = time.perf_counter()
-        text = _ReplyText(self.model, ToolCallParser(self.tools), self.enable_thinking)
+        parser = ToolCallParser(self.tools) if calls else None
+        text = _ReplyText(self.model, parser, self.enable_thinking, params.stop)
         spec = [0, 0, 0]  # steps, drafted, accepted
         t_first = None
 
@@ -306,7 +370,8 @@ class Chat:
             return rest
 
         finish = "length"
-        tokens = self._tokens(logits, sampling, np.random.default_rng(sampling.seed), spec)
+        first = sampler.sample(self.model._ctx) if u.evaluated_tokens else sampler.sample_logits(logits)
+        tokens = self._tokens(first, sampler, params.max_tokens, spec)
         try:
             for tok in tokens:
                 t_first = t_first or time.perf_counter()
@@ -314,7 +379,10 @@ class Chat:
                     finish = "stop"
                     break
                 yield from text.feed(tok)
-                if len(text.tokens) >= sampling.max_tokens:
+                if text.stopped:
+                    finish = "stop"
+                    break
+                if len(text.tokens) >= params.max_tokens:
                     break
         except BaseException:   # GeneratorExit, KeyboardInterrupt, a failed decode: keep what came
             tokens.close()
@@ -324,33 +392,37 @@ class Chat:
         tokens.close()
         yield from record(finish)
 
-    def _tokens(self, logits: "np.ndarray", sampling: SamplingParams, rng, spec: list[int]) -> Iterator[int]:
-        """The sampled tokens of the reply, one at a time; a token is evaluated only when the
-        caller asks for the next one. spec: [steps, drafted, accepted], updated in place."""
-        cache, n = self.cache, 0
-        tok = sample(logits, sampling, rng)
+    def _tokens(self, tok: int, sampler: Sampler, max_tokens: int, spec: list[int]) -> Iterator[int]:
+        """The sampled tokens of the reply, one at a time, from the first one (tok); a token is
+        evaluated only when the caller asks for the next one. spec: [steps, drafted, accepted],
+        updated in place. Every token is drawn by sampler from the target's logits, exactly once,
+        speculative or not: the same draws give the same reply."""
+        cache, ctx, n = self.cache, self.model._ctx, 0
         while True:
             yield tok
             n += 1
             pos = len(cache.tokens)
-            room = min(self.draft_max, sampling.max_tokens - n, self.model.n_ctx_seq - pos - 1)
+            room = min(self.draft_max, max_tokens - n, self.model.n_ctx_seq - pos - 1)
             if self.speculative is None or room <= 0:
-                tok = sample(cache.append(tok), sampling, rng)
+                cache.append(tok)
+                tok = sampler.sample(ctx)
                 continue
             drafts = self.model.mtp.draft(cache.seq_id, tok, pos, room, self.draft_p_min)
             verify = cache.extend([tok, *drafts])
             spec[0] += 1
             spec[1] += len(drafts)
+            # drawn before anything is yielded: another chat on this model may decode meanwhile
+            drawn = []
             for i in range(len(drafts) + 1):
-                nxt = sample(verify[i], sampling, rng)
-                if i < len(drafts) and nxt == drafts[i]:
-                    spec[2] += 1
-                    n += 1
-                    yield nxt
-                    continue
-                cache.truncate(pos + i + 1, verify[i])   # keep tok and the i accepted drafts
-                tok = nxt
-                break
+                drawn.append(sampler.sample(ctx, i))
+                if i == len(drafts) or drawn[i] != drafts[i]:
+                    break
+            cache.truncate(pos + len(drawn), verify[len(drawn) - 1])   # keep tok and the accepted drafts
+            spec[2] += len(drawn) - 1
+            for nxt in drawn[:-1]:
+                n += 1
+                yield nxt
+            tok = drawn[-1]
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> None:

@@ -36,10 +36,22 @@ def chat(
     n_ctx: int = typer.Option(8192, "--ctx", help="Context size in tokens."),
     n_gpu_layers: int = typer.Option(0, "--gpu-layers", "-ngl", help="Layers to offload to the GPU."),
     threads: int = typer.Option(0, "--threads", help="CPU threads (default: all cores)."),
-    temperature: float = typer.Option(0.0, "--temp", help="Sampling temperature (0 = greedy)."),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    top_k: int = typer.Option(0, "--top-k"),
-    seed: int = typer.Option(0, "--seed"),
+    temperature: float = typer.Option(None, "--temp", help="Sampling temperature; 0 = greedy. [default: the "
+                                      "GGUF's recommended sampling, else llama.cpp's defaults; likewise below]"),
+    top_k: int = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = all)."),
+    top_p: float = typer.Option(None, "--top-p", help="Keep the most likely tokens up to this probability mass."),
+    min_p: float = typer.Option(None, "--min-p", help="Drop tokens below this fraction of the top token's "
+                                                      "probability."),
+    presence_penalty: float = typer.Option(0.0, "--presence-penalty",
+                                           help="Subtracted from the logit of every token the reply already has "
+                                                "(Qwen suggests up to 1.5 against repetition)."),
+    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty",
+                                            help="Subtracted once per earlier occurrence in the reply."),
+    repeat_penalty: float = typer.Option(None, "--repeat-penalty", help="Divides repeated tokens' logits (1 = off)."),
+    repeat_last_n: int = typer.Option(None, "--repeat-last-n",
+                                      help="How many of the reply's last tokens the penalties see (-1 = all)."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the draws (same seed, same reply). [default: random]"),
+    stop: list[str] = typer.Option(None, "--stop", help="End the reply at this text (repeatable)."),
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens per reply."),
     as_json: bool = typer.Option(False, "--json", help="With -p: print the reply as JSON."),
     speculative: str = typer.Option(None, "--speculative", metavar="mtp",
@@ -60,7 +72,13 @@ def chat(
     from .chat import Chat, ContextOverflow
     from .model import Model, ModelError, SamplingParams
 
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, max_tokens=max_tokens)
+    try:
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                  repetition_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                                  frequency_penalty=frequency_penalty, penalty_last_n=repeat_last_n, seed=seed,
+                                  max_tokens=max_tokens, stop=tuple(stop or ()))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     if speculative not in (None, "mtp"):
         raise typer.BadParameter(f"{speculative!r} is not a speculative mode; use --speculative mtp",
                                  param_hint="--speculative")
@@ -75,7 +93,7 @@ def chat(
     with Model.load(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads or None, load_mtp=spec,
                     n_rs_seq=max(draft_max, 1) if spec else None) as m:
         session = Chat(m, system=system, enable_thinking=think, speculative=speculative, draft_max=draft_max,
-                       draft_p_min=draft_p_min, overflow=OVERFLOW[overflow])
+                       draft_p_min=draft_p_min, overflow=OVERFLOW[overflow], sampling=sampling)
         if prompt is not None:
             try:
                 _turn(session, prompt, sampling, out, err, quiet=as_json)
@@ -86,15 +104,15 @@ def chat(
                 print("error: interrupted", file=sys.stderr)
                 raise typer.Exit(130)
             if as_json:
-                print(json.dumps(_reply_json(session.last)))
+                print(json.dumps({**_reply_json(session.last), "sampling": _sampling_json(session.sampling(sampling))}))
             return
         if sys.stdin.isatty():
             try:
                 import readline  # noqa: F401  (line editing and history for input())
             except ImportError:
                 pass
-        err.print(f"{m.path.name}: {m.n_ctx} tokens of context, thinking {'on' if think else 'off'}. {HELP}",
-                  style="dim", markup=False)
+        err.print(f"{m.path.name}: {m.n_ctx} tokens of context, thinking {'on' if think else 'off'}, "
+                  f"sampling: {session.sampling(sampling).describe()}. {HELP}", style="dim", markup=False)
         while True:
             try:
                 text = _read_message()
@@ -193,6 +211,10 @@ def _reply_json(r) -> dict:
                         "decode_tok_s": r.timings.decode_tok_s}}
 
 
+def _sampling_json(p) -> dict:
+    return {k: v for k, v in p.__dict__.items() if k not in ("grammar", "logit_bias")} | {"stop": list(p.stop)}
+
+
 def _command(session, text: str, err) -> bool:
     """A /command; True when the chat should end."""
     cmd, _, arg = text.partition(" ")
@@ -215,7 +237,7 @@ def _command(session, text: str, err) -> bool:
         err.print(f"loaded {arg}: {len(session.messages)} messages, "
                   f"{len(session.cache.tokens)} tokens, nothing re-evaluated", style="dim", markup=False)
     elif cmd == "/stats":
-        err.print(_stats(session), style="dim")
+        err.print(_stats(session), style="dim", markup=False)
     else:
         err.print(f"unknown command {text!r}; {HELP}", style="red", markup=False)
     return False
@@ -224,7 +246,7 @@ def _command(session, text: str, err) -> bool:
 def _stats(session) -> str:
     r = session.last
     if r is None:
-        return "no reply yet"
+        return f"no reply yet | sampling: {session.sampling(session.sampling_params).describe()}"
     line = (f"prompt {r.usage.prompt_tokens} tokens: {r.usage.reused_tokens} reused, "
             f"{r.usage.evaluated_tokens} evaluated at {r.timings.prefill_tok_s:.1f} tok/s | "
             f"reply {r.usage.completion_tokens} tokens at {r.timings.decode_tok_s:.1f} tok/s | "
@@ -233,7 +255,7 @@ def _stats(session) -> str:
         sp = r.speculation
         line += (f" | MTP drafts: {sp.accepted}/{sp.drafted} accepted ({sp.acceptance_rate:.0%}), "
                  f"{sp.tokens_per_step:.2f} tokens per step")
-    return line
+    return line + f" | sampling: {session.sampling(session.sampling_params).describe()}"
 
 
 def _read_message() -> str | None:

@@ -1,19 +1,24 @@
 """Load a Qwen3.5 GGUF and generate chat replies through the patched llama.cpp.
 
 >>> from qwen35.bindings.model import SamplingParams
->>> SamplingParams().temperature
-0.0
+>>> SamplingParams(temperature=0).temperature   # greedy; None fields take the GGUF's recommendation
+0
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import native
+from .sampling import Sampler, SamplingParams, recommended
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .chat import Reply
 
 log = logging.getLogger(__name__)
 
@@ -24,41 +29,6 @@ KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # ggml_type of the full-
 
 class ModelError(RuntimeError):
     """A model that cannot be used, with the reason and the fix."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the next token is chosen. temperature 0 is greedy (deterministic)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    max_tokens: int = 128
-
-
-@dataclass(frozen=True)
-class Timings:
-    prompt_tokens: int
-    prompt_ms: float
-    generated_tokens: int
-    generate_ms: float
-
-    @property
-    def prompt_tok_s(self) -> float:
-        return self.prompt_tokens / max(self.prompt_ms, 1e-9) * 1e3
-
-    @property
-    def generate_tok_s(self) -> float:
-        return self.generated_tokens / max(self.generate_ms, 1e-9) * 1e3
-
-
-@dataclass(frozen=True)
-class ChatResult:
-    text: str
-    finish_reason: str  # "stop" (end-of-generation token) or "length" (max_tokens)
-    tokens: list[int]
-    timings: Timings
 
 
 def _meta(model_p, key: str) -> str | None:
@@ -72,6 +42,17 @@ def _meta(model_p, key: str) -> str | None:
         buf = ctypes.create_string_buffer(n + 1)
         llama_cpp.llama_model_meta_val_str(model_p, key.encode(), buf, len(buf))
     return buf.value.decode("utf-8", errors="replace")
+
+
+def _number(text: str | None) -> float | int | None:
+    """A metadata value as llama.cpp prints it, as a number (None when absent or not a number)."""
+    if text is None:
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        return None
+    return int(v) if v.is_integer() and "." not in text else v
 
 
 def _gguf_header(path: Path):
@@ -207,6 +188,12 @@ class Model:
         self.architecture = _meta(model_p, "general.architecture")
         self.chat_template = _meta(model_p, "tokenizer.chat_template")
         self._template = None
+        # general.sampling.* of the GGUF: what SamplingParams fields left None resolve to
+        self.recommended_sampling = recommended(
+            {k: _number(_meta(model_p, k)) for k in ("general.sampling.temp", "general.sampling.top_k",
+                                                      "general.sampling.top_p", "general.sampling.min_p",
+                                                      "general.sampling.penalty_repeat",
+                                                      "general.sampling.penalty_last_n")})
 
     @classmethod
     def load(cls, path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
@@ -492,41 +479,22 @@ class Model:
             finally:
                 llama_cpp.llama_batch_free(batch)
 
-    def chat(self, messages: list[dict], sampling: SamplingParams = SamplingParams(), *,
-             enable_thinking: bool = True) -> ChatResult:
-        """Generate the assistant's reply to messages (the conversation starts fresh)."""
+    def sampler(self, params: SamplingParams, *, grammar: str | None = None, triggers: tuple[str, ...] = ()) -> Sampler:
+        """A llama.cpp sampler chain over this model's vocabulary, for params (fields left None: the
+        GGUF's recommendation); close it after use."""
         import llama_cpp
 
-        prompt = self.tokenize(self.render(messages, enable_thinking=enable_thinking))
-        if len(prompt) + sampling.max_tokens > self.n_ctx:
-            raise ModelError(f"prompt ({len(prompt)} tokens) + max_tokens ({sampling.max_tokens}) exceeds "
-                             f"n_ctx={self.n_ctx}; load the model with a larger n_ctx")
-        self.clear()
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        if sampling.temperature <= 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
-        else:
-            if sampling.top_k > 0:
-                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(sampling.top_k))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(sampling.temperature))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(sampling.seed))
-        try:
-            t0 = time.perf_counter()
-            self._decode(prompt, 0)
-            t1 = time.perf_counter()
-            out: list[int] = []
-            finish = "length"
-            while len(out) < sampling.max_tokens:
-                tok = llama_cpp.llama_sampler_sample(chain, self._ctx, -1)
-                if llama_cpp.llama_vocab_is_eog(self._vocab, tok):
-                    finish = "stop"
-                    break
-                out.append(tok)
-                self._decode([tok], len(prompt) + len(out) - 1)
-            t2 = time.perf_counter()
-        finally:
-            llama_cpp.llama_sampler_free(chain)
-        text = b"".join(self._piece(t) for t in out).decode("utf-8", errors="replace")
-        return ChatResult(text=text, finish_reason=finish, tokens=out,
-                          timings=Timings(len(prompt), (t1 - t0) * 1e3, len(out), (t2 - t1) * 1e3))
+        return Sampler(self._vocab, llama_cpp.llama_vocab_n_tokens(self._vocab),
+                       params.resolve(self.recommended_sampling), grammar=grammar,
+                       triggers=triggers)
+
+    def chat(self, messages: list[dict], sampling: SamplingParams | None = None, *, enable_thinking: bool = True,
+             tools: list[dict] | None = None, response_format: dict | None = None,
+             tool_choice: str | dict | None = None) -> "Reply":
+        """The assistant's reply to messages, from a fresh conversation on sequence 0 (a ``Chat``
+        with these messages: the same sampling, parsing and structured output)."""
+        from .chat import Chat
+
+        chat = Chat(self, tools=tools, enable_thinking=enable_thinking)
+        chat.messages = list(messages)
+        return chat.send(None, sampling, response_format=response_format, tool_choice=tool_choice)

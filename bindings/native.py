@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,6 +130,37 @@ def _route_native_log() -> None:
         logging.basicConfig(level=logging.DEBUG)
     else:
         _llama_log.setLevel(logging.ERROR)
+
+
+@contextmanager
+def quiet_errors():
+    """Around a llama.cpp call that reports failure in its log or on stderr (the grammar parser
+    prints there): what it said is collected in the yielded list instead of being shown."""
+    import tempfile
+
+    said: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    handler, propagate = _Collect(), _llama_log.propagate
+    _llama_log.addHandler(handler)
+    _llama_log.propagate = False
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield said
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            _llama_log.removeHandler(handler)
+            _llama_log.propagate = propagate
+            tmp.seek(0)
+            said[:0] = [line for line in tmp.read().decode("utf-8", "replace").splitlines()
+                        if "error" in line.lower()][:1]
 
 
 _interrupted = False  # a Ctrl-C landed in a callback during the C call in progress

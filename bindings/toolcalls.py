@@ -72,6 +72,8 @@ def _schemas(tools: list[dict] | None) -> dict[str, dict]:
 def _convert(value: str, schema: dict | None) -> Any:
     kind = (schema or {}).get("type")
     if isinstance(kind, list):
+        if "null" in kind and value.strip() in ("null", "None"):   # JSON's null, or as the template writes None
+            return None
         kind = next((k for k in kind if k != "null"), None)
     try:
         if kind == "integer":

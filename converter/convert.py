@@ -184,13 +184,27 @@ def _block(name: str) -> int:
     return int(parts[1]) if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit() else -1
 
 
+def general_metadata(w: gguf.GGUFWriter, model_dir: Path) -> gguf.Metadata:
+    """The general.* keys upstream's converter writes, found as it finds them (gguf-py's
+    Metadata.load): the recommended sampling from generation_config.json, license, tags,
+    languages and base models from the model card's front matter, name and size label (from the
+    parameters of the tensors already added to w)."""
+    total, shared, expert, n_expert = w.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, model_dir, None, total)
+    if meta.name is None:
+        meta.name = model_dir.resolve().name
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, n_expert)
+    return meta
+
+
 def _add_metadata(w: gguf.GGUFWriter, plan: Plan) -> None:
     """The same keys, types and values as upstream's Qwen3_5[Moe]TextModel."""
     c = plan.ckpt.config
     n_layer = c["num_hidden_layers"]
     rope = c["rope_parameters"]
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(plan.ckpt.path.resolve().name)
+    general_metadata(w, plan.ckpt.path).set_gguf_meta_model(w)
     w.add_block_count(n_layer + plan.n_mtp)
     w.add_context_length(c["max_position_embeddings"])
     w.add_embedding_length(c["hidden_size"])
@@ -470,10 +484,10 @@ def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int
     done = 0
     w = _Writer(path=None, arch=plan.ckpt.arch, split_max_size=split_max_size)
     try:
-        _add_metadata(w, plan)
         for t in plan.tensors:
             # logical shape (numpy order) with raw_dtype: the writer stores it as ggml ne reversed
             w.add_tensor_info(t.out.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+        _add_metadata(w, plan)   # after the tensors: general.size_label counts their parameters
         files = w.format_shard_names(path)
         w.write_header_to_file(path=path)
         w.write_kv_data_to_file()

@@ -69,3 +69,13 @@ def tiny_moe_f32(tmp_path_factory, lib_dir) -> tuple[Path, Path]:
     out = d / "f32.gguf"
     convert(hf, out, file_type="F32")
     return hf, out
+
+
+@pytest.fixture(scope="session")
+def trained_dense_gguf(tmp_path_factory, lib_dir) -> Path:
+    """The trained dense demo checkpoint (examples/models/qwen35-dense-tiny) as Q8_0: real
+    logits, its generation_config's recommended sampling in general.sampling.*."""
+    from qwen35.converter.convert import convert
+
+    d = tmp_path_factory.mktemp("trained-dense-q8")
+    return convert(ROOT / "examples" / "models" / "qwen35-dense-tiny", d / "dense-Q8_0.gguf", file_type="Q8_0").path

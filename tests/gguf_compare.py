@@ -1,4 +1,4 @@
-"""Compare two GGUF files: metadata (optionally without general.*) and tensors byte for byte."""
+"""Compare two GGUF files: metadata (every key, general.* included, unless named) and tensors byte for byte."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ def tensor_order(path) -> list[str]:
     return [t.name for t in scan(path).tensors]
 
 
-def differences(a, b, skip_general=True, last_bit: tuple[str, ...] = ()) -> list[str]:
+def differences(a, b, skip: tuple[str, ...] = (), last_bit: tuple[str, ...] = ()) -> list[str]:
     """Human-readable differences between GGUF files a and b (empty when identical).
 
+    skip: metadata keys that legitimately differ (each caller says why).
     last_bit: names ending in one of these are F32 tensors whose values may differ by one unit in
     the last place (same sign), e.g. ".ssm_a": -exp(A_log), where upstream's torch float32 exp is
     not correctly rounded; every other byte must still be equal."""
     sa, sb = scan(a), scan(b)
     out = []
-    keys = {k for k in set(sa.kv) | set(sb.kv) if not (skip_general and k.startswith("general."))}
+    keys = (set(sa.kv) | set(sb.kv)) - set(skip)
     for k in sorted(keys):
         if k not in sa.kv or k not in sb.kv:
             out.append(f"key {k}: only in {'a' if k in sa.kv else 'b'}")

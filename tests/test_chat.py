@@ -6,7 +6,7 @@ import pytest
 from qwen35.bindings.model import ModelError, SamplingParams
 from qwen35.cpus import usable_cpus
 
-GREEDY = SamplingParams(max_tokens=12)
+GREEDY = SamplingParams(temperature=0, max_tokens=12)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_stream_splits_reasoning_content_and_tool_calls(gguf_f32, monkeypatch):
         greedy = chat_mod.sample
         monkeypatch.setattr(chat_mod, "sample", lambda *a: next(it))
         chat = Chat(m, tools=tools)
-        events = list(chat.stream("Weather in Paris for 3 days?", SamplingParams(max_tokens=200)))
+        events = list(chat.stream("Weather in Paris for 3 days?", SamplingParams(temperature=0, max_tokens=200)))
         r = chat.last
         assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)).strip() == \
             "The user wants weather. Ünïcode ✓."
@@ -114,7 +114,7 @@ def test_stream_splits_reasoning_content_and_tool_calls(gguf_f32, monkeypatch):
         # the tool result goes back as a tool message and the next turn renders and reuses the history
         chat.add_tool_result({"temp_c": 21}, name="get_weather")
         monkeypatch.setattr(chat_mod, "sample", greedy)
-        nxt = chat.send(None, SamplingParams(max_tokens=4))
+        nxt = chat.send(None, SamplingParams(temperature=0, max_tokens=4))
         assert "<tool_response>" in m.render(chat.messages[:-1], tools=tools)
         assert nxt.usage.reused_tokens > 0
 
@@ -125,12 +125,12 @@ def test_context_overflow_is_an_error_or_the_chosen_policy(gguf_f32):
     long = "word " * 200
     with _load(gguf_f32, n_ctx=512) as m:
         chat = Chat(m)
-        chat.send(long, SamplingParams(max_tokens=8))
-        chat.send(long, SamplingParams(max_tokens=8))
+        chat.send(long, SamplingParams(temperature=0, max_tokens=8))
+        chat.send(long, SamplingParams(temperature=0, max_tokens=8))
         with pytest.raises(ModelError, match="larger n_ctx"):
-            chat.send(long, SamplingParams(max_tokens=8))
+            chat.send(long, SamplingParams(temperature=0, max_tokens=8))
         chat = Chat(m, overflow="drop_oldest")
         for _ in range(4):
-            r = chat.send(long, SamplingParams(max_tokens=8))
+            r = chat.send(long, SamplingParams(temperature=0, max_tokens=8))
         assert r.usage.prompt_tokens + 8 <= 512
         assert sum(msg["role"] == "user" for msg in chat.messages) < 4

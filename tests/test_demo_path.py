@@ -81,12 +81,12 @@ def test_bindings_match_transformers(tiny):
         assert ours.argmax() == ref.argmax()
 
         # greedy chat equals transformers' greedy continuation
-        res = m.chat(messages, SamplingParams(max_tokens=8), enable_thinking=False)
+        res = m.chat(messages, SamplingParams(temperature=0, max_tokens=8), enable_thinking=False)
         with torch.no_grad():
             gen = ref_model.generate(torch.tensor([tokens]), max_new_tokens=8, do_sample=False,
                                      eos_token_id=None, pad_token_id=0)[0, len(tokens):].tolist()
         assert res.tokens == gen[: len(res.tokens)]
-        assert res.timings.prompt_tokens == len(tokens) and res.timings.generated_tokens == len(res.tokens)
+        assert res.usage.prompt_tokens == len(tokens) and res.usage.completion_tokens == len(res.tokens)
 
 
 def test_load_errors_are_one_line_with_the_fix(tmp_path, tiny):
@@ -113,8 +113,8 @@ def test_load_errors_are_one_line_with_the_fix(tmp_path, tiny):
     with Model.load(gguf, n_ctx=64, n_threads=usable_cpus()) as m:
         from qwen35.bindings.model import SamplingParams
 
-        with pytest.raises(ModelError, match="exceeds n_ctx=64"):
-            m.chat([{"role": "user", "content": "hi " * 40}], SamplingParams(max_tokens=32))
+        with pytest.raises(ModelError, match="exceeds the 64-token context"):
+            m.chat([{"role": "user", "content": "hi " * 40}], SamplingParams(temperature=0, max_tokens=32))
 
 
 def test_make_demo_script_prints_a_timed_reply(lib_dir):

@@ -7,7 +7,8 @@ import pytest
 
 MODULES = ["qwen35.converter.quantize", "qwen35.converter.convert", "qwen35.converter.inspect",
            "qwen35.converter.verify", "qwen35.bindings.native", "qwen35.bindings.model",
-           "qwen35.bindings.toolcalls", "qwen35.quant"]
+           "qwen35.bindings.toolcalls", "qwen35.bindings.sampling", "qwen35.bindings.structured",
+           "qwen35.bindings.chat", "qwen35.quant"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -23,7 +23,7 @@ from qwen35.cpus import usable_cpus
 ROOT = Path(__file__).resolve().parent.parent
 BINDINGS = str(Path(__import__("qwen35.bindings.chat", fromlist=["x"]).__file__).parent)
 TOL = 1e-4
-S = SamplingParams(max_tokens=10)
+S = SamplingParams(temperature=0, max_tokens=10)
 Q = ["What does json.dumps do?", "How do I read a file line by line?", "And in one line?"]
 
 

@@ -101,7 +101,7 @@ def _replies(path, *, speculative, sampling, thinking=True, **kw):
 def test_speculative_greedy_output_is_the_plain_greedy_output(name, f32):
     from qwen35.bindings.model import SamplingParams
 
-    sp = SamplingParams(max_tokens=80)
+    sp = SamplingParams(temperature=0, max_tokens=80)
     plain = _replies(f32[name], speculative=None, sampling=sp)
     spec = _replies(f32[name], speculative="mtp", sampling=sp)
     assert [r.tokens for r in spec] == [r.tokens for r in plain]
@@ -135,7 +135,7 @@ def test_prompt_cache_stays_exact_after_rejected_drafts(f32):
     with _load(path, load_mtp=True) as m:
         c = Chat(m, speculative="mtp")
         for q in QUESTIONS[:2]:
-            c.send(q, SamplingParams(max_tokens=48))
+            c.send(q, SamplingParams(temperature=0, max_tokens=48))
         assert c.last.speculation.drafted > c.last.speculation.accepted   # drafts were rejected, rolled back
         c.messages.append({"role": "user", "content": "And in one line?"})
         prompt, marks, _ = c._prompt(c.messages, 1)
@@ -150,7 +150,7 @@ def test_saved_chat_resumes_with_its_draft_state(f32, tmp_path):
     from qwen35.bindings.chat import Chat
     from qwen35.bindings.model import SamplingParams
 
-    sp = SamplingParams(max_tokens=48)
+    sp = SamplingParams(temperature=0, max_tokens=48)
     path = f32[NAMES[0]]
     with _load(path, load_mtp=True) as m:
         a = Chat(m, speculative="mtp")
@@ -192,7 +192,7 @@ def test_chat_command_speculative_json(f32):
     import sys
 
     qwen35 = str(Path(sys.executable).parent / "qwen35")
-    base = [qwen35, "chat", str(f32[NAMES[0]]), "-p", QUESTIONS[0], "-n", "40", "--json", "--threads", str(usable_cpus())]
+    base = [qwen35, "chat", str(f32[NAMES[0]]), "-p", QUESTIONS[0], "-n", "40", "--seed", "7", "--json", "--threads", str(usable_cpus())]
     plain = subprocess.run(base, capture_output=True, text=True, timeout=300)
     spec = subprocess.run(base + ["--speculative", "mtp", "--draft-max", "2"], capture_output=True, text=True,
                           timeout=300)
@@ -213,7 +213,7 @@ def test_interleaved_sessions_draft_independently(f32):
     from qwen35.bindings.chat import Chat
     from qwen35.bindings.model import SamplingParams
 
-    sp = SamplingParams(max_tokens=40)
+    sp = SamplingParams(temperature=0, max_tokens=40)
     path = f32[NAMES[1]]
     plain = {q: _replies(path, speculative=None, sampling=sp)[i].tokens for i, q in enumerate(QUESTIONS[:2])}
     with _load(path, load_mtp=True, n_seq_max=2) as m:

@@ -428,7 +428,20 @@ def model_card(spec: Spec, config, log: dict) -> str:
             f"expert ({spec.shared_ff} wide) in every layer" if spec.moe else
             f"dense SwiGLU MLP ({spec.intermediate} wide)")
     tie = "tied to the embeddings" if config.tie_word_embeddings else "its own `lm_head`"
-    return f"""# {spec.name}
+    return f"""---
+license: other
+license_name: psf-2.0
+license_link: https://docs.python.org/3/license.html
+language:
+- en
+tags:
+- qwen3.5
+- {'moe' if spec.moe else 'dense'}
+- tiny
+pipeline_tag: text-generation
+---
+
+# {spec.name}
 
 A small **trained** Qwen3.5 {'MoE ' if spec.moe else ''}checkpoint in the released Hugging Face layout, made
 by `examples/models/train.py` for the toolkit's demo and tests. It answers questions about the Python
