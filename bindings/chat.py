@@ -275,9 +275,11 @@ class Chat:
         self.messages.append(msg)
 
     def send(self, user: str | None = None, sampling: SamplingParams | None = None, *,
-             response_format: dict | None = None, tool_choice: str | dict | None = None) -> Reply:
+             response_format: dict | None = None, tool_choice: str | dict | None = None,
+             parallel_tool_calls: bool = True) -> Reply:
         """The reply to user (None: to the conversation as it is, e.g. after a tool result)."""
-        for _ in self.stream(user, sampling, response_format=response_format, tool_choice=tool_choice):
+        for _ in self.stream(user, sampling, response_format=response_format, tool_choice=tool_choice,
+                             parallel_tool_calls=parallel_tool_calls):
             pass
         return self.last
 
@@ -312,7 +314,8 @@ class Chat:
         return tokens, marks, messages
 
     def stream(self, user: str | None = None, sampling: SamplingParams | None = None, *,
-               response_format: dict | None = None, tool_choice: str | dict | None = None) -> Iterator[Event]:
+               response_format: dict | None = None, tool_choice: str | dict | None = None,
+               parallel_tool_calls: bool = True) -> Iterator[Event]:
         """Add the user message (if any) and generate the reply as events; the whole reply is in
         ``self.last`` afterwards and the assistant message is appended to the conversation.
 
@@ -322,6 +325,7 @@ class Chat:
         reasoning, when thinking is on) follows the schema. tool_choice: "auto" (default),
         "none" (no call), "required" (the answer is one or more calls), or
         ``{"type": "function", "function": {"name": NAME}}`` (a call of NAME).
+        parallel_tool_calls=False: a reply constrained to calls makes one.
 
         Bad settings raise ValueError (SamplerError for a grammar llama.cpp refuses) before
         anything is evaluated. Stopping early (closing the stream, breaking out of the loop,
@@ -330,14 +334,15 @@ class Chat:
         it was."""
         t_start = time.perf_counter()
         params = self.sampling(sampling)
-        cons = structured.constraint(response_format, self.tools, tool_choice, thinking=self.enable_thinking)
+        cons = structured.constraint(response_format, self.tools, tool_choice, thinking=self.enable_thinking,
+                                     parallel_tool_calls=parallel_tool_calls)
         if not cons.calls_allowed:   # tool_choice "none": the call token is never drawn
             ban = self.model.tokenize(TOOL_OPEN, special=True)
             if len(ban) == 1:
                 params = replace(params, logit_bias={**params.logit_bias, ban[0]: -math.inf})
         asked = [*self.messages, {"role": "user", "content": user}] if user is not None else list(self.messages)
         prompt, marks, messages = self._prompt(asked, params.max_tokens)
-        sampler = self.model.sampler(params, grammar=cons.grammar, triggers=cons.triggers)
+        sampler = self.model.sampler(params, grammar=cons.grammar)
         try:
             yield from self._reply(sampler, params, prompt, marks, asked, messages, cons.calls_allowed, t_start)
         finally:

@@ -479,14 +479,13 @@ class Model:
             finally:
                 llama_cpp.llama_batch_free(batch)
 
-    def sampler(self, params: SamplingParams, *, grammar: str | None = None, triggers: tuple[str, ...] = ()) -> Sampler:
+    def sampler(self, params: SamplingParams, *, grammar: str | None = None) -> Sampler:
         """A llama.cpp sampler chain over this model's vocabulary, for params (fields left None: the
         GGUF's recommendation); close it after use."""
         import llama_cpp
 
         return Sampler(self._vocab, llama_cpp.llama_vocab_n_tokens(self._vocab),
-                       params.resolve(self.recommended_sampling), grammar=grammar,
-                       triggers=triggers)
+                       params.resolve(self.recommended_sampling), grammar=grammar)
 
     def chat(self, messages: list[dict], sampling: SamplingParams | None = None, *, enable_thinking: bool = True,
              tools: list[dict] | None = None, response_format: dict | None = None,

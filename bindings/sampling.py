@@ -157,8 +157,7 @@ class Sampler:
     copying the logits; ``sample_logits(array)`` draws from logits held elsewhere. Either way the
     token is accepted (penalties, grammar state). Free with close() (or use ``with``)."""
 
-    def __init__(self, vocab, n_vocab: int, params: SamplingParams, *, grammar: str | None = None,
-                 triggers: tuple[str, ...] = ()):
+    def __init__(self, vocab, n_vocab: int, params: SamplingParams, *, grammar: str | None = None):
         import llama_cpp
 
         p = params.resolve({})   # fields still None: llama.cpp's defaults
@@ -167,12 +166,12 @@ class Sampler:
         self._grammar = None
         self._cur = None  # numpy token-data buffer, made on first need
         try:
-            self._build(vocab, p, grammar, triggers)
+            self._build(vocab, p, grammar)
         except BaseException:
             self.close()
             raise
 
-    def _build(self, vocab, p: SamplingParams, grammar: str | None, triggers: tuple[str, ...]) -> None:
+    def _build(self, vocab, p: SamplingParams, grammar: str | None) -> None:
         lib = self._lib
         add = lambda s: lib.llama_sampler_chain_add(self._chain, s)  # noqa: E731
         penalized = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
@@ -201,7 +200,7 @@ class Sampler:
             add(lib.llama_sampler_init_dist(lib.LLAMA_DEFAULT_SEED if p.seed is None else p.seed))
         text = grammar if grammar is not None else p.grammar
         if text is not None:
-            self._grammar = compile_grammar(vocab, text, triggers)
+            self._grammar = compile_grammar(vocab, text)
 
     def close(self) -> None:
         if self._chain:
@@ -268,21 +267,15 @@ class Sampler:
         return int(arr.data[arr.selected].id)
 
 
-def compile_grammar(vocab, text: str, triggers: tuple[str, ...] = ()):
-    """A llama.cpp grammar sampler for GBNF text (root rule ``root``); with triggers (regular
-    expressions), lazy: it constrains from the first match of one of them on."""
+def compile_grammar(vocab, text: str):
+    """A llama.cpp grammar sampler for GBNF text (root rule ``root``); SamplerError with
+    llama.cpp's reason when it does not compile."""
     import llama_cpp
 
     from . import native
 
     with native.quiet_errors() as log:
-        if triggers:
-            pats = [t.encode() for t in triggers]
-            arr = (ctypes.c_char_p * len(pats))(*pats)
-            g = llama_cpp.llama_sampler_init_grammar_lazy_patterns(vocab, text.encode(), b"root", arr, len(pats),
-                                                                   None, 0)
-        else:
-            g = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), b"root")
+        g = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), b"root")
     if not g:
         why = "; ".join(line.strip() for line in log if line.strip()) or "llama.cpp could not parse it"
         raise SamplerError(f"the grammar does not compile: {why}")

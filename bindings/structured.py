@@ -5,12 +5,14 @@ port of llama.cpp's ``json-schema-to-grammar``); a constrained tool call is Qwen
 (the one its chat template teaches, ``toolcalls.py`` parses) with each typed argument's value
 given by the same converter and each string argument free text up to ``</parameter>``.
 
-With thinking on, the grammar is lazy: the reasoning is free, and the constraint starts where it
-ends — at ``</think>``, or at a ``<tool_call>`` the model opens while still reasoning.
+With thinking on, the reasoning is free text, but the reply may not end inside it: the answer
+the constraint describes starts where the reasoning ends, at ``</think>`` (or at a
+``<tool_call>`` the model opens while still reasoning, when a call is what is asked for).
 
->>> c = constraint({"type": "json_object"}, None, "auto", thinking=False)
->>> c.grammar.splitlines()[0], c.triggers
-('root ::= [\\\\n]{0,2} json', ())
+>>> constraint({"type": "json_object"}, None, "auto", thinking=False).grammar.splitlines()[0]
+'root ::= [\\\\n]{0,2} json'
+>>> constraint({"type": "json_object"}, None, "auto", thinking=True).grammar.splitlines()[0]
+'root ::= think0 ( "</think>" [\\\\n]{0,2} json )'
 >>> constraint({"type": "xml"}, None, "auto", thinking=False)
 Traceback (most recent call last):
 ...
@@ -27,12 +29,17 @@ THINK_END = "</think>"
 TOOL_OPEN = "<tool_call>"
 PARAM_CLOSE = "</parameter>"
 TOOL_CHOICES = ("auto", "none", "required")
+# JSON-schema keywords the grammar converter does not turn into constraints: refused, so that a
+# reply never passes the grammar and then fails the schema
+NOT_ENFORCED = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
+                "minProperties", "maxProperties", "not", "if", "then", "else", "patternProperties",
+                "propertyNames", "dependentRequired", "dependentSchemas", "contains", "minContains", "maxContains",
+                "unevaluatedProperties", "unevaluatedItems")
 
 
 @dataclass(frozen=True)
 class Constraint:
     grammar: str | None = None          # GBNF, root rule "root"
-    triggers: tuple[str, ...] = ()      # regular expressions: the grammar applies from the first match on
     calls_allowed: bool = True          # tool_choice "none": no call is parsed, the call token is banned
 
 
@@ -53,7 +60,28 @@ def _schema_of(response_format) -> dict | None:
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
         raise ValueError("response_format.json_schema must be an object with a \"schema\" object")
-    return spec.get("schema") or {"type": "object"}
+    schema = spec.get("schema") or {"type": "object"}
+    _check_enforceable(schema, "response_format.json_schema.schema")
+    return schema
+
+
+def _check_enforceable(schema, where: str) -> None:
+    """ValueError naming the first keyword of schema (recursively) the converter would ignore."""
+    if isinstance(schema, list):
+        for i, sub in enumerate(schema):
+            _check_enforceable(sub, f"{where}[{i}]")
+        return
+    if not isinstance(schema, dict):
+        return
+    for key, sub in schema.items():
+        if key in NOT_ENFORCED:
+            raise ValueError(f"{where}: the JSON-schema keyword {key!r} cannot be enforced by the grammar; "
+                             "leave it out (and check the value after the reply)")
+        if key in ("properties", "$defs", "definitions"):
+            for name, prop in (sub.items() if isinstance(sub, dict) else ()):
+                _check_enforceable(prop, f"{where}.{key}.{name}")
+        elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
+            _check_enforceable(sub, f"{where}.{key}")
 
 
 def _tool_functions(tools) -> dict[str, dict]:
@@ -92,37 +120,38 @@ def _chosen(tool_choice, functions: dict[str, dict]) -> tuple[str, list[str]]:
     return tool_choice, list(functions)
 
 
-def _text_without(literal: str, name: str) -> dict[str, str]:
-    """Rules for any text that does not contain literal (a DFA over the literal's prefixes, as
-    in Knuth-Morris-Pratt): state i means the text ends in literal[:i]. Rule name{i}."""
-    def step(i: int, c: str) -> int:     # the longest prefix of literal that ends text[:i] + c
-        s = literal[:i] + c
-        return next(k for k in range(min(len(s), len(literal)), -1, -1) if s.endswith(literal[:k]))
+def _text_without(literals: tuple[str, ...], name: str) -> dict[str, str]:
+    """Rules for any text that contains none of literals, rule ``{name}0`` the start: an
+    Aho-Corasick automaton whose states are the literals' proper prefixes the text may end in."""
+    prefixes = sorted({lit[:i] for lit in literals for i in range(len(lit))}, key=lambda p: (len(p), p))
+    index = {p: i for i, p in enumerate(prefixes)}
+    alphabet = sorted(set("".join(literals)))
 
-    def lit(c: str) -> str:
-        return json.dumps(c)
+    def step(state: str, c: str) -> str | None:   # None: a literal would be complete
+        s = state + c
+        if any(s.endswith(lit) for lit in literals):
+            return None
+        return next(s[k:] for k in range(len(s) + 1) if s[k:] in index)
 
-    def cls(chars: set[str]) -> str:
-        return "".join("\\" + c if c in "]\\^-" else c for c in sorted(chars))
+    def cls(chars) -> str:
+        return "".join("\\" + c if c in "]\\^-" else c for c in chars)
 
     rules = {}
-    alphabet = set(literal)
-    for i in range(len(literal)):
+    for p in prefixes:
         alts = ['""']
-        for c in sorted(alphabet):
-            j = step(i, c)
-            if j < len(literal):
-                alts.append(f"{lit(c)} {name}{j}")
-        # any other character goes back to state 0
-        alts.append(f"[^{cls(alphabet)}] {name}0")
-        rules[f"{name}{i}"] = " | ".join(alts)
+        for c in alphabet:
+            nxt = step(p, c)
+            if nxt is not None:
+                alts.append(f"{json.dumps(c)} {name}{index[nxt]}")
+        alts.append(f"[^{cls(alphabet)}] {name}0")   # any other character: no literal under way
+        rules[f"{name}{index[p]}"] = " | ".join(alts)
     return rules
 
 
-def _call_rules(converter, functions: dict[str, dict], names: list[str]) -> dict[str, str]:
-    rules = {"calls": 'call ("\\n" call)*', "call": '"<tool_call>\\n" function "</tool_call>"',
+def _call_rules(converter, functions: dict[str, dict], names: list[str], parallel: bool) -> dict[str, str]:
+    rules = {"calls": 'call ("\\n" call)*' if parallel else "call", "call": '"<tool_call>\\n" function "</tool_call>"',
              "function": " | ".join(f"fn{i}" for i in range(len(names)))}
-    rules.update(_text_without(PARAM_CLOSE, "argtext"))
+    rules.update(_text_without((PARAM_CLOSE,), "argtext"))
     for i, name in enumerate(names):
         schema = functions[name]
         props = schema.get("properties") or {}
@@ -134,7 +163,16 @@ def _call_rules(converter, functions: dict[str, dict], names: list[str]) -> dict
             if not re.fullmatch(r"[^<>\n]+", arg):
                 raise ValueError(f"tool {name!r}: parameter name {arg!r} cannot be written in a tool call")
             sub = sub if isinstance(sub, dict) else {}
-            if sub.get("type") == "string" and not any(k in sub for k in ("enum", "const", "pattern", "format")):
+            _check_enforceable(sub, f"tool {name!r}: parameter {arg!r}")
+            literals = sub.get("enum", [sub["const"]] if "const" in sub else None)
+            if isinstance(literals, list) and literals and all(isinstance(v, str) for v in literals):
+                value = f"fn{i}-arg{j}-value"   # written as the text itself, not a JSON string
+                rules[value] = " | ".join(json.dumps(v) for v in literals)
+            elif sub.get("type") == "string":
+                limits = [k for k in ("pattern", "format", "minLength", "maxLength") if k in sub]
+                if limits:
+                    raise ValueError(f"tool {name!r}: parameter {arg!r}: {limits[0]!r} cannot be enforced on a "
+                                     "text value of a tool call; leave it out (and check the value after the reply)")
                 value = "argtext0"
             else:
                 try:
@@ -149,9 +187,9 @@ def _call_rules(converter, functions: dict[str, dict], names: list[str]) -> dict
     return rules
 
 
-def constraint(response_format, tools, tool_choice, *, thinking: bool) -> Constraint:
+def constraint(response_format, tools, tool_choice, *, thinking: bool, parallel_tool_calls: bool = True) -> Constraint:
     """The grammar (if any) for a reply with these OpenAI request fields; ValueError naming the
-    field when one is not usable."""
+    field when one is not usable. parallel_tool_calls=False: a constrained reply is one call."""
     from llama_cpp.llama_grammar import SchemaConverter
 
     schema = _schema_of(response_format)
@@ -162,7 +200,7 @@ def constraint(response_format, tools, tool_choice, *, thinking: bool) -> Constr
     converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     bodies, rules = [], {}
     if choice == "required" or (choice == "auto" and functions and schema is not None):
-        rules.update(_call_rules(converter, functions, names))
+        rules.update(_call_rules(converter, functions, names, parallel_tool_calls))
         bodies.append("calls")
     if choice != "required" and schema is not None:
         try:
@@ -172,11 +210,20 @@ def constraint(response_format, tools, tool_choice, *, thinking: bool) -> Constr
             raise ValueError(f"response_format.json_schema.schema cannot be turned into a grammar ({e})") from None
     body = " | ".join(bodies) if len(bodies) > 1 else bodies[0]
     body = f"( {body} )" if len(bodies) > 1 else body
-    if thinking:
-        root = f'"{THINK_END}" [\\n]{{0,2}} {body}' if "calls" not in bodies else \
-            f'("{THINK_END}" [\\n]{{0,2}})? {body}'
-        triggers = (re.escape(THINK_END),) + ((re.escape(TOOL_OPEN),) if "calls" in bodies else ())
+    if thinking:   # free reasoning, which must end before the answer: at </think>, or at a call it opens
+        ends = (THINK_END, TOOL_OPEN) if "calls" in bodies else (THINK_END,)
+        rules.update(_text_without(ends, "think"))
+        root = f'think0 ( "{THINK_END}" [\\n]{{0,2}} {body}' + (" | calls )" if "calls" in bodies else " )")
     else:
-        root, triggers = f"[\\n]{{0,2}} {body}", ()
-    text = "\n".join([f"root ::= {root}", *(f"{k} ::= {v}" for k, v in rules.items()), converter.format_grammar()])
-    return Constraint(text, triggers, calls_allowed=choice != "none")
+        root = f"[\\n]{{0,2}} {body}"
+    text = "\n".join([f"root ::= {root}", *(f"{k} ::= {v}" for k, v in rules.items()),
+                      *map(_strict_json_char, converter.format_grammar().splitlines())])
+    return Constraint(text, calls_allowed=choice != "none")
+
+
+def _strict_json_char(line: str) -> str:
+    """llama-cpp-python's converter lets a JSON string hold raw control characters (a newline, a
+    tab), which JSON forbids; llama.cpp's own converter excludes them. The same rule, corrected."""
+    if line.startswith("char ::= "):
+        return r'char ::= [^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})'
+    return line

@@ -223,3 +223,24 @@ def test_interleaved_sessions_draft_independently(f32):
         a2 = a.send(QUESTIONS[1], sp)
     assert a1.tokens == b1.tokens == plain[QUESTIONS[0]]
     assert a2.tokens == plain[QUESTIONS[1]]
+
+
+def test_speculative_decoding_keeps_constrained_seeded_replies(f32):
+    """Drafts are verified by the same sampler, penalties and grammar included: a seeded reply
+    constrained to a JSON schema or to a tool call is the same tokens with and without MTP."""
+    from qwen35.bindings.chat import Chat
+    from qwen35.bindings.model import SamplingParams
+
+    schema = {"type": "object", "required": ["module", "stdlib"], "additionalProperties": False,
+              "properties": {"module": {"type": "string", "maxLength": 12}, "stdlib": {"type": "boolean"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "required": ["module"], "properties": {"module": {"enum": ["json", "os", "re"]}}}}}]
+    with _load(f32[NAMES[0]], load_mtp=True) as m:
+        for seed in range(3):
+            p = SamplingParams(seed=seed, presence_penalty=0.5, max_tokens=48)
+            for kw in (dict(response_format=fmt), dict(tool_choice="required")):
+                plain = Chat(m, tools=tools, enable_thinking=False).send(QUESTIONS[0], p, **kw)
+                spec = Chat(m, tools=tools, enable_thinking=False, speculative="mtp", draft_max=2).send(
+                    QUESTIONS[0], p, **kw)
+                assert spec.tokens == plain.tokens and spec.speculation.drafted > 0, kw
