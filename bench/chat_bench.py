@@ -16,6 +16,10 @@ Each turn Chat evaluates the new question plus the previous answer: the Qwen3.5 
 earlier answers without the empty think block the generation prompt had, so that answer's
 tokens change and are re-evaluated (from the checkpoint at its start); llama-cpp-python's prefix
 reuse fails on the recurrent memory and re-evaluates the whole history.
+
+Decode is also measured on its own, greedy and with sampling as users run it (temperature 0.7,
+top-k 20, top-p 0.8, min-p 0, over the full vocabulary): one question, DECODE_TOKENS tokens
+generated, tok/s after the first token, both tools on the same file in the same run.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from qwen35.cpus import usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 REPLY_TOKENS = 100
+DECODE_TOKENS = 128
+SAMPLING = {"greedy": dict(temperature=0.0), "sampling": dict(temperature=0.7, top_k=20, top_p=0.8, min_p=0.0)}
 WORDS = ("river stone cloud lantern harbor meadow copper violin orchard glacier thunder pepper "
          "compass ember willow marble canyon falcon saddle velvet").split()
 
@@ -69,6 +75,41 @@ def run_ours(path: Path, turns: int, threads: int) -> list[dict]:
             rows.append({"prompt": r.usage.prompt_tokens, "evaluated": r.usage.evaluated_tokens,
                          "ttft_s": r.timings.first_token_ms / 1e3, "decode_tok_s": r.timings.decode_tok_s})
     return rows
+
+
+def decode_ours(path: Path, threads: int, mode: str) -> float:
+    from qwen35.bindings.chat import Chat
+    from qwen35.bindings.model import Model, SamplingParams
+
+    with Model.load(path, n_ctx=2048, n_threads=threads) as m:
+        r = Chat(m, enable_thinking=False).send(user_message(1), SamplingParams(
+            **SAMPLING[mode], seed=1, max_tokens=DECODE_TOKENS))
+        return r.timings.decode_tok_s
+
+
+def decode_llama_cpp_python(path: Path, threads: int, mode: str) -> float:
+    import llama_cpp
+
+    from qwen35.bindings import native
+
+    native.load()
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    llm = llama_cpp.Llama(str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False, seed=1)
+    fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="",
+                              stop_token_ids=[llm.token_eos()])
+    fmt._environment.globals["enable_thinking"] = False
+    llm.chat_handler = fmt.to_chat_handler()
+    opts = {"top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0, **SAMPLING[mode]}
+    first, n = None, 0
+    for chunk in llm.create_chat_completion([{"role": "user", "content": user_message(1)}],
+                                            max_tokens=DECODE_TOKENS, stream=True, **opts):
+        if chunk["choices"][0]["delta"].get("content") is not None:
+            first = first or time.perf_counter()
+            n += 1
+    t2 = time.perf_counter()
+    llm.close()
+    return (n - 1) / max(t2 - (first or t2), 1e-9)
 
 
 def run_llama_cpp_python(path: Path, turns: int, threads: int) -> list[dict]:
@@ -131,9 +172,23 @@ def main() -> int:
     a.workdir.mkdir(parents=True, exist_ok=True)
     path = make_model(a.workdir)
     runs = {"ours": [], "llama-cpp-python": []}
+    decode = {(tool, mode): [] for tool in runs for mode in SAMPLING}
     for _ in range(a.reps):
-        runs["ours"].append(run_ours(path, a.turns, a.threads))
-        runs["llama-cpp-python"].append(run_llama_cpp_python(path, a.turns, a.threads))
+        for mode in SAMPLING:
+            decode["ours", mode].append(decode_ours(path, a.threads, mode))
+            decode["llama-cpp-python", mode].append(decode_llama_cpp_python(path, a.threads, mode))
+        if a.turns:
+            runs["ours"].append(run_ours(path, a.turns, a.threads))
+            runs["llama-cpp-python"].append(run_llama_cpp_python(path, a.turns, a.threads))
+    dec = {f"{tool} {mode}": statistics.median(v) for (tool, mode), v in decode.items()}
+    print(f"decode, {DECODE_TOKENS} tokens, {a.threads} threads, medians of {a.reps}:")
+    for mode, opts in SAMPLING.items():
+        ours, lcp = dec[f"ours {mode}"], dec[f"llama-cpp-python {mode}"]
+        print(f"  {mode:<8} ({', '.join(f'{k} {v:g}' for k, v in opts.items())}): ours {ours:.1f} tok/s, "
+              f"llama-cpp-python {lcp:.1f} tok/s ({ours / lcp:.2f}x)")
+    if not a.turns:
+        (a.workdir / "result.json").write_text(json.dumps({"decode_tok_s": dec}, indent=1))
+        return 0
 
     def med(name, turn, key):
         vals = [r[turn][key] for r in runs[name] if r[turn][key] is not None]
@@ -154,7 +209,7 @@ def main() -> int:
     dec_ours = statistics.median(r["decode_tok_s"] for run in runs["ours"] for r in run)
     dec_lcp = statistics.median(r["decode_tok_s"] for run in runs["llama-cpp-python"] for r in run)
     print(f"decode: ours {dec_ours:.1f} tok/s, llama-cpp-python {dec_lcp:.1f} tok/s ({dec_ours / dec_lcp:.2f}x)")
-    (a.workdir / "result.json").write_text(json.dumps({"turns": table, "decode_tok_s": {
+    (a.workdir / "result.json").write_text(json.dumps({"turns": table, "decode_tok_s": dec, "chat_decode_tok_s": {
         "ours": dec_ours, "llama-cpp-python": dec_lcp}}, indent=1))
     return 0
 

@@ -100,8 +100,8 @@ def test_stream_splits_reasoning_content_and_tool_calls(gguf_f32, monkeypatch):
                             "</parameter>\n</function>\n</tool_call>", special=True)
         script += m.tokenize("<|im_end|>", special=True)
         it = iter(script)
-        greedy = chat_mod.sample
-        monkeypatch.setattr(chat_mod, "sample", lambda *a: next(it))
+        monkeypatch.setattr(chat_mod.Sampler, "sample", lambda self, ctx, idx=-1: next(it))
+        monkeypatch.setattr(chat_mod.Sampler, "sample_logits", lambda self, logits: next(it))
         chat = Chat(m, tools=tools)
         events = list(chat.stream("Weather in Paris for 3 days?", SamplingParams(temperature=0, max_tokens=200)))
         r = chat.last
@@ -113,7 +113,7 @@ def test_stream_splits_reasoning_content_and_tool_calls(gguf_f32, monkeypatch):
         assert chat.messages[-1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "days": 3}
         # the tool result goes back as a tool message and the next turn renders and reuses the history
         chat.add_tool_result({"temp_c": 21}, name="get_weather")
-        monkeypatch.setattr(chat_mod, "sample", greedy)
+        monkeypatch.undo()
         nxt = chat.send(None, SamplingParams(temperature=0, max_tokens=4))
         assert "<tool_response>" in m.render(chat.messages[:-1], tools=tools)
         assert nxt.usage.reused_tokens > 0
