@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False)
+app = typer.Typer(add_completion=False, rich_markup_mode=None)   # typer's rich help shows flags as "<bool>"
 
 
 def _human(n: float) -> str:
@@ -68,8 +68,13 @@ def convert(
         print(json.dumps(s.__dict__))
         return
     if dry_run:
+        raised = any(t["raised"] for t in s.plan)
+        print(f"{'tensor':40s} {'shape (ggml ne)':24s} {'type':8s} {'bytes':>14s}")
         for t in s.plan:
-            print(f"{t['name']:40s} {str(t['shape']):24s} {t['type']:6s} {t['bytes']:>14,d}")
+            mark = "*" if t["raised"] else ""
+            print(f"{t['name']:40s} {str(t['shape']):24s} {t['type'] + mark:8s} {t['bytes']:>14,d}")
+        if raised:
+            print(f"* more bits than llama-quantize's choice for {type_}, from --recipe {recipe} or --tensor-type")
     where = s.path if len(s.files) <= 1 else f"{len(s.files)} split files {s.files[0]} …"
     print(f"{'planned' if dry_run else 'wrote'} {where}: {_human(s.bytes)}, {s.params:,} parameters, "
           f"{s.bits_per_weight:.2f} bits/weight, "

@@ -48,6 +48,7 @@ class PlannedTensor:
     qtype: gguf.GGMLQuantizationType
     nbytes: int
     shape: tuple[int, ...] = ()     # as stored (numpy order); defaults to out.shape
+    raised: bool = False            # the recipe gave it more bits than llama-quantize's choice
 
     def __post_init__(self):
         self.shape = self.shape or self.out.shape
@@ -62,6 +63,7 @@ class Plan:
     tensors: list[PlannedTensor]
     imatrix: imx.Imatrix | None = None
     imatrix_missing: list[str] = field(default_factory=list)   # quantized without importance weights
+    recipe: str = "upstream"
 
     @property
     def total_bytes(self) -> int:
@@ -82,6 +84,7 @@ class Summary:
     tensors_per_type: dict[str, int]
     seconds: float
     dry_run: bool = False
+    recipe: str = "upstream"
     plan: list[dict] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     imatrix_missing: list[str] = field(default_factory=list)
@@ -126,21 +129,25 @@ def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep", re
                                   else 0, c["num_attention_heads"] // c["num_key_value_heads"])
         descs = [recipes.TensorDesc(o.name, tuple(reversed(o.shape))) for o in outs]
         ftype = quantize.FILE_TYPES[file_type][0]
-        if recipe == "qwen35":
-            chosen = recipes.qwen35_types(descs, file_type, ftype, model, c["num_hidden_layers"], overrides,
-                                          has_imatrix=im is not None)
-        else:
-            chosen = recipes.upstream_types(descs, ftype, model, overrides, has_imatrix=im is not None)
+        base = recipes.upstream_types(descs, ftype, model, (), has_imatrix=im is not None)
+        chosen = (recipes.qwen35_types(descs, file_type, ftype, model, c["num_hidden_layers"], overrides,
+                                       has_imatrix=im is not None) if recipe == "qwen35" else
+                  recipes.upstream_types(descs, ftype, model, overrides, has_imatrix=im is not None))
+        raised = [q is not None and b is not None and recipes.bits_per_weight(q) > recipes.bits_per_weight(b)
+                  for q, b in zip(chosen, base)]
         missing = _check_imatrix(outs, chosen, file_type, im, c["num_hidden_layers"])
         types = [q if q is not None else gguf.GGMLQuantizationType.F32 for q in chosen]
-    planned = [PlannedTensor(o, q, quantize.nbytes(q, o.shape)) for o, q in zip(outs, types)]
+    if file_type in quantize.CONVERTER_TYPES:
+        base_types = [quantize.choose_type(o.name, o.kind, o.shape, o.keep_f32, file_type) for o in outs]
+        raised = [recipes.bits_per_weight(q) > recipes.bits_per_weight(b) for q, b in zip(types, base_types)]
+    planned = [PlannedTensor(o, q, quantize.nbytes(q, o.shape), raised=r) for o, q, r in zip(outs, types, raised)]
     if file_type not in quantize.CONVERTER_TYPES:
         for t in planned:  # llama-quantize stores ggml_n_dims dimensions: trailing size-1 dims go
             shape = t.out.shape
             while len(shape) > 1 and shape[0] == 1:
                 shape = shape[1:]
             t.shape = shape
-    return Plan(ckpt, file_type, mtp, n_mtp, planned, im, missing if im is not None else [])
+    return Plan(ckpt, file_type, mtp, n_mtp, planned, im, missing if im is not None else [], recipe)
 
 
 def _check_imatrix(outs: list[qwen35.OutTensor], chosen: list, file_type: str, im: imx.Imatrix | None,
@@ -149,7 +156,7 @@ def _check_imatrix(outs: list[qwen35.OutTensor], chosen: list, file_type: str, i
     has them, and every importance vector fits its tensor (llama-quantize finds out mid-file).
     Returns the quantized tensors the imatrix has no weights for, token_embd (a lookup table) and
     output (llama-imatrix skips it unless --process-output) aside."""
-    missing = []
+    missing, uncovered = [], []
     for o, q in zip(outs, chosen):
         if q is None or q in (Q.F32, Q.F16, Q.BF16):
             continue
@@ -161,18 +168,32 @@ def _check_imatrix(outs: list[qwen35.OutTensor], chosen: list, file_type: str, i
         else:
             w = None
         if w is None and recipes.requires_imatrix(o.name, q):
-            if im is None:
-                raise ConvertError(f"--type {file_type} needs an importance matrix (--imatrix FILE): {o.name} "
-                                   f"would be {q.name}, which is garbage without one; compute it with "
-                                   "`llama-imatrix -m MODEL.gguf -f TEXT -o imatrix.gguf`")
-            raise ConvertError(f"imatrix {im.path} has no entry for {o.name}, which --type {file_type} makes "
-                               f"{q.name} (garbage without one); compute the imatrix on this model"
-                               + (" (llama-imatrix does not run the MTP block: add --mtp drop)"
-                                  if _block(o.name) >= n_layer else "")
-                               + f", or keep the tensor above 3 bits with --tensor-type '{o.name}=q4_k'")
-        if w is None and o.name not in ("token_embd.weight", "output.weight"):
+            uncovered.append((o.name, q))
+        elif w is None and o.name not in ("token_embd.weight", "output.weight"):
             missing.append(o.name)
+    if uncovered:
+        raise ConvertError(_uncovered_message(uncovered, file_type, im, n_layer))
     return missing
+
+
+def _uncovered_message(uncovered: list[tuple[str, "Q"]], file_type: str, im, n_layer: int) -> str:
+    """One line: every tensor that would be quantized below 3 bits without importance weights,
+    led by the fix that works."""
+    names = [n for n, _ in uncovered]
+    listed = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    types = "/".join(sorted({q.name for _, q in uncovered}))
+    if im is None:
+        return (f"--type {file_type} needs an importance matrix: {len(names)} tensors would be {types}, which is "
+                f"garbage without one ({listed}); compute it with `qwen35 quant imatrix MODEL.gguf --text TEXT "
+                "-o imatrix.gguf` (on an F32/BF16/Q8_0 conversion) and pass --imatrix imatrix.gguf")
+    blocks = sorted({_block(n) for n in names})
+    if all(b >= n_layer for b in blocks):
+        fix = ("add --mtp drop (llama-imatrix does not run the MTP block), or keep the block above 3 bits with "
+               + " ".join(f"--tensor-type 'blk\\.{b}\\.=q4_k'" for b in blocks))
+    else:
+        fix = "compute the imatrix on this model (`qwen35 quant imatrix`)"
+    return (f"imatrix {im.path} has no weights for {len(names)} tensors that --type {file_type} makes {types} "
+            f"(garbage without them): {listed}; {fix}")
 
 
 def _n_matrices(shape: tuple[int, ...]) -> int:
@@ -282,7 +303,7 @@ def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp
     """Convert hf_dir to out in one pass. The output appears atomically or not at all.
 
     With split_max_size > 0 the model is written as llama.cpp split files
-    (OUT-00001-of-0000N.gguf ...), each at most that many bytes of tensor data."""
+    (OUT-00001-of-0000N.gguf ...), each file at most that many bytes, metadata included."""
     t0 = time.perf_counter()
     try:
         plan = make_plan(hf_dir, file_type, mtp, recipe, tensor_types, imatrix)
@@ -292,13 +313,21 @@ def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp
     counts = Counter(t.qtype.name for t in plan.tensors)
     summary = Summary(str(out), file_type, plan.total_bytes, plan.n_params,
                       8 * plan.total_bytes / max(plan.n_params, 1), dict(counts), 0.0, dry_run,
-                      imatrix_missing=plan.imatrix_missing)
+                      recipe=recipe, imatrix_missing=plan.imatrix_missing)
     if dry_run:
         summary.plan = [{"name": t.out.name, "shape": list(reversed(t.shape)), "type": t.qtype.name,
-                         "bytes": t.nbytes} for t in plan.tensors]
+                         "bytes": t.nbytes, "raised": t.raised} for t in plan.tensors]
+        try:
+            summary.bytes = _planned_file_bytes(plan, split_max_size)
+        finally:
+            plan.ckpt.close()
         summary.seconds = time.perf_counter() - t0
-        plan.ckpt.close()
         return summary
+    try:
+        split_limit = _split_limit(plan, split_max_size)
+    except BaseException:
+        plan.ckpt.close()
+        raise
     _check_output(out, force, plan.total_bytes)
     # splits are written into a hidden folder beside the output and moved out when all are complete
     tmp_dir = out.parent / f".{out.name}.partial"
@@ -307,7 +336,7 @@ def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp
         if split_max_size:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir()
-        written = _write(plan, tmp, threads or quantize.default_threads(), on_progress, split_max_size)
+        written = _write(plan, tmp, threads or quantize.default_threads(), on_progress, split_limit)
         finals = [out.parent / p.name for p in written] if split_max_size else [out]
         for f in finals:
             if f.exists() and not force and f != out:
@@ -445,6 +474,54 @@ class _Writer(gguf.GGUFWriter):
             if arr.min() >= -2**31 and arr.max() < 2**31:  # get_type(int) is INT32, as the stock packer
                 return head + struct.pack("<IQ", gguf.GGUFValueType.INT32, len(val)) + arr.astype("<i4").tobytes()
         return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+
+def _part_sizes(plan: Plan, split_max_size: int = 0) -> list[tuple[int, int]]:
+    """(file size, tensors) of each output file with the writer's split limit split_max_size
+    (tensor data per part): headers and metadata (written to a scratch folder and measured) plus
+    the aligned tensor data."""
+    import tempfile
+
+    w = _Writer(path=None, arch=plan.ckpt.arch, split_max_size=split_max_size)
+    for t in plan.tensors:
+        w.add_tensor_info(t.out.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    _add_metadata(w, plan)
+    with tempfile.TemporaryDirectory() as d:
+        w.write_header_to_file(path=Path(d) / "plan.gguf")
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        parts = []
+        for fout, tensors in zip(w.fout, w.tensors):
+            fout.flush()
+            head = fout.tell()
+            parts.append((head + (-head % w.data_alignment)
+                          + sum(info.nbytes + (-info.nbytes % w.data_alignment) for info in tensors.values()),
+                          len(tensors)))
+        w.close()
+    return parts
+
+
+def _planned_file_bytes(plan: Plan, split_max_size: int = 0) -> int:
+    """The output's size, all parts together."""
+    return sum(size for size, _ in _part_sizes(plan, _split_limit(plan, split_max_size)))
+
+
+def _split_limit(plan: Plan, max_file_bytes: int) -> int:
+    """The writer's limit on tensor data per part that keeps every file, header and metadata
+    included, within max_file_bytes (0: no split). A tensor larger than that goes in a part of
+    its own, as with llama-gguf-split."""
+    if not max_file_bytes:
+        return 0
+    limit = max_file_bytes
+    for _ in range(8):
+        over = max((size for size, n in _part_sizes(plan, limit) if n > 1), default=0) - max_file_bytes
+        if over <= 0:
+            return limit
+        limit -= over
+        if limit <= 0:
+            break
+    raise ConvertError(f"--split-max-size {max_file_bytes} is too small for the metadata of the first part; "
+                       "use a larger size")
 
 
 def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int], None] | None,

@@ -285,6 +285,7 @@ def test_refusals_name_the_fix(ckpts, tmp_path):
 
 def test_split_files_load_in_llama_cpp_like_the_whole_file(ckpts, tmp_path):
     from qwen35.bindings.model import Model
+    from qwen35.converter.gguf_scan import scan
 
     whole, split = tmp_path / "whole.gguf", tmp_path / "split.gguf"
     assert _ours(ckpts["moe-per-expert"], whole, "Q8_0").returncode == 0
@@ -292,6 +293,9 @@ def test_split_files_load_in_llama_cpp_like_the_whole_file(ckpts, tmp_path):
     assert r.returncode == 0, r.stderr
     parts = sorted(tmp_path.glob("split-*-of-*.gguf"))
     assert len(parts) >= 2 and not split.exists() and not list(tmp_path.glob(".*partial*"))
+    # each file within the limit, header and metadata included, unless it holds one tensor larger than that
+    assert all(p.stat().st_size <= 8_000_000 or len(scan(p).tensors) == 1 for p in parts), \
+        [(p.stat().st_size, len(scan(p).tensors)) for p in parts]
     tokens = list(range(2000, 2024))
     with Model.load(whole, n_ctx=64, n_threads=usable_cpus(), repack=False) as m:
         a = m.logits(tokens)

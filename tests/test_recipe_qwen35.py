@@ -83,3 +83,33 @@ def test_convert_applies_the_recipe_over_upstreams_plan(tiny_moe_f32, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "--recipe qwen35 has mixes for" in r.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_dry_run_plans_the_file_that_is_written(tmp_path):
+    """--dry-run's size is the written file's, to the byte (metadata included); --json names the
+    recipe; the tensors marked raised are those with more bits than a plain upstream plan gives."""
+    demo = Path(__file__).resolve().parent.parent / "examples" / "models" / "qwen35-dense-tiny"
+    out = tmp_path / "q.gguf"
+
+    def plan(*args):
+        r = subprocess.run([CONVERT, str(demo), "-o", str(out), "--type", "Q4_K_M", "--dry-run", "--json", *args],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and not out.exists(), r.stderr
+        return json.loads(r.stdout)
+
+    ours, base = plan("--recipe", "qwen35"), plan("--tensor-type", "ssm_out=q8_0")
+    assert (ours["recipe"], base["recipe"]) == ("qwen35", "upstream")
+    upstream = {t["name"]: t["type"] for t in plan()["plan"]}
+    for t in ours["plan"]:
+        more = recipes.bits_per_weight(Q[t["type"]]) > recipes.bits_per_weight(Q[upstream[t["name"]]])
+        assert t["raised"] == more, t
+    assert any(t["raised"] for t in ours["plan"])
+    assert {t["name"] for t in base["plan"] if t["raised"]} == {n for n in upstream if "ssm_out" in n}
+    r = subprocess.run([CONVERT, str(demo), "-o", str(out), "--type", "Q4_K_M", "--recipe", "qwen35", "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size == ours["bytes"] == json.loads(r.stdout)["bytes"]
+    text = subprocess.run([CONVERT, str(demo), "-o", str(out), "--type", "Q4_K_M", "--recipe", "qwen35",
+                           "--dry-run"], capture_output=True, text=True).stdout
+    assert text.splitlines()[0].split() == ["tensor", "shape", "(ggml", "ne)", "type", "bytes"]
+    assert "*" in text and "more bits than llama-quantize's choice" in text

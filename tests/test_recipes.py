@@ -1,5 +1,6 @@
 """--recipe upstream: the per-tensor types (and bytes) llama-quantize gives, in one pass."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -186,8 +187,19 @@ def test_imatrix_errors_are_caught_before_writing(wide, imatrices, tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         return r.stderr
 
-    # the MTP block has no importance weights: llama-quantize fails mid-file, we say so up front
-    assert "--mtp drop" in run("--type", "IQ2_XS", "--imatrix", str(imatrices["moe-nomtp", "gguf"]))
+    # the MTP block has no importance weights: llama-quantize fails mid-file, we say so up front,
+    # every uncovered tensor at once, led by fixes that work as given
+    nomtp = str(imatrices["moe-nomtp", "gguf"])
+    msg = run("--type", "IQ2_XS", "--imatrix", nomtp)
+    assert "--mtp drop" in msg and re.search(r"no weights for \d+ tensors", msg), msg
+    fixes = re.findall(r"--tensor-type '([^']+)'", msg)
+    assert fixes
+    r = subprocess.run([CONVERT, str(hf), "-o", str(out), "--type", "IQ2_XS", "--imatrix", nomtp,
+                        *[a for f in fixes for a in ("--tensor-type", f)]], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out.unlink()
+    # without an imatrix: the command that computes one, which is on PATH
+    assert "qwen35 quant imatrix" in run("--type", "IQ2_XS")
     # importance weights that do not fit the tensor, and non-finite ones
     assert "another model" in run("--type", "Q4_K_M", "--imatrix", str(_imatrix_file(tmp_path.parent / "a.gguf", 17)))
     assert "non-finite" in run("--type", "Q4_K_M", "--imatrix",
