@@ -217,6 +217,11 @@ class Model:
         speculative decoding (``Chat(..., speculative="mtp")``); the GGUF must have one
         (``qwen35-convert --mtp keep``, the default)."""
         path = Path(path)
+        if path.is_dir() and (path / "config.json").is_file():
+            raise ModelError(f"{path} is a Hugging Face checkpoint folder, not a GGUF; convert it first: "
+                             f"qwen35-convert {path} -o {path.name}-Q8_0.gguf --type Q8_0")
+        if path.is_dir():
+            raise ModelError(f"{path} is a folder; pass the path of a .gguf file")
         if not path.is_file():
             raise ModelError(f"{path} does not exist; pass the path of a .gguf file")
         head = _gguf_header(path)
@@ -337,10 +342,12 @@ class Model:
 
     @property
     def n_ctx_seq(self) -> int:
-        """Tokens one sequence may hold (n_ctx split over n_seq_max)."""
+        """Tokens one sequence may hold: n_ctx split over n_seq_max. llama.cpp rounds the context it
+        allocates up (to a multiple of 256); the limit is what was asked for."""
         import llama_cpp
 
-        return int(llama_cpp.llama_n_ctx_seq(self._ctx))
+        asked = self.n_ctx // max(int(llama_cpp.llama_n_seq_max(self._ctx)), 1)
+        return min(int(llama_cpp.llama_n_ctx_seq(self._ctx)), asked)
 
     @property
     def n_rs_seq(self) -> int:

@@ -44,6 +44,9 @@ def _from_gguf(path: Path) -> Report:
 
     s = scan_model(path)  # a split model: all its parts
     arch = s.get("general.architecture")
+    if s.get("general.type") == "imatrix" or any(k.startswith("imatrix.") for k in s.kv):
+        raise ValueError(f"{path} is an importance matrix (llama-imatrix output), not a model; give it to "
+                         "`qwen35-convert --imatrix` to quantize with it")
     if arch not in ("qwen35", "qwen35moe"):
         raise ValueError(f"{path} is a {arch!r} model, not Qwen3.5")
 
@@ -98,6 +101,10 @@ def inspect(path: str | Path, *, ctx: int = 4096, kv_type: str = "f16", parallel
 
     ctx is the total context of all sequences (llama.cpp's -c); each of the parallel sequences
     also holds its fixed recurrent state."""
+    if parallel < 1:
+        raise ValueError(f"--parallel {parallel}: use 1 or more sequences")
+    if ctx < 1:
+        raise ValueError(f"--ctx {ctx}: use 1 or more tokens")
     if kv_type not in KV_ELEMENT_BYTES:
         raise ValueError(f"--kv-type {kv_type} is not one of {', '.join(KV_ELEMENT_BYTES)}")
     path = Path(path)

@@ -36,12 +36,47 @@ def logit_metrics(ref: np.ndarray, ours: np.ndarray) -> dict:
             "kld_mean": float(kld.mean()), "kld_max": float(kld.max())}
 
 
-def verify(hf_dir: str | Path, gguf: str | Path, *, text: str = DEFAULT_TEXT, max_tokens: int = 256) -> dict:
-    """Metrics for the GGUF against transformers on the tokens of text (llama.cpp's tokenizer)."""
+MAX_KLD = 0.1   # nats, mean over positions: the verdict's bound (a sane conversion of the same model)
+
+
+def check_same_model(ckpt, gguf: str | Path) -> None:
+    """ValueError naming the first difference when the GGUF was not made from this checkpoint's
+    architecture: model family, expert count, layer count, width, heads, vocabulary size."""
+    from qwen35.converter.gguf_scan import scan_model
+
+    head = scan_model(Path(gguf))
+    arch = head.get("general.architecture")
+    c = ckpt.config
+
+    def g(key):
+        return head.get(f"{arch}.{key}")
+
+    nextn = g("nextn_predict_layers") or 0
+    emb = next((t for t in head.tensors if t.name == "token_embd.weight"), None)
+    pairs = [("architecture", ckpt.arch, arch),
+             ("experts", c.get("num_experts", 0) if ckpt.arch == "qwen35moe" else 0, g("expert_count") or 0),
+             ("layers", c["num_hidden_layers"], (g("block_count") or 0) - nextn),
+             ("hidden size", c["hidden_size"], g("embedding_length")),
+             ("attention heads", c["num_attention_heads"], g("attention.head_count")),
+             ("vocabulary", c["vocab_size"], emb.ne[1] if emb is not None else None)]
+    for what, want, got in pairs:
+        if want != got:
+            raise ValueError(f"{Path(gguf).name} is not a conversion of {ckpt.path.name}: {what} {got} in the GGUF, "
+                             f"{want} in the checkpoint; verify a GGUF against the checkpoint it was made from")
+
+
+def verify(hf_dir: str | Path, gguf: str | Path, *, text: str = DEFAULT_TEXT, max_tokens: int = 256,
+           max_kld: float = MAX_KLD) -> dict:
+    """Metrics for the GGUF against transformers on the tokens of text (llama.cpp's tokenizer), and
+    the verdict: ``passed`` when the mean KLD is at most max_kld nats."""
     from qwen35.bindings.model import Model
     from qwen35.converter.checkpoint import open_checkpoint
 
-    open_checkpoint(hf_dir).close()  # a local Qwen3.5 safetensors checkpoint, or a one-line error naming the fix
+    ckpt = open_checkpoint(hf_dir)  # a local Qwen3.5 safetensors checkpoint, or a one-line error naming the fix
+    try:
+        check_same_model(ckpt, gguf)
+    finally:
+        ckpt.close()
     try:
         import torch
         from transformers import AutoModelForCausalLM
@@ -59,4 +94,5 @@ def verify(hf_dir: str | Path, gguf: str | Path, *, text: str = DEFAULT_TEXT, ma
     with torch.no_grad():
         ref = model(torch.tensor([tokens])).logits[0].numpy()
     n = min(ref.shape[1], ours.shape[1])  # GGUF vocab may be padded differently from lm_head
-    return logit_metrics(ref[:, :n], ours[:, :n])
+    m = logit_metrics(ref[:, :n], ours[:, :n])
+    return {**m, "max_kld": max_kld, "passed": m["kld_mean"] <= max_kld}

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import typer
 
 app = typer.Typer(help="Qwen3.5 checkpoints to fast local inference with llama.cpp.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
 
 @app.callback()
@@ -73,27 +74,37 @@ def _quiet_transformers() -> None:
 def verify_cmd(
     hf_dir: str = typer.Argument(..., help="The Hugging Face checkpoint the GGUF was made from."),
     gguf: str = typer.Argument(..., help="The .gguf file to check."),
-    text: str = typer.Option(None, "--text", help="Text to run (default: a built-in sample)."),
+    text: Path = typer.Option(None, "--text", help="UTF-8 text file to run (default: a built-in sample)."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens of the text to use."),
+    max_kld: float = typer.Option(0.1, "--max-kld", help="Verdict: pass when the mean KL divergence is at most "
+                                                          "this (nats)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
-    """Compare the GGUF's logits with transformers' on the same tokens (for small checkpoints)."""
+    """Compare the GGUF's logits with transformers' on the same tokens (for small checkpoints); exit 1
+    when the mean KL divergence is over --max-kld."""
     from qwen35.converter.verify import DEFAULT_TEXT, verify
 
     _quiet_transformers()
     try:
-        m = verify(hf_dir, gguf, text=text or DEFAULT_TEXT, max_tokens=max_tokens)
+        sample = text.read_text(encoding="utf-8") if text is not None else DEFAULT_TEXT
+        m = verify(hf_dir, gguf, text=sample, max_tokens=max_tokens, max_kld=max_kld)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1)
     if as_json:
         print(json.dumps(m))
+        if not m["passed"]:
+            raise typer.Exit(1)
         return
     print(f"tokens          {m['n_tokens']}")
     print(f"max |dlogit|    {m['max_abs']:.3g}   ({m['max_abs'] / max(m['logit_std'], 1e-12):.2g} x logit std)")
     print(f"mean |dlogit|   {m['mean_abs']:.3g}")
     print(f"top-1 agreement {100 * m['top1_agreement']:.1f} %")
     print(f"KLD mean / max  {m['kld_mean']:.3g} / {m['kld_max']:.3g} nats")
+    print(f"verdict         {'PASS' if m['passed'] else 'FAIL'} (mean KLD {m['kld_mean']:.3g} "
+          f"{'<=' if m['passed'] else '>'} {m['max_kld']:g} nats)")
+    if not m["passed"]:
+        raise typer.Exit(1)
 
 
 def _mount_convert() -> None:

@@ -63,6 +63,25 @@ def chunks(tokens: list[int], n_ctx: int, max_chunks: int | None) -> list[list[i
     return out[:max_chunks] if max_chunks else out
 
 
+def model_differences(a: str | Path, b: str | Path) -> list[str]:
+    """How GGUF b's model differs from a's (architecture, layers, width, experts, vocabulary):
+    empty when they can be quantizations of one model."""
+    from qwen35.converter.gguf_scan import scan_model
+
+    ha, hb = scan_model(Path(a)), scan_model(Path(b))
+    out = []
+    for what, key in (("architecture", "general.architecture"), ("layers", "{}.block_count"),
+                      ("hidden size", "{}.embedding_length"), ("experts", "{}.expert_count"),
+                      ("attention heads", "{}.attention.head_count")):
+        va, vb = (h.get(key.format(h.get("general.architecture"))) for h in (ha, hb))
+        if va != vb:
+            out.append(f"{what} {vb} vs {va}")
+    ea, eb = ({t.name: t.ne for t in h.tensors}.get("token_embd.weight") for h in (ha, hb))
+    if ea is not None and eb is not None and tuple(ea) != tuple(eb):
+        out.append(f"embeddings {list(eb)} vs {list(ea)}")
+    return out
+
+
 def evaluate(ref: str | Path, candidates: list[str | Path], text: str, *, n_ctx: int = 512,
              max_chunks: int | None = None, n_threads: int | None = None,
              on_progress: Callable[[int, int], None] | None = None) -> list[EvalResult]:
@@ -119,17 +138,26 @@ def build_bin() -> Path:
 
 
 def compute_imatrix(model: str | Path, text: str | Path, out: str | Path, *, n_ctx: int = 512, chunks: int = 0,
-                    n_threads: int | None = None, process_output: bool = False):
-    """Run the patched llama-imatrix over a text; the file appears atomically. Returns the loaded
-    imatrix (converter.imatrix.Imatrix, with per-tensor expert coverage)."""
+                    n_threads: int | None = None, process_output: bool = False, on_progress=None):
+    """Run the patched llama-imatrix over a text; the file appears atomically. model: the GGUF, or
+    any part of a split one. on_progress(done, total): chunks evaluated so far. Returns the loaded
+    imatrix (converter.imatrix.Imatrix, with per-tensor expert coverage); ValueError with
+    llama-imatrix's own reason when it fails."""
     import os
+    import re
     import subprocess
+    import threading
 
-    from qwen35.bindings.model import _cpu_has_amx
     from qwen35.bindings import native
+    from qwen35.bindings.model import _cpu_has_amx
     from qwen35.converter import imatrix as imx
+    from qwen35.converter.gguf_scan import GGUFScanError, scan_model
     from qwen35.cpus import usable_cpus
 
+    try:
+        model = scan_model(Path(model)).path   # llama.cpp loads a split model from its first part
+    except (GGUFScanError, OSError, ValueError) as e:
+        raise ValueError(f"{model} is not a readable GGUF file ({e})") from None
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
     cmd = [str(build_bin() / "llama-imatrix"), "-m", str(model), "-f", str(text), "-o", str(tmp),
@@ -141,15 +169,34 @@ def compute_imatrix(model: str | Path, text: str | Path, out: str | Path, *, n_c
     native.load()
     if _cpu_has_amx():  # the pinned llama.cpp crashes evaluating Qwen3.5 from AMX/repacked buffers
         cmd += ["--no-repack"]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0 or not tmp.exists():
-            import re
+    lines: list[str] = []
+    total = [0]
 
-            # llama.cpp's log marks errors with " E " after the timestamp
-            errs = [m.group(1).strip() for ln in (r.stderr + r.stdout).splitlines()
-                    if (m := re.match(r"^[\d.]+\s+E\s+(?:\w+: )?(.*)$", ln))]
-            raise ValueError(f"llama-imatrix failed on {model}: {'; '.join(errs) or f'exit {r.returncode}'}")
+    def watch(stream):   # llama-imatrix's log: "computing over N chunks", then "[k]ppl," per chunk
+        buf = ""
+        for piece in iter(lambda: stream.read(256), ""):
+            buf += piece
+            *done, buf = re.split(r"(?<=[\n,])", buf)
+            for ln in done:
+                lines.append(ln)
+                if m := re.search(r"computing over (\d+) chunks", ln):
+                    total[0] = int(m.group(1))
+                elif (m := re.match(r"\s*\[(\d+)\][\d.naif]+,", ln)) and on_progress and total[0]:
+                    on_progress(int(m.group(1)), total[0])
+        lines.append(buf)
+
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        reader = threading.Thread(target=watch, args=(proc.stdout,), daemon=True)
+        reader.start()
+        rc = proc.wait()
+        reader.join()
+        if rc != 0 or not tmp.exists():
+            log = "".join(lines).splitlines()
+            # llama.cpp's log marks errors with " E " after the timestamp; else its last words
+            errs = [m.group(1).strip() for ln in log if (m := re.match(r"^[\d.]+\s+E\s+(?:\w+: )?(.*)$", ln))]
+            said = errs or [ln.strip() for ln in log if ln.strip()][-2:]
+            raise ValueError(f"llama-imatrix failed on {model} (exit {rc}): {'; '.join(said) or 'no output'}")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 app = typer.Typer(help="Quantization quality: compare GGUF files against a reference.", no_args_is_help=True,
-                  add_completion=False)
+                  add_completion=False, rich_markup_mode=None)
 
 
 class _Bar:
@@ -57,6 +57,17 @@ def _check_plot_path(path: Path | None) -> None:
         raise ModelError("--plot needs matplotlib: pip install 'qwen35-toolkit[plot]'") from None
 
 
+def _need_gguf(p: Path) -> None:
+    """A GGUF file, or one error line saying what p is instead and the fix."""
+    from qwen35.bindings.model import ModelError
+
+    if p.is_dir() and (p / "config.json").is_file():
+        raise ModelError(f"{p} is a Hugging Face checkpoint folder, not a GGUF; convert it first: "
+                         f"qwen35-convert {p} -o {p.name}-F32.gguf --type F32")
+    if not p.is_file():
+        raise ModelError(f"{p} does not exist")
+
+
 @app.command("eval")
 def eval_cmd(
     ref: Path = typer.Argument(..., help="Reference GGUF (e.g. the BF16 or F32 conversion)."),
@@ -72,10 +83,18 @@ def eval_cmd(
     from qwen35.bindings.model import ModelError
     from qwen35.quant import evaluate
 
-    for p in (ref, *candidates, text):
-        if not p.is_file():
-            raise ModelError(f"{p} does not exist")
+    for p in (ref, *candidates):
+        _need_gguf(p)
+    if not text.is_file():
+        raise ModelError(f"{text} does not exist")
     _check_plot_path(plot_to)
+    from qwen35.quant import model_differences
+
+    for c in candidates:
+        diff = model_differences(ref, c)
+        if diff:
+            typer.echo(f"warning: {c.name} is not the same model as {ref.name} ({'; '.join(diff)}): its scores "
+                       "measure the difference between two models, not a quantization", err=True)
     with _Bar(f"scoring {len(candidates)} file(s)") as bar:
         try:
             results = evaluate(ref, list(candidates), text.read_text(encoding="utf-8"), n_ctx=n_ctx,
@@ -113,16 +132,17 @@ def imatrix_cmd(
     from qwen35.bindings.model import ModelError
     from qwen35.quant import compute_imatrix, coverage
 
-    for p in (model, text):
-        if not p.is_file():
-            raise ModelError(f"{p} does not exist")
+    _need_gguf(model)
+    if not text.is_file():
+        raise ModelError(f"{text} does not exist")
     if out.exists() and not force:
         raise ModelError(f"{out} exists; pass --force to overwrite it")
-    try:
-        im = compute_imatrix(model, text, out, n_ctx=n_ctx, chunks=chunks, n_threads=threads or None,
-                             process_output=process_output)
-    except ValueError as e:
-        raise ModelError(str(e)) from None
+    with _Bar("computing the importance matrix") as bar:
+        try:
+            im = compute_imatrix(model, text, out, n_ctx=n_ctx, chunks=chunks, n_threads=threads or None,
+                                 process_output=process_output, on_progress=bar.progress)
+        except ValueError as e:
+            raise ModelError(str(e)) from None
     rep = coverage(im)
     if as_json:
         print(json.dumps({"path": str(out), **rep, "moe_tensors": {k: list(v) for k, v in rep["moe_tensors"].items()}}))

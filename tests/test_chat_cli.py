@@ -178,6 +178,10 @@ def test_a_message_that_does_not_fit_is_not_sent(gguf):
                         "--overflow", "drop-oldest"], input=msgs, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "error" not in r.stderr, r.stderr
     assert re.search(r"note: the \d+ oldest messages were left out to fit the 256-token context", r.stderr)
+    # llama.cpp allocates 256 tokens for --ctx 128; the limit and the message are the 128 asked for
+    r = subprocess.run([QWEN35, "chat", str(gguf), "-p", "word " * 120, "--ctx", "128", "--threads",
+                        str(usable_cpus())], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "128-token context" in r.stderr, r.stderr
 
 
 def test_ctrl_c_in_one_shot_mode_exits_130(gguf):
@@ -226,3 +230,21 @@ def test_reasoning_and_replies_are_shown_verbatim():
     session.last = type("R", (), {"usage": type("U", (), {"dropped_messages": 0})()})()
     _turn(session, "q", None, out, out)
     assert buf.getvalue() == "x is list[int], [bold]not bold[/bold] and [/x] \ndict[str, int] [/y]\n"
+
+
+def test_a_checkpoint_folder_is_named_with_the_command_that_converts_it(tmp_path):
+    hf = Path(__file__).resolve().parent.parent / "examples" / "models" / "qwen35-dense-tiny"
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    for argv in ([QWEN35, "chat", str(hf), "-p", "hi"], [QWEN35, "quant", "eval", str(hf), str(hf), "--text", str(text)]):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert "Hugging Face checkpoint folder" in r.stderr and f"qwen35-convert {hf}" in r.stderr
+
+
+def test_help_shows_flags_as_flags():
+    convert = str(Path(sys.executable).parent / "qwen35-convert")
+    for argv in ([convert, "--help"], [QWEN35, "chat", "--help"], [QWEN35, "quant", "imatrix", "--help"],
+                 [QWEN35, "verify", "--help"]):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "--" in r.stdout and "<bool>" not in r.stdout, r.stdout

@@ -74,10 +74,29 @@ def test_cli_reports_agree_for_hf_dir_and_gguf(moe):
 
 
 def test_inspect_errors_are_one_line(tmp_path):
+    import numpy as np
+    from gguf import GGUFEndian, GGUFWriter
+
     bad = tmp_path / "x.gguf"
     bad.write_bytes(b"nope")
     r = subprocess.run([QWEN35, "inspect", str(bad)], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not a GGUF" in r.stderr
+    # an imatrix in llama-imatrix's GGUF layout is named as such, with where it goes
+    im = tmp_path / "imatrix.gguf"
+    w = GGUFWriter(im, arch="", endianess=GGUFEndian.LITTLE)
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["x.txt"])
+    w.add_tensor("blk.0.attn_qkv.weight.in_sum2", np.ones((1, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = subprocess.run([QWEN35, "inspect", str(im)], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "importance matrix" in r.stderr, r.stderr
+    assert "--imatrix" in r.stderr and "None" not in r.stderr
+    for flag in ("--parallel", "--ctx"):
+        r = subprocess.run([QWEN35, "inspect", str(bad), flag, "0"], capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and f"{flag} 0" in r.stderr, r.stderr
 
 
 def test_logit_metrics_match_torch():
@@ -115,6 +134,19 @@ def test_verify_cli_on_a_converted_checkpoint(tmp_path, lib_dir):
     assert f32["n_tokens"] > 20 and f32["top1_agreement"] == 1.0
     assert f32["max_abs"] <= 2e-3 * f32["logit_std"]
     assert q8["kld_mean"] > f32["kld_mean"]  # rounding to Q8_0 moves the distribution, measurably
+    assert f32["passed"] and f32["max_kld"] == 0.1
+    # a verdict against the stated bound, exit 1 when it fails; --text is a file, as for quant eval
+    text = tmp_path / "heldout.txt"
+    text.write_text("One two three four five six seven eight nine ten eleven twelve. " * 4)
+    run = subprocess.run([QWEN35, "verify", str(hf), str(tmp_path / "q8.gguf"), "--text", str(text), "--max-kld",
+                          str(q8["kld_mean"] / 10)], capture_output=True, text=True)
+    assert run.returncode == 1 and "verdict         FAIL" in run.stdout, run.stdout + run.stderr
+    assert int(re.search(r"tokens\s+(\d+)", run.stdout).group(1)) > 40   # the file's text, not its path
+    # a GGUF of another model (a MoE checkpoint against a dense GGUF) is refused, not scored
+    moe = tiny.make_checkpoint(tmp_path / "moe", moe=True)
+    run = subprocess.run([QWEN35, "verify", str(moe), str(tmp_path / "f32.gguf")], capture_output=True, text=True)
+    assert run.returncode == 1 and run.stdout == "" and run.stderr.count("\n") == 1
+    assert "is not a conversion of" in run.stderr and "architecture qwen35 in the GGUF, qwen35moe" in run.stderr
 
 
 def test_verify_refuses_what_is_not_a_local_safetensors_checkpoint(tmp_path):

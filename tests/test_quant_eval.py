@@ -124,6 +124,15 @@ def test_imatrix_command_reports_the_expert_coverage_in_the_file(moe_f32, files,
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "llama-imatrix failed" in r.stderr and "you need at least 128 tokens" in r.stderr
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.partial").exists()
+    # any part of a split model, as the other commands take
+    from qwen35.converter.convert import convert
+
+    parts = convert(hf, tmp_path / "split.gguf", file_type="F32", split_max_size=1_000_000).files
+    assert len(parts) > 1
+    r = subprocess.run([QWEN35, "quant", "imatrix", parts[-1], "--text", str(files["text"]), "-o",
+                        str(tmp_path / "split-imatrix.gguf"), "--ctx", "64", "--chunks", "1"], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and (tmp_path / "split-imatrix.gguf").is_file(), r.stderr
 
 
 def _one_line_error(r):
@@ -176,3 +185,14 @@ def test_sweep_converts_scores_and_compares_recipes(files, tmp_path):
     r = subprocess.run([QWEN35, "quant", "sweep", str(files["hf"]), "--targets", "Q4_K_S", "--recipes", "qwen35",
                         "--text", str(files["text"]), "-o", str(tmp_path / "x")], capture_output=True, text=True)
     assert _one_line_error(r) and "--recipe qwen35 has mixes for" in r.stderr
+
+
+def test_eval_warns_when_the_files_are_not_one_model(files, moe_f32):
+    base = ["--text", str(files["text"]), "--ctx", str(N_CTX), "--chunks", "1", "--threads", str(usable_cpus())]
+    same = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), *base],
+                          capture_output=True, text=True)
+    assert same.returncode == 0 and "warning" not in same.stderr, same.stderr
+    other = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(moe_f32[1]), *base],
+                           capture_output=True, text=True)
+    assert f"warning: {moe_f32[1].name} is not the same model" in other.stderr, other.stderr
+    assert "architecture qwen35moe vs qwen35" in other.stderr
