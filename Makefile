@@ -7,6 +7,7 @@
 #   make cuda-check        compile the CUDA work with nvcc (no GPU needed; fetches cuBLAS headers if missing)
 #   make cuda-bundle       pack .device/ for a GPU session (cpp_patches/cuda/gpu_session.sh)
 #   make cuda-rehearse     run that session's CUDA build here, without a GPU (~35 min on 2 cores)
+#   make clean             remove build/ and .venv (the next make starts from nothing)
 # Variables: BACKEND=cpu|cuda|metal|vulkan (detected when empty), CUDA_ARCHS="86;89;90a;120",
 #            JOBS (default: all cores), PYTHON (interpreter for the venv, default python3),
 #            TEST_WORKERS (most pytest workers for `make test`, one per CPU; 0: no workers).
@@ -27,7 +28,7 @@ UP_BUILD:= build/upstream-$(BACKEND)
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '2,13p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,14p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: venv llama bindings
 	@$(VENV)/bin/qwen35 build-info

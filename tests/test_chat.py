@@ -1,6 +1,7 @@
 """Chat sessions: multi-turn reuse gives the same greedy replies as fresh full prefills, saved
 sessions resume without re-evaluation, replies stream as reasoning / content / tool-call events."""
 
+import numpy as np
 import pytest
 
 from qwen35.bindings.model import ModelError, SamplingParams
@@ -61,6 +62,17 @@ def test_saved_chat_resumes_without_reprocessing(gguf_f32, tmp_path):
         chat.save(tmp_path / "s.chat")
         expected = chat.send(TURNS[2], GREEDY)
     with _load(gguf_f32) as m:
+        chat = Chat(m)
+        chat.load(tmp_path / "s.chat")
+        # the restored state, not a re-evaluation: the next prompt's logits, evaluating only what is
+        # new on top of it, equal a fresh prefill of the whole prompt
+        asked = [*chat.messages, {"role": "user", "content": TURNS[2]}]
+        prompt = m.tokenize(m.render(asked))
+        resumed, u = chat.cache.eval(prompt)
+        assert 0 < u.evaluated_tokens < len(prompt) // 2
+        resumed = resumed.copy()
+        fresh = m.logits(prompt)[-1]
+        assert np.abs(resumed - fresh).max() <= 1e-4 * max(np.abs(fresh).max(), 1)
         chat = Chat(m)
         chat.load(tmp_path / "s.chat")
         got = chat.send(TURNS[2], GREEDY)

@@ -15,7 +15,7 @@ from qwen35.cpus import usable_cpus
 ROOT = Path(__file__).resolve().parent.parent
 
 # llama.cpp (f32 weights, default f16 KV cache) vs transformers in float32 on random weights
-TOL_LOGITS_F16_KV = 2e-2
+TOL_LOGITS_F32_KV = 1e-3   # f32 weights, F32 KV cache, no flash attention (measured ~1e-4 here, QWEN35.md §7)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_bindings_match_transformers(tiny):
     hf, gguf = tiny
     messages = [{"role": "user", "content": "Name three colours."}]
     ref_model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
-    with Model.load(gguf, n_ctx=512, n_threads=usable_cpus()) as m:
+    with Model.load(gguf, n_ctx=512, n_threads=usable_cpus(), kv_type="f32", flash_attn=False) as m:
         prompt_text = m.render(messages, enable_thinking=False)
         tokens = m.tokenize(prompt_text)
         # llama.cpp's tokenizer (from the GGUF) agrees with the checkpoint's tokenizer.json
@@ -77,7 +77,7 @@ def test_bindings_match_transformers(tiny):
         ours = _llama_logits(m, tokens)
         with torch.no_grad():
             ref = ref_model(torch.tensor([tokens])).logits[0, -1].numpy()
-        assert np.abs(ours[: ref.size] - ref).max() <= TOL_LOGITS_F16_KV
+        assert np.abs(ours[: ref.size] - ref).max() <= TOL_LOGITS_F32_KV
         assert ours.argmax() == ref.argmax()
 
         # greedy chat equals transformers' greedy continuation
@@ -85,7 +85,9 @@ def test_bindings_match_transformers(tiny):
         with torch.no_grad():
             gen = ref_model.generate(torch.tensor([tokens]), max_new_tokens=8, do_sample=False,
                                      eos_token_id=None, pad_token_id=0)[0, len(tokens):].tolist()
+        # the whole reply: 8 tokens, or fewer when transformers' next token ends generation too
         assert res.tokens == gen[: len(res.tokens)]
+        assert len(res.tokens) == 8 or (res.finish_reason == "stop" and m.is_eog(gen[len(res.tokens)]))
         assert res.usage.prompt_tokens == len(tokens) and res.usage.completion_tokens == len(res.tokens)
 
 
@@ -122,6 +124,8 @@ def test_make_demo_script_prints_a_timed_reply(lib_dir):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
-    assert out["prompt_tokens"] > 10 and 0 < out["generated_tokens"] <= 8 or out["finish_reason"] == "stop"
-    assert out["finish_reason"] in ("stop", "length") and isinstance(out["reply"], str)
+    assert out["prompt_tokens"] > 10 and 0 <= out["generated_tokens"] <= 8
+    # a reply of fewer than 8 tokens ended at the end-of-generation token, one of 8 at the limit
+    assert out["finish_reason"] == ("length" if out["generated_tokens"] == 8 else "stop"), out
+    assert isinstance(out["reply"], str)
     assert out["generate_tok_s"] > 0 and Path(out["gguf"]).stat().st_size > 0

@@ -84,8 +84,19 @@ def test_unreachable_rpc_server_is_a_clear_error(moe_f32):
         Model.load(moe_f32, rpc_servers=["nohostport"])
 
 
-def test_n_cpu_moe_loads_and_computes_the_same(moe_f32):
-    assert np.array_equal(_logits(moe_f32, n_cpu_moe=4), _logits(moe_f32))
+def test_n_cpu_moe_loads_and_computes_the_same(moe_f32, caplog):
+    """The routed experts of the first n_cpu_moe blocks, and only those, are placed on the CPU by
+    llama.cpp (its load log names each tensor whose buffer type was overridden)."""
+    import re
+
+    from qwen35.converter.gguf_scan import scan
+
+    with caplog.at_level(logging.DEBUG, logger="qwen35.llama_cpp"):
+        kept = _logits(moe_f32, n_cpu_moe=4)
+    moved = set(re.findall(r"tensor (\S+) \(.*\) buffer type overridden to", caplog.text))
+    experts = {t.name for t in scan(moe_f32).tensors if re.search(r"ffn_(gate|up|down)_exps", t.name)}
+    assert moved == {n for n in experts if int(n.split(".")[1]) < 4}, sorted(moved)
+    assert np.array_equal(kept, _logits(moe_f32))
 
 
 def test_a_model_that_does_not_fit_is_refused_with_numbers(moe_f32, monkeypatch):
