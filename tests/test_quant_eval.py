@@ -196,3 +196,14 @@ def test_eval_warns_when_the_files_are_not_one_model(files, moe_f32):
                            capture_output=True, text=True)
     assert f"warning: {moe_f32[1].name} is not the same model" in other.stderr, other.stderr
     assert "architecture qwen35moe vs qwen35" in other.stderr
+
+
+def test_imatrix_shows_progress_on_a_terminal(moe_f32, files, tmp_path):
+    from test_chat_cli import Terminal
+
+    out = tmp_path / "im.gguf"
+    t = Terminal([QWEN35, "quant", "imatrix", str(moe_f32[1]), "--text", str(files["text"]), "-o", str(out),
+                  "--ctx", "64", "--threads", str(usable_cpus())])
+    t.expect(r"computing the importance matrix.*\d+/\d+")   # a bar that counts chunks, on the terminal only
+    t.expect(r"wrote .*im\.gguf")
+    assert t.p.wait(timeout=120) == 0 and out.is_file()
