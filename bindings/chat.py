@@ -172,7 +172,8 @@ class _ReplyText:
         if not self.thinking:
             return self._answer(text)
         self.held += text
-        ends = [(i, tag) for tag in (THINK_END, TOOL_OPEN) if (i := self.held.find(tag)) >= 0]
+        tags = (THINK_END, TOOL_OPEN) if self.parser is not None else (THINK_END,)   # no calls: text
+        ends = [(i, tag) for tag in tags if (i := self.held.find(tag)) >= 0]
         if ends:
             i, tag = min(ends)
             reasoning, after = self.held[:i], self.held[i + len(THINK_END):] if tag == THINK_END else self.held[i:]
