@@ -71,14 +71,16 @@ class Terminal:
 
 
 def test_interactive_chat_in_a_terminal(gguf, tmp_path):
-    t = Terminal([QWEN35, "chat", str(gguf), "--ctx", "2048", "-n", "6", "--no-think", "--threads", str(usable_cpus())])
-    t.expect(r"thinking off")
+    t = Terminal([QWEN35, "chat", str(gguf), "--ctx", "2048", "-n", "6", "--no-think", "--threads", str(usable_cpus()),
+                  "--top-k", "7", "--seed", "3"])
+    t.expect(r"thinking off, sampling: temperature [\d.]+, top-k 7, ")   # the banner names the sampling in use
     t.expect(r"> ")
     t.send("Hello, how are you?")
     t.expect(r"\n> ")
     t.send("/stats")
     first = t.expect(r"prompt (\d+) tokens: (\d+) reused, (\d+) evaluated")
     assert int(first.group(2)) == 0 and int(first.group(3)) == int(first.group(1))
+    t.expect(r"sampling: temperature [\d.]+, top-k 7, .*seed 3")
     t.send("a second line \\")          # continuation line
     t.expect(r"\. ")
     t.send("that goes on")
