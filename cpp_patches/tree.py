@@ -206,9 +206,8 @@ def prepare(dest: Path, upstream: bool = False) -> Path:
 def detect_backend() -> str:
     if sys.platform == "darwin" and platform.machine() == "arm64":
         return "metal"
-    if shutil.which("nvcc") and shutil.which("nvidia-smi"):
-        if run(["nvidia-smi", "-L"], capture=True).returncode == 0:
-            return "cuda"
+    if shutil.which("nvcc") and shutil.which("nvidia-smi") and run(["nvidia-smi", "-L"], capture=True).returncode == 0:
+        return "cuda"
     return "cpu"
 
 
@@ -349,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--portable-cpu", action="store_true",
                    help="CPU code for any x86-64 with AVX2 rather than this machine's (-march=native)")
     p.add_argument("--cmake-arg", action="append", default=[], metavar="ARG",
-                   help="one more CMake argument (repeatable), e.g. from cuda/device_env.py --cmake-args")
+                   help="one more CMake argument (repeatable), e.g. -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc")
     p = sub.add_parser("bindings")
     p.add_argument("src", type=Path)
     p.add_argument("build_dir", type=Path)

@@ -56,11 +56,3 @@ def imported(site: Path):
 
 def calls(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-
-
-def signature(call: dict) -> tuple:
-    """What Triton's compiled kernels depend on: everything but T (FLA's kernels do not specialize
-    on it), i.e. the shapes with the time axis (1) of q, k, v, g and beta left out."""
-    args = [(tuple(s[:1] + s[2:]) if i < 5 else tuple(s), dt, contig, dev)
-            for i, (s, dt, contig, dev) in enumerate(call["args"])]
-    return tuple(args), call["scale"], tuple(call["flags"])

@@ -163,8 +163,8 @@ def test_dispatcher_takes_the_chunked_path_only_where_it_launches(device):
     the kernels must launch (and be right) on that device, where it says no they could not (the
     launch refuses the shared memory): GeForce cards (99 KiB) keep the token kernel for Qwen3.5's
     S_v = 128 instead of failing, A100/H100 take both head sizes, pre-Ampere neither."""
+    import gated_delta_net as ref  # cpp_patches/reference, on the path once emulate is imported
     from emulate import Emulator, build, inputs_for
-    import gated_delta_net as ref   # cpp_patches/reference, on the path once emulate is imported
 
     cc, n_sm, optin, per_sm = DEVICES[device]
     emu = Emulator(build())
@@ -209,7 +209,7 @@ def test_gpu_harness_driver_runs_on_the_emulator():
     assert {case_id(r) for r in both} == {case_id(c) for c in quick_cases() if not c["extra"]}
     assert all(r["upstream_ok"] and r["upstream_err_out"] > 0 for r in both), both
 
-    cc, n_sm, optin, per_sm = DEVICES["RTX 4090"]
+    _cc, n_sm, optin, per_sm = DEVICES["RTX 4090"]
     emu = Emulator(build())   # the same loaded library: its device limits are the harness's
     emu.set_device(n_sm=n_sm, smem_optin=optin, smem_per_sm=per_sm)
     try:
@@ -230,9 +230,8 @@ def test_gpu_harness_bench_runs_on_the_emulator(capsys):
     sweep's crossover by its definition, and the printed table."""
     import ctypes
 
-    import torch
-
     import run_harness
+    import torch
     from emulate import build
 
     lib = run_harness.bind(ctypes.CDLL(str(build())))
@@ -269,8 +268,8 @@ def test_gpu_harness_bench_runs_on_the_emulator(capsys):
     if start is None:
         assert not faster[130]
     else:
-        assert all(f for T, f in faster.items() if T >= start)
-        earlier = [T for T in faster if T < start]
+        assert all(f for T, f in faster.items() if start <= T)
+        earlier = [T for T in faster if start > T]
         assert not earlier or not faster[max(earlier)]   # the length just before it was not faster
 
     capsys.readouterr()
@@ -292,11 +291,10 @@ def test_sixteen_warps_per_block(tmp_path):
     many warps it runs."""
     import ctypes
 
-    import numpy as np
-    import torch
-
     import gated_delta_net as ref
+    import numpy as np
     import run_harness
+    import torch
     from emulate import build, quick_cases
 
     out = tmp_path / "rows.json"
@@ -327,9 +325,8 @@ def test_a_harness_variant_that_fails_costs_only_itself(monkeypatch, capsys):
     import ctypes
     import subprocess
 
-    import torch
-
     import run_harness
+    import torch
     from emulate import build
 
     emu = build()
@@ -378,11 +375,10 @@ def test_gpu_harness_runs_each_stage_alone():
     harness does not know is refused with cudaErrorInvalidValue, having launched nothing."""
     import ctypes
 
-    import numpy as np
-    import torch
-
     import gated_delta_net as ref
+    import numpy as np
     import run_harness
+    import torch
     from emulate import build
 
     lib = run_harness.bind(ctypes.CDLL(str(build())))
@@ -410,19 +406,15 @@ def test_gpu_harness_runs_each_stage_alone():
 
 
 @needs_cxx
-def test_gpu_harness_bench_with_fla_and_what_fla_warm_compiles_for_it(tmp_path, monkeypatch):
+def test_gpu_harness_bench_with_fla(tmp_path, monkeypatch):
     """The benchmark's FLA path (run_harness --fla) on the emulator, with a stand-in for FLA
     (tests/standin_fla.py): FLA timed in both dtypes on every row, the count of kernels Triton
-    compiled while it was timed, FLA's accuracy rows. And the GPU session's `warm` step
-    (fla_warm.py) makes, for the same shapes, calls that differ from the timed run's only in T,
-    which FLA's kernels do not specialize on: so what it compiles is what the timed run asks for."""
+    compiled while it was timed, FLA's accuracy rows."""
     import ctypes
 
-    import torch
-
-    import fla_warm
     import run_harness
     import standin_fla
+    import torch
     from emulate import build
 
     site = standin_fla.install(tmp_path)
@@ -436,10 +428,6 @@ def test_gpu_harness_bench_with_fla_and_what_fla_warm_compiles_for_it(tmp_path, 
         result = run_harness.bench(lib, torch, True, shapes=shapes, lengths=lengths, sweep=(), S=64, reps=1,
                                    device="cpu")
         timed = standin_fla.calls(log)
-        log.unlink()
-        for v in fla_warm.variants(shapes, lengths, S=64):
-            fla_warm.warm_one(fla_warm.spec(v), "cpu")
-        warm = standin_fla.calls(log)
     finally:
         for mod in [m for m in sys.modules if m == "fla" or m.startswith("fla.")]:
             del sys.modules[mod]
@@ -451,8 +439,6 @@ def test_gpu_harness_bench_with_fla_and_what_fla_warm_compiles_for_it(tmp_path, 
                                            for s in ("", "_spike") for x in ("out", "state")}
     # each call of the stand-in "compiled" one kernel; the accuracy calls come after the count
     assert result["fla_kernels_compiled_while_timed"] == len(timed) - accuracy_calls >= 2 * len(lengths)
-    assert len(warm) == 4   # (tiny, accuracy) x (float32, bfloat16)
-    assert {standin_fla.signature(c) for c in timed} == {standin_fla.signature(c) for c in warm}
     assert len({c["args"][0][0][1] for c in timed}) == 3   # T 65, 130 and the accuracy's 1000
 
 
@@ -463,9 +449,8 @@ def test_gpu_harness_precision_probe_on_the_emulator(capsys):
     bounded, against the float64 reference and against upstream's kernel; both are timed."""
     import ctypes
 
-    import torch
-
     import run_harness
+    import torch
     from emulate import build
 
     lib = run_harness.bind(ctypes.CDLL(str(build())))

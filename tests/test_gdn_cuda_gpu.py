@@ -4,8 +4,8 @@ standalone harness (cpp_patches/cuda/run_harness.py, compiled for this GPU with 
 llama.cpp's own kernel on the same buffers as a check of the harness; and a whole model's
 output distributions on CUDA against the CPU backend, chunked kernel and upstream's kernel.
 
-The end-to-end test uses the CUDA build in build/cuda/bin (`make setup BACKEND=cuda`, or the
-GPU session's `gpu_session.sh build`), or QWEN35_CUDA_BIN; QWEN35_E2E_LOGS names a folder for
+The end-to-end test uses the CUDA build in build/cuda/bin (`make setup BACKEND=cuda` on a tree
+with the kernel promoted: cpp_patches/README.md), or QWEN35_CUDA_BIN; QWEN35_E2E_LOGS names a folder for
 llama-perplexity's logs."""
 
 import json
@@ -61,8 +61,8 @@ def _why_no_chunked_cuda_build() -> str | None:
     if not libs:
         return f"the build in {CUDA_BIN} has no CUDA backend (libggml-cuda)"
     if b"gdn_chunk_state" not in libs[0].read_bytes():
-        return ("this CUDA build has no chunked GATED_DELTA_NET kernel: it is in cpp_patches/pending until a GPU "
-                "session promotes it (gpu_session.sh builds a tree with it)")
+        return ("this CUDA build has no chunked GATED_DELTA_NET kernel: it is in cpp_patches/pending until it "
+                "is promoted (cpp_patches/README.md)")
     return None
 
 

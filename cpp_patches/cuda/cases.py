@@ -75,8 +75,8 @@ def ggml_layout(q, k, v, g, beta, state, *, pad: int = 0, extra: int = 0):
     strides sq1 sq2 sq3 sv1 sv2 sv3 sb1 sb2 sb3 and T_out = T + extra output tokens."""
     import numpy as np
 
-    B_qk, T, H_k, S = q.shape
-    B, _, H, _ = v.shape
+    _B_qk, T, H_k, S = q.shape
+    _B, _, H, _ = v.shape
 
     def wide(x):
         w = np.full(x.shape[:-1] + (S + pad,), np.nan, np.float32)

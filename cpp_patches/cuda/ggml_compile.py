@@ -5,8 +5,8 @@
 
 1. exports ggml/ and tests/test-backend-ops.cpp from the prepared tree (`make setup`) with
    `git archive` and promotes the chunked kernel there: cuda/gated_delta_net_chunked.cuh copied
-   into ggml-cuda, the pending patches applied. That is the tree a GPU session builds
-   (device_bundle.py promotes the same way).
+   into ggml-cuda, the pending patches applied. That is the tree a CUDA build with the
+   kernel promoted compiles.
 2. compiles ggml-cuda/gated_delta_net.cu in its own translation unit with ggml-cuda's flags
    (-use_fast_math -extended-lambda, its definitions) and host warnings on, for each arch; fails
    on an error, on a warning from the changed files, on a missing chunked kernel, or on a

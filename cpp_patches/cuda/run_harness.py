@@ -6,8 +6,7 @@ Runs on a machine with a CUDA GPU and nvcc; the benchmark also needs torch (and 
 
 1. compiles gdn_harness.cu for this GPU (seconds): gated_delta_net_chunked.cuh, and beside it
    llama.cpp's own token-sequential kernel taken from the tree's ggml-cuda/gated_delta_net.cu
-   (--llama; default: build/src/vendor/llama.cpp from `make setup`, else the device bundle's
-   build/cuda-src/vendor/llama.cpp);
+   (--llama; default: build/src/vendor/llama.cpp from `make setup`);
 2. correctness: every case of cases.py (the grid the CPU emulator, emulate.py, also runs)
    against the float64 numpy reference (cpp_patches/reference/gated_delta_net.py), outputs
    poisoned with NaN before each run; upstream's kernel on the same inputs as a check that
@@ -45,9 +44,8 @@ import gated_delta_net as ref  # noqa: E402
 from cases import TOL_REL_RMS, case_id, correctness_cases, ggml_layout  # noqa: E402
 from emulate import inputs_for, quick_cases  # noqa: E402
 
-
 ROOT = HERE.parent.parent
-TREES = [ROOT / "build" / "src" / "vendor" / "llama.cpp", ROOT / "build" / "cuda-src" / "vendor" / "llama.cpp"]
+TREES = [ROOT / "build" / "src" / "vendor" / "llama.cpp"]
 GDN_CU = Path("ggml") / "src" / "ggml-cuda" / "gated_delta_net.cu"
 # upstream's kernel template: everything from it to its host-side launcher
 UPSTREAM_KERNEL = re.compile(r"template\s*<\s*int S_v,\s*bool KDA,\s*bool keep_rs_t\s*>.*?(?=template\s*<\s*bool KDA,"
@@ -64,8 +62,7 @@ def llama_tree(given: Path | None = None) -> Path:
         if (tree / GDN_CU).exists():
             return tree
     raise RuntimeError(f"no llama.cpp tree with {GDN_CU} at {given or ' or '.join(map(str, TREES))} (its "
-                       "token-sequential kernel runs beside the chunked one): run `make setup`, or on the device "
-                       "a gpu_session.sh step, which unpacks .device/")
+                       "token-sequential kernel runs beside the chunked one): run `make setup`")
 
 
 def upstream_kernel_text(llama: Path) -> str:
@@ -90,13 +87,13 @@ def write_upstream_kernel(llama: Path, dest_dir: Path) -> Path:
 
 def cublas_include() -> Path | None:
     """Where cublas_v2.h is (ggml-cuda's common.cuh includes it), or None when nvcc finds it:
-    the pinned headers of `make cuda-deps` or of the device bundle, else those of an installed
+    the pinned headers of `make cuda-deps`, else those of an installed
     nvidia-cublas wheel (torch's)."""
     import ggml_compile
 
     if ggml_compile.nvcc_finds_cublas():
         return None
-    for inc in (ggml_compile.CUBLAS_INCLUDE, ROOT / ".device" / "cublas-include"):
+    for inc in (ggml_compile.CUBLAS_INCLUDE,):
         if (inc / "cublas_v2.h").exists():
             return inc
     for d in filter(None, sys.path):   # nvidia/<cu13 or cublas>/include/ of the wheel
@@ -464,7 +461,7 @@ FLA_ACCURACY_SHAPE = dict(S=128, T=1000, H_k=4, H_v=4)
 
 
 def triton_kernels() -> int:
-    """How many compiled kernels Triton's on-disk cache holds (fla_warm.py fills it)."""
+    """How many compiled kernels Triton's on-disk cache holds (a first FLA call for new shapes fills it)."""
     return sum(1 for _ in triton_cache_dir().rglob("*.cubin"))   # rglob of a missing folder yields nothing
 
 
@@ -487,7 +484,7 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
     fla = None
     result = {"rows": []}
     if with_fla:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla  # noqa: N813
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla
         kernels_before = triton_kernels()
     for name, H_k, H_v in shapes:
         for T in lengths:
@@ -523,13 +520,13 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
                     key = "fla_" + str(dt).split(".")[-1] + "_ms"
                     try:
                         row[key] = median_ms(torch, fla_call(fla, torch, inputs, dt, device), reps, device=device)
-                    except Exception as e:  # noqa: BLE001  (record why FLA could not run)
+                    except Exception as e:
                         row[key.replace("_ms", "_error")] = f"{type(e).__name__}: {e}"[:200]
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
     if fla is not None:   # after the timings: its own compiles (other head counts) come last
         # Triton compiles each of FLA's kernels once per autotuning configuration, head counts and
-        # dtype (~1-2 s each) the first time a shape is met: 0 here means fla_warm.py compiled them
+        # dtype (~1-2 s each) the first time a shape is met: 0 here means an earlier run compiled them
         result["fla_kernels_compiled_while_timed"] = triton_kernels() - kernels_before
         print(json.dumps({"fla_kernels_compiled_while_timed": result["fla_kernels_compiled_while_timed"],
                           "triton_cache": str(triton_cache_dir())}), flush=True)
@@ -664,7 +661,7 @@ def parser() -> argparse.ArgumentParser:
 def main() -> int:
     ap = parser()
     args = ap.parse_args()
-    variant = lambda tag: args.lib.with_name(f"{args.lib.stem}-{tag}{args.lib.suffix}")  # noqa: E731
+    variant = lambda tag: args.lib.with_name(f"{args.lib.stem}-{tag}{args.lib.suffix}")
     builds = {"ggml": (args.lib, ())}
     wanted = (args.variant if args.bench else []) + (["1xtf32"] if args.precision else [])
     builds.update({name: (variant(name), VARIANTS[name][0]) for name in wanted})
@@ -724,7 +721,7 @@ def print_bench(bench_result: dict) -> None:
               f"{stages}){extra}")
     if "fla_kernels_compiled_while_timed" in bench_result:
         print(f"FLA: {bench_result['fla_kernels_compiled_while_timed']} Triton kernels compiled during its timings "
-              "(0: all were compiled ahead by fla_warm.py)")
+              "(0: all were compiled by an earlier run)")
     for name, t in bench_result.get("threshold", {}).items():
         times = ", ".join(f"{r['T']}: {r['upstream_ms'] / r['chunked_ms']:.2f}x" for r in t["rows"])
         print(f"{name:8s} chunked faster from T = {t['chunked_faster_from']} (upstream / chunked: {times})")
