@@ -34,11 +34,11 @@ from pathlib import Path
 from qwen35.cpus import usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))   # tests/support: the tiny-checkpoint helpers
 REPLY_TOKENS = 100
 DECODE_TOKENS = 128
 SAMPLING = {"greedy": dict(temperature=0.0), "sampling": dict(temperature=0.7, top_k=20, top_p=0.8, min_p=0.0)}
-WORDS = ("river stone cloud lantern harbor meadow copper violin orchard glacier thunder pepper "
-         "compass ember willow marble canyon falcon saddle velvet").split()
+WORDS = ["river", "stone", "cloud", "lantern", "harbor", "meadow", "copper", "violin", "orchard", "glacier", "thunder", "pepper", "compass", "ember", "willow", "marble", "canyon", "falcon", "saddle", "velvet"]
 
 
 def user_message(turn: int) -> str:
@@ -50,7 +50,8 @@ def user_message(turn: int) -> str:
 
 
 def make_model(work: Path) -> Path:
-    from qwen35 import tiny
+    from support import tiny
+
     from qwen35.converter.convert import convert
 
     out = work / "wide-bf16.gguf"
@@ -90,7 +91,7 @@ def decode_ours(path: Path, threads: int, mode: str) -> float:
 def decode_llama_cpp_python(path: Path, threads: int, mode: str) -> float:
     import llama_cpp
 
-    from qwen35.bindings import native
+    from qwen35 import native
 
     native.load()
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -115,7 +116,7 @@ def decode_llama_cpp_python(path: Path, threads: int, mode: str) -> float:
 def run_llama_cpp_python(path: Path, turns: int, threads: int) -> list[dict]:
     import llama_cpp
 
-    from qwen35.bindings import native
+    from qwen35 import native
 
     native.load()
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter

@@ -11,9 +11,10 @@ import codecs
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Union
+from typing import TYPE_CHECKING
 
 from . import structured
 from .model import DRAFT_MAX, ModelError
@@ -23,7 +24,6 @@ from .structured import THINK_END, TOOL_OPEN
 from .toolcalls import MalformedToolCall, Text, ToolCall, ToolCallParser
 
 if TYPE_CHECKING:
-    import numpy as np
 
     from .model import Model
 
@@ -41,7 +41,7 @@ class ContentDelta:
     text: str
 
 
-Event = Union[ReasoningDelta, ContentDelta, ToolCall, MalformedToolCall]
+Event = ReasoningDelta | ContentDelta | ToolCall | MalformedToolCall
 
 
 class ContextOverflow(ModelError):
@@ -142,7 +142,7 @@ class _ReplyText:
     tool-call parser. The answer's leading newlines (the format's, after </think>) are dropped;
     nothing else is."""
 
-    def __init__(self, model: "Model", parser: ToolCallParser | None, thinking: bool, stops: tuple[str, ...] = ()):
+    def __init__(self, model: Model, parser: ToolCallParser | None, thinking: bool, stops: tuple[str, ...] = ()):
         self.model, self.parser, self.thinking = model, parser, thinking
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stop = _StopFilter(stops)
@@ -239,7 +239,7 @@ class Chat:
     consumes exactly what it would without speculation, so output is the same tokens (greedy or
     seeded)."""
 
-    def __init__(self, model: "Model", *, system: str | None = None, tools: list[dict] | None = None,
+    def __init__(self, model: Model, *, system: str | None = None, tools: list[dict] | None = None,
                  enable_thinking: bool = True, seq_id: int = 0, checkpoint_every: int = 1024,
                  checkpoint_budget: int = 512 << 20, overflow: str = "error",
                  speculative: str | None = None, draft_max: int = DRAFT_MAX, draft_p_min: float = 0.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -102,15 +103,13 @@ def chat(
             except (Interrupted, KeyboardInterrupt):
                 out.print()
                 print("error: interrupted", file=sys.stderr)
-                raise typer.Exit(130)
+                raise typer.Exit(130) from None
             if as_json:
                 print(json.dumps({**_reply_json(session.last), "sampling": _sampling_json(session.sampling(sampling))}))
             return
         if sys.stdin.isatty():
-            try:
+            with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())
-            except ImportError:
-                pass
         err.print(f"{m.path.name}: {m.n_ctx} tokens of context, thinking {'on' if think else 'off'}, "
                   f"sampling: {session.sampling(sampling).describe()}. {HELP}", style="dim", markup=False)
         while True:

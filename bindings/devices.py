@@ -13,7 +13,7 @@ import os
 import socket
 from pathlib import Path
 
-from . import native
+from qwen35 import native
 
 DEVICE_TYPE_GPU, DEVICE_TYPE_IGPU = 1, 2
 # llama.cpp's LLM_FFN_EXPS_REGEX (common/common.h): the routed experts of a block

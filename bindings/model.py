@@ -12,7 +12,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import native
+from qwen35 import native
+from qwen35.errors import Qwen35Error
+
 from .sampling import Sampler, SamplingParams, recommended
 
 if TYPE_CHECKING:
@@ -27,7 +29,7 @@ DRAFT_MAX = 3  # default tokens drafted per speculative step (llama.cpp's --draf
 KV_TYPES = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}  # ggml_type of the full-attention KV cache
 
 
-class ModelError(RuntimeError):
+class ModelError(Qwen35Error):
     """A model that cannot be used, with the reason and the fix."""
 
 
@@ -58,7 +60,7 @@ def _number(text: str | None) -> float | int | None:
 def _gguf_header(path: Path):
     """The model's GGUF header (no tensor data is read): all parts of a split model, any part
     given, with ``.path`` its first part (the one llama.cpp loads)."""
-    from qwen35.converter.gguf_scan import GGUFScanError, scan, scan_model
+    from qwen35.gguf_scan import GGUFScanError, scan, scan_model
 
     try:
         head = scan(path)
@@ -97,7 +99,7 @@ def _check_fit(info, devs: list, n_gpu_layers: int, n_cpu_moe: int) -> None:
                              f"{n_gpu_layers}, they have {free / gib:.1f} GiB free; offload fewer layers, keep experts "
                              "on the CPU with n_cpu_moe, or use a smaller quantization")
     else:
-        avail, total_ram = dv.host_memory()
+        _avail, total_ram = dv.host_memory()
         if total > total_ram:
             raise ModelError(f"{path.name} has {total / gib:.1f} GiB of weights, this machine {total_ram / gib:.1f} GiB "
                              "of RAM; use a smaller quantization or offload layers to a GPU (n_gpu_layers)")
@@ -199,7 +201,7 @@ class Model:
     def load(cls, path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
              n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None,
              repack: bool | None = None, n_seq_max: int = 1, n_rs_seq: int | None = None, n_cpu_moe: int = 0,
-             rpc_servers: list[str] | None = None, check_fit: bool = True, load_mtp: bool = False) -> "Model":
+             rpc_servers: list[str] | None = None, check_fit: bool = True, load_mtp: bool = False) -> Model:
         """repack: let llama.cpp move weights into its CPU extra buffer types (AMX, repacked
         layouts; llama.cpp's default). None = on, except on CPUs with AMX, where the pinned
         llama.cpp crashes (SIGSEGV) evaluating Qwen3.5 Q8_0 models from such buffers — reproduced
@@ -294,7 +296,7 @@ class Model:
             self._model = None
         native.take_interrupt()
 
-    def __enter__(self) -> "Model":
+    def __enter__(self) -> Model:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -358,7 +360,7 @@ class Model:
 
     def identity(self) -> str:
         """What a saved session must match: the model file's name and size (of all its parts)."""
-        from qwen35.converter.gguf_scan import split_parts
+        from qwen35.gguf_scan import split_parts
 
         return f"{self.path.name} ({sum(p.stat().st_size for p in split_parts(self.path))} bytes)"
 
@@ -388,7 +390,7 @@ class Model:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
         return buf.raw[:max(n, 0)]
 
-    def logits(self, tokens: list[int]) -> "np.ndarray":
+    def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits for every position of tokens, evaluated from an empty context: [n_tokens, n_vocab]."""
         if len(tokens) > self.n_ctx:
             raise ModelError(f"{len(tokens)} tokens exceed n_ctx={self.n_ctx}")
@@ -415,7 +417,7 @@ class Model:
             self.mtp.remove(seq_id, p0)
         return True
 
-    def eval_all(self, tokens: list[int], pos: int, seq_id: int) -> "np.ndarray":
+    def eval_all(self, tokens: list[int], pos: int, seq_id: int) -> np.ndarray:
         """Evaluate tokens at positions pos.. of a sequence; the logits of every one [n, n_vocab]
         (a speculative step's verification batch)."""
         import llama_cpp
@@ -435,7 +437,7 @@ class Model:
         h = np.ctypeslib.as_array(ptr, shape=(len(tokens), self.mtp.n_embd)).copy()
         self.mtp.observe(seq_id, pos, tokens, h)
 
-    def _decode_seq(self, tokens: list[int], pos: int, seq_id: int) -> "np.ndarray":
+    def _decode_seq(self, tokens: list[int], pos: int, seq_id: int) -> np.ndarray:
         """Evaluate tokens at positions pos.. of sequence seq_id; the logits after the last one."""
         import llama_cpp
         import numpy as np
@@ -496,7 +498,7 @@ class Model:
 
     def chat(self, messages: list[dict], sampling: SamplingParams | None = None, *, enable_thinking: bool = True,
              tools: list[dict] | None = None, response_format: dict | None = None,
-             tool_choice: str | dict | None = None) -> "Reply":
+             tool_choice: str | dict | None = None) -> Reply:
         """The assistant's reply to messages, from a fresh conversation on sequence 0 (a ``Chat``
         with these messages: the same sampling, parsing and structured output)."""
         from .chat import Chat

@@ -19,7 +19,7 @@ import ctypes
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-from . import native
+from qwen35 import native
 
 if TYPE_CHECKING:
     import numpy as np
@@ -42,8 +42,8 @@ class MTPHead:
         self._batch = llama_cpp.llama_batch_ext_init(ctx_p)
         self._n_seq = n_seq
         self._synced: dict[int, int] = {}                  # seq -> MTP cache holds pairs for [1, synced)
-        self._queue: dict[int, list[tuple[int, int, "np.ndarray"]]] = {}   # seq -> [(pos, token, h_{pos-1})]
-        self._recent: dict[int, OrderedDict[int, "np.ndarray"]] = {}      # seq -> pos -> target h_pos
+        self._queue: dict[int, list[tuple[int, int, np.ndarray]]] = {}   # seq -> [(pos, token, h_{pos-1})]
+        self._recent: dict[int, OrderedDict[int, np.ndarray]] = {}      # seq -> pos -> target h_pos
 
     def close(self) -> None:
         import llama_cpp
@@ -56,7 +56,7 @@ class MTPHead:
             self.ctx = None
 
     # ---------------------------------------------------------------- target side
-    def observe(self, seq: int, pos: int, tokens: list[int], h: "np.ndarray") -> None:
+    def observe(self, seq: int, pos: int, tokens: list[int], h: np.ndarray) -> None:
         """The target evaluated tokens at positions pos.. of seq; h: their hidden rows [n, n_embd]."""
         queue = self._queue.setdefault(seq, [])
         recent = self._recent.setdefault(seq, OrderedDict())
@@ -86,11 +86,11 @@ class MTPHead:
             self._synced[seq] = max(p0, 1)
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self.ctx), seq, p0, -1)
 
-    def hidden(self, seq: int, pos: int) -> "np.ndarray | None":
+    def hidden(self, seq: int, pos: int) -> np.ndarray | None:
         """The target's hidden row at pos, when still known (kept with recurrent checkpoints)."""
         return self._recent.get(seq, {}).get(pos)
 
-    def set_hidden(self, seq: int, pos: int, row: "np.ndarray") -> None:
+    def set_hidden(self, seq: int, pos: int, row: np.ndarray) -> None:
         """Make the target's hidden row at pos known again (after a checkpoint restore)."""
         self._recent.setdefault(seq, OrderedDict())[pos] = row
 
@@ -105,7 +105,7 @@ class MTPHead:
         native.take_interrupt()
         return bytes(buf[:n])
 
-    def set_state(self, seq: int, tokens: list[int], data: bytes | None, last_hidden: "np.ndarray | None") -> None:
+    def set_state(self, seq: int, tokens: list[int], data: bytes | None, last_hidden: np.ndarray | None) -> None:
         """Take over seq after the target's state was restored to hold tokens: from data (what
         state() returned), else rebuilt from the tokens with unknown hidden rows (zeros)."""
         import llama_cpp
@@ -145,7 +145,7 @@ class MTPHead:
             logits, h = self._decode([(pos + len(out), tok, h)], seq, want=True)
         return out
 
-    def predict(self, seq: int, token: int, pos: int) -> tuple["np.ndarray", "np.ndarray"]:
+    def predict(self, seq: int, token: int, pos: int) -> tuple[np.ndarray, np.ndarray]:
         """The head's (logits, hidden row) for the token after token, which sits at position pos
         (pos >= 1) after the target's positions [0, pos): its guess of the token at pos + 1."""
         prev = self.hidden(seq, pos - 1)
@@ -155,7 +155,7 @@ class MTPHead:
         return logits, h
 
     # ---------------------------------------------------------------- internals
-    def _zeros(self) -> "np.ndarray":
+    def _zeros(self) -> np.ndarray:
         import numpy as np
 
         return np.zeros(self.n_embd, np.float32)
@@ -217,7 +217,7 @@ class MTPHead:
         return logits, hid
 
 
-def _top(logits: "np.ndarray") -> tuple[int, float]:
+def _top(logits: np.ndarray) -> tuple[int, float]:
     """The most likely token and its probability."""
     import numpy as np
 

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
@@ -116,7 +117,7 @@ class SamplingParams:
             if not isinstance(bias, (int, float)) or math.isnan(bias) or bias == math.inf:
                 raise ValueError(f"logit_bias[{tok}]={bias!r}: use a finite number, or -inf to ban the token")
 
-    def resolve(self, recommended: Mapping[str, float]) -> "SamplingParams":
+    def resolve(self, recommended: Mapping[str, float]) -> SamplingParams:
         """Every None filled: from recommended (a GGUF's general.sampling.* keys), else llama.cpp's
         defaults. A resolved SamplingParams resolves to itself."""
         rec = {RECOMMENDED_KEYS[k]: v for k, v in recommended.items() if k in RECOMMENDED_KEYS}
@@ -173,7 +174,7 @@ class Sampler:
 
     def _build(self, vocab, p: SamplingParams, grammar: str | None) -> None:
         lib = self._lib
-        add = lambda s: lib.llama_sampler_chain_add(self._chain, s)  # noqa: E731
+        add = lambda s: lib.llama_sampler_chain_add(self._chain, s)
         penalized = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
         if penalized and p.penalty_last_n != 0:
             last_n = p.max_tokens if p.penalty_last_n == -1 else p.penalty_last_n
@@ -210,7 +211,7 @@ class Sampler:
             self._lib.llama_sampler_free(self._grammar)
             self._grammar = None
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -225,7 +226,7 @@ class Sampler:
         ptr = self._lib.llama_get_logits_ith(ctx, idx)
         return self._sample_constrained(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
 
-    def sample_logits(self, logits: "np.ndarray") -> int:
+    def sample_logits(self, logits: np.ndarray) -> int:
         """A token from logits [n_vocab] (accepted)."""
         if self._grammar is None:
             tok = self._apply(logits, (self._chain,))
@@ -233,7 +234,7 @@ class Sampler:
             return tok
         return self._sample_constrained(logits)
 
-    def _sample_constrained(self, logits: "np.ndarray") -> int:
+    def _sample_constrained(self, logits: np.ndarray) -> int:
         tok = self._apply(logits, (self._chain,))
         if not self._allowed(tok):   # drawn again over what the grammar allows
             tok = self._apply(logits, (self._grammar, self._chain))
@@ -248,7 +249,7 @@ class Sampler:
         lib.llama_sampler_apply(self._grammar, ctypes.byref(arr))
         return one.logit != -math.inf
 
-    def _apply(self, logits: "np.ndarray", samplers) -> int:
+    def _apply(self, logits: np.ndarray, samplers) -> int:
         """The token the samplers select from logits (nothing accepted)."""
         import numpy as np
 
@@ -272,7 +273,7 @@ def compile_grammar(vocab, text: str):
     llama.cpp's reason when it does not compile."""
     import llama_cpp
 
-    from . import native
+    from qwen35 import native
 
     with native.quiet_errors() as log:
         g = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), b"root")

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import ctypes
 from collections import OrderedDict
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,7 +34,9 @@ PARTIAL_ONLY = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
 
 
 @dataclass(frozen=True)
-class Usage:
+class Reuse:
+    """What the cache did for one prompt (a reply's usage carries the same counts)."""
+
     prompt_tokens: int      # tokens of the prompt
     reused_tokens: int      # taken from the cache without evaluation
     evaluated_tokens: int   # run through the model for this prompt
@@ -48,14 +51,14 @@ class PromptCache:
     budget_bytes: RAM for checkpoints; the least recently used go first when it is exceeded.
     """
 
-    def __init__(self, model: "Model", seq_id: int = 0, *, checkpoint_every: int = 1024,
+    def __init__(self, model: Model, seq_id: int = 0, *, checkpoint_every: int = 1024,
                  budget_bytes: int = 512 << 20):
         self.model, self.seq_id = model, seq_id
         self.checkpoint_every, self.budget_bytes = checkpoint_every, budget_bytes
         self.tokens: list[int] = []
         self.checkpoints: OrderedDict[int, bytes] = OrderedDict()  # position -> state after tokens[:position]
-        self.checkpoint_hidden: dict[int, "np.ndarray"] = {}  # position -> target hidden row at position - 1 (MTP)
-        self._last_logits: "np.ndarray | None" = None
+        self.checkpoint_hidden: dict[int, np.ndarray] = {}  # position -> target hidden row at position - 1 (MTP)
+        self._last_logits: np.ndarray | None = None
         self._unsure: int | None = None  # an operation did not finish: the sequence may differ from tokens past this
         self.reset()  # the cache owns its sequence: whatever an earlier user left there goes
 
@@ -141,7 +144,7 @@ class PromptCache:
         return True
 
     # ---------------------------------------------------------------- eval
-    def eval(self, prompt: list[int], marks: Iterable[int] = ()) -> tuple["np.ndarray", Usage]:
+    def eval(self, prompt: list[int], marks: Iterable[int] = ()) -> tuple[np.ndarray, Reuse]:
         """Make the sequence hold exactly prompt; returns the logits after its last token and
         what was reused. marks: positions (token counts) at which to take a checkpoint when
         they are evaluated, e.g. the start of each assistant turn."""
@@ -155,21 +158,21 @@ class PromptCache:
         with self.changing():
             return self._eval(prompt, marks)
 
-    def _eval(self, prompt: list[int], marks: Iterable[int]) -> tuple["np.ndarray", Usage]:
+    def _eval(self, prompt: list[int], marks: Iterable[int]) -> tuple[np.ndarray, Reuse]:
         common = 0
         for a, b in zip(self.tokens, prompt):
             if a != b:
                 break
             common += 1
         if common == len(self.tokens) == len(prompt) and self._last_logits is not None:
-            return self._last_logits, Usage(len(prompt), len(prompt), 0)
+            return self._last_logits, Reuse(len(prompt), len(prompt), 0)
         # at least the last prompt token must be evaluated for its logits
         target = min(common, len(prompt) - 1)
         restored, rolled = None, 0
         if target < len(self.tokens):
             self._keep_only(target)
             n_back = len(self.tokens) - target
-            if (0 < target and n_back <= self.model.n_rs_seq
+            if (target > 0 and n_back <= self.model.n_rs_seq
                     and self.model.seq_rm(self.seq_id, target)):
                 rolled = n_back
                 self.tokens = self.tokens[:target]
@@ -200,9 +203,9 @@ class PromptCache:
                 self._save_checkpoint()
             self._unsure = len(self.tokens)   # in step up to here: a later interruption keeps this part
             start = end
-        return self._last_logits.copy(), Usage(len(prompt), reused, len(todo), restored, rolled)
+        return self._last_logits.copy(), Reuse(len(prompt), reused, len(todo), restored, rolled)
 
-    def last_logits(self) -> "np.ndarray":
+    def last_logits(self) -> np.ndarray:
         """Logits after the last evaluated token (for saving a session)."""
         import numpy as np
 
@@ -210,8 +213,8 @@ class PromptCache:
             return np.zeros(0, np.float32)
         return self._last_logits.copy()
 
-    def adopt(self, tokens: list[int], logits: "np.ndarray", checkpoints: dict[int, bytes],
-              checkpoint_hidden: dict[int, "np.ndarray"] | None = None) -> None:
+    def adopt(self, tokens: list[int], logits: np.ndarray, checkpoints: dict[int, bytes],
+              checkpoint_hidden: dict[int, np.ndarray] | None = None) -> None:
         """Take over a sequence whose state was restored from a saved session (call it inside
         ``changing(0)`` around that restore)."""
         self.tokens = list(tokens)
@@ -219,7 +222,7 @@ class PromptCache:
         self.checkpoints = OrderedDict(sorted(checkpoints.items()))
         self.checkpoint_hidden = dict(checkpoint_hidden or {})
 
-    def extend(self, tokens: list[int]) -> "np.ndarray":
+    def extend(self, tokens: list[int]) -> np.ndarray:
         """Evaluate tokens after the cached ones; the logits of every one [n, n_vocab]."""
         with self.changing():
             logits = self.model.eval_all(tokens, len(self.tokens), self.seq_id)
@@ -227,13 +230,13 @@ class PromptCache:
             self._last_logits = logits[-1].copy()
         return logits
 
-    def truncate(self, n: int, last_logits: "np.ndarray") -> None:
+    def truncate(self, n: int, last_logits: np.ndarray) -> None:
         """Keep the first n tokens (a rejected draft's tail goes, by llama.cpp's recurrent
         rollback); last_logits: the logits after token n - 1, known to the caller."""
         with self.changing(n):
             self._truncate(n, last_logits)
 
-    def _truncate(self, n: int, last_logits: "np.ndarray") -> None:
+    def _truncate(self, n: int, last_logits: np.ndarray) -> None:
         if n < len(self.tokens):
             if not self.model.seq_rm(self.seq_id, n):
                 from .model import ModelError
@@ -247,7 +250,7 @@ class PromptCache:
                 self.checkpoint_hidden.pop(p, None)
         self._last_logits = last_logits
 
-    def append(self, token: int) -> "np.ndarray":
+    def append(self, token: int) -> np.ndarray:
         """Evaluate one more token (generation); returns its logits."""
         with self.changing():
             self._last_logits = self.model._decode_seq([token], len(self.tokens), self.seq_id)

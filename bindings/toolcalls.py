@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _FUNCTION = re.compile(r"\s*<function=([^>\n]+)>\n?(.*?)</function>\s*\Z", re.S)
@@ -57,7 +57,7 @@ class MalformedToolCall:
     reason: str
 
 
-Event = Union[Text, ToolCall, MalformedToolCall]
+Event = Text | ToolCall | MalformedToolCall
 
 
 def _schemas(tools: list[dict] | None) -> dict[str, dict]:

@@ -82,7 +82,7 @@ class Checkpoint:
         n = sp.nbytes // (ref.nbytes // max(ref.shape[0], 1)) if ref.shape else 1
         return np.frombuffer(buf, dtype=sp.numpy_dtype).reshape((n, *ref.shape[1:]) if ref.shape else ())
 
-    def span(self, name: str, rows: tuple[int, int] | None = None) -> "Span":
+    def span(self, name: str, rows: tuple[int, int] | None = None) -> Span:
         """Where the tensor's bytes (or rows [a, b) of its first axis) lie in its shard."""
         ref = self.tensors[name]
         a, b = rows if rows is not None else (0, ref.shape[0] if ref.shape else 1)

@@ -44,8 +44,7 @@ def convert(
     progress = None
     bar = None
     if sys.stderr.isatty() and not dry_run:
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
-                                   TransferSpeedColumn)
+        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
         bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
                        TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
@@ -72,7 +71,7 @@ def convert(
         print(f"{'tensor':40s} {'shape (ggml ne)':24s} {'type':8s} {'bytes':>14s}")
         for t in s.plan:
             mark = "*" if t["raised"] else ""
-            print(f"{t['name']:40s} {str(t['shape']):24s} {t['type'] + mark:8s} {t['bytes']:>14,d}")
+            print(f"{t['name']:40s} {t['shape']!s:24s} {t['type'] + mark:8s} {t['bytes']:>14,d}")
         if raised:
             print(f"* more bits than llama-quantize's choice for {type_}, from --recipe {recipe} or --tensor-type")
     where = s.path if len(s.files) <= 1 else f"{len(s.files)} split files {s.files[0]} …"

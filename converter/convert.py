@@ -8,6 +8,7 @@ is bounded by a few tensors whatever the model size.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -18,18 +19,20 @@ import struct
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import gguf
 import numpy as np
 from gguf.gguf_writer import WriterState
 
+from qwen35.errors import Qwen35Error
+
 from . import checkpoint as ckpt_mod
 from . import imatrix as imx
-from . import qwen35, quantize, recipes, vocab
+from . import quantize, qwen35, recipes, vocab
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,7 @@ MTP_MODES = ("keep", "drop", "only")
 Q = gguf.GGMLQuantizationType
 
 
-class ConvertError(RuntimeError):
+class ConvertError(Qwen35Error):
     """A conversion that cannot proceed; the message names the problem and the fix."""
 
 
@@ -176,7 +179,7 @@ def _check_imatrix(outs: list[qwen35.OutTensor], chosen: list, file_type: str, i
     return missing
 
 
-def _uncovered_message(uncovered: list[tuple[str, "Q"]], file_type: str, im, n_layer: int) -> str:
+def _uncovered_message(uncovered: list[tuple[str, Q]], file_type: str, im, n_layer: int) -> str:
     """One line: every tensor that would be quantized below 3 bits without importance weights,
     led by the fix that works."""
     names = [n for n, _ in uncovered]
@@ -381,7 +384,7 @@ def _tofile(data: np.ndarray, fout) -> int:
     return data.nbytes
 
 
-def _copy_span(span: "ckpt_mod.Span", fout) -> int:
+def _copy_span(span: ckpt_mod.Span, fout) -> int:
     """Append span's bytes to fout: copy_file_range (in the kernel, no pass through Python),
     else pread/write in 16 MiB steps (other platforms, filesystems that refuse it)."""
     fout.flush()
@@ -416,10 +419,8 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
     asynchronous writeback of dirty pages), so the closing fsync has little left to wait for."""
     advise = getattr(os, "posix_fadvise", None)
     if advise is not None:
-        try:
+        with contextlib.suppress(OSError):
             advise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
 
 
 class _Budget:

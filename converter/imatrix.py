@@ -69,7 +69,7 @@ def load(path: str | Path) -> Imatrix:
 def _load_gguf(p: Path, shown: str) -> Imatrix:
     try:
         r = GGUFReader(p)
-    except Exception as e:  # noqa: BLE001 - any parse failure is a bad file
+    except Exception as e:
         raise _fail(shown, f"not a readable GGUF ({e})") from None
     keys = {Keys.IMatrix.DATASETS, Keys.IMatrix.CHUNK_COUNT, Keys.IMatrix.CHUNK_SIZE}
     if not keys <= set(r.fields):

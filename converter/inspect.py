@@ -40,7 +40,7 @@ class Report:
 
 
 def _from_gguf(path: Path) -> Report:
-    from .gguf_scan import scan_model
+    from qwen35.gguf_scan import scan_model
 
     s = scan_model(path)  # a split model: all its parts
     arch = s.get("general.architecture")

@@ -89,7 +89,7 @@ def nbytes(qtype: Q, shape: tuple[int, ...]) -> int:
 
 @functools.cache
 def _ggml_base():
-    from qwen35.bindings import native
+    from qwen35 import native
 
     directory = native.library_dir()
     native.check(next(directory.glob("libllama.*")))

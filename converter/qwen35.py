@@ -8,8 +8,8 @@ stays F32. Check them line by line against llama.cpp's src/models/qwen35*.cpp lo
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 from gguf import MODEL_TENSOR as T
@@ -205,7 +205,6 @@ def plan_tensors(ckpt: Checkpoint, mtp: str = "keep") -> list[OutTensor]:
     n_mtp = n_mtp_layers(ckpt) if mtp != "drop" else 0
     if mtp == "only" and n_mtp == 0:
         raise CheckpointError(f"{ckpt.path} has no MTP head (no mtp.* tensors); --mtp only needs one")
-    by_block: dict[str, T] = {}
     rows = {row[0]: row for row in LAYER_TABLE}
     grows = {row[0]: row for row in GLOBAL_TABLE}
     out: list[OutTensor] = []

@@ -152,15 +152,11 @@ def upstream_types(tensors: list[TensorDesc], ftype: LlamaFileType, model: Model
                 new = Q.Q4_K if gqa >= 4 else Q.Q3_K
             elif ftype == F.MOSTLY_IQ3_XXS:
                 new = Q.Q4_K if gqa >= 4 else (Q.IQ3_S if not has_imatrix else Q.IQ3_XXS)
-            elif ftype in (F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_S) and gqa >= 4:
-                new = Q.Q4_K
-            elif ftype == F.MOSTLY_IQ3_M:
+            elif (ftype in (F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_S) and gqa >= 4) or ftype == F.MOSTLY_IQ3_M:
                 new = Q.Q4_K
             elif ftype == F.MOSTLY_Q3_K_M:
                 new = Q.Q5_K if i["attn_wv"] < 2 else Q.Q4_K
-            elif ftype == F.MOSTLY_Q3_K_L:
-                new = Q.Q5_K
-            elif ftype in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and gqa >= 4:
+            elif ftype == F.MOSTLY_Q3_K_L or (ftype in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and gqa >= 4):
                 new = Q.Q5_K
             elif ftype in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and more_bits(i["attn_wv"], n_attention_wv):
                 new = Q.Q6_K

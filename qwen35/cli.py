@@ -20,7 +20,7 @@ def _root() -> None:
 @app.command("build-info")
 def build_info(as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")) -> None:
     """Show which native library the bindings load and whether it carries the patch series."""
-    from qwen35.bindings import native
+    from qwen35 import native
 
     lib = native._libllama(native.library_dir())
     info = native.NativeInfo(path=lib, series_id=native.probe(lib),
@@ -54,7 +54,7 @@ def inspect_cmd(
         rep = inspect(path, ctx=ctx, kv_type=kv_type, parallel=parallel, file_type=file_type.upper())
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     print(json.dumps(as_dict(rep)) if as_json else render(rep))
 
 
@@ -82,7 +82,7 @@ def verify_cmd(
 ) -> None:
     """Compare the GGUF's logits with transformers' on the same tokens (for small checkpoints); exit 1
     when the mean KL divergence is over --max-kld."""
-    from qwen35.converter.verify import DEFAULT_TEXT, verify
+    from qwen35.verify import DEFAULT_TEXT, verify
 
     _quiet_transformers()
     try:
@@ -90,7 +90,7 @@ def verify_cmd(
         m = verify(hf_dir, gguf, text=sample, max_tokens=max_tokens, max_kld=max_kld)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     if as_json:
         print(json.dumps(m))
         if not m["passed"]:

@@ -7,6 +7,10 @@ import signal
 import sys
 
 
+class Qwen35Error(RuntimeError):
+    """A known failure with a message that says what to do; the commands print it as one line."""
+
+
 class Interrupted(BaseException):
     """Ctrl-C, raised instead of KeyboardInterrupt so that click does not turn it into its own
     "Aborted!" exit before our cleanup message."""
@@ -19,14 +23,10 @@ def _interrupt(signum, frame):
 def run_app(app) -> None:
     """Run a typer app; known errors print one line on stderr and exit 1 (a traceback instead
     with QWEN35_DEBUG=1); Ctrl-C exits 130 after the command's cleanup has run."""
-    from qwen35.bindings.model import ModelError
-    from qwen35.bindings.native import NativeLibraryError
-    from qwen35.converter.convert import ConvertError
-
     signal.signal(signal.SIGINT, _interrupt)
     try:
         app()
-    except (NativeLibraryError, ConvertError, ModelError) as e:
+    except Qwen35Error as e:
         if os.environ.get("QWEN35_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -11,9 +11,9 @@ array([0.])
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def kld_rows(ref_logits: np.ndarray, cand_logits: np.ndarray) -> np.ndarray:
 
 def file_stats(path: Path) -> tuple[int, float]:
     """(file bytes, bits per weight of the tensor data); a split model: all its parts."""
-    from qwen35.converter.gguf_scan import scan_model
+    from qwen35.gguf_scan import scan_model
 
     info = scan_model(path)
     data = sum(t.nbytes for t in info.tensors)
@@ -66,7 +66,7 @@ def chunks(tokens: list[int], n_ctx: int, max_chunks: int | None) -> list[list[i
 def model_differences(a: str | Path, b: str | Path) -> list[str]:
     """How GGUF b's model differs from a's (architecture, layers, width, experts, vocabulary):
     empty when they can be quantizations of one model."""
-    from qwen35.converter.gguf_scan import scan_model
+    from qwen35.gguf_scan import scan_model
 
     ha, hb = scan_model(Path(a)), scan_model(Path(b))
     out = []
@@ -132,7 +132,7 @@ def evaluate(ref: str | Path, candidates: list[str | Path], text: str, *, n_ctx:
 
 def build_bin() -> Path:
     """The patched build's tools (beside the libraries the bindings load)."""
-    from qwen35.bindings import native
+    from qwen35 import native
 
     return next(native.library_dir().glob("libllama.*")).resolve().parent
 
@@ -148,11 +148,11 @@ def compute_imatrix(model: str | Path, text: str | Path, out: str | Path, *, n_c
     import subprocess
     import threading
 
-    from qwen35.bindings import native
+    from qwen35 import native
     from qwen35.bindings.model import _cpu_has_amx
     from qwen35.converter import imatrix as imx
-    from qwen35.converter.gguf_scan import GGUFScanError, scan_model
     from qwen35.cpus import usable_cpus
+    from qwen35.gguf_scan import GGUFScanError, scan_model
 
     try:
         model = scan_model(Path(model)).path   # llama.cpp loads a split model from its first part

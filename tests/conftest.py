@@ -28,13 +28,13 @@ def pytest_configure(config):
         except OSError as e:   # correct either way, only slower
             import warnings
 
-            warnings.warn(f"pytest worker {worker} could not be pinned to CPUs {share}: {e}")
+            warnings.warn(f"pytest worker {worker} could not be pinned to CPUs {share}: {e}", stacklevel=2)
 
 
 @pytest.fixture(scope="session")
 def lib_dir() -> Path:
     """Directory of the patched native libraries the bindings load (built by `make setup`)."""
-    from qwen35.bindings import native
+    from qwen35 import native
 
     native.load()  # fails the test with the clear message when the build is missing or stale
     return native.library_dir().resolve()
@@ -48,8 +48,9 @@ def build_bin(lib_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_f32_gguf(tmp_path_factory, lib_dir) -> Path:
-    """The dense tiny checkpoint (qwen35.tiny defaults) converted to F32 by qwen35-convert."""
-    from qwen35 import tiny
+    """The dense tiny checkpoint (support.tiny defaults) converted to F32 by qwen35-convert."""
+    from support import tiny
+
     from qwen35.converter.convert import convert
 
     d = tmp_path_factory.mktemp("tiny-f32")
@@ -61,7 +62,8 @@ def tiny_f32_gguf(tmp_path_factory, lib_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_moe_f32(tmp_path_factory, lib_dir) -> tuple[Path, Path]:
     """(HF folder, F32 GGUF) of the tiny MoE checkpoint (8 experts, top-2, shared expert)."""
-    from qwen35 import tiny
+    from support import tiny
+
     from qwen35.converter.convert import convert
 
     d = tmp_path_factory.mktemp("tiny-moe-f32")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qwen35.converter.gguf_scan import scan
+from qwen35.gguf_scan import scan
 
 
 def tensor_order(path) -> list[str]:

@@ -90,9 +90,8 @@ def test_a_saved_chat_refuses_another_model(gguf_f32, tmp_path):
         chat.save(tmp_path / "s.chat")
     other = tmp_path / "other.gguf"
     other.write_bytes(gguf_f32.read_bytes() + b"\0" * 32)
-    with _load(other) as m:
-        with pytest.raises(ModelError, match="another model"):
-            Chat(m).load(tmp_path / "s.chat")
+    with _load(other) as m, pytest.raises(ModelError, match="another model"):
+        Chat(m).load(tmp_path / "s.chat")
     (tmp_path / "junk.chat").write_bytes(b"not a chat")
     with _load(gguf_f32) as m, pytest.raises(ModelError, match="not a saved chat"):
         Chat(m).load(tmp_path / "junk.chat")

@@ -20,7 +20,8 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 @pytest.fixture(scope="module")
 def gguf(tmp_path_factory, lib_dir):
-    from qwen35 import tiny
+    from support import tiny
+
     from qwen35.converter.convert import convert
 
     d = tmp_path_factory.mktemp("chatcli")

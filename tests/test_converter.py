@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf_compare import differences, tensor_order
 
 from qwen35.cpus import usable_cpus
-
-from gguf_compare import differences, tensor_order
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVERT = str(Path(sys.executable).parent / "qwen35-convert")
@@ -33,7 +32,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory, lib_dir):
-    from qwen35 import tiny
+    from support import tiny
 
     d = tmp_path_factory.mktemp("ckpts")
     return {name: tiny.make_checkpoint(d / name, **kw) for name, kw in VARIANTS.items()}
@@ -64,12 +63,12 @@ def assert_ssm_a_correctly_rounded(gguf_path: Path, ckpt: Path) -> None:
     import torch
     from safetensors import safe_open
 
-    from qwen35.converter.gguf_scan import scan
+    from qwen35.gguf_scan import scan
 
     a_log = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         with safe_open(str(f), "pt") as s:
-            for k in s.keys():
+            for k in s:
                 if k.endswith(".linear_attn.A_log") and not k.startswith("mtp."):
                     a_log[int(k.split("layers.")[1].split(".")[0])] = s.get_tensor(k).to(torch.float64).tolist()
     f = scan(gguf_path)   # (checked against gguf's GGUFReader in test_scan_reads_what_gguf_reads)
@@ -90,7 +89,7 @@ def assert_ssm_a_correctly_rounded(gguf_path: Path, ckpt: Path) -> None:
     ("moe-per-expert", "Q8_0", "keep"),
 ])
 def test_identical_to_upstream_converter(ckpts, tmp_path, variant, type_, mtp):
-    from qwen35 import upstream
+    from support import upstream
 
     src = ckpts[variant]
     ref = upstream.convert(src, tmp_path / "upstream.gguf", type_.lower(), mtp=mtp)
@@ -144,7 +143,7 @@ def test_v_head_reorder_is_what_makes_it_work(ckpts, tmp_path, monkeypatch):
 
 
 def test_dry_run_json_plan_matches_the_written_file(ckpts, tmp_path):
-    from qwen35.converter.gguf_scan import scan
+    from qwen35.gguf_scan import scan
 
     out = tmp_path / "q8.gguf"
     r = subprocess.run([CONVERT, str(ckpts["dense"]), "-o", str(out), "--type", "Q8_0", "--dry-run", "--json"],
@@ -164,7 +163,7 @@ def test_scan_reads_what_gguf_reads(ckpts, tmp_path):
     and bytes, in order."""
     from gguf import GGUFReader, GGUFValueType
 
-    from qwen35.converter.gguf_scan import scan
+    from qwen35.gguf_scan import scan
 
     out = tmp_path / "q4km.gguf"
     assert _ours(ckpts["moe-multimodal-mtp-sharded"], out, "Q4_K_M").returncode == 0
@@ -285,7 +284,7 @@ def test_refusals_name_the_fix(ckpts, tmp_path):
 
 def test_split_files_load_in_llama_cpp_like_the_whole_file(ckpts, tmp_path):
     from qwen35.bindings.model import Model
-    from qwen35.converter.gguf_scan import scan
+    from qwen35.gguf_scan import scan
 
     whole, split = tmp_path / "whole.gguf", tmp_path / "split.gguf"
     assert _ours(ckpts["moe-per-expert"], whole, "Q8_0").returncode == 0
@@ -312,8 +311,8 @@ def test_split_files_are_one_model_to_inspect_and_eval(ckpts, tmp_path, monkeypa
     whole file, and each part's own tensor table read alone, are the oracles); a missing or
     renamed part is a one-line error naming it."""
     from qwen35.bindings.model import Model, ModelError
-    from qwen35.converter.gguf_scan import scan
     from qwen35.converter.inspect import inspect
+    from qwen35.gguf_scan import scan
     from qwen35.quant import file_stats
 
     whole = tmp_path / "whole.gguf"
@@ -360,8 +359,7 @@ def test_copied_bf16_with_nans_still_matches_upstream(ckpts, tmp_path):
     """Same-type tensors are copied in the kernel, but a bf16 piece holding NaNs (signalling ones
     with payloads too) is read and made quiet instead, as upstream's rounding does."""
     import torch
-
-    from qwen35 import upstream
+    from support import upstream
 
     d = _copy(ckpts["dense"], tmp_path / "nans")
     patterns = [0x7F81, 0xFF81, 0x7FC0, 0x7F80, 0xFF80, 0x7FFF, 0x0001, 0x8000]

@@ -20,7 +20,7 @@ TOL_LOGITS_F32_KV = 1e-3   # f32 weights, F32 KV cache, no flash attention (meas
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, lib_dir):
-    from qwen35 import tiny, upstream
+    from support import tiny, upstream
 
     d = tmp_path_factory.mktemp("tiny")
     hf = tiny.make_checkpoint(d / "hf")
@@ -109,7 +109,7 @@ def test_load_errors_are_one_line_with_the_fix(tmp_path, tiny):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ModelError, match="'llama' model, not Qwen3.5"):
+    with pytest.raises(ModelError, match=r"'llama' model, not Qwen3\.5"):
         Model.load(other)
     _, gguf = tiny
     with Model.load(gguf, n_ctx=64, n_threads=usable_cpus()) as m:

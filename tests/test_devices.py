@@ -44,7 +44,7 @@ def _rpc_server(build_bin) -> tuple[subprocess.Popen, int]:
                 if time.monotonic() > deadline:
                     proc.kill()
                     proc.wait()
-                    raise AssertionError("rpc-server did not start listening in 30 s")
+                    raise AssertionError("rpc-server did not start listening in 30 s") from None
                 time.sleep(0.1)
     raise AssertionError(f"rpc-server exited at start five times (last exit status {proc.returncode})")
 
@@ -78,7 +78,7 @@ def test_rpc_on_loopback_gives_the_local_logits(moe_f32, caplog, build_bin):
 
 
 def test_unreachable_rpc_server_is_a_clear_error(moe_f32):
-    with pytest.raises(ModelError, match="not reachable.*ggml-rpc-server"):
+    with pytest.raises(ModelError, match=r"not reachable.*ggml-rpc-server"):
         Model.load(moe_f32, n_gpu_layers=99, rpc_servers=[f"127.0.0.1:{_free_port()}"])
     with pytest.raises(ModelError, match="HOST:PORT"):
         Model.load(moe_f32, rpc_servers=["nohostport"])
@@ -89,7 +89,7 @@ def test_n_cpu_moe_loads_and_computes_the_same(moe_f32, caplog):
     llama.cpp (its load log names each tensor whose buffer type was overridden)."""
     import re
 
-    from qwen35.converter.gguf_scan import scan
+    from qwen35.gguf_scan import scan
 
     with caplog.at_level(logging.DEBUG, logger="qwen35.llama_cpp"):
         kept = _logits(moe_f32, n_cpu_moe=4)

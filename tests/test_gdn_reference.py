@@ -3,10 +3,9 @@ match the pinned llama.cpp CPU op (the token-sequential kernel every backend mir
 
 import logging
 
+import gated_delta_net as ref
 import numpy as np
 import pytest
-
-import gated_delta_net as ref
 
 log = logging.getLogger(__name__)
 

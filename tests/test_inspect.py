@@ -16,7 +16,8 @@ QWEN35 = str(Path(sys.executable).parent / "qwen35")
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory, lib_dir):
-    from qwen35 import tiny
+    from support import tiny
+
     from qwen35.converter.convert import convert
 
     d = tmp_path_factory.mktemp("inspect")
@@ -104,7 +105,7 @@ def test_logit_metrics_match_torch():
     import numpy as np
     import torch
 
-    from qwen35.converter.verify import logit_metrics
+    from qwen35.verify import logit_metrics
 
     rng = np.random.default_rng(0)
     ref = rng.standard_normal((7, 50)).astype(np.float32) * 3
@@ -119,7 +120,8 @@ def test_logit_metrics_match_torch():
 
 
 def test_verify_cli_on_a_converted_checkpoint(tmp_path, lib_dir):
-    from qwen35 import tiny
+    from support import tiny
+
     from qwen35.converter.convert import convert
 
     hf = tiny.make_checkpoint(tmp_path / "hf")

@@ -38,10 +38,11 @@ def _torch_mtp(name: str, config):
     from torch import nn
 
     if "moe" in name:
-        from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import (
-            Qwen3_5MoeDecoderLayer as Layer, Qwen3_5MoeRMSNorm as Norm)
+        from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeDecoderLayer as Layer
+        from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeRMSNorm as Norm
     else:
-        from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer as Layer, Qwen3_5RMSNorm as Norm
+        from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer as Layer
+        from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm as Norm
 
     H, eps = config.hidden_size, config.rms_norm_eps
     mtp = nn.Module()
@@ -177,9 +178,8 @@ def test_misuse_is_refused_with_the_fix(f32, tmp_path):
             Chat(m, speculative="mtp")
         with pytest.raises(ValueError, match="'mtp'"):
             Chat(m, speculative="eagle")
-    with _load(path, load_mtp=True, n_rs_seq=2) as m:
-        with pytest.raises(ModelError, match="n_rs_seq"):
-            Chat(m, speculative="mtp", draft_max=3)
+    with _load(path, load_mtp=True, n_rs_seq=2) as m, pytest.raises(ModelError, match="n_rs_seq"):
+        Chat(m, speculative="mtp", draft_max=3)
     no_mtp = convert(MODELS / NAMES[0], tmp_path / "no-mtp.gguf", file_type="Q8_0", mtp="drop").path
     with pytest.raises(ModelError, match="--mtp keep"):
         _load(no_mtp, load_mtp=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qwen35.bindings import native
+from qwen35 import native
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +55,7 @@ def upstream_libllama() -> Path:
 def test_stock_llama_cpp_is_refused_with_the_fix(upstream_libllama):
     env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(upstream_libllama.parent))
     env.pop(native.ALLOW_STOCK_ENV, None)
-    code = "from qwen35.bindings import native; native.load()"
+    code = "from qwen35 import native; native.load()"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode != 0
     assert "stock llama.cpp without the Qwen3.5 patch series" in r.stderr
@@ -69,7 +69,7 @@ def test_stock_llama_cpp_is_refused_with_the_fix(upstream_libllama):
 
     # and the explicit opt-out lets a user run stock llama.cpp knowingly
     env[native.ALLOW_STOCK_ENV] = "1"
-    code = "from qwen35.bindings import native; i = native.load(); print(i.series_id)"
+    code = "from qwen35 import native; i = native.load(); print(i.series_id)"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "stock"

@@ -18,7 +18,8 @@ TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five doze
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, lib_dir):
-    from qwen35 import tiny
+    from support import tiny
+
     from qwen35.converter.convert import convert
 
     d = tmp_path_factory.mktemp("quant-eval")
@@ -159,7 +160,7 @@ def test_sweep_converts_scores_and_compares_recipes(files, tmp_path):
     """Every target x recipe file equals what qwen35-convert writes on its own, its tensor types
     are the recipe's, and the ratios are the rows' own numbers divided."""
     from qwen35.converter.convert import convert, make_plan
-    from qwen35.converter.gguf_scan import scan
+    from qwen35.gguf_scan import scan
 
     out = tmp_path / "sweep"
     r = subprocess.run([QWEN35, "quant", "sweep", str(files["hf"]), "--targets", "Q8_0,Q4_K_M",

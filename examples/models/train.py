@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))   # tests/support: the tiny-checkpoint helpers
 
 import corpus  # noqa: E402
 import vocab  # noqa: E402
@@ -75,9 +75,9 @@ SPECS = {
 class Data:
     tokenizer_json: dict
     specials: dict[str, int]
-    train_docs: "object"           # 1-D int64 tensor: pages joined by <|endoftext|>
+    train_docs: object           # 1-D int64 tensor: pages joined by <|endoftext|>
     train_chat: list               # list of 1-D int64 tensors, one per rendered chat sample
-    heldout_docs: "object"
+    heldout_docs: object
     heldout_chat: list
     stats: dict
 
@@ -164,7 +164,7 @@ def batch(data: Data, rng: random.Random, size: int):
 # --- model ------------------------------------------------------------------------------------
 
 def text_config(spec: Spec, specials: dict[str, int]):
-    from qwen35.tiny import _mrope_section
+    from support.tiny import _mrope_section
     from transformers import Qwen3_5MoeTextConfig, Qwen3_5TextConfig
 
     head_dim = 64
@@ -193,12 +193,12 @@ def build(spec: Spec, config):
 
     if spec.moe:
         from transformers import Qwen3_5MoeForCausalLM as LM
-        from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import (
-            Qwen3_5MoeDecoderLayer as Layer, Qwen3_5MoeRMSNorm as Norm)
+        from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeDecoderLayer as Layer
+        from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeRMSNorm as Norm
     else:
         from transformers import Qwen3_5ForCausalLM as LM
-        from transformers.models.qwen3_5.modeling_qwen3_5 import (
-            Qwen3_5DecoderLayer as Layer, Qwen3_5RMSNorm as Norm)
+        from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5DecoderLayer as Layer
+        from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm as Norm
 
     class MTP(nn.Module):
         """Qwen3.5's ``mtp.*`` block: predicts token t+2 from h_t and the embedding of token t+1."""
@@ -376,8 +376,7 @@ def write_checkpoint(out: Path, spec: Spec, model, mtp, config, data: Data, hist
     """The checkpoint folder, replaced atomically: config, 2 safetensors shards + index, tokenizer,
     chat template, generation config, model card, loss curve and training log."""
     from safetensors.torch import save_file
-
-    from qwen35.tiny import _save_shards
+    from support.tiny import _save_shards
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)

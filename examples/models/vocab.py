@@ -14,7 +14,7 @@ import unicodedata
 
 
 def full_ranks() -> dict[bytes, int]:
-    from qwen35.tiny import qwen35_ranks
+    from support.tiny import qwen35_ranks
 
     return qwen35_ranks()
 
@@ -35,7 +35,7 @@ def count_pieces(texts, ranks: dict[bytes, int]) -> collections.Counter:
 
 def trim(counts: collections.Counter, ranks: dict[bytes, int], n_pieces: int) -> list[bytes]:
     """The n_pieces kept BPE pieces, in original rank order (bytes first, then by use)."""
-    from qwen35.tiny import _merge_of
+    from support.tiny import _merge_of
 
     parts: dict[bytes, tuple[bytes, bytes] | None] = {}
 
@@ -65,7 +65,7 @@ def trim(counts: collections.Counter, ranks: dict[bytes, int], n_pieces: int) ->
 
 def tokenizer_json(pieces: list[bytes], ranks: dict[bytes, int]) -> dict:
     """A Hugging Face tokenizer.json: the kept pieces (ids 0..), their merges, then the specials."""
-    from qwen35.tiny import tokenizer_document
+    from support.tiny import tokenizer_document
 
     return tokenizer_document(pieces, ranks, len(pieces))
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "build" / "src" / "vendor" / "llama.cpp" / "models" / "templates" / "Qwen3.5-4B.jinja"
 
 

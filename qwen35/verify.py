@@ -42,7 +42,7 @@ MAX_KLD = 0.1   # nats, mean over positions: the verdict's bound (a sane convers
 def check_same_model(ckpt, gguf: str | Path) -> None:
     """ValueError naming the first difference when the GGUF was not made from this checkpoint's
     architecture: model family, expert count, layer count, width, heads, vocabulary size."""
-    from qwen35.converter.gguf_scan import scan_model
+    from qwen35.gguf_scan import scan_model
 
     head = scan_model(Path(gguf))
     arch = head.get("general.architecture")

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LLAMA_DIR = ROOT / "build" / "src" / "vendor" / "llama.cpp"
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 

@@ -3,7 +3,7 @@
 The check runs before ``llama_cpp`` binds its functions, so a stock or stale library gives one
 clear error instead of a missing-symbol traceback or, worse, silently different kernels.
 
->>> from qwen35.bindings import native
+>>> from qwen35 import native
 >>> native.expected_series_id().startswith("qwen35-")
 True
 """
@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from qwen35.errors import Qwen35Error
+
 log = logging.getLogger(__name__)
 
 ALLOW_STOCK_ENV = "QWEN35_ALLOW_STOCK_LLAMA"
@@ -28,7 +30,7 @@ SYMBOL = "llama_qwen35_patch_series"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-class NativeLibraryError(RuntimeError):
+class NativeLibraryError(Qwen35Error):
     """The native library is missing, stock, or built from another patch series."""
 
 
