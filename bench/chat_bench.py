@@ -34,11 +34,32 @@ from pathlib import Path
 from qwen35.cpus import usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))   # tests/support: the tiny-checkpoint helpers
+sys.path.insert(0, str(ROOT / "tests"))  # tests/support: the tiny-checkpoint helpers
 REPLY_TOKENS = 100
 DECODE_TOKENS = 128
 SAMPLING = {"greedy": dict(temperature=0.0), "sampling": dict(temperature=0.7, top_k=20, top_p=0.8, min_p=0.0)}
-WORDS = ["river", "stone", "cloud", "lantern", "harbor", "meadow", "copper", "violin", "orchard", "glacier", "thunder", "pepper", "compass", "ember", "willow", "marble", "canyon", "falcon", "saddle", "velvet"]
+WORDS = [
+    "river",
+    "stone",
+    "cloud",
+    "lantern",
+    "harbor",
+    "meadow",
+    "copper",
+    "violin",
+    "orchard",
+    "glacier",
+    "thunder",
+    "pepper",
+    "compass",
+    "ember",
+    "willow",
+    "marble",
+    "canyon",
+    "falcon",
+    "saddle",
+    "velvet",
+]
 
 
 def user_message(turn: int) -> str:
@@ -56,9 +77,17 @@ def make_model(work: Path) -> Path:
 
     out = work / "wide-bf16.gguf"
     if not out.exists():
-        cfg = tiny.TinyConfig(hidden_size=768, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=2,
-                              head_dim=128, linear_key_head_dim=128, linear_value_head_dim=128,
-                              linear_num_key_heads=4, linear_num_value_heads=8)
+        cfg = tiny.TinyConfig(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=128,
+            linear_key_head_dim=128,
+            linear_value_head_dim=128,
+            linear_num_key_heads=4,
+            linear_num_value_heads=8,
+        )
         hf = tiny.make_checkpoint(work / "wide-hf", cfg)
         convert(hf, out, file_type="BF16", force=True)
     return out
@@ -73,8 +102,14 @@ def run_ours(path: Path, turns: int, threads: int) -> list[dict]:
         chat = Chat(m, enable_thinking=False)
         for t in range(turns):
             r = chat.send(user_message(t), SamplingParams(temperature=0, max_tokens=REPLY_TOKENS))
-            rows.append({"prompt": r.usage.prompt_tokens, "evaluated": r.usage.evaluated_tokens,
-                         "ttft_s": r.timings.first_token_ms / 1e3, "decode_tok_s": r.timings.decode_tok_s})
+            rows.append(
+                {
+                    "prompt": r.usage.prompt_tokens,
+                    "evaluated": r.usage.evaluated_tokens,
+                    "ttft_s": r.timings.first_token_ms / 1e3,
+                    "decode_tok_s": r.timings.decode_tok_s,
+                }
+            )
     return rows
 
 
@@ -83,8 +118,9 @@ def decode_ours(path: Path, threads: int, mode: str) -> float:
     from qwen35.bindings.model import Model, SamplingParams
 
     with Model.load(path, n_ctx=2048, n_threads=threads) as m:
-        r = Chat(m, enable_thinking=False).send(user_message(1), SamplingParams(
-            **SAMPLING[mode], seed=1, max_tokens=DECODE_TOKENS))
+        r = Chat(m, enable_thinking=False).send(
+            user_message(1), SamplingParams(**SAMPLING[mode], seed=1, max_tokens=DECODE_TOKENS)
+        )
         return r.timings.decode_tok_s
 
 
@@ -97,14 +133,16 @@ def decode_llama_cpp_python(path: Path, threads: int, mode: str) -> float:
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     llm = llama_cpp.Llama(str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False, seed=1)
-    fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="",
-                              stop_token_ids=[llm.token_eos()])
+    fmt = Jinja2ChatFormatter(
+        llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="", stop_token_ids=[llm.token_eos()]
+    )
     fmt._environment.globals["enable_thinking"] = False
     llm.chat_handler = fmt.to_chat_handler()
     opts = {"top_k": 40, "top_p": 0.95, "min_p": 0.05, "repeat_penalty": 1.0, **SAMPLING[mode]}
     first, n = None, 0
-    for chunk in llm.create_chat_completion([{"role": "user", "content": user_message(1)}],
-                                            max_tokens=DECODE_TOKENS, stream=True, **opts):
+    for chunk in llm.create_chat_completion(
+        [{"role": "user", "content": user_message(1)}], max_tokens=DECODE_TOKENS, stream=True, **opts
+    ):
         if chunk["choices"][0]["delta"].get("content") is not None:
             first = first or time.perf_counter()
             n += 1
@@ -122,8 +160,9 @@ def run_llama_cpp_python(path: Path, turns: int, threads: int) -> list[dict]:
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     llm = llama_cpp.Llama(str(path), n_ctx=8192, n_threads=threads, n_threads_batch=threads, verbose=False)
-    fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="",
-                              stop_token_ids=[llm.token_eos()])
+    fmt = Jinja2ChatFormatter(
+        llm.metadata["tokenizer.chat_template"], eos_token="<|im_end|>", bos_token="", stop_token_ids=[llm.token_eos()]
+    )
     fmt._environment.globals["enable_thinking"] = False  # its __call__ passes no template variables
     llm.chat_handler = fmt.to_chat_handler()
     messages, rows = [], []
@@ -157,8 +196,14 @@ def run_llama_cpp_python(path: Path, turns: int, threads: int) -> list[dict]:
         if not sep:
             reasoning, content = reply, ""
         messages.append({"role": "assistant", "content": content.strip(), "reasoning_content": reasoning.strip()})
-        rows.append({"prompt": None, "evaluated": state["evaluated"],
-                     "ttft_s": (first or t2) - t0, "decode_tok_s": (n - 1) / max(t2 - (first or t2), 1e-9)})
+        rows.append(
+            {
+                "prompt": None,
+                "evaluated": state["evaluated"],
+                "ttft_s": (first or t2) - t0,
+                "decode_tok_s": (n - 1) / max(t2 - (first or t2), 1e-9),
+            }
+        )
     llm.close()
     return rows
 
@@ -185,8 +230,10 @@ def main() -> int:
     print(f"decode, {DECODE_TOKENS} tokens, {a.threads} threads, medians of {a.reps}:")
     for mode, opts in SAMPLING.items():
         ours, lcp = dec[f"ours {mode}"], dec[f"llama-cpp-python {mode}"]
-        print(f"  {mode:<8} ({', '.join(f'{k} {v:g}' for k, v in opts.items())}): ours {ours:.1f} tok/s, "
-              f"llama-cpp-python {lcp:.1f} tok/s ({ours / lcp:.2f}x)")
+        print(
+            f"  {mode:<8} ({', '.join(f'{k} {v:g}' for k, v in opts.items())}): ours {ours:.1f} tok/s, "
+            f"llama-cpp-python {lcp:.1f} tok/s ({ours / lcp:.2f}x)"
+        )
     if not a.turns:
         (a.workdir / "result.json").write_text(json.dumps({"decode_tok_s": dec}, indent=1))
         return 0
@@ -196,22 +243,34 @@ def main() -> int:
         return statistics.median(vals) if vals else float("nan")
 
     print(f"{path.name}, {a.turns} turns, replies of {REPLY_TOKENS} tokens, {a.threads} threads, medians of {a.reps}")
-    print(f"{'turn':>4} {'prompt':>7} | {'ours eval':>9} {'ttft':>8} | {'llama-cpp-python eval':>21} {'ttft':>8} | ttft ratio")
+    print(
+        f"{'turn':>4} {'prompt':>7} | {'ours eval':>9} {'ttft':>8} | {'llama-cpp-python eval':>21} {'ttft':>8} | ttft ratio"
+    )
     table = []
     for t in range(a.turns):
-        row = {"turn": t + 1, "prompt": med("ours", t, "prompt"),
-               "ours_evaluated": med("ours", t, "evaluated"), "ours_ttft_s": med("ours", t, "ttft_s"),
-               "lcp_evaluated": med("llama-cpp-python", t, "evaluated"),
-               "lcp_ttft_s": med("llama-cpp-python", t, "ttft_s")}
+        row = {
+            "turn": t + 1,
+            "prompt": med("ours", t, "prompt"),
+            "ours_evaluated": med("ours", t, "evaluated"),
+            "ours_ttft_s": med("ours", t, "ttft_s"),
+            "lcp_evaluated": med("llama-cpp-python", t, "evaluated"),
+            "lcp_ttft_s": med("llama-cpp-python", t, "ttft_s"),
+        }
         row["ttft_ratio"] = row["lcp_ttft_s"] / row["ours_ttft_s"]
         table.append(row)
-        print(f"{t + 1:>4} {row['prompt']:>7.0f} | {row['ours_evaluated']:>9.0f} {row['ours_ttft_s']:>7.3f}s | "
-              f"{row['lcp_evaluated']:>21.0f} {row['lcp_ttft_s']:>7.3f}s | {row['ttft_ratio']:.1f}x")
+        print(
+            f"{t + 1:>4} {row['prompt']:>7.0f} | {row['ours_evaluated']:>9.0f} {row['ours_ttft_s']:>7.3f}s | "
+            f"{row['lcp_evaluated']:>21.0f} {row['lcp_ttft_s']:>7.3f}s | {row['ttft_ratio']:.1f}x"
+        )
     dec_ours = statistics.median(r["decode_tok_s"] for run in runs["ours"] for r in run)
     dec_lcp = statistics.median(r["decode_tok_s"] for run in runs["llama-cpp-python"] for r in run)
     print(f"decode: ours {dec_ours:.1f} tok/s, llama-cpp-python {dec_lcp:.1f} tok/s ({dec_ours / dec_lcp:.2f}x)")
-    (a.workdir / "result.json").write_text(json.dumps({"turns": table, "decode_tok_s": dec, "chat_decode_tok_s": {
-        "ours": dec_ours, "llama-cpp-python": dec_lcp}}, indent=1))
+    (a.workdir / "result.json").write_text(
+        json.dumps(
+            {"turns": table, "decode_tok_s": dec, "chat_decode_tok_s": {"ours": dec_ours, "llama-cpp-python": dec_lcp}},
+            indent=1,
+        )
+    )
     return 0
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))   # tests/support: the tiny-checkpoint helpers
+sys.path.insert(0, str(ROOT / "tests"))  # tests/support: the tiny-checkpoint helpers
 LLAMA = ROOT / "build" / "src" / "vendor" / "llama.cpp"
 
 
@@ -45,6 +45,7 @@ def _quantize_tool(upstream: bool) -> Path:
         sys.exit(f"error: {tool} is missing; build the unpatched llama.cpp with `make llama-upstream`")
     return tool
 
+
 H, FF, NQ, NKV, HD, NK, NV, DK, DV, V = 2560, 9216, 16, 4, 256, 16, 32, 128, 128, 248320
 
 
@@ -59,15 +60,30 @@ def _shapes(n_layers: int) -> dict[str, tuple[int, ...]]:
         s[p + "mlp.down_proj.weight"] = (H, FF)
         if (i + 1) % 4:
             qkv = 2 * NK * DK + NV * DV
-            s.update({p + "linear_attn.in_proj_qkv.weight": (qkv, H), p + "linear_attn.in_proj_z.weight": (NV * DV, H),
-                      p + "linear_attn.in_proj_a.weight": (NV, H), p + "linear_attn.in_proj_b.weight": (NV, H),
-                      p + "linear_attn.A_log": (NV,), p + "linear_attn.dt_bias": (NV,),
-                      p + "linear_attn.conv1d.weight": (qkv, 1, 4), p + "linear_attn.norm.weight": (DV,),
-                      p + "linear_attn.out_proj.weight": (H, NV * DV)})
+            s.update(
+                {
+                    p + "linear_attn.in_proj_qkv.weight": (qkv, H),
+                    p + "linear_attn.in_proj_z.weight": (NV * DV, H),
+                    p + "linear_attn.in_proj_a.weight": (NV, H),
+                    p + "linear_attn.in_proj_b.weight": (NV, H),
+                    p + "linear_attn.A_log": (NV,),
+                    p + "linear_attn.dt_bias": (NV,),
+                    p + "linear_attn.conv1d.weight": (qkv, 1, 4),
+                    p + "linear_attn.norm.weight": (DV,),
+                    p + "linear_attn.out_proj.weight": (H, NV * DV),
+                }
+            )
         else:
-            s.update({p + "self_attn.q_proj.weight": (2 * NQ * HD, H), p + "self_attn.k_proj.weight": (NKV * HD, H),
-                      p + "self_attn.v_proj.weight": (NKV * HD, H), p + "self_attn.o_proj.weight": (H, NQ * HD),
-                      p + "self_attn.q_norm.weight": (HD,), p + "self_attn.k_norm.weight": (HD,)})
+            s.update(
+                {
+                    p + "self_attn.q_proj.weight": (2 * NQ * HD, H),
+                    p + "self_attn.k_proj.weight": (NKV * HD, H),
+                    p + "self_attn.v_proj.weight": (NKV * HD, H),
+                    p + "self_attn.o_proj.weight": (H, NQ * HD),
+                    p + "self_attn.q_norm.weight": (HD,),
+                    p + "self_attn.k_norm.weight": (HD,),
+                }
+            )
     return s
 
 
@@ -112,15 +128,39 @@ def make_checkpoint(d: Path, n_layers: int, tokenizer_from: Path | None = None) 
         weight_map.update({k: fname for k in part})
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     layer_types = ["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(n_layers)]
-    (d / "config.json").write_text(json.dumps({
-        "architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text", "vocab_size": V, "hidden_size": H,
-        "intermediate_size": FF, "num_hidden_layers": n_layers, "num_attention_heads": NQ,
-        "num_key_value_heads": NKV, "head_dim": HD, "linear_num_key_heads": NK, "linear_num_value_heads": NV,
-        "linear_key_head_dim": DK, "linear_value_head_dim": DV, "linear_conv_kernel_dim": 4,
-        "layer_types": layer_types, "max_position_embeddings": 262144, "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": True, "eos_token_id": 248046, "pad_token_id": 248044,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
-                            "mrope_interleaved": True, "mrope_section": [11, 11, 10]}}))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["Qwen3_5ForCausalLM"],
+                "model_type": "qwen3_5_text",
+                "vocab_size": V,
+                "hidden_size": H,
+                "intermediate_size": FF,
+                "num_hidden_layers": n_layers,
+                "num_attention_heads": NQ,
+                "num_key_value_heads": NKV,
+                "head_dim": HD,
+                "linear_num_key_heads": NK,
+                "linear_num_value_heads": NV,
+                "linear_key_head_dim": DK,
+                "linear_value_head_dim": DV,
+                "linear_conv_kernel_dim": 4,
+                "layer_types": layer_types,
+                "max_position_embeddings": 262144,
+                "rms_norm_eps": 1e-6,
+                "tie_word_embeddings": True,
+                "eos_token_id": 248046,
+                "pad_token_id": 248044,
+                "rope_parameters": {
+                    "rope_type": "default",
+                    "rope_theta": 10_000_000.0,
+                    "partial_rotary_factor": 0.25,
+                    "mrope_interleaved": True,
+                    "mrope_section": [11, 11, 10],
+                },
+            }
+        )
+    )
     if tokenizer_from is None:
         from support import tiny
 
@@ -163,16 +203,22 @@ def main() -> int:
     hf = args.workdir / f"qwen35-4b-shapes-{args.layers}L"
     if args.make_only:
         need = ("tokenizer_config.json", "chat_template.jinja")
-        if args.tokenizer_from and not (all((args.tokenizer_from / n).exists() for n in need) and any(
-                (args.tokenizer_from / n).exists() for n in ("tokenizer.json", "tokenizer.json.xz"))):
-            sys.exit(f"error: {args.tokenizer_from} needs tokenizer.json(.xz), {', '.join(need)} "
-                     "(a folder written by tests/support/tiny.py's write_tokenizer)")
+        if args.tokenizer_from and not (
+            all((args.tokenizer_from / n).exists() for n in need)
+            and any((args.tokenizer_from / n).exists() for n in ("tokenizer.json", "tokenizer.json.xz"))
+        ):
+            sys.exit(
+                f"error: {args.tokenizer_from} needs tokenizer.json(.xz), {', '.join(need)} "
+                "(a folder written by tests/support/tiny.py's write_tokenizer)"
+            )
         make_checkpoint(hf, args.layers, args.tokenizer_from)
         print(hf)
         return 0
     # made in a child process: a forked job's peak RSS would otherwise include this process's
-    subprocess.run([sys.executable, __file__, "--make-only", "--layers", str(args.layers),
-                    "--workdir", str(args.workdir)], check=True)
+    subprocess.run(
+        [sys.executable, __file__, "--make-only", "--layers", str(args.layers), "--workdir", str(args.workdir)],
+        check=True,
+    )
     size = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
     out = args.workdir / "out"
     shutil.rmtree(out, ignore_errors=True)
@@ -184,15 +230,18 @@ def main() -> int:
     jobs = {
         "cp (floor)": lambda: run(["cp", "-r", *map(str, hf.glob("*.safetensors")), str(out)]),
         # qwen35-convert fsyncs its output before renaming it into place; this is cp made as durable
-        "cp + sync": lambda: run(["sh", "-c", 'cp -r "$@" && sync', "sh", *map(str, hf.glob("*.safetensors")),
-                                  str(out)]),
+        "cp + sync": lambda: run(
+            ["sh", "-c", 'cp -r "$@" && sync', "sh", *map(str, hf.glob("*.safetensors")), str(out)]
+        ),
         "upstream BF16": lambda: run(up + [str(out / "u.gguf"), "--outtype", "bf16"], up_env),
         "ours BF16": lambda: run([ours, str(hf), "-o", str(out / "o.gguf"), "--type", "BF16", "--force"]),
         "upstream Q8_0": lambda: run(up + [str(out / "u.gguf"), "--outtype", "q8_0"], up_env),
         "ours Q8_0": lambda: run([ours, str(hf), "-o", str(out / "o.gguf"), "--type", "Q8_0", "--force"]),
         "upstream F16 + llama-quantize Q4_K_M": lambda: _two_step(up, up_env, out, upstream=True),
         "upstream F16 + our build's llama-quantize Q4_K_M": lambda: _two_step(up, up_env, out, upstream=False),
-        "ours Q4_K_M (one pass)": lambda: run([ours, str(hf), "-o", str(out / "o.gguf"), "--type", "Q4_K_M", "--force"]),
+        "ours Q4_K_M (one pass)": lambda: run(
+            [ours, str(hf), "-o", str(out / "o.gguf"), "--type", "Q4_K_M", "--force"]
+        ),
     }
     if args.only:
         jobs = {k: v for k, v in jobs.items() if any(o in k for o in args.only)}
@@ -210,8 +259,10 @@ def main() -> int:
         print(f"{name:40s} {statistics.median(walls):7.1f} s  peak RSS {max(rss) / 2**30:5.2f} GiB", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     r = {k: v["median_s"] for k, v in results.items()}
-    print(f"\ncheckpoint: {size / 2**30:.2f} GiB bf16, {args.layers} layers of Qwen3.5-4B shapes, "
-          f"{args.reps} runs each (median), {os.cpu_count()} cores")
+    print(
+        f"\ncheckpoint: {size / 2**30:.2f} GiB bf16, {args.layers} layers of Qwen3.5-4B shapes, "
+        f"{args.reps} runs each (median), {os.cpu_count()} cores"
+    )
 
     def ratio(a, b, text):
         if a in r and b in r:
@@ -221,19 +272,35 @@ def main() -> int:
         ratio(f"upstream {t}", f"ours {t}", f"ours vs upstream, {t}: {{:.2f}}x faster")
         ratio(f"ours {t}", "cp (floor)", f"ours {t} / cp = {{:.2f}}")
         ratio(f"ours {t}", "cp + sync", f"ours {t} / (cp + sync) = {{:.2f}}")
-    ratio("upstream F16 + llama-quantize Q4_K_M", "ours Q4_K_M (one pass)",
-          "ours Q4_K_M vs upstream's two steps: {:.2f}x faster, no intermediate file")
-    ratio("upstream F16 + our build's llama-quantize Q4_K_M", "ours Q4_K_M (one pass)",
-          "ours Q4_K_M vs the two steps with this build's llama-quantize: {:.2f}x faster")
+    ratio(
+        "upstream F16 + llama-quantize Q4_K_M",
+        "ours Q4_K_M (one pass)",
+        "ours Q4_K_M vs upstream's two steps: {:.2f}x faster, no intermediate file",
+    )
+    ratio(
+        "upstream F16 + our build's llama-quantize Q4_K_M",
+        "ours Q4_K_M (one pass)",
+        "ours Q4_K_M vs the two steps with this build's llama-quantize: {:.2f}x faster",
+    )
     print("peak RSS: " + ", ".join(f"{k} {v['peak_rss'] / 2**30:.2f} GiB" for k, v in results.items()))
     if args.json:
-        args.json.write_text(json.dumps({"checkpoint_bytes": size, "layers": args.layers, "results": results}, indent=1))
+        args.json.write_text(
+            json.dumps({"checkpoint_bytes": size, "layers": args.layers, "results": results}, indent=1)
+        )
     return 0
 
 
 def _two_step(up, env, out: Path, upstream: bool) -> tuple[float, int]:
     w1, r1 = run(up + [str(out / "u-f16.gguf"), "--outtype", "f16"], env)
-    w2, r2 = run([str(_quantize_tool(upstream)), str(out / "u-f16.gguf"), str(out / "u-q4km.gguf"), "Q4_K_M", str(os.cpu_count())])
+    w2, r2 = run(
+        [
+            str(_quantize_tool(upstream)),
+            str(out / "u-f16.gguf"),
+            str(out / "u-q4km.gguf"),
+            "Q4_K_M",
+            str(os.cpu_count()),
+        ]
+    )
     return w1 + w2, max(r1, r2)
 
 

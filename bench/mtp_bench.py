@@ -28,9 +28,14 @@ from qwen35.cpus import usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
-QUESTIONS = ["What does json.dumps do?", "How do I read a file line by line?", "What is a generator?",
-             "Explain the with statement.", "How do I sort a list of dictionaries by a key?",
-             "What is the difference between a list and a tuple?"]
+QUESTIONS = [
+    "What does json.dumps do?",
+    "How do I read a file line by line?",
+    "What is a generator?",
+    "Explain the with statement.",
+    "How do I sort a list of dictionaries by a key?",
+    "What is the difference between a list and a tuple?",
+]
 
 
 def make_gguf(work: Path, name: str, ftype: str) -> Path:
@@ -47,8 +52,7 @@ def run(path: Path, threads: int, max_tokens: int, draft_max: int | None, p_min:
     from qwen35.bindings.model import Model, SamplingParams
 
     spec = draft_max is not None
-    with Model.load(path, n_ctx=4096, n_threads=threads, load_mtp=spec,
-                    n_rs_seq=draft_max if spec else None) as m:
+    with Model.load(path, n_ctx=4096, n_threads=threads, load_mtp=spec, n_rs_seq=draft_max if spec else None) as m:
         chat = Chat(m, speculative="mtp" if spec else None, draft_max=draft_max or 1, draft_p_min=p_min)
         tokens, n, ms, st = [], 0, 0.0, [0, 0, 0]
         for q in QUESTIONS:
@@ -74,7 +78,7 @@ def verify_cost(path: Path, threads: int, reps: int = 12) -> dict[int, float]:
             pos, times = len(prompt), []
             for i in range(reps):
                 t0 = time.perf_counter()
-                m.eval_all(prompt[i:i + n], pos, 0)
+                m.eval_all(prompt[i : i + n], pos, 0)
                 times.append(time.perf_counter() - t0)
                 pos += n
             out[n] = statistics.median(times) * 1e3
@@ -92,24 +96,33 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=usable_cpus())
     ap.add_argument("--workdir", type=Path, default=ROOT / "build" / "bench-mtp")
     ap.add_argument("--json", action="store_true", help="print the table as JSON")
-    ap.add_argument("--verify-cost", type=Path, metavar="GGUF",
-                    help="only measure the cost of verification batches on this GGUF")
+    ap.add_argument(
+        "--verify-cost", type=Path, metavar="GGUF", help="only measure the cost of verification batches on this GGUF"
+    )
     a = ap.parse_args()
     if a.verify_cost:
         cost = verify_cost(a.verify_cost, a.threads)
         if a.json:
             print(json.dumps(cost))
         else:
-            print(f"{a.verify_cost.name}, {a.threads} threads: " + ", ".join(
-                f"{n} token{'s' if n > 1 else ''} {ms:.1f} ms ({ms / cost[1]:.2f}x)" for n, ms in cost.items()))
+            print(
+                f"{a.verify_cost.name}, {a.threads} threads: "
+                + ", ".join(
+                    f"{n} token{'s' if n > 1 else ''} {ms:.1f} ms ({ms / cost[1]:.2f}x)" for n, ms in cost.items()
+                )
+            )
         return 0
     a.workdir.mkdir(parents=True, exist_ok=True)
     table = []
     if not a.json:
-        print(f"{len(QUESTIONS)} questions, thinking on, greedy, <= {a.max_tokens} tokens each, {a.threads} threads, "
-              f"p_min {a.p_min}, medians of {a.reps}")
-        print(f"{'model':<6} {'type':<7} {'draft':>5} | {'tok/s':>7} {'vs plain':>8} | {'accepted':>8} "
-              f"{'tok/step':>8} | same tokens")
+        print(
+            f"{len(QUESTIONS)} questions, thinking on, greedy, <= {a.max_tokens} tokens each, {a.threads} threads, "
+            f"p_min {a.p_min}, medians of {a.reps}"
+        )
+        print(
+            f"{'model':<6} {'type':<7} {'draft':>5} | {'tok/s':>7} {'vs plain':>8} | {'accepted':>8} "
+            f"{'tok/step':>8} | same tokens"
+        )
     for name in a.models:
         for ftype in a.types:
             path = make_gguf(a.workdir, name, ftype)
@@ -120,16 +133,26 @@ def main() -> int:
                 rs = runs[c]
                 tok_s = statistics.median(r["tok_s"] for r in rs)
                 r0 = rs[0]
-                row = {"model": name, "type": ftype, "draft_max": c, "tok_s": tok_s, "ratio": tok_s / plain,
-                       "tokens": r0["n"], "acceptance": r0["accepted"] / r0["drafted"] if r0["drafted"] else None,
-                       "tokens_per_step": (r0["steps"] + r0["accepted"]) / r0["steps"] if r0["steps"] else None,
-                       "same_tokens": all(r["tokens"] == runs[None][0]["tokens"] for r in rs)}
+                row = {
+                    "model": name,
+                    "type": ftype,
+                    "draft_max": c,
+                    "tok_s": tok_s,
+                    "ratio": tok_s / plain,
+                    "tokens": r0["n"],
+                    "acceptance": r0["accepted"] / r0["drafted"] if r0["drafted"] else None,
+                    "tokens_per_step": (r0["steps"] + r0["accepted"]) / r0["steps"] if r0["steps"] else None,
+                    "same_tokens": all(r["tokens"] == runs[None][0]["tokens"] for r in rs),
+                }
                 table.append(row)
                 if not a.json:
                     acc = f"{row['acceptance']:.0%}" if row["acceptance"] is not None else "-"
                     tps = f"{row['tokens_per_step']:.2f}" if row["tokens_per_step"] is not None else "-"
-                    print(f"{name:<6} {ftype:<7} {c if c else 'plain':>5} | {tok_s:>7.1f} {row['ratio']:>7.2f}x | "
-                          f"{acc:>8} {tps:>8} | {'yes' if row['same_tokens'] else 'NO'}", flush=True)
+                    print(
+                        f"{name:<6} {ftype:<7} {c if c else 'plain':>5} | {tok_s:>7.1f} {row['ratio']:>7.2f}x | "
+                        f"{acc:>8} {tps:>8} | {'yes' if row['same_tokens'] else 'NO'}",
+                        flush=True,
+                    )
     if a.json:
         print(json.dumps(table, indent=1))
     return 0 if all(r["same_tokens"] for r in table) else 1

@@ -62,21 +62,33 @@ def main() -> int:
     for (g, way), r in res.items():
         dk = r.kld_mean - base.kld_mean
         db = r.bytes - base.bytes
-        rows.append({"group": g, "move": way and (args.up if way == "up" else args.down), "bytes": r.bytes,
-                     "delta_kib": db / 1024, "kld_mean": r.kld_mean, "kld_ratio": r.kld_mean / base.kld_mean,
-                     "kld_removed_per_kib": (-dk / (db / 1024)) if way == "up" and db > 0 else None,
-                     "kld_added_per_kib_saved": (dk / (-db / 1024)) if way == "down" and db < 0 else None,
-                     "top1": r.top1_agreement})
+        rows.append(
+            {
+                "group": g,
+                "move": way and (args.up if way == "up" else args.down),
+                "bytes": r.bytes,
+                "delta_kib": db / 1024,
+                "kld_mean": r.kld_mean,
+                "kld_ratio": r.kld_mean / base.kld_mean,
+                "kld_removed_per_kib": (-dk / (db / 1024)) if way == "up" and db > 0 else None,
+                "kld_added_per_kib_saved": (dk / (-db / 1024)) if way == "down" and db < 0 else None,
+                "top1": r.top1_agreement,
+            }
+        )
     if args.json:
         print(json.dumps({"model": args.hf.name, "base": args.base, "tokens": base.tokens, "rows": rows}))
         return 0
-    print(f"{args.hf.name}: {args.base} (upstream mix) = {base.bytes / 2**20:.2f} MiB, mean KLD {base.kld_mean:.5f} "
-          f"over {base.tokens} positions (F32 reference, MTP dropped)")
+    print(
+        f"{args.hf.name}: {args.base} (upstream mix) = {base.bytes / 2**20:.2f} MiB, mean KLD {base.kld_mean:.5f} "
+        f"over {base.tokens} positions (F32 reference, MTP dropped)"
+    )
     print(f"{'group':14s} {'to':6s} {'dKiB':>8s} {'KLD':>9s} {'xbase':>6s} {'KLD/KiB':>9s} {'top-1':>7s}")
     for row in rows:
         per = row["kld_removed_per_kib"] if row["kld_removed_per_kib"] is not None else row["kld_added_per_kib_saved"]
-        print(f"{row['group']:14s} {row['move'] or '':6s} {row['delta_kib']:8.1f} {row['kld_mean']:9.5f} "
-              f"{row['kld_ratio']:6.3f} {'' if per is None else f'{per:9.2e}'} {100 * row['top1']:6.2f}%")
+        print(
+            f"{row['group']:14s} {row['move'] or '':6s} {row['delta_kib']:8.1f} {row['kld_mean']:9.5f} "
+            f"{row['kld_ratio']:6.3f} {'' if per is None else f'{per:9.2e}'} {100 * row['top1']:6.2f}%"
+        )
     return 0
 
 

@@ -24,7 +24,6 @@ from .structured import THINK_END, TOOL_OPEN
 from .toolcalls import MalformedToolCall, Text, ToolCall, ToolCallParser
 
 if TYPE_CHECKING:
-
     from .model import Model
 
 OVERFLOW_POLICIES = ("error", "drop_oldest")
@@ -57,15 +56,15 @@ class ContextOverflow(ModelError):
 class Usage:
     prompt_tokens: int
     reused_tokens: int
-    evaluated_tokens: int       # prompt tokens run through the model this turn
+    evaluated_tokens: int  # prompt tokens run through the model this turn
     completion_tokens: int
     restored_from: int | None = None
-    dropped_messages: int = 0   # oldest messages left out to fit the context (overflow="drop_oldest")
+    dropped_messages: int = 0  # oldest messages left out to fit the context (overflow="drop_oldest")
 
 
 @dataclass(frozen=True)
 class Timings:
-    prompt_ms: float            # evaluating the prompt (what was not reused)
+    prompt_ms: float  # evaluating the prompt (what was not reused)
     generate_ms: float
     evaluated_tokens: int
     completion_tokens: int
@@ -84,9 +83,9 @@ class Timings:
 class Speculation:
     """What speculative decoding did for one reply."""
 
-    steps: int          # target verification batches
-    drafted: int        # draft tokens proposed by the MTP head
-    accepted: int       # of which the target agreed with (each saves one target decode)
+    steps: int  # target verification batches
+    drafted: int  # draft tokens proposed by the MTP head
+    accepted: int  # of which the target agreed with (each saves one target decode)
 
     @property
     def acceptance_rate(self) -> float:
@@ -104,11 +103,11 @@ class Reply:
     reasoning: str
     tool_calls: list[ToolCall]
     malformed_tool_calls: list[MalformedToolCall]
-    finish_reason: str          # stop | length | tool_calls | interrupted (the stream was closed or raised)
+    finish_reason: str  # stop | length | tool_calls | interrupted (the stream was closed or raised)
     usage: Usage
     timings: Timings
     tokens: list[int] = field(default_factory=list)
-    speculation: Speculation | None = None   # with speculative="mtp"
+    speculation: Speculation | None = None  # with speculative="mtp"
 
 
 class _StopFilter:
@@ -124,7 +123,7 @@ class _StopFilter:
         self.held += text
         hits = [i for i in (self.held.find(x) for x in self.stops) if i >= 0]
         if hits:
-            out, self.held, self.stopped = self.held[:min(hits)], "", True
+            out, self.held, self.stopped = self.held[: min(hits)], "", True
             return out
         cut = max(len(self.held) - self.keep, 0)
         out, self.held = self.held[:cut], self.held[cut:]
@@ -146,7 +145,7 @@ class _ReplyText:
         self.model, self.parser, self.thinking = model, parser, thinking
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stop = _StopFilter(stops)
-        self.held = ""          # reasoning text that might be the start of </think> or <tool_call>
+        self.held = ""  # reasoning text that might be the start of </think> or <tool_call>
         self.answering = False  # the answer has begun (its leading newlines are behind)
         self.tokens: list[int] = []
         self.reasoning: list[str] = []
@@ -172,16 +171,22 @@ class _ReplyText:
         if not self.thinking:
             return self._answer(text)
         self.held += text
-        tags = (THINK_END, TOOL_OPEN) if self.parser is not None else (THINK_END,)   # no calls: text
+        tags = (THINK_END, TOOL_OPEN) if self.parser is not None else (THINK_END,)  # no calls: text
         ends = [(i, tag) for tag in tags if (i := self.held.find(tag)) >= 0]
         if ends:
             i, tag = min(ends)
-            reasoning, after = self.held[:i], self.held[i + len(THINK_END):] if tag == THINK_END else self.held[i:]
+            reasoning, after = self.held[:i], self.held[i + len(THINK_END) :] if tag == THINK_END else self.held[i:]
             self.thinking, self.held = False, ""
             return self._reasoning(reasoning) + self._answer(after)
-        keep = next((k for k in range(min(len(TOOL_OPEN) - 1, len(self.held)), 0, -1)
-                     if THINK_END.startswith(self.held[-k:]) or TOOL_OPEN.startswith(self.held[-k:])), 0)
-        shown, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
+        keep = next(
+            (
+                k
+                for k in range(min(len(TOOL_OPEN) - 1, len(self.held)), 0, -1)
+                if THINK_END.startswith(self.held[-k:]) or TOOL_OPEN.startswith(self.held[-k:])
+            ),
+            0,
+        )
+        shown, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
         return self._reasoning(shown)
 
     def finish(self) -> tuple[list[Event], dict]:
@@ -239,11 +244,22 @@ class Chat:
     consumes exactly what it would without speculation, so output is the same tokens (greedy or
     seeded)."""
 
-    def __init__(self, model: Model, *, system: str | None = None, tools: list[dict] | None = None,
-                 enable_thinking: bool = True, seq_id: int = 0, checkpoint_every: int = 1024,
-                 checkpoint_budget: int = 512 << 20, overflow: str = "error",
-                 speculative: str | None = None, draft_max: int = DRAFT_MAX, draft_p_min: float = 0.0,
-                 sampling: SamplingParams | None = None):
+    def __init__(
+        self,
+        model: Model,
+        *,
+        system: str | None = None,
+        tools: list[dict] | None = None,
+        enable_thinking: bool = True,
+        seq_id: int = 0,
+        checkpoint_every: int = 1024,
+        checkpoint_budget: int = 512 << 20,
+        overflow: str = "error",
+        speculative: str | None = None,
+        draft_max: int = DRAFT_MAX,
+        draft_p_min: float = 0.0,
+        sampling: SamplingParams | None = None,
+    ):
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(f"overflow={overflow!r} is not one of {', '.join(OVERFLOW_POLICIES)}")
         if speculative not in SPECULATIVE:
@@ -252,11 +268,13 @@ class Chat:
             if model.mtp is None:
                 raise ModelError("speculative='mtp' needs the MTP head: load the model with load_mtp=True")
             if not 1 <= draft_max <= model.n_rs_seq:
-                raise ModelError(f"draft_max={draft_max} must be between 1 and the model's n_rs_seq "
-                                 f"({model.n_rs_seq}): rejected drafts are undone by recurrent rollback; "
-                                 "load the model with a larger n_rs_seq")
+                raise ModelError(
+                    f"draft_max={draft_max} must be between 1 and the model's n_rs_seq "
+                    f"({model.n_rs_seq}): rejected drafts are undone by recurrent rollback; "
+                    "load the model with a larger n_rs_seq"
+                )
         self.speculative, self.draft_max, self.draft_p_min = speculative, draft_max, draft_p_min
-        self.sampling_params = sampling or SamplingParams()   # what a turn given no sampling uses
+        self.sampling_params = sampling or SamplingParams()  # what a turn given no sampling uses
         self.model, self.tools, self.enable_thinking, self.overflow = model, tools, enable_thinking, overflow
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.cache = PromptCache(model, seq_id, checkpoint_every=checkpoint_every, budget_bytes=checkpoint_budget)
@@ -275,12 +293,23 @@ class Chat:
             msg["name"] = name
         self.messages.append(msg)
 
-    def send(self, user: str | None = None, sampling: SamplingParams | None = None, *,
-             response_format: dict | None = None, tool_choice: str | dict | None = None,
-             parallel_tool_calls: bool = True) -> Reply:
+    def send(
+        self,
+        user: str | None = None,
+        sampling: SamplingParams | None = None,
+        *,
+        response_format: dict | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
+    ) -> Reply:
         """The reply to user (None: to the conversation as it is, e.g. after a tool result)."""
-        for _ in self.stream(user, sampling, response_format=response_format, tool_choice=tool_choice,
-                             parallel_tool_calls=parallel_tool_calls):
+        for _ in self.stream(
+            user,
+            sampling,
+            response_format=response_format,
+            tool_choice=tool_choice,
+            parallel_tool_calls=parallel_tool_calls,
+        ):
             pass
         return self.last
 
@@ -301,22 +330,34 @@ class Chat:
             droppable = [i for i, m in enumerate(messages) if m["role"] != "system"]
             nxt = next((i for i in droppable[1:] if messages[i]["role"] == "user"), None)
             if self.overflow == "error" or nxt is None:
-                fixes = ("reset the chat, or choose overflow='drop_oldest'" if self.overflow == "error"
-                         else "or send a shorter message")
+                fixes = (
+                    "reset the chat, or choose overflow='drop_oldest'"
+                    if self.overflow == "error"
+                    else "or send a shorter message"
+                )
                 what = "the conversation" if self.overflow == "error" else "the last exchange alone"
                 raise ContextOverflow(
                     f"{what} ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the {limit}-token context, "
                     f"so the message was not added; load the model with a larger n_ctx, lower max_tokens, {fixes}",
-                    tokens=len(tokens), max_tokens=max_tokens, limit=limit)
+                    tokens=len(tokens),
+                    max_tokens=max_tokens,
+                    limit=limit,
+                )
             # drop the oldest exchange: everything up to the next user message
-            messages = messages[:droppable[0]] + messages[nxt:]
+            messages = messages[: droppable[0]] + messages[nxt:]
         n = len(self._assistant_start)
-        marks = [i for i in range(len(tokens) - n + 1) if tokens[i:i + n] == self._assistant_start]
+        marks = [i for i in range(len(tokens) - n + 1) if tokens[i : i + n] == self._assistant_start]
         return tokens, marks, messages
 
-    def stream(self, user: str | None = None, sampling: SamplingParams | None = None, *,
-               response_format: dict | None = None, tool_choice: str | dict | None = None,
-               parallel_tool_calls: bool = True) -> Iterator[Event]:
+    def stream(
+        self,
+        user: str | None = None,
+        sampling: SamplingParams | None = None,
+        *,
+        response_format: dict | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
+    ) -> Iterator[Event]:
         """Add the user message (if any) and generate the reply as events; the whole reply is in
         ``self.last`` afterwards and the assistant message is appended to the conversation.
 
@@ -335,9 +376,14 @@ class Chat:
         it was."""
         t_start = time.perf_counter()
         params = self.sampling(sampling)
-        cons = structured.constraint(response_format, self.tools, tool_choice, thinking=self.enable_thinking,
-                                     parallel_tool_calls=parallel_tool_calls)
-        if not cons.calls_allowed:   # tool_choice "none": the call token is never drawn
+        cons = structured.constraint(
+            response_format,
+            self.tools,
+            tool_choice,
+            thinking=self.enable_thinking,
+            parallel_tool_calls=parallel_tool_calls,
+        )
+        if not cons.calls_allowed:  # tool_choice "none": the call token is never drawn
             ban = self.model.tokenize(TOOL_OPEN, special=True)
             if len(ban) == 1:
                 params = replace(params, logit_bias={**params.logit_bias, ban[0]: -math.inf})
@@ -349,8 +395,17 @@ class Chat:
         finally:
             sampler.close()
 
-    def _reply(self, sampler: Sampler, params: SamplingParams, prompt: list[int], marks: list[int],
-               asked: list[dict], messages: list[dict], calls: bool, t_start: float) -> Iterator[Event]:
+    def _reply(
+        self,
+        sampler: Sampler,
+        params: SamplingParams,
+        prompt: list[int],
+        marks: list[int],
+        asked: list[dict],
+        messages: list[dict],
+        calls: bool,
+        t_start: float,
+    ) -> Iterator[Event]:
         t0 = time.perf_counter()
         logits, u = self.cache.eval(prompt, marks=marks)
         t1 = time.perf_counter()
@@ -366,13 +421,24 @@ class Chat:
             if text.calls and finish == "stop":
                 finish = "tool_calls"
             n = len(text.tokens)
-            usage = Usage(u.prompt_tokens, u.reused_tokens, u.evaluated_tokens, n, u.restored_from,
-                          len(asked) - len(messages))
-            timings = Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, u.evaluated_tokens, n,
-                              ((t_first or t2) - t_start) * 1e3)
-            reply = Reply(msg["content"], msg.get("reasoning_content", ""), text.calls, text.bad, finish, usage,
-                          timings, text.tokens, Speculation(*spec) if self.speculative else None)
-            self.messages, self.last = [*messages, msg], reply   # one statement: both or neither
+            usage = Usage(
+                u.prompt_tokens, u.reused_tokens, u.evaluated_tokens, n, u.restored_from, len(asked) - len(messages)
+            )
+            timings = Timings(
+                (t1 - t0) * 1e3, (t2 - t1) * 1e3, u.evaluated_tokens, n, ((t_first or t2) - t_start) * 1e3
+            )
+            reply = Reply(
+                msg["content"],
+                msg.get("reasoning_content", ""),
+                text.calls,
+                text.bad,
+                finish,
+                usage,
+                timings,
+                text.tokens,
+                Speculation(*spec) if self.speculative else None,
+            )
+            self.messages, self.last = [*messages, msg], reply  # one statement: both or neither
             return rest
 
         finish = "length"
@@ -390,7 +456,7 @@ class Chat:
                     break
                 if len(text.tokens) >= params.max_tokens:
                     break
-        except BaseException:   # GeneratorExit, KeyboardInterrupt, a failed decode: keep what came
+        except BaseException:  # GeneratorExit, KeyboardInterrupt, a failed decode: keep what came
             tokens.close()
             if text.tokens:
                 record("interrupted")
@@ -423,7 +489,7 @@ class Chat:
                 drawn.append(sampler.sample(ctx, i))
                 if i == len(drafts) or drawn[i] != drafts[i]:
                     break
-            cache.truncate(pos + len(drawn), verify[len(drawn) - 1])   # keep tok and the accepted drafts
+            cache.truncate(pos + len(drawn), verify[len(drawn) - 1])  # keep tok and the accepted drafts
             spec[2] += len(drawn) - 1
             for nxt in drawn[:-1]:
                 n += 1
@@ -439,11 +505,13 @@ class Chat:
         import numpy as np
         from safetensors.numpy import save_file
 
-        self.cache.sync()   # after an interrupted turn: save a state that matches the tokens
+        self.cache.sync()  # after an interrupted turn: save a state that matches the tokens
         state = self.model.seq_state(self.cache.seq_id)
-        tensors = {"state": np.frombuffer(state, dtype=np.uint8),
-                   "tokens": np.asarray(self.cache.tokens, dtype=np.int32),
-                   "logits": self.cache.last_logits()}
+        tensors = {
+            "state": np.frombuffer(state, dtype=np.uint8),
+            "tokens": np.asarray(self.cache.tokens, dtype=np.int32),
+            "logits": self.cache.last_logits(),
+        }
         for pos, blob in self.cache.checkpoints.items():
             tensors[f"checkpoint.{pos}"] = np.frombuffer(blob, dtype=np.uint8)
         mtp = self.model.mtp
@@ -454,9 +522,13 @@ class Chat:
                 tensors["mtp.hidden"] = mtp.hidden(seq, n - 1)
             for pos, row in self.cache.checkpoint_hidden.items():
                 tensors[f"mtp.checkpoint.{pos}"] = row
-        meta = {"format": "qwen35-chat-1", "model": self.model.identity(),
-                "messages": json.dumps(self.messages), "tools": json.dumps(self.tools),
-                "enable_thinking": json.dumps(self.enable_thinking)}
+        meta = {
+            "format": "qwen35-chat-1",
+            "model": self.model.identity(),
+            "messages": json.dumps(self.messages),
+            "tools": json.dumps(self.tools),
+            "enable_thinking": json.dumps(self.enable_thinking),
+        }
         path = Path(path)
         tmp = path.with_name(path.name + ".partial")
         if not path.parent.is_dir():
@@ -489,16 +561,22 @@ class Chat:
             raise ModelError(f"{path} is not a saved chat (no qwen35-chat-1 format tag)")
         if meta.get("model") != self.model.identity():
             raise ModelError(f"{path} was saved with another model ({meta.get('model')}); load it with that model")
-        with self.cache.changing(0):   # cut short: the sequence is started over on the next turn
+        with self.cache.changing(0):  # cut short: the sequence is started over on the next turn
             self.model.set_seq_state(self.cache.seq_id, tensors["state"].tobytes())
             tokens = [int(t) for t in tensors["tokens"]]
-            self.cache.adopt(tokens, tensors["logits"],
-                             {int(k.split(".", 1)[1]): v.tobytes() for k, v in tensors.items()
-                              if k.startswith("checkpoint.")},
-                             {int(k.rsplit(".", 1)[1]): v for k, v in tensors.items() if k.startswith("mtp.checkpoint.")})
+            self.cache.adopt(
+                tokens,
+                tensors["logits"],
+                {int(k.split(".", 1)[1]): v.tobytes() for k, v in tensors.items() if k.startswith("checkpoint.")},
+                {int(k.rsplit(".", 1)[1]): v for k, v in tensors.items() if k.startswith("mtp.checkpoint.")},
+            )
             if self.model.mtp is not None:  # a chat saved without the head: drafts rebuild from the tokens
                 state = tensors.get("mtp.state")
-                self.model.mtp.set_state(self.cache.seq_id, tokens, None if state is None else state.tobytes(),
-                                         tensors.get("mtp.hidden"))
+                self.model.mtp.set_state(
+                    self.cache.seq_id, tokens, None if state is None else state.tobytes(), tensors.get("mtp.hidden")
+                )
             self.messages, self.tools, self.enable_thinking = (
-                json.loads(meta["messages"]), json.loads(meta["tools"]), json.loads(meta["enable_thinking"]))
+                json.loads(meta["messages"]),
+                json.loads(meta["tools"]),
+                json.loads(meta["enable_thinking"]),
+            )

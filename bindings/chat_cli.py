@@ -37,33 +37,50 @@ def chat(
     n_ctx: int = typer.Option(8192, "--ctx", help="Context size in tokens."),
     n_gpu_layers: int = typer.Option(0, "--gpu-layers", "-ngl", help="Layers to offload to the GPU."),
     threads: int = typer.Option(0, "--threads", help="CPU threads (default: all cores)."),
-    temperature: float = typer.Option(None, "--temp", help="Sampling temperature; 0 = greedy. [default: the "
-                                      "GGUF's recommended sampling, else llama.cpp's defaults; likewise below]"),
+    temperature: float = typer.Option(
+        None,
+        "--temp",
+        help="Sampling temperature; 0 = greedy. [default: the "
+        "GGUF's recommended sampling, else llama.cpp's defaults; likewise below]",
+    ),
     top_k: int = typer.Option(None, "--top-k", help="Keep the k most likely tokens (0 = all)."),
     top_p: float = typer.Option(None, "--top-p", help="Keep the most likely tokens up to this probability mass."),
-    min_p: float = typer.Option(None, "--min-p", help="Drop tokens below this fraction of the top token's "
-                                                      "probability."),
-    presence_penalty: float = typer.Option(0.0, "--presence-penalty",
-                                           help="Subtracted from the logit of every token the reply already has "
-                                                "(Qwen suggests up to 1.5 against repetition)."),
-    frequency_penalty: float = typer.Option(0.0, "--frequency-penalty",
-                                            help="Subtracted once per earlier occurrence in the reply."),
+    min_p: float = typer.Option(
+        None, "--min-p", help="Drop tokens below this fraction of the top token's probability."
+    ),
+    presence_penalty: float = typer.Option(
+        0.0,
+        "--presence-penalty",
+        help="Subtracted from the logit of every token the reply already has "
+        "(Qwen suggests up to 1.5 against repetition).",
+    ),
+    frequency_penalty: float = typer.Option(
+        0.0, "--frequency-penalty", help="Subtracted once per earlier occurrence in the reply."
+    ),
     repeat_penalty: float = typer.Option(None, "--repeat-penalty", help="Divides repeated tokens' logits (1 = off)."),
-    repeat_last_n: int = typer.Option(None, "--repeat-last-n",
-                                      help="How many of the reply's last tokens the penalties see (-1 = all)."),
+    repeat_last_n: int = typer.Option(
+        None, "--repeat-last-n", help="How many of the reply's last tokens the penalties see (-1 = all)."
+    ),
     seed: int = typer.Option(None, "--seed", help="Seed of the draws (same seed, same reply). [default: random]"),
     stop: list[str] = typer.Option(None, "--stop", help="End the reply at this text (repeatable)."),
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", help="Most tokens per reply."),
     as_json: bool = typer.Option(False, "--json", help="With -p: print the reply as JSON."),
-    speculative: str = typer.Option(None, "--speculative", metavar="mtp",
-                                    help="Speculative decoding with the GGUF's MTP head (same output, drafts "
-                                         "verified by the model)."),
+    speculative: str = typer.Option(
+        None,
+        "--speculative",
+        metavar="mtp",
+        help="Speculative decoding with the GGUF's MTP head (same output, drafts verified by the model).",
+    ),
     draft_max: int = typer.Option(3, "--draft-max", help="With --speculative: most tokens drafted per step."),
-    draft_p_min: float = typer.Option(0.0, "--draft-p-min",
-                                      help="With --speculative: stop a draft below this head probability."),
-    overflow: str = typer.Option("error", "--overflow", metavar="error|drop-oldest",
-                                 help="When the conversation outgrows --ctx: refuse the message, or drop the "
-                                      "oldest exchanges (with a note)."),
+    draft_p_min: float = typer.Option(
+        0.0, "--draft-p-min", help="With --speculative: stop a draft below this head probability."
+    ),
+    overflow: str = typer.Option(
+        "error",
+        "--overflow",
+        metavar="error|drop-oldest",
+        help="When the conversation outgrows --ctx: refuse the message, or drop the oldest exchanges (with a note).",
+    ),
 ) -> None:
     """Chat with a Qwen3.5 GGUF; each turn evaluates only what is new."""
     from rich.console import Console
@@ -74,15 +91,25 @@ def chat(
     from .model import Model, ModelError, SamplingParams
 
     try:
-        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                  repetition_penalty=repeat_penalty, presence_penalty=presence_penalty,
-                                  frequency_penalty=frequency_penalty, penalty_last_n=repeat_last_n, seed=seed,
-                                  max_tokens=max_tokens, stop=tuple(stop or ()))
+        sampling = SamplingParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repeat_penalty,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            penalty_last_n=repeat_last_n,
+            seed=seed,
+            max_tokens=max_tokens,
+            stop=tuple(stop or ()),
+        )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if speculative not in (None, "mtp"):
-        raise typer.BadParameter(f"{speculative!r} is not a speculative mode; use --speculative mtp",
-                                 param_hint="--speculative")
+        raise typer.BadParameter(
+            f"{speculative!r} is not a speculative mode; use --speculative mtp", param_hint="--speculative"
+        )
     if draft_max < 1:
         raise typer.BadParameter(f"{draft_max} drafts per step; use 1 or more", param_hint="--draft-max")
     if overflow not in OVERFLOW:
@@ -91,10 +118,24 @@ def chat(
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     spec = speculative is not None
     _print_notes()
-    with Model.load(model, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=threads or None, load_mtp=spec,
-                    n_rs_seq=max(draft_max, 1) if spec else None) as m:
-        session = Chat(m, system=system, enable_thinking=think, speculative=speculative, draft_max=draft_max,
-                       draft_p_min=draft_p_min, overflow=OVERFLOW[overflow], sampling=sampling)
+    with Model.load(
+        model,
+        n_ctx=n_ctx,
+        n_gpu_layers=n_gpu_layers,
+        n_threads=threads or None,
+        load_mtp=spec,
+        n_rs_seq=max(draft_max, 1) if spec else None,
+    ) as m:
+        session = Chat(
+            m,
+            system=system,
+            enable_thinking=think,
+            speculative=speculative,
+            draft_max=draft_max,
+            draft_p_min=draft_p_min,
+            overflow=OVERFLOW[overflow],
+            sampling=sampling,
+        )
         if prompt is not None:
             try:
                 _turn(session, prompt, sampling, out, err, quiet=as_json)
@@ -110,15 +151,19 @@ def chat(
         if sys.stdin.isatty():
             with contextlib.suppress(ImportError):
                 import readline  # noqa: F401  (line editing and history for input())
-        err.print(f"{m.path.name}: {m.n_ctx} tokens of context, thinking {'on' if think else 'off'}, "
-                  f"sampling: {session.sampling(sampling).describe()}. {HELP}", style="dim", markup=False)
+        err.print(
+            f"{m.path.name}: {m.n_ctx} tokens of context, thinking {'on' if think else 'off'}, "
+            f"sampling: {session.sampling(sampling).describe()}. {HELP}",
+            style="dim",
+            markup=False,
+        )
         while True:
             try:
                 text = _read_message()
             except EOFError:
                 out.print()
                 return
-            except (Interrupted, KeyboardInterrupt):   # at the prompt: the line goes, the chat stays (as in a shell)
+            except (Interrupted, KeyboardInterrupt):  # at the prompt: the line goes, the chat stays (as in a shell)
                 out.print()
                 err.print("(Ctrl-D or /quit leaves)", style="dim")
                 continue
@@ -140,19 +185,22 @@ def chat(
                 if text.startswith("/"):
                     err.print("[interrupted]", style="dim", markup=False)
                 else:
-                    kept = session.last is not last   # the chat recorded the reply so far
-                    err.print("[stopped: the reply so far is kept]" if kept
-                              else "[interrupted: the message was not sent]", style="dim", markup=False)
+                    kept = session.last is not last  # the chat recorded the reply so far
+                    err.print(
+                        "[stopped: the reply so far is kept]" if kept else "[interrupted: the message was not sent]",
+                        style="dim",
+                        markup=False,
+                    )
 
 
 @contextmanager
 def _signals_held():
     """Ctrl-C while a piece of the reply is being written arrives just after it: raised inside
     rich's write, it would leave the text in rich's buffer to be written a second time."""
-    if not hasattr(signal, "pthread_sigmask"):   # Windows
+    if not hasattr(signal, "pthread_sigmask"):  # Windows
         yield
         return
-    try:   # a Ctrl-C already pending is raised by the call that blocks: the finally must unblock
+    try:  # a Ctrl-C already pending is raised by the call that blocks: the finally must unblock
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         yield
     finally:
@@ -162,9 +210,11 @@ def _signals_held():
 def _overflow_line(e, interactive: bool) -> str:
     """A ContextOverflow in the command's own terms."""
     fixes = "/reset, a larger --ctx" if interactive else "a larger --ctx"
-    return (f"the conversation ({e.tokens} tokens) + a reply of up to {e.max_tokens} tokens does not fit the "
-            f"{e.limit}-token context, so the message was not sent; use {fixes}, a lower --max-tokens"
-            + (", or --overflow drop-oldest" if interactive else ""))
+    return (
+        f"the conversation ({e.tokens} tokens) + a reply of up to {e.max_tokens} tokens does not fit the "
+        f"{e.limit}-token context, so the message was not sent; use {fixes}, a lower --max-tokens"
+        + (", or --overflow drop-oldest" if interactive else "")
+    )
 
 
 def _turn(session, text: str | None, sampling, out, err, quiet: bool = False) -> None:
@@ -175,7 +225,7 @@ def _turn(session, text: str | None, sampling, out, err, quiet: bool = False) ->
     from .toolcalls import MalformedToolCall, ToolCall
 
     shown_reasoning = False
-    with closing(session.stream(text, sampling)) as events:   # Ctrl-C: the chat keeps what came, now
+    with closing(session.stream(text, sampling)) as events:  # Ctrl-C: the chat keeps what came, now
         for e in events:
             if quiet:
                 continue
@@ -189,25 +239,37 @@ def _turn(session, text: str | None, sampling, out, err, quiet: bool = False) ->
                         shown_reasoning = False
                     out.print(e.text, end="", markup=False)
                 elif isinstance(e, ToolCall):
-                    out.print(f"\n[tool call] {e.name}({json.dumps(e.arguments, ensure_ascii=False)})", style="cyan",
-                              markup=False)
+                    out.print(
+                        f"\n[tool call] {e.name}({json.dumps(e.arguments, ensure_ascii=False)})",
+                        style="cyan",
+                        markup=False,
+                    )
                 elif isinstance(e, MalformedToolCall):
                     out.print(f"\n[malformed tool call: {e.reason}]", style="red", markup=False)
     if not quiet:
         out.print()
     dropped = session.last.usage.dropped_messages
     if dropped:
-        err.print(f"note: the {dropped} oldest messages were left out to fit the {session.model.n_ctx_seq}-token "
-                  "context", style="dim")
+        err.print(
+            f"note: the {dropped} oldest messages were left out to fit the {session.model.n_ctx_seq}-token context",
+            style="dim",
+        )
 
 
 def _reply_json(r) -> dict:
-    return {"content": r.content, "reasoning": r.reasoning, "finish_reason": r.finish_reason,
-            "tool_calls": [c.as_message_call() for c in r.tool_calls],
-            "usage": r.usage.__dict__,
-            "speculation": r.speculation and {**r.speculation.__dict__, "acceptance_rate": r.speculation.acceptance_rate},
-            "timings": {**r.timings.__dict__, "prefill_tok_s": r.timings.prefill_tok_s,
-                        "decode_tok_s": r.timings.decode_tok_s}}
+    return {
+        "content": r.content,
+        "reasoning": r.reasoning,
+        "finish_reason": r.finish_reason,
+        "tool_calls": [c.as_message_call() for c in r.tool_calls],
+        "usage": r.usage.__dict__,
+        "speculation": r.speculation and {**r.speculation.__dict__, "acceptance_rate": r.speculation.acceptance_rate},
+        "timings": {
+            **r.timings.__dict__,
+            "prefill_tok_s": r.timings.prefill_tok_s,
+            "decode_tok_s": r.timings.decode_tok_s,
+        },
+    }
 
 
 def _sampling_json(p) -> dict:
@@ -233,8 +295,11 @@ def _command(session, text: str, err) -> bool:
         err.print(f"saved to {arg}", style="dim", markup=False)
     elif cmd == "/load" and arg:
         session.load(arg)
-        err.print(f"loaded {arg}: {len(session.messages)} messages, "
-                  f"{len(session.cache.tokens)} tokens, nothing re-evaluated", style="dim", markup=False)
+        err.print(
+            f"loaded {arg}: {len(session.messages)} messages, {len(session.cache.tokens)} tokens, nothing re-evaluated",
+            style="dim",
+            markup=False,
+        )
     elif cmd == "/stats":
         err.print(_stats(session), style="dim", markup=False)
     else:
@@ -246,14 +311,18 @@ def _stats(session) -> str:
     r = session.last
     if r is None:
         return f"no reply yet | sampling: {session.sampling(session.sampling_params).describe()}"
-    line = (f"prompt {r.usage.prompt_tokens} tokens: {r.usage.reused_tokens} reused, "
-            f"{r.usage.evaluated_tokens} evaluated at {r.timings.prefill_tok_s:.1f} tok/s | "
-            f"reply {r.usage.completion_tokens} tokens at {r.timings.decode_tok_s:.1f} tok/s | "
-            f"{len(session.cache.checkpoints)} checkpoints ({session.cache.checkpoint_bytes / 2**20:.1f} MiB)")
+    line = (
+        f"prompt {r.usage.prompt_tokens} tokens: {r.usage.reused_tokens} reused, "
+        f"{r.usage.evaluated_tokens} evaluated at {r.timings.prefill_tok_s:.1f} tok/s | "
+        f"reply {r.usage.completion_tokens} tokens at {r.timings.decode_tok_s:.1f} tok/s | "
+        f"{len(session.cache.checkpoints)} checkpoints ({session.cache.checkpoint_bytes / 2**20:.1f} MiB)"
+    )
     if r.speculation:
         sp = r.speculation
-        line += (f" | MTP drafts: {sp.accepted}/{sp.drafted} accepted ({sp.acceptance_rate:.0%}), "
-                 f"{sp.tokens_per_step:.2f} tokens per step")
+        line += (
+            f" | MTP drafts: {sp.accepted}/{sp.drafted} accepted ({sp.acceptance_rate:.0%}), "
+            f"{sp.tokens_per_step:.2f} tokens per step"
+        )
     return line + f" | sampling: {session.sampling(session.sampling_params).describe()}"
 
 
@@ -276,4 +345,3 @@ def _read_message() -> str | None:
         text = "\n".join(lines)
     text = text.strip()
     return text or None
-

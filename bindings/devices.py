@@ -101,8 +101,10 @@ def rpc_devices(endpoints: list[str]) -> list[int]:
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
         except OSError as e:
-            raise DeviceError(f"RPC server {ep} is not reachable ({e.strerror or e}); start "
-                              f"`ggml-rpc-server -H 0.0.0.0 -p {port}` on that machine") from None
+            raise DeviceError(
+                f"RPC server {ep} is not reachable ({e.strerror or e}); start "
+                f"`ggml-rpc-server -H 0.0.0.0 -p {port}` on that machine"
+            ) from None
         r = add_server(ep.encode())
         if not r:
             raise DeviceError(f"RPC server {ep} reports no devices")

@@ -95,14 +95,18 @@ def _check_fit(info, devs: list, n_gpu_layers: int, n_cpu_moe: int) -> None:
         need = int(blocks * share + (total - sum(b for n, b in sizes.items() if n.startswith("blk."))) * (share >= 1))
         free = sum(dv.device_memory(d)[0] for d in devs)
         if need > free:
-            raise ModelError(f"{path.name} needs ~{need / gib:.1f} GiB on the offload devices for n_gpu_layers="
-                             f"{n_gpu_layers}, they have {free / gib:.1f} GiB free; offload fewer layers, keep experts "
-                             "on the CPU with n_cpu_moe, or use a smaller quantization")
+            raise ModelError(
+                f"{path.name} needs ~{need / gib:.1f} GiB on the offload devices for n_gpu_layers="
+                f"{n_gpu_layers}, they have {free / gib:.1f} GiB free; offload fewer layers, keep experts "
+                "on the CPU with n_cpu_moe, or use a smaller quantization"
+            )
     else:
         _avail, total_ram = dv.host_memory()
         if total > total_ram:
-            raise ModelError(f"{path.name} has {total / gib:.1f} GiB of weights, this machine {total_ram / gib:.1f} GiB "
-                             "of RAM; use a smaller quantization or offload layers to a GPU (n_gpu_layers)")
+            raise ModelError(
+                f"{path.name} has {total / gib:.1f} GiB of weights, this machine {total_ram / gib:.1f} GiB "
+                "of RAM; use a smaller quantization or offload layers to a GPU (n_gpu_layers)"
+            )
 
 
 def _cpu_has_amx() -> bool:
@@ -111,8 +115,9 @@ def _cpu_has_amx() -> bool:
     return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
-def _model_params(head, *, n_gpu_layers: int, rpc_servers, n_cpu_moe: int, check_fit: bool,
-                  repack: bool | None, load_mtp: bool):
+def _model_params(
+    head, *, n_gpu_layers: int, rpc_servers, n_cpu_moe: int, check_fit: bool, repack: bool | None, load_mtp: bool
+):
     """llama_model_params for Model.load (head: the model's _gguf_header), and the ctypes
     buffers they point to (keep them alive until the model is loaded)."""
     import llama_cpp
@@ -131,7 +136,9 @@ def _model_params(head, *, n_gpu_layers: int, rpc_servers, n_cpu_moe: int, check
 
         logging.getLogger("qwen35").warning(
             "n_gpu_layers (-ngl) %d has no effect: this llama.cpp build has no GPU backend and the model runs on "
-            "the CPU; rebuild with `make setup BACKEND=cuda` (or metal, vulkan) to offload", n_gpu_layers)
+            "the CPU; rebuild with `make setup BACKEND=cuda` (or metal, vulkan) to offload",
+            n_gpu_layers,
+        )
     if rpc_servers:
         arr = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
         keep.append(arr)
@@ -142,8 +149,9 @@ def _model_params(head, *, n_gpu_layers: int, rpc_servers, n_cpu_moe: int, check
         class _Override(ctypes.Structure):
             _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
-        arr = (_Override * (len(patterns) + 1))(*[_Override(p, dv.cpu_buffer_type()) for p in patterns],
-                                                 _Override(None, None))
+        arr = (_Override * (len(patterns) + 1))(
+            *[_Override(p, dv.cpu_buffer_type()) for p in patterns], _Override(None, None)
+        )
         keep += [arr, patterns]
         mp.tensor_buft_overrides = ctypes.cast(arr, ctypes.c_void_p)
     if check_fit:
@@ -154,14 +162,15 @@ def _model_params(head, *, n_gpu_layers: int, rpc_servers, n_cpu_moe: int, check
             log.info("AMX CPU: loading without extra buffer types (llama.cpp --no-repack)")
     mp.use_extra_bufts = repack
     mp.load_mtp = load_mtp
-    progress = llama_cpp.llama_progress_callback(native.load_progress)   # Ctrl-C stops the load
+    progress = llama_cpp.llama_progress_callback(native.load_progress)  # Ctrl-C stops the load
     keep.append(progress)
     mp.progress_callback = progress
     return mp, keep
 
 
-def _context_params(*, n_ctx: int, n_seq_max: int, n_rs_seq: int, n_threads: int | None, kv_type: str,
-                    flash_attn: bool | None):
+def _context_params(
+    *, n_ctx: int, n_seq_max: int, n_rs_seq: int, n_threads: int | None, kv_type: str, flash_attn: bool | None
+):
     import llama_cpp
 
     from qwen35.cpus import usable_cpus
@@ -192,16 +201,37 @@ class Model:
         self._template = None
         # general.sampling.* of the GGUF: what SamplingParams fields left None resolve to
         self.recommended_sampling = recommended(
-            {k: _number(_meta(model_p, k)) for k in ("general.sampling.temp", "general.sampling.top_k",
-                                                      "general.sampling.top_p", "general.sampling.min_p",
-                                                      "general.sampling.penalty_repeat",
-                                                      "general.sampling.penalty_last_n")})
+            {
+                k: _number(_meta(model_p, k))
+                for k in (
+                    "general.sampling.temp",
+                    "general.sampling.top_k",
+                    "general.sampling.top_p",
+                    "general.sampling.min_p",
+                    "general.sampling.penalty_repeat",
+                    "general.sampling.penalty_last_n",
+                )
+            }
+        )
 
     @classmethod
-    def load(cls, path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
-             n_gpu_layers: int = 0, kv_type: str = "f16", flash_attn: bool | None = None,
-             repack: bool | None = None, n_seq_max: int = 1, n_rs_seq: int | None = None, n_cpu_moe: int = 0,
-             rpc_servers: list[str] | None = None, check_fit: bool = True, load_mtp: bool = False) -> Model:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+        n_gpu_layers: int = 0,
+        kv_type: str = "f16",
+        flash_attn: bool | None = None,
+        repack: bool | None = None,
+        n_seq_max: int = 1,
+        n_rs_seq: int | None = None,
+        n_cpu_moe: int = 0,
+        rpc_servers: list[str] | None = None,
+        check_fit: bool = True,
+        load_mtp: bool = False,
+    ) -> Model:
         """repack: let llama.cpp move weights into its CPU extra buffer types (AMX, repacked
         layouts; llama.cpp's default). None = on, except on CPUs with AMX, where the pinned
         llama.cpp crashes (SIGSEGV) evaluating Qwen3.5 Q8_0 models from such buffers — reproduced
@@ -220,8 +250,10 @@ class Model:
         (``qwen35-convert --mtp keep``, the default)."""
         path = Path(path)
         if path.is_dir() and (path / "config.json").is_file():
-            raise ModelError(f"{path} is a Hugging Face checkpoint folder, not a GGUF; convert it first: "
-                             f"qwen35-convert {path} -o {path.name}-Q8_0.gguf --type Q8_0")
+            raise ModelError(
+                f"{path} is a Hugging Face checkpoint folder, not a GGUF; convert it first: "
+                f"qwen35-convert {path} -o {path.name}-Q8_0.gguf --type Q8_0"
+            )
         if path.is_dir():
             raise ModelError(f"{path} is a folder; pass the path of a .gguf file")
         if not path.is_file():
@@ -236,22 +268,37 @@ class Model:
         import llama_cpp
 
         llama_cpp.llama_backend_init()
-        mp, keep = _model_params(head, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers, n_cpu_moe=n_cpu_moe,
-                                 check_fit=check_fit, repack=repack, load_mtp=load_mtp)
+        mp, keep = _model_params(
+            head,
+            n_gpu_layers=n_gpu_layers,
+            rpc_servers=rpc_servers,
+            n_cpu_moe=n_cpu_moe,
+            check_fit=check_fit,
+            repack=repack,
+            load_mtp=load_mtp,
+        )
         model_p = ctx_p = mtp_ctx = mtp = None
-        try:   # whatever was created goes again on any error, Ctrl-C included
+        try:  # whatever was created goes again on any error, Ctrl-C included
             model_p = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
             native.take_interrupt()
             del keep
             if not model_p:
                 raise ModelError(f"llama.cpp could not load {path}; run with QWEN35_DEBUG=1 to see its log")
             if load_mtp and llama_cpp.llama_model_n_layer_nextn(model_p) < 1:
-                raise ModelError(f"{path.name} has no MTP block to draft with; convert the checkpoint with "
-                                 "`qwen35-convert --mtp keep` (the default), or decode without speculation")
+                raise ModelError(
+                    f"{path.name} has no MTP block to draft with; convert the checkpoint with "
+                    "`qwen35-convert --mtp keep` (the default), or decode without speculation"
+                )
             if n_rs_seq is None:
                 n_rs_seq = DRAFT_MAX if load_mtp else 0
-            cp = _context_params(n_ctx=n_ctx, n_seq_max=n_seq_max, n_rs_seq=n_rs_seq, n_threads=n_threads,
-                                 kv_type=kv_type, flash_attn=flash_attn)
+            cp = _context_params(
+                n_ctx=n_ctx,
+                n_seq_max=n_seq_max,
+                n_rs_seq=n_rs_seq,
+                n_threads=n_threads,
+                kv_type=kv_type,
+                flash_attn=flash_attn,
+            )
             ctx_p = llama_cpp.llama_init_from_model(model_p, cp)
             native.take_interrupt()
             if not ctx_p:
@@ -319,7 +366,8 @@ class Model:
             env.globals["raise_exception"] = raise_exception
             self._template = env.from_string(self.chat_template)
         return self._template.render(
-            messages=messages, tools=tools, add_generation_prompt=True, enable_thinking=enable_thinking)
+            messages=messages, tools=tools, add_generation_prompt=True, enable_thinking=enable_thinking
+        )
 
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
         import llama_cpp
@@ -388,7 +436,7 @@ class Model:
 
         buf = ctypes.create_string_buffer(256)
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
-        return buf.raw[:max(n, 0)]
+        return buf.raw[: max(n, 0)]
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits for every position of tokens, evaluated from an empty context: [n_tokens, n_vocab]."""
@@ -447,8 +495,14 @@ class Model:
                 self._one = llama_cpp.llama_batch_init(1, 0, 1)
                 self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
             b = self._one
-            b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0], b.n_tokens = \
-                tokens[0], pos, 1, seq_id, True, 1
+            b.token[0], b.pos[0], b.n_seq_id[0], b.seq_id[0][0], b.logits[0], b.n_tokens = (
+                tokens[0],
+                pos,
+                1,
+                seq_id,
+                True,
+                1,
+            )
             rc = llama_cpp.llama_decode(self._ctx, b)
             native.take_interrupt()
             if rc != 0:
@@ -459,14 +513,21 @@ class Model:
         n_vocab = self._n_vocab or llama_cpp.llama_vocab_n_tokens(self._vocab)
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(n_vocab,)).copy()
 
-    def _decode(self, tokens: list[int], pos: int, all_logits: bool = False, sink=None, seq_id: int = 0,
-                last_logits: bool = True) -> None:
+    def _decode(
+        self,
+        tokens: list[int],
+        pos: int,
+        all_logits: bool = False,
+        sink=None,
+        seq_id: int = 0,
+        last_logits: bool = True,
+    ) -> None:
         import llama_cpp
         import numpy as np
 
         step = 512
         for i in range(0, len(tokens), step):
-            part = tokens[i:i + step]
+            part = tokens[i : i + step]
             batch = llama_cpp.llama_batch_init(len(part), 0, 1)
             try:
                 for j, tok in enumerate(part):
@@ -493,12 +554,23 @@ class Model:
         GGUF's recommendation); close it after use."""
         import llama_cpp
 
-        return Sampler(self._vocab, llama_cpp.llama_vocab_n_tokens(self._vocab),
-                       params.resolve(self.recommended_sampling), grammar=grammar)
+        return Sampler(
+            self._vocab,
+            llama_cpp.llama_vocab_n_tokens(self._vocab),
+            params.resolve(self.recommended_sampling),
+            grammar=grammar,
+        )
 
-    def chat(self, messages: list[dict], sampling: SamplingParams | None = None, *, enable_thinking: bool = True,
-             tools: list[dict] | None = None, response_format: dict | None = None,
-             tool_choice: str | dict | None = None) -> Reply:
+    def chat(
+        self,
+        messages: list[dict],
+        sampling: SamplingParams | None = None,
+        *,
+        enable_thinking: bool = True,
+        tools: list[dict] | None = None,
+        response_format: dict | None = None,
+        tool_choice: str | dict | None = None,
+    ) -> Reply:
         """The assistant's reply to messages, from a fresh conversation on sequence 0 (a ``Chat``
         with these messages: the same sampling, parsing and structured output)."""
         from .chat import Chat

@@ -24,8 +24,8 @@ from qwen35 import native
 if TYPE_CHECKING:
     import numpy as np
 
-MAX_BATCH = 512         # pairs per MTP decode call
-RECENT = 64             # target hidden rows kept per sequence (rollbacks, drafts)
+MAX_BATCH = 512  # pairs per MTP decode call
+RECENT = 64  # target hidden rows kept per sequence (rollbacks, drafts)
 
 
 class MTPHead:
@@ -38,12 +38,12 @@ class MTPHead:
         self.ctx = ctx_p
         self.n_embd = int(llama_cpp.llama_model_n_embd_out(model_p))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model_p)))
-        self._lib.set_embeddings_nextn(ctx_p, True, True)   # hidden rows of the output tokens only
+        self._lib.set_embeddings_nextn(ctx_p, True, True)  # hidden rows of the output tokens only
         self._batch = llama_cpp.llama_batch_ext_init(ctx_p)
         self._n_seq = n_seq
-        self._synced: dict[int, int] = {}                  # seq -> MTP cache holds pairs for [1, synced)
-        self._queue: dict[int, list[tuple[int, int, np.ndarray]]] = {}   # seq -> [(pos, token, h_{pos-1})]
-        self._recent: dict[int, OrderedDict[int, np.ndarray]] = {}      # seq -> pos -> target h_pos
+        self._synced: dict[int, int] = {}  # seq -> MTP cache holds pairs for [1, synced)
+        self._queue: dict[int, list[tuple[int, int, np.ndarray]]] = {}  # seq -> [(pos, token, h_{pos-1})]
+        self._recent: dict[int, OrderedDict[int, np.ndarray]] = {}  # seq -> pos -> target h_pos
 
     def close(self) -> None:
         import llama_cpp
@@ -118,8 +118,10 @@ class MTPHead:
             if ok == 0:
                 from .model import ModelError
 
-                raise ModelError("llama.cpp could not restore the saved MTP draft state (other context settings); "
-                                 "load the model as it was when the chat was saved")
+                raise ModelError(
+                    "llama.cpp could not restore the saved MTP draft state (other context settings); "
+                    "load the model as it was when the chat was saved"
+                )
             self._synced[seq] = max(len(tokens), 1)
         else:
             self._queue[seq] = [(p, t, self._zeros()) for p, t in enumerate(tokens) if p > 0]
@@ -151,7 +153,7 @@ class MTPHead:
         prev = self.hidden(seq, pos - 1)
         head = (pos, token, prev if prev is not None else self._zeros())
         logits, h = self._flush(seq, head)
-        self._synced[seq] = pos + 1   # the head pair is a real one: it stays
+        self._synced[seq] = pos + 1  # the head pair is a real one: it stays
         return logits, h
 
     # ---------------------------------------------------------------- internals
@@ -172,13 +174,15 @@ class MTPHead:
         end = queue[-1][0] + 1 if queue else synced
         # every target decode and seq_rm is mirrored here, so the pairs follow on without a gap
         if (queue and queue[0][0] != synced) or (head is not None and head[0] != end):
-            raise RuntimeError(f"MTP cache of sequence {seq} is out of step with the target "
-                               f"(synced {synced}, queued from {queue[0][0] if queue else '-'}, "
-                               f"draft at {head[0] if head else '-'})")
+            raise RuntimeError(
+                f"MTP cache of sequence {seq} is out of step with the target "
+                f"(synced {synced}, queued from {queue[0][0] if queue else '-'}, "
+                f"draft at {head[0] if head else '-'})"
+            )
         items = queue + ([head] if head is not None else [])
         result = (None, None)
         for i in range(0, len(items), MAX_BATCH):
-            part = items[i:i + MAX_BATCH]
+            part = items[i : i + MAX_BATCH]
             want = head is not None and i + MAX_BATCH >= len(items)
             result = self._decode(part, seq, want=want)
         # only now, and in this order: cut short before, the pairs stay queued and synced stays
@@ -212,8 +216,9 @@ class MTPHead:
         if not want:
             return None, None
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,)).copy()
-        hid = np.ctypeslib.as_array(self._lib.get_embeddings_nextn_ith(self.ctx, len(pairs) - 1),
-                                    shape=(self.n_embd,)).copy()
+        hid = np.ctypeslib.as_array(
+            self._lib.get_embeddings_nextn_ith(self.ctx, len(pairs) - 1), shape=(self.n_embd,)
+        ).copy()
         return logits, hid
 
 

@@ -49,7 +49,7 @@ RECOMMENDED_KEYS = {
     "general.sampling.penalty_repeat": "repetition_penalty",
     "general.sampling.penalty_last_n": "penalty_last_n",
 }
-SEED_MAX = 0xFFFFFFFF - 1   # 0xFFFFFFFF is llama.cpp's "random seed"
+SEED_MAX = 0xFFFFFFFF - 1  # 0xFFFFFFFF is llama.cpp's "random seed"
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= num(name) <= 2:
                 bad(name, "a value in [-2, 2] (0 = off)")
-        if num("penalty_last_n") is not None and (self.penalty_last_n != int(self.penalty_last_n)
-                                                  or self.penalty_last_n < -1):
+        if num("penalty_last_n") is not None and (
+            self.penalty_last_n != int(self.penalty_last_n) or self.penalty_last_n < -1
+        ):
             bad("penalty_last_n", "a whole number >= -1 (-1 = the whole reply)")
         if num("seed") is not None and (self.seed != int(self.seed) or not 0 <= self.seed <= SEED_MAX):
             bad("seed", f"a whole number in [0, {SEED_MAX}]")
@@ -135,8 +136,12 @@ class SamplingParams:
         if self.temperature == 0:
             parts = ["greedy"]
         else:
-            parts = [f"temperature {self.temperature:g}", f"top-k {self.top_k}", f"top-p {self.top_p:g}",
-                     f"min-p {self.min_p:g}"]
+            parts = [
+                f"temperature {self.temperature:g}",
+                f"top-k {self.top_k}",
+                f"top-p {self.top_p:g}",
+                f"min-p {self.min_p:g}",
+            ]
         for name, off in (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)):
             v = getattr(self, name)
             if v is not None and v != off:
@@ -161,7 +166,7 @@ class Sampler:
     def __init__(self, vocab, n_vocab: int, params: SamplingParams, *, grammar: str | None = None):
         import llama_cpp
 
-        p = params.resolve({})   # fields still None: llama.cpp's defaults
+        p = params.resolve({})  # fields still None: llama.cpp's defaults
         self._lib, self.n_vocab, self.params = llama_cpp, n_vocab, p
         self._chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         self._grammar = None
@@ -178,15 +183,20 @@ class Sampler:
         penalized = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
         if penalized and p.penalty_last_n != 0:
             last_n = p.max_tokens if p.penalty_last_n == -1 else p.penalty_last_n
-            add(lib.llama_sampler_init_penalties(self.n_vocab, last_n, p.repetition_penalty, p.frequency_penalty,
-                                                 p.presence_penalty))
+            add(
+                lib.llama_sampler_init_penalties(
+                    self.n_vocab, last_n, p.repetition_penalty, p.frequency_penalty, p.presence_penalty
+                )
+            )
         if p.logit_bias:
             bad = [t for t in p.logit_bias if t >= self.n_vocab]
             if bad:
-                raise SamplerError(f"logit_bias: token {bad[0]} is not in the model's vocabulary "
-                                   f"(ids 0..{self.n_vocab - 1})")
+                raise SamplerError(
+                    f"logit_bias: token {bad[0]} is not in the model's vocabulary (ids 0..{self.n_vocab - 1})"
+                )
             arr = (lib.llama_logit_bias * len(p.logit_bias))(
-                *[lib.llama_logit_bias(t, float(b)) for t, b in p.logit_bias.items()])
+                *[lib.llama_logit_bias(t, float(b)) for t, b in p.logit_bias.items()]
+            )
             add(lib.llama_sampler_init_logit_bias(self.n_vocab, len(p.logit_bias), arr))
         if p.temperature == 0:
             add(lib.llama_sampler_init_greedy())
@@ -236,7 +246,7 @@ class Sampler:
 
     def _sample_constrained(self, logits: np.ndarray) -> int:
         tok = self._apply(logits, (self._chain,))
-        if not self._allowed(tok):   # drawn again over what the grammar allows
+        if not self._allowed(tok):  # drawn again over what the grammar allows
             tok = self._apply(logits, (self._grammar, self._chain))
         self._lib.llama_sampler_accept(self._grammar, tok)
         self._lib.llama_sampler_accept(self._chain, tok)
@@ -259,8 +269,9 @@ class Sampler:
         cur = self._cur
         cur["id"] = np.arange(self.n_vocab, dtype=np.int32)
         cur["logit"] = logits
-        arr = lib.llama_token_data_array(cur.ctypes.data_as(ctypes.POINTER(lib.llama_token_data)), self.n_vocab,
-                                         -1, False)
+        arr = lib.llama_token_data_array(
+            cur.ctypes.data_as(ctypes.POINTER(lib.llama_token_data)), self.n_vocab, -1, False
+        )
         for s in samplers:
             lib.llama_sampler_apply(s, ctypes.byref(arr))
         if not 0 <= arr.selected < arr.size:

@@ -37,11 +37,11 @@ PARTIAL_ONLY = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
 class Reuse:
     """What the cache did for one prompt (a reply's usage carries the same counts)."""
 
-    prompt_tokens: int      # tokens of the prompt
-    reused_tokens: int      # taken from the cache without evaluation
-    evaluated_tokens: int   # run through the model for this prompt
-    restored_from: int | None = None   # checkpoint position restored (None: none needed)
-    rolled_back: int = 0    # tokens undone by llama.cpp's recurrent rollback (n_rs_seq)
+    prompt_tokens: int  # tokens of the prompt
+    reused_tokens: int  # taken from the cache without evaluation
+    evaluated_tokens: int  # run through the model for this prompt
+    restored_from: int | None = None  # checkpoint position restored (None: none needed)
+    rolled_back: int = 0  # tokens undone by llama.cpp's recurrent rollback (n_rs_seq)
 
 
 class PromptCache:
@@ -51,8 +51,7 @@ class PromptCache:
     budget_bytes: RAM for checkpoints; the least recently used go first when it is exceeded.
     """
 
-    def __init__(self, model: Model, seq_id: int = 0, *, checkpoint_every: int = 1024,
-                 budget_bytes: int = 512 << 20):
+    def __init__(self, model: Model, seq_id: int = 0, *, checkpoint_every: int = 1024, budget_bytes: int = 512 << 20):
         self.model, self.seq_id = model, seq_id
         self.checkpoint_every, self.budget_bytes = checkpoint_every, budget_bytes
         self.tokens: list[int] = []
@@ -153,8 +152,10 @@ class PromptCache:
         if len(prompt) > self.model.n_ctx:
             from .model import ModelError
 
-            raise ModelError(f"{len(prompt)} tokens exceed n_ctx={self.model.n_ctx}; load the model with a "
-                             "larger n_ctx or shorten the conversation")
+            raise ModelError(
+                f"{len(prompt)} tokens exceed n_ctx={self.model.n_ctx}; load the model with a "
+                "larger n_ctx or shorten the conversation"
+            )
         with self.changing():
             return self._eval(prompt, marks)
 
@@ -172,8 +173,7 @@ class PromptCache:
         if target < len(self.tokens):
             self._keep_only(target)
             n_back = len(self.tokens) - target
-            if (target > 0 and n_back <= self.model.n_rs_seq
-                    and self.model.seq_rm(self.seq_id, target)):
+            if target > 0 and n_back <= self.model.n_rs_seq and self.model.seq_rm(self.seq_id, target):
                 rolled = n_back
                 self.tokens = self.tokens[:target]
             else:
@@ -187,9 +187,14 @@ class PromptCache:
                 self.checkpoint_hidden.pop(p, None)
         reused = len(self.tokens)
         todo = prompt[reused:]
-        stops = sorted({m for m in marks if reused < m < len(prompt)}
-                       | ({p for p in range(0, len(prompt), self.checkpoint_every) if p > reused}
-                          if self.checkpoint_every else set()))
+        stops = sorted(
+            {m for m in marks if reused < m < len(prompt)}
+            | (
+                {p for p in range(0, len(prompt), self.checkpoint_every) if p > reused}
+                if self.checkpoint_every
+                else set()
+            )
+        )
         start = reused
         for end in [*stops, len(prompt)]:
             part = prompt[start:end]
@@ -201,7 +206,7 @@ class PromptCache:
                 self.tokens.extend(part)
             if end < len(prompt):
                 self._save_checkpoint()
-            self._unsure = len(self.tokens)   # in step up to here: a later interruption keeps this part
+            self._unsure = len(self.tokens)  # in step up to here: a later interruption keeps this part
             start = end
         return self._last_logits.copy(), Reuse(len(prompt), reused, len(todo), restored, rolled)
 
@@ -213,8 +218,13 @@ class PromptCache:
             return np.zeros(0, np.float32)
         return self._last_logits.copy()
 
-    def adopt(self, tokens: list[int], logits: np.ndarray, checkpoints: dict[int, bytes],
-              checkpoint_hidden: dict[int, np.ndarray] | None = None) -> None:
+    def adopt(
+        self,
+        tokens: list[int],
+        logits: np.ndarray,
+        checkpoints: dict[int, bytes],
+        checkpoint_hidden: dict[int, np.ndarray] | None = None,
+    ) -> None:
         """Take over a sequence whose state was restored from a saved session (call it inside
         ``changing(0)`` around that restore)."""
         self.tokens = list(tokens)
@@ -241,9 +251,11 @@ class PromptCache:
             if not self.model.seq_rm(self.seq_id, n):
                 from .model import ModelError
 
-                raise ModelError(f"cannot undo {len(self.tokens) - n} tokens: the context keeps "
-                                 f"n_rs_seq={self.model.n_rs_seq} recurrent snapshots; load the model with a larger "
-                                 "n_rs_seq or draft fewer tokens")
+                raise ModelError(
+                    f"cannot undo {len(self.tokens) - n} tokens: the context keeps "
+                    f"n_rs_seq={self.model.n_rs_seq} recurrent snapshots; load the model with a larger "
+                    "n_rs_seq or draft fewer tokens"
+                )
             del self.tokens[n:]
             for p in [p for p in self.checkpoints if p > n]:
                 del self.checkpoints[p]

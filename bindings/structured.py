@@ -31,16 +31,35 @@ PARAM_CLOSE = "</parameter>"
 TOOL_CHOICES = ("auto", "none", "required")
 # JSON-schema keywords the grammar converter does not turn into constraints: refused, so that a
 # reply never passes the grammar and then fails the schema
-NOT_ENFORCED = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
-                "minProperties", "maxProperties", "not", "if", "then", "else", "patternProperties",
-                "propertyNames", "dependentRequired", "dependentSchemas", "contains", "minContains", "maxContains",
-                "unevaluatedProperties", "unevaluatedItems")
+NOT_ENFORCED = (
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "uniqueItems",
+    "minProperties",
+    "maxProperties",
+    "not",
+    "if",
+    "then",
+    "else",
+    "patternProperties",
+    "propertyNames",
+    "dependentRequired",
+    "dependentSchemas",
+    "contains",
+    "minContains",
+    "maxContains",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+)
 
 
 @dataclass(frozen=True)
 class Constraint:
-    grammar: str | None = None          # GBNF, root rule "root"
-    calls_allowed: bool = True          # tool_choice "none": no call is parsed, the call token is banned
+    grammar: str | None = None  # GBNF, root rule "root"
+    calls_allowed: bool = True  # tool_choice "none": no call is parsed, the call token is banned
 
 
 def _schema_of(response_format) -> dict | None:
@@ -48,8 +67,9 @@ def _schema_of(response_format) -> dict | None:
     if response_format is None:
         return None
     if not isinstance(response_format, dict):
-        raise ValueError(f"response_format must be an object like {{\"type\": \"json_object\"}}, "
-                         f"not {type(response_format).__name__}")
+        raise ValueError(
+            f'response_format must be an object like {{"type": "json_object"}}, not {type(response_format).__name__}'
+        )
     kind = response_format.get("type")
     if kind == "text":
         return None
@@ -59,7 +79,7 @@ def _schema_of(response_format) -> dict | None:
         raise ValueError(f"response_format.type {kind!r} is not one of text, json_object, json_schema")
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-        raise ValueError("response_format.json_schema must be an object with a \"schema\" object")
+        raise ValueError('response_format.json_schema must be an object with a "schema" object')
     schema = spec.get("schema") or {"type": "object"}
     _check_enforceable(schema, "response_format.json_schema.schema")
     return schema
@@ -75,10 +95,12 @@ def _check_enforceable(schema, where: str) -> None:
         return
     for key, sub in schema.items():
         if key in NOT_ENFORCED:
-            raise ValueError(f"{where}: the JSON-schema keyword {key!r} cannot be enforced by the grammar; "
-                             "leave it out (and check the value after the reply)")
+            raise ValueError(
+                f"{where}: the JSON-schema keyword {key!r} cannot be enforced by the grammar; "
+                "leave it out (and check the value after the reply)"
+            )
         if key in ("properties", "$defs", "definitions"):
-            for name, prop in (sub.items() if isinstance(sub, dict) else ()):
+            for name, prop in sub.items() if isinstance(sub, dict) else ():
                 _check_enforceable(prop, f"{where}.{key}.{name}")
         elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
             _check_enforceable(sub, f"{where}.{key}")
@@ -107,11 +129,13 @@ def _chosen(tool_choice, functions: dict[str, dict]) -> tuple[str, list[str]]:
     if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name") if tool_choice.get("type") == "function" else None
         if not isinstance(name, str):
-            raise ValueError('tool_choice must be "auto", "none", "required" or '
-                             '{"type": "function", "function": {"name": ...}}')
+            raise ValueError(
+                'tool_choice must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}'
+            )
         if name not in functions:
-            raise ValueError(f"tool_choice names {name!r}, which is not one of the tools "
-                             f"({', '.join(functions) or 'none given'})")
+            raise ValueError(
+                f"tool_choice names {name!r}, which is not one of the tools ({', '.join(functions) or 'none given'})"
+            )
         return "required", [name]
     if tool_choice not in TOOL_CHOICES:
         raise ValueError(f"tool_choice {tool_choice!r} is not one of auto, none, required, or a named function")
@@ -127,7 +151,7 @@ def _text_without(literals: tuple[str, ...], name: str) -> dict[str, str]:
     index = {p: i for i, p in enumerate(prefixes)}
     alphabet = sorted(set("".join(literals)))
 
-    def step(state: str, c: str) -> str | None:   # None: a literal would be complete
+    def step(state: str, c: str) -> str | None:  # None: a literal would be complete
         s = state + c
         if any(s.endswith(lit) for lit in literals):
             return None
@@ -143,14 +167,17 @@ def _text_without(literals: tuple[str, ...], name: str) -> dict[str, str]:
             nxt = step(p, c)
             if nxt is not None:
                 alts.append(f"{json.dumps(c)} {name}{index[nxt]}")
-        alts.append(f"[^{cls(alphabet)}] {name}0")   # any other character: no literal under way
+        alts.append(f"[^{cls(alphabet)}] {name}0")  # any other character: no literal under way
         rules[f"{name}{index[p]}"] = " | ".join(alts)
     return rules
 
 
 def _call_rules(converter, functions: dict[str, dict], names: list[str], parallel: bool) -> dict[str, str]:
-    rules = {"calls": 'call ("\\n" call)*' if parallel else "call", "call": '"<tool_call>\\n" function "</tool_call>"',
-             "function": " | ".join(f"fn{i}" for i in range(len(names)))}
+    rules = {
+        "calls": 'call ("\\n" call)*' if parallel else "call",
+        "call": '"<tool_call>\\n" function "</tool_call>"',
+        "function": " | ".join(f"fn{i}" for i in range(len(names))),
+    }
     rules.update(_text_without((PARAM_CLOSE,), "argtext"))
     for i, name in enumerate(names):
         schema = functions[name]
@@ -166,20 +193,23 @@ def _call_rules(converter, functions: dict[str, dict], names: list[str], paralle
             _check_enforceable(sub, f"tool {name!r}: parameter {arg!r}")
             literals = sub.get("enum", [sub["const"]] if "const" in sub else None)
             if isinstance(literals, list) and literals and all(isinstance(v, str) for v in literals):
-                value = f"fn{i}-arg{j}-value"   # written as the text itself, not a JSON string
+                value = f"fn{i}-arg{j}-value"  # written as the text itself, not a JSON string
                 rules[value] = " | ".join(json.dumps(v) for v in literals)
             elif sub.get("type") == "string":
                 limits = [k for k in ("pattern", "format", "minLength", "maxLength") if k in sub]
                 if limits:
-                    raise ValueError(f"tool {name!r}: parameter {arg!r}: {limits[0]!r} cannot be enforced on a "
-                                     "text value of a tool call; leave it out (and check the value after the reply)")
+                    raise ValueError(
+                        f"tool {name!r}: parameter {arg!r}: {limits[0]!r} cannot be enforced on a "
+                        "text value of a tool call; leave it out (and check the value after the reply)"
+                    )
                 value = "argtext0"
             else:
                 try:
                     value = converter.visit(sub, f"fn{i}-arg{j}-value")
-                except Exception as e:   # the converter's own assertion or KeyError on a schema it cannot take
-                    raise ValueError(f"tool {name!r}: parameter {arg!r} has a schema the grammar converter "
-                                     f"cannot take ({e})") from None
+                except Exception as e:  # the converter's own assertion or KeyError on a schema it cannot take
+                    raise ValueError(
+                        f"tool {name!r}: parameter {arg!r} has a schema the grammar converter cannot take ({e})"
+                    ) from None
             rule = f"fn{i}-arg{j}"
             rules[rule] = f'"<parameter={arg}>\\n" {value} "\\n</parameter>\\n"'
             parts.append(rule if arg in required else f"{rule}?")
@@ -210,14 +240,19 @@ def constraint(response_format, tools, tool_choice, *, thinking: bool, parallel_
             raise ValueError(f"response_format.json_schema.schema cannot be turned into a grammar ({e})") from None
     body = " | ".join(bodies) if len(bodies) > 1 else bodies[0]
     body = f"( {body} )" if len(bodies) > 1 else body
-    if thinking:   # free reasoning, which must end before the answer: at </think>, or at a call it opens
+    if thinking:  # free reasoning, which must end before the answer: at </think>, or at a call it opens
         ends = (THINK_END, TOOL_OPEN) if "calls" in bodies else (THINK_END,)
         rules.update(_text_without(ends, "think"))
         root = f'think0 ( "{THINK_END}" [\\n]{{0,2}} {body}' + (" | calls )" if "calls" in bodies else " )")
     else:
         root = f"[\\n]{{0,2}} {body}"
-    text = "\n".join([f"root ::= {root}", *(f"{k} ::= {v}" for k, v in rules.items()),
-                      *map(_strict_json_char, converter.format_grammar().splitlines())])
+    text = "\n".join(
+        [
+            f"root ::= {root}",
+            *(f"{k} ::= {v}" for k, v in rules.items()),
+            *map(_strict_json_char, converter.format_grammar().splitlines()),
+        ]
+    )
     return Constraint(text, calls_allowed=choice != "none")
 
 

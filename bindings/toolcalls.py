@@ -72,7 +72,7 @@ def _schemas(tools: list[dict] | None) -> dict[str, dict]:
 def _convert(value: str, schema: dict | None) -> Any:
     kind = (schema or {}).get("type")
     if isinstance(kind, list):
-        if "null" in kind and value.strip() in ("null", "None"):   # JSON's null, or as the template writes None
+        if "null" in kind and value.strip() in ("null", "None"):  # JSON's null, or as the template writes None
             return None
         kind = next((k for k in kind if k != "null"), None)
     try:
@@ -105,8 +105,8 @@ def parse_call(raw: str, tools: list[dict] | None = None) -> ToolCall | Malforme
     args: dict[str, Any] = {}
     pos = 0
     for p in _PARAM.finditer(body):
-        if body[pos:p.start()].strip():
-            return MalformedToolCall(raw, f"unexpected text in {name}: {body[pos:p.start()].strip()[:40]!r}")
+        if body[pos : p.start()].strip():
+            return MalformedToolCall(raw, f"unexpected text in {name}: {body[pos : p.start()].strip()[:40]!r}")
         key = p.group(1).strip()
         args[key] = _convert(p.group(2), (schema or {}).get(key))
         pos = p.end()
@@ -141,21 +141,27 @@ class ToolCallParser:
                 i = self._buf.find(OPEN)
                 if i < 0:
                     # keep a tail that could still become "<tool_call>"
-                    keep = next((k for k in range(min(len(OPEN) - 1, len(self._buf)), 0, -1)
-                                 if OPEN.startswith(self._buf[-k:])), 0)
-                    emit, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep:]
+                    keep = next(
+                        (
+                            k
+                            for k in range(min(len(OPEN) - 1, len(self._buf)), 0, -1)
+                            if OPEN.startswith(self._buf[-k:])
+                        ),
+                        0,
+                    )
+                    emit, self._buf = self._buf[: len(self._buf) - keep], self._buf[len(self._buf) - keep :]
                     if emit:
                         out.append(Text(emit))
                     return out
                 if i:
                     out.append(Text(self._buf[:i]))
-                self._buf, self._in_call = self._buf[i + len(OPEN):], True
+                self._buf, self._in_call = self._buf[i + len(OPEN) :], True
             j = self._buf.find(CLOSE)
             if j < 0:
                 return out
             out.append(parse_call(self._buf[:j], self.tools))
             # the template puts a newline between consecutive calls
-            self._buf, self._in_call, self._after_call = self._buf[j + len(CLOSE):], False, True
+            self._buf, self._in_call, self._after_call = self._buf[j + len(CLOSE) :], False, True
 
     def finish(self) -> list[Event]:
         """What is left when generation stops: text, or a call that was never closed."""

@@ -27,12 +27,23 @@ ARCHITECTURES = {
 # transformers' Qwen3_5TextConfig / Qwen3_5MoeTextConfig defaults for keys that reach the GGUF
 # (a config.json written by save_pretrained carries them all; hand-written ones may not).
 TEXT_DEFAULTS = {
-    "vocab_size": 248320, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "head_dim": 256,
-    "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
-    "linear_num_key_heads": 16, "linear_num_value_heads": 32, "tie_word_embeddings": False,
+    "vocab_size": 248320,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "head_dim": 256,
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32,
+    "tie_word_embeddings": False,
 }
-MOE_DEFAULTS = {"moe_intermediate_size": 512, "shared_expert_intermediate_size": 512,
-                "num_experts": 256, "num_experts_per_tok": 8}
+MOE_DEFAULTS = {
+    "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512,
+    "num_experts": 256,
+    "num_experts_per_tok": 8,
+}
 ROPE_DEFAULTS = {"rope_theta": 10000.0, "partial_rotary_factor": 0.25, "rope_type": "default"}
 
 DTYPES = {"BF16": "bf16", "F16": "f16", "F32": "f32"}
@@ -46,9 +57,9 @@ class CheckpointError(ValueError):
 class TensorRef:
     name: str
     shape: tuple[int, ...]
-    dtype: str              # bf16 | f16 | f32
+    dtype: str  # bf16 | f16 | f32
     shard: Path
-    begin: int              # absolute byte offset in the shard
+    begin: int  # absolute byte offset in the shard
     end: int
 
     @property
@@ -59,10 +70,10 @@ class TensorRef:
 @dataclass
 class Checkpoint:
     path: Path
-    config: dict                    # the text model's config: text_config merged over the root
-    arch: str                       # qwen35 | qwen35moe
+    config: dict  # the text model's config: text_config merged over the root
+    arch: str  # qwen35 | qwen35moe
     hf_arch: str
-    tensors: dict[str, TensorRef]   # HF name -> reference, in shard/file order
+    tensors: dict[str, TensorRef]  # HF name -> reference, in shard/file order
     _files: dict[Path, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -106,7 +117,7 @@ class Span:
     fd: int
     offset: int
     nbytes: int
-    dtype: str          # bf16 | f16 | f32
+    dtype: str  # bf16 | f16 | f32
 
     def blocks(self, block_bytes: int = 1 << 19):
         """The range as stored, in numpy views of one reused buffer of block_bytes (pread: page
@@ -119,8 +130,10 @@ class Span:
             view = buf[: min(buf.size, (self.nbytes - done) // dtype.itemsize)]
             n = os.preadv(self.fd, [memoryview(view).cast("B")], self.offset + done)
             if n != view.nbytes:
-                raise CheckpointError(f"a shard ended while reading {self.nbytes} bytes at offset {self.offset}; "
-                                      "the checkpoint is truncated, re-download it")
+                raise CheckpointError(
+                    f"a shard ended while reading {self.nbytes} bytes at offset {self.offset}; "
+                    "the checkpoint is truncated, re-download it"
+                )
             yield view
             done += n
 
@@ -153,15 +166,18 @@ def _read_header(shard: Path) -> dict[str, TensorRef]:
             continue
         dtype = DTYPES.get(info.get("dtype"))
         if dtype is None:
-            raise CheckpointError(f"{shard.name}: tensor {name} has dtype {info.get('dtype')}; "
-                                  "only BF16, F16 and F32 checkpoints are supported")
+            raise CheckpointError(
+                f"{shard.name}: tensor {name} has dtype {info.get('dtype')}; "
+                "only BF16, F16 and F32 checkpoints are supported"
+            )
         b, e = info["data_offsets"]
         refs[name] = TensorRef(name, tuple(info["shape"]), dtype, shard, base + b, base + e)
     end = max((r.end for r in refs.values()), default=base)
     size = shard.stat().st_size
     if size < end:
-        raise CheckpointError(f"{shard.name} is truncated: its header needs {end} bytes, the file has {size}; "
-                              "re-download the shard")
+        raise CheckpointError(
+            f"{shard.name} is truncated: its header needs {end} bytes, the file has {size}; re-download the shard"
+        )
     return refs  # header order: the order upstream's converter iterates
 
 
@@ -187,8 +203,10 @@ def _shards(path: Path) -> list[Path]:
         return shards
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickles:
-        raise CheckpointError(f"{path} has only pickle weights ({pickles[0]}); safetensors is required "
-                              "(pickle can execute code): download the .safetensors files")
+        raise CheckpointError(
+            f"{path} has only pickle weights ({pickles[0]}); safetensors is required "
+            "(pickle can execute code): download the .safetensors files"
+        )
     raise CheckpointError(f"{path} has no *.safetensors files; point at a Hugging Face model directory")
 
 
@@ -205,12 +223,13 @@ def text_config(config: dict) -> dict:
     n = merged["num_hidden_layers"]
     interval = merged.get("full_attention_interval", 4)
     if "layer_types" not in merged:
-        merged["layer_types"] = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
-                                 for i in range(n)]
+        merged["layer_types"] = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(n)]
     types = merged["layer_types"]
     if len(types) != n or any(t not in ("linear_attention", "full_attention") for t in types):
-        raise CheckpointError(f"config layer_types has {len(types)} entries {sorted(set(types))}, expected "
-                              f"{n} of linear_attention/full_attention (num_hidden_layers={n})")
+        raise CheckpointError(
+            f"config layer_types has {len(types)} entries {sorted(set(types))}, expected "
+            f"{n} of linear_attention/full_attention (num_hidden_layers={n})"
+        )
     return merged
 
 
@@ -228,5 +247,6 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     tensors: dict[str, TensorRef] = {}
     for shard in _shards(path):
         tensors.update(_read_header(shard))
-    return Checkpoint(path=path, config=text_config(config), arch=ARCHITECTURES[hf_arch], hf_arch=hf_arch,
-                      tensors=tensors)
+    return Checkpoint(
+        path=path, config=text_config(config), arch=ARCHITECTURES[hf_arch], hf_arch=hf_arch, tensors=tensors
+    )

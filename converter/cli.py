@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(add_completion=False, rich_markup_mode=None)   # typer's rich help shows flags as "<bool>"
+app = typer.Typer(add_completion=False, rich_markup_mode=None)  # typer's rich help shows flags as "<bool>"
 
 
 def _human(n: float) -> str:
@@ -23,14 +23,33 @@ def _human(n: float) -> str:
 def convert(
     hf_dir: Path = typer.Argument(..., help="Hugging Face model directory (config.json, *.safetensors, tokenizer)."),
     outfile: Path = typer.Option(None, "--outfile", "-o", help="Output .gguf (default: HF_DIR-TYPE.gguf beside it)."),
-    type_: str = typer.Option("BF16", "--type", "-t", help="F32, F16, BF16, Q8_0 (as upstream's converter); Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q5_0, IQ4_NL, IQ4_XS, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, IQ3_M, IQ3_S (as llama-quantize); IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S (need --imatrix)."),
-    imatrix: Path = typer.Option(None, "--imatrix", help="Importance matrix from llama-imatrix (GGUF or legacy .dat), as llama-quantize's --imatrix."),
-    recipe: str = typer.Option("upstream", "--recipe", help="Per-tensor type recipe: upstream (llama-quantize's choices) or qwen35 (Qwen3.5-aware mixes for Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_XS, Q3_K_M, IQ3_XXS; see converter/recipes.py)."),
-    tensor_type: list[str] = typer.Option([], "--tensor-type", help="REGEX=TYPE override, as llama-quantize's (repeatable)."),
-    mtp: str = typer.Option("keep", "--mtp", help="keep: append the MTP block; drop: leave it out; only: the draft head alone."),
+    type_: str = typer.Option(
+        "BF16",
+        "--type",
+        "-t",
+        help="F32, F16, BF16, Q8_0 (as upstream's converter); Q6_K, Q5_K_M, Q5_K_S, Q4_K_M, Q4_K_S, Q4_0, Q5_0, IQ4_NL, IQ4_XS, Q3_K_L, Q3_K_M, Q3_K_S, Q2_K, IQ3_M, IQ3_S (as llama-quantize); IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S (need --imatrix).",
+    ),
+    imatrix: Path = typer.Option(
+        None,
+        "--imatrix",
+        help="Importance matrix from llama-imatrix (GGUF or legacy .dat), as llama-quantize's --imatrix.",
+    ),
+    recipe: str = typer.Option(
+        "upstream",
+        "--recipe",
+        help="Per-tensor type recipe: upstream (llama-quantize's choices) or qwen35 (Qwen3.5-aware mixes for Q8_0, Q6_K, Q5_K_M, Q4_K_M, IQ4_XS, Q3_K_M, IQ3_XXS; see converter/recipes.py).",
+    ),
+    tensor_type: list[str] = typer.Option(
+        [], "--tensor-type", help="REGEX=TYPE override, as llama-quantize's (repeatable)."
+    ),
+    mtp: str = typer.Option(
+        "keep", "--mtp", help="keep: append the MTP block; drop: leave it out; only: the draft head alone."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
     threads: int = typer.Option(0, "--threads", help="Quantization threads (default: all cores)."),
-    split_max_size: str = typer.Option("0", "--split-max-size", help="Write llama.cpp split files of at most this size (e.g. 2G, 500M)."),
+    split_max_size: str = typer.Option(
+        "0", "--split-max-size", help="Write llama.cpp split files of at most this size (e.g. 2G, 500M)."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the per-tensor plan; write nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ) -> None:
@@ -46,23 +65,44 @@ def convert(
     if sys.stderr.isatty() and not dry_run:
         from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-        bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                       TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
+        bar = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+        )
         task = bar.add_task(f"converting to {type_}", total=None)
         bar.start()
 
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
+
     try:
-        s = run(hf_dir, out, file_type=type_, mtp=mtp, recipe=recipe, tensor_types=tensor_type, imatrix=imatrix,
-                force=force, threads=threads or None,
-                dry_run=dry_run, split_max_size=parse_size(split_max_size), on_progress=progress)
+        s = run(
+            hf_dir,
+            out,
+            file_type=type_,
+            mtp=mtp,
+            recipe=recipe,
+            tensor_types=tensor_type,
+            imatrix=imatrix,
+            force=force,
+            threads=threads or None,
+            dry_run=dry_run,
+            split_max_size=parse_size(split_max_size),
+            on_progress=progress,
+        )
     finally:
         if bar is not None:
             bar.stop()
     if s.imatrix_missing:
-        typer.echo(f"note: the imatrix has no weights for {len(s.imatrix_missing)} quantized tensors (e.g. "
-                   f"{s.imatrix_missing[0]}); they are quantized without, as llama-quantize does", err=True)
+        typer.echo(
+            f"note: the imatrix has no weights for {len(s.imatrix_missing)} quantized tensors (e.g. "
+            f"{s.imatrix_missing[0]}); they are quantized without, as llama-quantize does",
+            err=True,
+        )
     if as_json:
         print(json.dumps(s.__dict__))
         return
@@ -75,9 +115,12 @@ def convert(
         if raised:
             print(f"* more bits than llama-quantize's choice for {type_}, from --recipe {recipe} or --tensor-type")
     where = s.path if len(s.files) <= 1 else f"{len(s.files)} split files {s.files[0]} …"
-    print(f"{'planned' if dry_run else 'wrote'} {where}: {_human(s.bytes)}, {s.params:,} parameters, "
-          f"{s.bits_per_weight:.2f} bits/weight, "
-          + ", ".join(f"{n} {k}" for k, n in sorted(s.tensors_per_type.items())) + f", {s.seconds:.1f} s")
+    print(
+        f"{'planned' if dry_run else 'wrote'} {where}: {_human(s.bytes)}, {s.params:,} parameters, "
+        f"{s.bits_per_weight:.2f} bits/weight, "
+        + ", ".join(f"{n} {k}" for k, n in sorted(s.tensors_per_type.items()))
+        + f", {s.seconds:.1f} s"
+    )
 
 
 def main() -> None:

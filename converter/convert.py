@@ -50,8 +50,8 @@ class PlannedTensor:
     out: qwen35.OutTensor
     qtype: gguf.GGMLQuantizationType
     nbytes: int
-    shape: tuple[int, ...] = ()     # as stored (numpy order); defaults to out.shape
-    raised: bool = False            # the recipe gave it more bits than llama-quantize's choice
+    shape: tuple[int, ...] = ()  # as stored (numpy order); defaults to out.shape
+    raised: bool = False  # the recipe gave it more bits than llama-quantize's choice
 
     def __post_init__(self):
         self.shape = self.shape or self.out.shape
@@ -65,7 +65,7 @@ class Plan:
     n_mtp: int
     tensors: list[PlannedTensor]
     imatrix: imx.Imatrix | None = None
-    imatrix_missing: list[str] = field(default_factory=list)   # quantized without importance weights
+    imatrix_missing: list[str] = field(default_factory=list)  # quantized without importance weights
     recipe: str = "upstream"
 
     @property
@@ -93,15 +93,23 @@ class Summary:
     imatrix_missing: list[str] = field(default_factory=list)
 
 
-def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep", recipe: str = "upstream",
-              tensor_types: list[str] = (), imatrix: str | Path | None = None) -> Plan:
+def make_plan(
+    hf_dir: str | Path,
+    file_type: str = "BF16",
+    mtp: str = "keep",
+    recipe: str = "upstream",
+    tensor_types: list[str] = (),
+    imatrix: str | Path | None = None,
+) -> Plan:
     if mtp not in MTP_MODES:
         raise ConvertError(f"--mtp {mtp} is not one of {', '.join(MTP_MODES)}")
     if recipe not in recipes.RECIPES:
         raise ConvertError(f"--recipe {recipe} is not known; available: {', '.join(recipes.RECIPES)}")
     if recipe == "qwen35" and file_type not in recipes.QWEN35_TABLE:
-        raise ConvertError(f"--recipe qwen35 has mixes for {', '.join(recipes.QWEN35_TABLE)}; "
-                           f"use one of them or --recipe upstream for --type {file_type}")
+        raise ConvertError(
+            f"--recipe qwen35 has mixes for {', '.join(recipes.QWEN35_TABLE)}; "
+            f"use one of them or --recipe upstream for --type {file_type}"
+        )
     quantize.check_file_type(file_type)
     try:
         overrides = recipes.parse_overrides(list(tensor_types))
@@ -110,8 +118,10 @@ def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep", re
     if overrides and file_type in quantize.CONVERTER_TYPES:
         raise ConvertError(f"--tensor-type applies to quantized mixes (Q4_K_M, Q6_K, ...), not --type {file_type}")
     if imatrix is not None and file_type in quantize.CONVERTER_TYPES:
-        raise ConvertError(f"--imatrix has no effect on --type {file_type}; use it with K- and i-quant mixes "
-                           "(Q4_K_M, IQ4_XS, IQ2_XS, ...)")
+        raise ConvertError(
+            f"--imatrix has no effect on --type {file_type}; use it with K- and i-quant mixes "
+            "(Q4_K_M, IQ4_XS, IQ2_XS, ...)"
+        )
     try:
         im = imx.load(imatrix) if imatrix is not None else None
     except imx.ImatrixError as e:
@@ -124,20 +134,33 @@ def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep", re
         types = [quantize.choose_type(o.name, o.kind, o.shape, o.keep_f32, file_type) for o in outs]
         if recipe == "qwen35":  # Q8_0: the converter's choices, then the table's cells
             rules = recipes.qwen35_rules(file_type, ckpt.config["num_hidden_layers"])
-            types = [max(q, next((r for rx, r in rules if rx.search(o.name)), q), key=recipes.bits_per_weight)
-                     if q == gguf.GGMLQuantizationType.Q8_0 else q for o, q in zip(outs, types)]
+            types = [
+                max(q, next((r for rx, r in rules if rx.search(o.name)), q), key=recipes.bits_per_weight)
+                if q == gguf.GGMLQuantizationType.Q8_0
+                else q
+                for o, q in zip(outs, types)
+            ]
     else:
         c = ckpt.config
-        model = recipes.ModelDesc(c["num_hidden_layers"] + n_mtp, c.get("num_experts", 0) if ckpt.arch == "qwen35moe"
-                                  else 0, c["num_attention_heads"] // c["num_key_value_heads"])
+        model = recipes.ModelDesc(
+            c["num_hidden_layers"] + n_mtp,
+            c.get("num_experts", 0) if ckpt.arch == "qwen35moe" else 0,
+            c["num_attention_heads"] // c["num_key_value_heads"],
+        )
         descs = [recipes.TensorDesc(o.name, tuple(reversed(o.shape))) for o in outs]
         ftype = quantize.FILE_TYPES[file_type][0]
         base = recipes.upstream_types(descs, ftype, model, (), has_imatrix=im is not None)
-        chosen = (recipes.qwen35_types(descs, file_type, ftype, model, c["num_hidden_layers"], overrides,
-                                       has_imatrix=im is not None) if recipe == "qwen35" else
-                  recipes.upstream_types(descs, ftype, model, overrides, has_imatrix=im is not None))
-        raised = [q is not None and b is not None and recipes.bits_per_weight(q) > recipes.bits_per_weight(b)
-                  for q, b in zip(chosen, base)]
+        chosen = (
+            recipes.qwen35_types(
+                descs, file_type, ftype, model, c["num_hidden_layers"], overrides, has_imatrix=im is not None
+            )
+            if recipe == "qwen35"
+            else recipes.upstream_types(descs, ftype, model, overrides, has_imatrix=im is not None)
+        )
+        raised = [
+            q is not None and b is not None and recipes.bits_per_weight(q) > recipes.bits_per_weight(b)
+            for q, b in zip(chosen, base)
+        ]
         missing = _check_imatrix(outs, chosen, file_type, im, c["num_hidden_layers"])
         types = [q if q is not None else gguf.GGMLQuantizationType.F32 for q in chosen]
     if file_type in quantize.CONVERTER_TYPES:
@@ -153,8 +176,9 @@ def make_plan(hf_dir: str | Path, file_type: str = "BF16", mtp: str = "keep", re
     return Plan(ckpt, file_type, mtp, n_mtp, planned, im, missing if im is not None else [], recipe)
 
 
-def _check_imatrix(outs: list[qwen35.OutTensor], chosen: list, file_type: str, im: imx.Imatrix | None,
-                   n_layer: int) -> list[str]:
+def _check_imatrix(
+    outs: list[qwen35.OutTensor], chosen: list, file_type: str, im: imx.Imatrix | None, n_layer: int
+) -> list[str]:
     """Before anything is written: every tensor whose type is garbage without importance weights
     has them, and every importance vector fits its tensor (llama-quantize finds out mid-file).
     Returns the quantized tensors the imatrix has no weights for, token_embd (a lookup table) and
@@ -186,17 +210,23 @@ def _uncovered_message(uncovered: list[tuple[str, Q]], file_type: str, im, n_lay
     listed = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
     types = "/".join(sorted({q.name for _, q in uncovered}))
     if im is None:
-        return (f"--type {file_type} needs an importance matrix: {len(names)} tensors would be {types}, which is "
-                f"garbage without one ({listed}); compute it with `qwen35 quant imatrix MODEL.gguf --text TEXT "
-                "-o imatrix.gguf` (on an F32/BF16/Q8_0 conversion) and pass --imatrix imatrix.gguf")
+        return (
+            f"--type {file_type} needs an importance matrix: {len(names)} tensors would be {types}, which is "
+            f"garbage without one ({listed}); compute it with `qwen35 quant imatrix MODEL.gguf --text TEXT "
+            "-o imatrix.gguf` (on an F32/BF16/Q8_0 conversion) and pass --imatrix imatrix.gguf"
+        )
     blocks = sorted({_block(n) for n in names})
     if all(b >= n_layer for b in blocks):
-        fix = ("add --mtp drop (llama-imatrix does not run the MTP block), or keep the block above 3 bits with "
-               + " ".join(f"--tensor-type 'blk\\.{b}\\.=q4_k'" for b in blocks))
+        fix = (
+            "add --mtp drop (llama-imatrix does not run the MTP block), or keep the block above 3 bits with "
+            + " ".join(f"--tensor-type 'blk\\.{b}\\.=q4_k'" for b in blocks)
+        )
     else:
         fix = "compute the imatrix on this model (`qwen35 quant imatrix`)"
-    return (f"imatrix {im.path} has no weights for {len(names)} tensors that --type {file_type} makes {types} "
-            f"(garbage without them): {listed}; {fix}")
+    return (
+        f"imatrix {im.path} has no weights for {len(names)} tensors that --type {file_type} makes {types} "
+        f"(garbage without them): {listed}; {fix}"
+    )
 
 
 def _n_matrices(shape: tuple[int, ...]) -> int:
@@ -280,8 +310,10 @@ def _check_output(out: Path, force: bool, need: int) -> None:
         raise ConvertError(f"output folder {out.parent} does not exist; create it first")
     free = shutil.disk_usage(out.parent).free
     if free < need + (64 << 20):
-        raise ConvertError(f"{out.parent} has {free / 2**30:.1f} GiB free, the GGUF needs {need / 2**30:.1f} GiB; "
-                           "free space or write elsewhere")
+        raise ConvertError(
+            f"{out.parent} has {free / 2**30:.1f} GiB free, the GGUF needs {need / 2**30:.1f} GiB; "
+            "free space or write elsewhere"
+        )
 
 
 def parse_size(text: str) -> int:
@@ -299,10 +331,21 @@ def parse_size(text: str) -> int:
     return int(n * scale)
 
 
-def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp: str = "keep",
-            recipe: str = "upstream", tensor_types: list[str] = (), imatrix: str | Path | None = None,
-            force: bool = False, threads: int | None = None, dry_run: bool = False, split_max_size: int = 0,
-            on_progress: Callable[[int, int], None] | None = None) -> Summary:
+def convert(
+    hf_dir: str | Path,
+    out: str | Path,
+    *,
+    file_type: str = "BF16",
+    mtp: str = "keep",
+    recipe: str = "upstream",
+    tensor_types: list[str] = (),
+    imatrix: str | Path | None = None,
+    force: bool = False,
+    threads: int | None = None,
+    dry_run: bool = False,
+    split_max_size: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Summary:
     """Convert hf_dir to out in one pass. The output appears atomically or not at all.
 
     With split_max_size > 0 the model is written as llama.cpp split files
@@ -314,12 +357,29 @@ def convert(hf_dir: str | Path, out: str | Path, *, file_type: str = "BF16", mtp
         raise ConvertError(str(e)) from e
     out = Path(out)
     counts = Counter(t.qtype.name for t in plan.tensors)
-    summary = Summary(str(out), file_type, plan.total_bytes, plan.n_params,
-                      8 * plan.total_bytes / max(plan.n_params, 1), dict(counts), 0.0, dry_run,
-                      recipe=recipe, imatrix_missing=plan.imatrix_missing)
+    summary = Summary(
+        str(out),
+        file_type,
+        plan.total_bytes,
+        plan.n_params,
+        8 * plan.total_bytes / max(plan.n_params, 1),
+        dict(counts),
+        0.0,
+        dry_run,
+        recipe=recipe,
+        imatrix_missing=plan.imatrix_missing,
+    )
     if dry_run:
-        summary.plan = [{"name": t.out.name, "shape": list(reversed(t.shape)), "type": t.qtype.name,
-                         "bytes": t.nbytes, "raised": t.raised} for t in plan.tensors]
+        summary.plan = [
+            {
+                "name": t.out.name,
+                "shape": list(reversed(t.shape)),
+                "type": t.qtype.name,
+                "bytes": t.nbytes,
+                "raised": t.raised,
+            }
+            for t in plan.tensors
+        ]
         try:
             summary.bytes = _planned_file_bytes(plan, split_max_size)
         finally:
@@ -372,7 +432,7 @@ def _encode(load, qtype, weights: np.ndarray | None, first: int):
             if not any(quantize.bf16_has_nan(block) for block in sp.blocks()):
                 return sp
     x = load()
-    w = None if weights is None else weights[first: first + _n_matrices(x.shape)]
+    w = None if weights is None else weights[first : first + _n_matrices(x.shape)]
     return quantize.encode(x, qtype, w)
 
 
@@ -399,14 +459,18 @@ def _copy_span(span: ckpt_mod.Span, fout) -> int:
             copy = None
             break
         if n == 0:
-            raise ConvertError(f"a shard ended while copying {span.nbytes} bytes at offset {span.offset}; "
-                               "the checkpoint is truncated, re-download it")
+            raise ConvertError(
+                f"a shard ended while copying {span.nbytes} bytes at offset {span.offset}; "
+                "the checkpoint is truncated, re-download it"
+            )
         src, pos, left = src + n, pos + n, left - n
     while left:
         buf = os.pread(span.fd, min(left, 16 << 20), src)
         if not buf:
-            raise ConvertError(f"a shard ended while copying {span.nbytes} bytes at offset {span.offset}; "
-                               "the checkpoint is truncated, re-download it")
+            raise ConvertError(
+                f"a shard ended while copying {span.nbytes} bytes at offset {span.offset}; "
+                "the checkpoint is truncated, re-download it"
+            )
         os.pwrite(dst, buf, pos)
         src, pos, left = src + len(buf), pos + len(buf), left - len(buf)
     fout.seek(pos)
@@ -461,18 +525,23 @@ class _Writer(gguf.GGUFWriter):
     metadata with upstream's converter, which uses the stock writer."""
 
     def _pack_val(self, val, vtype, add_vtype, sub_type=None):
-        if (vtype != gguf.GGUFValueType.ARRAY or sub_type is not None or self.endianess != gguf.GGUFEndian.LITTLE
-                or not isinstance(val, (list, tuple)) or len(val) < 1024):
+        if (
+            vtype != gguf.GGUFValueType.ARRAY
+            or sub_type is not None
+            or self.endianess != gguf.GGUFEndian.LITTLE
+            or not isinstance(val, (list, tuple))
+            or len(val) < 1024
+        ):
             return super()._pack_val(val, vtype, add_vtype, sub_type)
         head = struct.pack("<I", vtype) if add_vtype else b""
         if all(type(v) is str for v in val):
             enc = [v.encode("utf-8") for v in val]
             lens = np.fromiter(map(len, enc), dtype="<u8", count=len(enc)).tobytes()
-            body = b"".join(itertools.chain.from_iterable(zip((lens[i:i + 8] for i in range(0, len(lens), 8)), enc)))
+            body = b"".join(itertools.chain.from_iterable(zip((lens[i : i + 8] for i in range(0, len(lens), 8)), enc)))
             return head + struct.pack("<IQ", gguf.GGUFValueType.STRING, len(val)) + body
         if all(isinstance(v, int) and not isinstance(v, bool) for v in val):
             arr = np.asarray(val, dtype=np.int64)
-            if arr.min() >= -2**31 and arr.max() < 2**31:  # get_type(int) is INT32, as the stock packer
+            if arr.min() >= -(2**31) and arr.max() < 2**31:  # get_type(int) is INT32, as the stock packer
                 return head + struct.pack("<IQ", gguf.GGUFValueType.INT32, len(val)) + arr.astype("<i4").tobytes()
         return super()._pack_val(val, vtype, add_vtype, sub_type)
 
@@ -495,9 +564,14 @@ def _part_sizes(plan: Plan, split_max_size: int = 0) -> list[tuple[int, int]]:
         for fout, tensors in zip(w.fout, w.tensors):
             fout.flush()
             head = fout.tell()
-            parts.append((head + (-head % w.data_alignment)
-                          + sum(info.nbytes + (-info.nbytes % w.data_alignment) for info in tensors.values()),
-                          len(tensors)))
+            parts.append(
+                (
+                    head
+                    + (-head % w.data_alignment)
+                    + sum(info.nbytes + (-info.nbytes % w.data_alignment) for info in tensors.values()),
+                    len(tensors),
+                )
+            )
         w.close()
     return parts
 
@@ -521,12 +595,14 @@ def _split_limit(plan: Plan, max_file_bytes: int) -> int:
         limit -= over
         if limit <= 0:
             break
-    raise ConvertError(f"--split-max-size {max_file_bytes} is too small for the metadata of the first part; "
-                       "use a larger size")
+    raise ConvertError(
+        f"--split-max-size {max_file_bytes} is too small for the metadata of the first part; use a larger size"
+    )
 
 
-def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int], None] | None,
-           split_max_size: int = 0) -> list[Path]:
+def _write(
+    plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int], None] | None, split_max_size: int = 0
+) -> list[Path]:
     """Write the GGUF (or its splits) at path; returns the files written."""
     heads = qwen35.heads(plan.ckpt.config)
     # a producer thread cuts tensors into pieces and hands them to a pool that reads, transforms
@@ -565,7 +641,7 @@ def _write(plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int
         for t in plan.tensors:
             # logical shape (numpy order) with raw_dtype: the writer stores it as ggml ne reversed
             w.add_tensor_info(t.out.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-        _add_metadata(w, plan)   # after the tensors: general.size_label counts their parameters
+        _add_metadata(w, plan)  # after the tensors: general.size_label counts their parameters
         files = w.format_shard_names(path)
         w.write_header_to_file(path=path)
         w.write_kv_data_to_file()

@@ -27,8 +27,8 @@ class ImatrixError(ValueError):
 
 @dataclass
 class Imatrix:
-    path: str                                    # as the user wrote it (recorded in the GGUF)
-    entries: dict[str, np.ndarray]               # tensor name -> float32 [n_matrices, n_per_row]
+    path: str  # as the user wrote it (recorded in the GGUF)
+    entries: dict[str, np.ndarray]  # tensor name -> float32 [n_matrices, n_per_row]
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     # per tensor, how many of its matrices (experts) saw at least one token
@@ -43,8 +43,10 @@ class Imatrix:
         if e.size != n_per_row * n_matrices:
             if name == "token_embd.weight":
                 return None
-            raise ImatrixError(f"imatrix {self.path}: {name} has {e.size} values, the tensor needs "
-                               f"{n_per_row * n_matrices}; the imatrix was computed on another model")
+            raise ImatrixError(
+                f"imatrix {self.path}: {name} has {e.size} values, the tensor needs "
+                f"{n_per_row * n_matrices}; the imatrix was computed on another model"
+            )
         return e.reshape(n_matrices, n_per_row)
 
 
@@ -110,7 +112,7 @@ def _load_legacy(p: Path, shown: str) -> Imatrix:
         if pos + n > len(buf):
             raise _fail(shown, "truncated (neither GGUF nor a complete legacy .dat imatrix)")
         pos += n
-        return buf[pos - n: pos]
+        return buf[pos - n : pos]
 
     def i32() -> int:
         return int(np.frombuffer(take(4), dtype="<i4")[0])

@@ -30,7 +30,7 @@ def recurrent_bytes_per_seq(n_linear_layers: int, conv_kernel: int, n_k: int, d_
 class Report:
     path: str
     architecture: str
-    blocks: str                     # one letter per block: L = DeltaNet, A = attention, M = MTP
+    blocks: str  # one letter per block: L = DeltaNet, A = attention, M = MTP
     n_params: int
     weight_bytes: int
     tensors_per_type: dict[str, int]
@@ -45,8 +45,10 @@ def _from_gguf(path: Path) -> Report:
     s = scan_model(path)  # a split model: all its parts
     arch = s.get("general.architecture")
     if s.get("general.type") == "imatrix" or any(k.startswith("imatrix.") for k in s.kv):
-        raise ValueError(f"{path} is an importance matrix (llama-imatrix output), not a model; give it to "
-                         "`qwen35-convert --imatrix` to quantize with it")
+        raise ValueError(
+            f"{path} is an importance matrix (llama-imatrix output), not a model; give it to "
+            "`qwen35-convert --imatrix` to quantize with it"
+        )
     if arch not in ("qwen35", "qwen35moe"):
         raise ValueError(f"{path} is a {arch!r} model, not Qwen3.5")
 
@@ -67,12 +69,22 @@ def _from_gguf(path: Path) -> Report:
         for d in t.ne:
             n *= d
         n_params += n
-    hp = dict(n_layer=n_layer, n_mtp=n_mtp, hidden=g("embedding_length"), n_head=g("attention.head_count"),
-              n_kv_head=g("attention.head_count_kv"), head_dim=g("attention.key_length"),
-              conv_kernel=g("ssm.conv_kernel"), n_k=g("ssm.group_count"), d_k=g("ssm.state_size"),
-              n_v=g("ssm.time_step_rank"), d_v=g("ssm.inner_size") // max(g("ssm.time_step_rank"), 1),
-              n_expert=g("expert_count", 0), n_expert_used=g("expert_used_count", 0),
-              context_length=g("context_length"))
+    hp = dict(
+        n_layer=n_layer,
+        n_mtp=n_mtp,
+        hidden=g("embedding_length"),
+        n_head=g("attention.head_count"),
+        n_kv_head=g("attention.head_count_kv"),
+        head_dim=g("attention.key_length"),
+        conv_kernel=g("ssm.conv_kernel"),
+        n_k=g("ssm.group_count"),
+        d_k=g("ssm.state_size"),
+        n_v=g("ssm.time_step_rank"),
+        d_v=g("ssm.inner_size") // max(g("ssm.time_step_rank"), 1),
+        n_expert=g("expert_count", 0),
+        n_expert_used=g("expert_used_count", 0),
+        context_length=g("context_length"),
+    )
     wbytes = sum(t.nbytes for t in s.tensors)
     types = Counter(t.qtype.name for t in s.tensors)
     return Report(str(path), arch, blocks, n_params, wbytes, dict(types), 8 * wbytes / max(n_params, 1), hp)
@@ -85,18 +97,38 @@ def _from_hf(path: Path, file_type: str) -> Report:
     c = plan.ckpt.config
     plan.ckpt.close()
     blocks = "".join("L" if t == "linear_attention" else "A" for t in c["layer_types"]) + "M" * plan.n_mtp
-    hp = dict(n_layer=c["num_hidden_layers"], n_mtp=plan.n_mtp, hidden=c["hidden_size"],
-              n_head=c["num_attention_heads"], n_kv_head=c["num_key_value_heads"], head_dim=c["head_dim"],
-              conv_kernel=c["linear_conv_kernel_dim"], n_k=c["linear_num_key_heads"], d_k=c["linear_key_head_dim"],
-              n_v=c["linear_num_value_heads"], d_v=c["linear_value_head_dim"], n_expert=c.get("num_experts", 0),
-              n_expert_used=c.get("num_experts_per_tok", 0), context_length=c["max_position_embeddings"])
+    hp = dict(
+        n_layer=c["num_hidden_layers"],
+        n_mtp=plan.n_mtp,
+        hidden=c["hidden_size"],
+        n_head=c["num_attention_heads"],
+        n_kv_head=c["num_key_value_heads"],
+        head_dim=c["head_dim"],
+        conv_kernel=c["linear_conv_kernel_dim"],
+        n_k=c["linear_num_key_heads"],
+        d_k=c["linear_key_head_dim"],
+        n_v=c["linear_num_value_heads"],
+        d_v=c["linear_value_head_dim"],
+        n_expert=c.get("num_experts", 0),
+        n_expert_used=c.get("num_experts_per_tok", 0),
+        context_length=c["max_position_embeddings"],
+    )
     types = Counter(t.qtype.name for t in plan.tensors)
-    return Report(str(path), plan.ckpt.arch, blocks, plan.n_params, plan.total_bytes, dict(types),
-                  8 * plan.total_bytes / max(plan.n_params, 1), hp)
+    return Report(
+        str(path),
+        plan.ckpt.arch,
+        blocks,
+        plan.n_params,
+        plan.total_bytes,
+        dict(types),
+        8 * plan.total_bytes / max(plan.n_params, 1),
+        hp,
+    )
 
 
-def inspect(path: str | Path, *, ctx: int = 4096, kv_type: str = "f16", parallel: int = 1,
-            file_type: str = "BF16") -> Report:
+def inspect(
+    path: str | Path, *, ctx: int = 4096, kv_type: str = "f16", parallel: int = 1, file_type: str = "BF16"
+) -> Report:
     """Report for a GGUF file or, planned as if converted to file_type, a Hugging Face directory.
 
     ctx is the total context of all sequences (llama.cpp's -c); each of the parallel sequences
@@ -115,9 +147,16 @@ def inspect(path: str | Path, *, ctx: int = 4096, kv_type: str = "f16", parallel
     kv = ctx * kv_bytes_per_token(n_attn, hp["n_kv_head"], hp["head_dim"], kv_type)
     state = parallel * recurrent_bytes_per_seq(n_lin, hp["conv_kernel"], hp["n_k"], hp["d_k"], hp["n_v"], hp["d_v"])
     total = rep.weight_bytes + kv + state
-    rep.memory = {"ctx": ctx, "kv_type": kv_type, "parallel": parallel, "weights": rep.weight_bytes,
-                  "kv_cache": kv, "recurrent_state": state, "total": total,
-                  "fits_gb": [gb for gb in GPU_SIZES_GB if total * 1.05 + (512 << 20) <= gb * 1e9]}
+    rep.memory = {
+        "ctx": ctx,
+        "kv_type": kv_type,
+        "parallel": parallel,
+        "weights": rep.weight_bytes,
+        "kv_cache": kv,
+        "recurrent_state": state,
+        "total": total,
+        "fits_gb": [gb for gb in GPU_SIZES_GB if total * 1.05 + (512 << 20) <= gb * 1e9],
+    }
     return rep
 
 
@@ -128,7 +167,8 @@ def render(rep: Report) -> str:
         f"{rep.path}",
         f"architecture   {rep.architecture}  ({hp['n_layer']} layers"
         + (f", {hp['n_expert']} experts top-{hp['n_expert_used']}" if hp["n_expert"] else "")
-        + (f", MTP {hp['n_mtp']}" if hp["n_mtp"] else "") + ")",
+        + (f", MTP {hp['n_mtp']}" if hp["n_mtp"] else "")
+        + ")",
         f"blocks         {rep.blocks}   (L DeltaNet, A attention, M MTP)",
         f"parameters     {rep.n_params:,}   weights {rep.weight_bytes / gib:.2f} GiB, "
         f"{rep.bits_per_weight:.2f} bits/weight",
@@ -145,4 +185,3 @@ def render(rep: Report) -> str:
 
 def as_dict(rep: Report) -> dict:
     return asdict(rep)
-

@@ -93,19 +93,28 @@ def _ggml_base():
 
     directory = native.library_dir()
     native.check(next(directory.glob("libllama.*")))
-    lib = ctypes.CDLL(str(directory / ("libggml-base.dylib" if (directory / "libggml-base.dylib").exists()
-                                       else "libggml-base.so")))
+    lib = ctypes.CDLL(
+        str(directory / ("libggml-base.dylib" if (directory / "libggml-base.dylib").exists() else "libggml-base.so"))
+    )
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     lib.ggml_quantize_init.argtypes = [ctypes.c_int]
     lib.ggml_row_size.restype = ctypes.c_size_t
     lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
     return lib
 
 
-def quantize(data: np.ndarray, qtype: Q, pool: ThreadPoolExecutor | None = None,
-             imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize(
+    data: np.ndarray, qtype: Q, pool: ThreadPoolExecutor | None = None, imatrix: np.ndarray | None = None
+) -> np.ndarray:
     """data (float32, numpy order) as qtype bytes, exactly as llama.cpp would store it.
 
     imatrix: importance weights [n_matrices, n_per_row], one row per matrix of data (experts of
@@ -133,11 +142,19 @@ def quantize(data: np.ndarray, qtype: Q, pool: ThreadPoolExecutor | None = None,
         # crosses a matrix boundary, so it takes that matrix's importance weights
         start, n = job
         w = None if imatrix is None else ctypes.c_void_p(imatrix[start // rows_per_mat].ctypes.data)
-        lib.ggml_quantize_chunk(int(qtype), ctypes.c_void_p(data.ctypes.data), ctypes.c_void_p(out.ctypes.data),
-                                start * n_per_row, n, n_per_row, w)
+        lib.ggml_quantize_chunk(
+            int(qtype),
+            ctypes.c_void_p(data.ctypes.data),
+            ctypes.c_void_p(out.ctypes.data),
+            start * n_per_row,
+            n,
+            n_per_row,
+            w,
+        )
 
-    jobs = [(m * rows_per_mat + r, min(step, rows_per_mat - r))
-            for m in range(n_mat) for r in range(0, rows_per_mat, step)]
+    jobs = [
+        (m * rows_per_mat + r, min(step, rows_per_mat - r)) for m in range(n_mat) for r in range(0, rows_per_mat, step)
+    ]
     if pool is None or len(jobs) == 1:
         for j in jobs:
             work(j)
@@ -168,8 +185,8 @@ def bf16_has_nan(x: np.ndarray, block: int = 1 << 18) -> bool:
     flat = x.reshape(-1)
     t = np.empty(min(block, flat.size), np.uint16)
     for i in range(0, flat.size, block):
-        part = flat[i:i + block]
-        tt = t[:part.size]
+        part = flat[i : i + block]
+        tt = t[: part.size]
         np.bitwise_and(part, 0x7FFF, out=tt)
         if tt.max(initial=0) > 0x7F80:
             return True

@@ -22,49 +22,49 @@ F32, QUANT = True, False
 
 # (HF name inside a block, GGUF tensor, GGUF suffix, transform, stays F32)
 LAYER_TABLE: list[tuple[str, T, str, Callable, bool]] = [
-    ("input_layernorm.weight",             T.ATTN_NORM,          ".weight", tf.norm_plus_one, F32),
-    ("post_attention_layernorm.weight",    T.ATTN_POST_NORM,     ".weight", tf.norm_plus_one, F32),
+    ("input_layernorm.weight", T.ATTN_NORM, ".weight", tf.norm_plus_one, F32),
+    ("post_attention_layernorm.weight", T.ATTN_POST_NORM, ".weight", tf.norm_plus_one, F32),
     # Gated DeltaNet
-    ("linear_attn.in_proj_qkv.weight",     T.ATTN_QKV,           ".weight", tf.qkv_rows,      QUANT),
-    ("linear_attn.in_proj_z.weight",       T.ATTN_GATE,          ".weight", tf.v_rows,        QUANT),
-    ("linear_attn.in_proj_a.weight",       T.SSM_ALPHA,          ".weight", tf.head_rows,     QUANT),
-    ("linear_attn.in_proj_b.weight",       T.SSM_BETA,           ".weight", tf.head_rows,     QUANT),
-    ("linear_attn.A_log",                  T.SSM_A,              "",        tf.neg_exp,       F32),
-    ("linear_attn.dt_bias",                T.SSM_DT,             ".bias",   tf.head_rows,     F32),
-    ("linear_attn.conv1d.weight",          T.SSM_CONV1D,         ".weight", tf.conv1d,        F32),
-    ("linear_attn.norm.weight",            T.SSM_NORM,           ".weight", tf.identity,      F32),  # gated norm: no +1
-    ("linear_attn.out_proj.weight",        T.SSM_OUT,            ".weight", tf.v_cols,        QUANT),
+    ("linear_attn.in_proj_qkv.weight", T.ATTN_QKV, ".weight", tf.qkv_rows, QUANT),
+    ("linear_attn.in_proj_z.weight", T.ATTN_GATE, ".weight", tf.v_rows, QUANT),
+    ("linear_attn.in_proj_a.weight", T.SSM_ALPHA, ".weight", tf.head_rows, QUANT),
+    ("linear_attn.in_proj_b.weight", T.SSM_BETA, ".weight", tf.head_rows, QUANT),
+    ("linear_attn.A_log", T.SSM_A, "", tf.neg_exp, F32),
+    ("linear_attn.dt_bias", T.SSM_DT, ".bias", tf.head_rows, F32),
+    ("linear_attn.conv1d.weight", T.SSM_CONV1D, ".weight", tf.conv1d, F32),
+    ("linear_attn.norm.weight", T.SSM_NORM, ".weight", tf.identity, F32),  # gated norm: no +1
+    ("linear_attn.out_proj.weight", T.SSM_OUT, ".weight", tf.v_cols, QUANT),
     # gated full attention (q_proj rows interleave [q | gate] per head; the graph splits them)
-    ("self_attn.q_proj.weight",            T.ATTN_Q,             ".weight", tf.identity,      QUANT),
-    ("self_attn.k_proj.weight",            T.ATTN_K,             ".weight", tf.identity,      QUANT),
-    ("self_attn.v_proj.weight",            T.ATTN_V,             ".weight", tf.identity,      QUANT),
-    ("self_attn.o_proj.weight",            T.ATTN_OUT,           ".weight", tf.identity,      QUANT),
-    ("self_attn.q_norm.weight",            T.ATTN_Q_NORM,        ".weight", tf.norm_plus_one, F32),
-    ("self_attn.k_norm.weight",            T.ATTN_K_NORM,        ".weight", tf.norm_plus_one, F32),
+    ("self_attn.q_proj.weight", T.ATTN_Q, ".weight", tf.identity, QUANT),
+    ("self_attn.k_proj.weight", T.ATTN_K, ".weight", tf.identity, QUANT),
+    ("self_attn.v_proj.weight", T.ATTN_V, ".weight", tf.identity, QUANT),
+    ("self_attn.o_proj.weight", T.ATTN_OUT, ".weight", tf.identity, QUANT),
+    ("self_attn.q_norm.weight", T.ATTN_Q_NORM, ".weight", tf.norm_plus_one, F32),
+    ("self_attn.k_norm.weight", T.ATTN_K_NORM, ".weight", tf.norm_plus_one, F32),
     # dense MLP
-    ("mlp.gate_proj.weight",               T.FFN_GATE,           ".weight", tf.identity,      QUANT),
-    ("mlp.up_proj.weight",                 T.FFN_UP,             ".weight", tf.identity,      QUANT),
-    ("mlp.down_proj.weight",               T.FFN_DOWN,           ".weight", tf.identity,      QUANT),
+    ("mlp.gate_proj.weight", T.FFN_GATE, ".weight", tf.identity, QUANT),
+    ("mlp.up_proj.weight", T.FFN_UP, ".weight", tf.identity, QUANT),
+    ("mlp.down_proj.weight", T.FFN_DOWN, ".weight", tf.identity, QUANT),
     # MoE: router, fused experts (per-expert checkpoints are stacked first), shared expert
-    ("mlp.gate.weight",                    T.FFN_GATE_INP,       ".weight", tf.identity,      F32),
-    ("mlp.experts.gate_up_proj#gate",      T.FFN_GATE_EXP,       ".weight", tf.gate_half,     QUANT),
-    ("mlp.experts.gate_up_proj#up",        T.FFN_UP_EXP,         ".weight", tf.up_half,       QUANT),
-    ("mlp.experts.down_proj",              T.FFN_DOWN_EXP,       ".weight", tf.identity,      QUANT),
-    ("mlp.shared_expert.gate_proj.weight", T.FFN_GATE_SHEXP,     ".weight", tf.identity,      QUANT),
-    ("mlp.shared_expert.up_proj.weight",   T.FFN_UP_SHEXP,       ".weight", tf.identity,      QUANT),
-    ("mlp.shared_expert.down_proj.weight", T.FFN_DOWN_SHEXP,     ".weight", tf.identity,      QUANT),
-    ("mlp.shared_expert_gate.weight",      T.FFN_GATE_INP_SHEXP, ".weight", tf.identity,      F32),
+    ("mlp.gate.weight", T.FFN_GATE_INP, ".weight", tf.identity, F32),
+    ("mlp.experts.gate_up_proj#gate", T.FFN_GATE_EXP, ".weight", tf.gate_half, QUANT),
+    ("mlp.experts.gate_up_proj#up", T.FFN_UP_EXP, ".weight", tf.up_half, QUANT),
+    ("mlp.experts.down_proj", T.FFN_DOWN_EXP, ".weight", tf.identity, QUANT),
+    ("mlp.shared_expert.gate_proj.weight", T.FFN_GATE_SHEXP, ".weight", tf.identity, QUANT),
+    ("mlp.shared_expert.up_proj.weight", T.FFN_UP_SHEXP, ".weight", tf.identity, QUANT),
+    ("mlp.shared_expert.down_proj.weight", T.FFN_DOWN_SHEXP, ".weight", tf.identity, QUANT),
+    ("mlp.shared_expert_gate.weight", T.FFN_GATE_INP_SHEXP, ".weight", tf.identity, F32),
     # MTP head (appended as block n_layer; its transformer block uses the rows above)
-    ("mtp.fc.weight",                      T.NEXTN_EH_PROJ,      ".weight", tf.identity,      QUANT),
-    ("mtp.pre_fc_norm_embedding.weight",   T.NEXTN_ENORM,        ".weight", tf.norm_plus_one, F32),
-    ("mtp.pre_fc_norm_hidden.weight",      T.NEXTN_HNORM,        ".weight", tf.norm_plus_one, F32),
-    ("mtp.norm.weight",                    T.NEXTN_SHARED_HEAD_NORM, ".weight", tf.norm_plus_one, F32),
+    ("mtp.fc.weight", T.NEXTN_EH_PROJ, ".weight", tf.identity, QUANT),
+    ("mtp.pre_fc_norm_embedding.weight", T.NEXTN_ENORM, ".weight", tf.norm_plus_one, F32),
+    ("mtp.pre_fc_norm_hidden.weight", T.NEXTN_HNORM, ".weight", tf.norm_plus_one, F32),
+    ("mtp.norm.weight", T.NEXTN_SHARED_HEAD_NORM, ".weight", tf.norm_plus_one, F32),
 ]
 
 GLOBAL_TABLE: list[tuple[str, T, str, Callable, bool]] = [
-    ("embed_tokens.weight",                T.TOKEN_EMBD,         ".weight", tf.identity,      QUANT),
-    ("norm.weight",                        T.OUTPUT_NORM,        ".weight", tf.norm_plus_one, F32),
-    ("lm_head.weight",                     T.OUTPUT,             ".weight", tf.identity,      QUANT),
+    ("embed_tokens.weight", T.TOKEN_EMBD, ".weight", tf.identity, QUANT),
+    ("norm.weight", T.OUTPUT_NORM, ".weight", tf.norm_plus_one, F32),
+    ("lm_head.weight", T.OUTPUT, ".weight", tf.identity, QUANT),
 ]
 
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -75,14 +75,14 @@ _VISUAL = ("visual.", "vision", "merger.", "audio")
 class OutTensor:
     """One GGUF tensor: where it comes from and how it is made."""
 
-    name: str                   # GGUF name
+    name: str  # GGUF name
     kind: T
     bid: int | None
-    sources: list[str]          # HF tensor names read (several for per-expert stacking)
+    sources: list[str]  # HF tensor names read (several for per-expert stacking)
     transform: Callable
     keep_f32: bool
-    shape: tuple[int, ...]      # numpy order (ggml ne reversed)
-    order: tuple                # upstream's write order: (position of the HF tensor read last, sub-index)
+    shape: tuple[int, ...]  # numpy order (ggml ne reversed)
+    order: tuple  # upstream's write order: (position of the HF tensor read last, sub-index)
 
     def build(self, ckpt: Checkpoint, heads: tf.Heads) -> np.ndarray:
         """The whole tensor as float32."""
@@ -112,6 +112,7 @@ class OutTensor:
                 if permutes:
                     return self.transform(x, heads)
                 return np.ascontiguousarray(self.transform(widen(x), heads), dtype=np.float32)
+
             if self.transform is tf.identity and len(sources) == 1 and not one_expert:
                 run.span = lambda: ckpt.span(sources[0], rows)  # the piece as stored, for a same-type copy
             return run
@@ -139,7 +140,7 @@ def _split_name(hf: str) -> tuple[str, str | None, str]:
     name = hf
     for prefix in ("model.language_model.", "model."):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
             break
     if any(p in name for p in _VISUAL):
         return "skip", None, hf
@@ -159,31 +160,50 @@ def _expected_shape(rest: str, cfg: dict, h: tf.Heads) -> tuple[int, ...] | None
     H, n_q, n_kv, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     qkv = 2 * h.n_k * h.d_k + h.n_v * h.d_v
     table = {
-        "input_layernorm.weight": (H,), "post_attention_layernorm.weight": (H,),
-        "linear_attn.in_proj_qkv.weight": (qkv, H), "linear_attn.in_proj_z.weight": (h.n_v * h.d_v, H),
-        "linear_attn.in_proj_a.weight": (h.n_v, H), "linear_attn.in_proj_b.weight": (h.n_v, H),
-        "linear_attn.A_log": (h.n_v,), "linear_attn.dt_bias": (h.n_v,),
+        "input_layernorm.weight": (H,),
+        "post_attention_layernorm.weight": (H,),
+        "linear_attn.in_proj_qkv.weight": (qkv, H),
+        "linear_attn.in_proj_z.weight": (h.n_v * h.d_v, H),
+        "linear_attn.in_proj_a.weight": (h.n_v, H),
+        "linear_attn.in_proj_b.weight": (h.n_v, H),
+        "linear_attn.A_log": (h.n_v,),
+        "linear_attn.dt_bias": (h.n_v,),
         "linear_attn.conv1d.weight": (qkv, 1, cfg["linear_conv_kernel_dim"]),
-        "linear_attn.norm.weight": (h.d_v,), "linear_attn.out_proj.weight": (H, h.n_v * h.d_v),
-        "self_attn.q_proj.weight": (2 * n_q * hd, H), "self_attn.k_proj.weight": (n_kv * hd, H),
-        "self_attn.v_proj.weight": (n_kv * hd, H), "self_attn.o_proj.weight": (H, n_q * hd),
-        "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
+        "linear_attn.norm.weight": (h.d_v,),
+        "linear_attn.out_proj.weight": (H, h.n_v * h.d_v),
+        "self_attn.q_proj.weight": (2 * n_q * hd, H),
+        "self_attn.k_proj.weight": (n_kv * hd, H),
+        "self_attn.v_proj.weight": (n_kv * hd, H),
+        "self_attn.o_proj.weight": (H, n_q * hd),
+        "self_attn.q_norm.weight": (hd,),
+        "self_attn.k_norm.weight": (hd,),
     }
     if "intermediate_size" in cfg:
         I = cfg["intermediate_size"]
         table.update({"mlp.gate_proj.weight": (I, H), "mlp.up_proj.weight": (I, H), "mlp.down_proj.weight": (H, I)})
     if "num_experts" in cfg and "moe_intermediate_size" in cfg:
         E, I, S = cfg["num_experts"], cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"]
-        table.update({"mlp.gate.weight": (E, H), "mlp.experts.gate_up_proj": (E, 2 * I, H),
-                      "mlp.experts.down_proj": (E, H, I), "mlp.shared_expert.gate_proj.weight": (S, H),
-                      "mlp.shared_expert.up_proj.weight": (S, H), "mlp.shared_expert.down_proj.weight": (H, S),
-                      "mlp.shared_expert_gate.weight": (1, H)})
+        table.update(
+            {
+                "mlp.gate.weight": (E, H),
+                "mlp.experts.gate_up_proj": (E, 2 * I, H),
+                "mlp.experts.down_proj": (E, H, I),
+                "mlp.shared_expert.gate_proj.weight": (S, H),
+                "mlp.shared_expert.up_proj.weight": (S, H),
+                "mlp.shared_expert.down_proj.weight": (H, S),
+                "mlp.shared_expert_gate.weight": (1, H),
+            }
+        )
     return table.get(rest)
 
 
 def heads(cfg: dict) -> tf.Heads:
-    h = tf.Heads(cfg["linear_num_key_heads"], cfg["linear_num_value_heads"],
-                 cfg["linear_key_head_dim"], cfg["linear_value_head_dim"])
+    h = tf.Heads(
+        cfg["linear_num_key_heads"],
+        cfg["linear_num_value_heads"],
+        cfg["linear_key_head_dim"],
+        cfg["linear_value_head_dim"],
+    )
     if h.n_v % h.n_k:
         raise CheckpointError(f"linear_num_value_heads ({h.n_v}) must be a multiple of linear_num_key_heads ({h.n_k})")
     return h
@@ -215,8 +235,9 @@ def plan_tensors(ckpt: Checkpoint, mtp: str = "keep") -> list[OutTensor]:
     def add(row, bid, sources, hf_shape, sub=0):
         key, kind, suffix, fn, keep = row
         gname = TENSOR_NAMES[kind].format(bid=bid) + suffix
-        out.append(OutTensor(gname, kind, bid, sources, fn, keep, _shape_of(key, hf_shape),
-                             (position[sources[0]], sub)))
+        out.append(
+            OutTensor(gname, kind, bid, sources, fn, keep, _shape_of(key, hf_shape), (position[sources[0]], sub))
+        )
 
     for hf, ref in ckpt.tensors.items():
         scope, block, rest = _split_name(hf)
@@ -268,12 +289,24 @@ def plan_tensors(ckpt: Checkpoint, mtp: str = "keep") -> list[OutTensor]:
             members = experts.get((bid, w), {})
             if sorted(members) != list(range(n_exp)):
                 missing = sorted(set(range(n_exp)) - set(members))
-                raise CheckpointError(f"block {bid}: per-expert mlp.experts.N.{w}_proj tensors missing for "
-                                      f"experts {missing[:5]} (num_experts={n_exp})")
+                raise CheckpointError(
+                    f"block {bid}: per-expert mlp.experts.N.{w}_proj tensors missing for "
+                    f"experts {missing[:5]} (num_experts={n_exp})"
+                )
             srcs = [members[i] for i in range(n_exp)]
             kind = {"down": T.FFN_DOWN_EXP, "gate": T.FFN_GATE_EXP, "up": T.FFN_UP_EXP}[w]
-            out.append(OutTensor(TENSOR_NAMES[kind].format(bid=bid) + ".weight", kind, bid, srcs, tf.identity,
-                                 QUANT, (n_exp, *ckpt.tensors[srcs[0]].shape), (last, sub)))
+            out.append(
+                OutTensor(
+                    TENSOR_NAMES[kind].format(bid=bid) + ".weight",
+                    kind,
+                    bid,
+                    srcs,
+                    tf.identity,
+                    QUANT,
+                    (n_exp, *ckpt.tensors[srcs[0]].shape),
+                    (last, sub),
+                )
+            )
     _check_complete(out, ckpt, n_layer, n_mtp, mtp)
     out.sort(key=lambda o: o.order)
     return out
@@ -292,9 +325,13 @@ def _check_complete(out: list[OutTensor], ckpt: Checkpoint, n_layer: int, n_mtp:
     for o in out:  # layer_types must match the tensors each block actually has
         if o.bid is not None and o.bid < n_layer:
             linear = types[o.bid] == "linear_attention"
-            if (linear and o.kind in (T.ATTN_Q, T.ATTN_K, T.ATTN_V)) or (not linear and o.kind in (T.SSM_A, T.ATTN_QKV)):
-                raise CheckpointError(f"config layer_types[{o.bid}] = {types[o.bid]} but the checkpoint has "
-                                      f"{o.sources[0]}; fix layer_types in config.json")
+            if (linear and o.kind in (T.ATTN_Q, T.ATTN_K, T.ATTN_V)) or (
+                not linear and o.kind in (T.SSM_A, T.ATTN_QKV)
+            ):
+                raise CheckpointError(
+                    f"config layer_types[{o.bid}] = {types[o.bid]} but the checkpoint has "
+                    f"{o.sources[0]}; fix layer_types in config.json"
+                )
     names = {o.name for o in out}
     moe = ckpt.arch == "qwen35moe"
     need = []
@@ -308,6 +345,8 @@ def _check_complete(out: list[OutTensor], ckpt: Checkpoint, n_layer: int, n_mtp:
         need += [f"blk.{b}.nextn.eh_proj.weight", f"blk.{b}.attn_q.weight"]
     for n in need:
         if n not in names:
-            raise CheckpointError(f"missing tensor for {n} (layer types "
-                                  f"{''.join('L' if t[0] == 'l' else 'A' for t in types)}): "
-                                  "the checkpoint is incomplete or its config does not match its tensors")
+            raise CheckpointError(
+                f"missing tensor for {n} (layer types "
+                f"{''.join('L' if t[0] == 'l' else 'A' for t in types)}): "
+                "the checkpoint is incomplete or its config does not match its tensors"
+            )

@@ -19,19 +19,48 @@ F = LlamaFileType
 
 # ftype -> default tensor type (llama_ftype_get_default_type)
 DEFAULT_TYPE = {
-    F.MOSTLY_Q4_0: Q.Q4_0, F.MOSTLY_Q5_0: Q.Q5_0, F.MOSTLY_Q8_0: Q.Q8_0, F.MOSTLY_Q2_K: Q.Q2_K,
-    F.MOSTLY_Q3_K_S: Q.Q3_K, F.MOSTLY_Q3_K_M: Q.Q3_K, F.MOSTLY_Q3_K_L: Q.Q3_K,
-    F.MOSTLY_Q4_K_S: Q.Q4_K, F.MOSTLY_Q4_K_M: Q.Q4_K, F.MOSTLY_Q5_K_S: Q.Q5_K,
-    F.MOSTLY_Q5_K_M: Q.Q5_K, F.MOSTLY_Q6_K: Q.Q6_K, F.MOSTLY_IQ4_NL: Q.IQ4_NL, F.MOSTLY_IQ4_XS: Q.IQ4_XS,
-    F.MOSTLY_IQ2_XXS: Q.IQ2_XXS, F.MOSTLY_IQ2_XS: Q.IQ2_XS, F.MOSTLY_IQ2_S: Q.IQ2_XS, F.MOSTLY_IQ2_M: Q.IQ2_S,
-    F.MOSTLY_IQ3_XXS: Q.IQ3_XXS, F.MOSTLY_IQ3_XS: Q.IQ3_S, F.MOSTLY_IQ3_S: Q.IQ3_S, F.MOSTLY_IQ3_M: Q.IQ3_S,
-    F.MOSTLY_IQ1_S: Q.IQ1_S, F.MOSTLY_IQ1_M: Q.IQ1_M,
+    F.MOSTLY_Q4_0: Q.Q4_0,
+    F.MOSTLY_Q5_0: Q.Q5_0,
+    F.MOSTLY_Q8_0: Q.Q8_0,
+    F.MOSTLY_Q2_K: Q.Q2_K,
+    F.MOSTLY_Q3_K_S: Q.Q3_K,
+    F.MOSTLY_Q3_K_M: Q.Q3_K,
+    F.MOSTLY_Q3_K_L: Q.Q3_K,
+    F.MOSTLY_Q4_K_S: Q.Q4_K,
+    F.MOSTLY_Q4_K_M: Q.Q4_K,
+    F.MOSTLY_Q5_K_S: Q.Q5_K,
+    F.MOSTLY_Q5_K_M: Q.Q5_K,
+    F.MOSTLY_Q6_K: Q.Q6_K,
+    F.MOSTLY_IQ4_NL: Q.IQ4_NL,
+    F.MOSTLY_IQ4_XS: Q.IQ4_XS,
+    F.MOSTLY_IQ2_XXS: Q.IQ2_XXS,
+    F.MOSTLY_IQ2_XS: Q.IQ2_XS,
+    F.MOSTLY_IQ2_S: Q.IQ2_XS,
+    F.MOSTLY_IQ2_M: Q.IQ2_S,
+    F.MOSTLY_IQ3_XXS: Q.IQ3_XXS,
+    F.MOSTLY_IQ3_XS: Q.IQ3_S,
+    F.MOSTLY_IQ3_S: Q.IQ3_S,
+    F.MOSTLY_IQ3_M: Q.IQ3_S,
+    F.MOSTLY_IQ1_S: Q.IQ1_S,
+    F.MOSTLY_IQ1_M: Q.IQ1_M,
 }
 
 # tensor_type_fallback: a type whose block does not divide the row length falls back to these
-FALLBACK = {Q.IQ1_S: Q.IQ4_NL, Q.IQ1_M: Q.IQ4_NL, Q.IQ2_XXS: Q.IQ4_NL, Q.IQ2_XS: Q.IQ4_NL, Q.IQ2_S: Q.IQ4_NL,
-            Q.IQ3_XXS: Q.IQ4_NL, Q.IQ3_S: Q.IQ4_NL, Q.IQ4_XS: Q.IQ4_NL,
-            Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+FALLBACK = {
+    Q.IQ1_S: Q.IQ4_NL,
+    Q.IQ1_M: Q.IQ4_NL,
+    Q.IQ2_XXS: Q.IQ4_NL,
+    Q.IQ2_XS: Q.IQ4_NL,
+    Q.IQ2_S: Q.IQ4_NL,
+    Q.IQ3_XXS: Q.IQ4_NL,
+    Q.IQ3_S: Q.IQ4_NL,
+    Q.IQ4_XS: Q.IQ4_NL,
+    Q.Q2_K: Q.Q4_0,
+    Q.Q3_K: Q.Q4_0,
+    Q.Q4_K: Q.Q5_0,
+    Q.Q5_K: Q.Q5_1,
+    Q.Q6_K: Q.Q8_0,
+}
 
 # tensor types that are garbage without an importance matrix (tensor_requires_imatrix)
 REQUIRES_IMATRIX = frozenset({Q.IQ3_XXS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_M, Q.IQ1_S})
@@ -43,14 +72,14 @@ _IQ12 = (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ2_S, F.MO
 @dataclass(frozen=True)
 class TensorDesc:
     name: str
-    ne: tuple[int, ...]      # ggml order (ne[0] = row length)
+    ne: tuple[int, ...]  # ggml order (ne[0] = row length)
 
 
 @dataclass(frozen=True)
 class ModelDesc:
-    n_layer_all: int         # block_count, MTP blocks included
+    n_layer_all: int  # block_count, MTP blocks included
     n_expert: int
-    n_gqa: int               # attention heads per KV head
+    n_gqa: int  # attention heads per KV head
 
 
 def _category(name: str) -> str:
@@ -58,9 +87,17 @@ def _category(name: str) -> str:
         return "output"
     if name in ("token_embd.weight", "per_layer_token_embd.weight"):
         return "token_embd"
-    for key, cat in (("attn_qkv.weight", "attn_qkv"), ("attn_kv_b.weight", "attn_kv_b"), ("attn_v.weight", "attn_v"),
-                     ("attn_k.weight", "attn_k"), ("attn_q.weight", "attn_q"), ("attn_output.weight", "attn_output"),
-                     ("ffn_up", "ffn_up"), ("ffn_gate", "ffn_gate"), ("ffn_down", "ffn_down")):
+    for key, cat in (
+        ("attn_qkv.weight", "attn_qkv"),
+        ("attn_kv_b.weight", "attn_kv_b"),
+        ("attn_v.weight", "attn_v"),
+        ("attn_k.weight", "attn_k"),
+        ("attn_q.weight", "attn_q"),
+        ("attn_output.weight", "attn_output"),
+        ("ffn_up", "ffn_up"),
+        ("ffn_gate", "ffn_gate"),
+        ("ffn_down", "ffn_down"),
+    ):
         if key in name:
             return cat
     return "other"
@@ -90,8 +127,13 @@ def requires_imatrix(name: str, qtype: Q | None) -> bool:
     return qtype in REQUIRES_IMATRIX
 
 
-def upstream_types(tensors: list[TensorDesc], ftype: LlamaFileType, model: ModelDesc,
-                   overrides: list[tuple[str, Q]] = (), has_imatrix: bool = False) -> list[Q | None]:
+def upstream_types(
+    tensors: list[TensorDesc],
+    ftype: LlamaFileType,
+    model: ModelDesc,
+    overrides: list[tuple[str, Q]] = (),
+    has_imatrix: bool = False,
+) -> list[Q | None]:
     """llama-quantize's type for each tensor, in order; None = not quantized (stays F32).
 
     A port of llama_tensor_get_type_impl for arch qwen35/qwen35moe (the Falcon, GLM, MXFP4,
@@ -203,13 +245,28 @@ def upstream_types(tensors: list[TensorDesc], ftype: LlamaFileType, model: Model
             i["ffn_down"] += 1
         elif cat == "attn_output":
             if n_expert == 8:
-                if ftype in (F.MOSTLY_Q2_K, F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_XXS, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M,
-                             F.MOSTLY_IQ4_NL, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M, F.MOSTLY_IQ3_S, F.MOSTLY_IQ3_M,
-                             F.MOSTLY_IQ4_XS):
+                if ftype in (
+                    F.MOSTLY_Q2_K,
+                    F.MOSTLY_IQ3_XS,
+                    F.MOSTLY_IQ3_XXS,
+                    F.MOSTLY_Q3_K_S,
+                    F.MOSTLY_Q3_K_M,
+                    F.MOSTLY_IQ4_NL,
+                    F.MOSTLY_Q4_K_S,
+                    F.MOSTLY_Q4_K_M,
+                    F.MOSTLY_IQ3_S,
+                    F.MOSTLY_IQ3_M,
+                    F.MOSTLY_IQ4_XS,
+                ):
                     new = Q.Q5_K
             else:
-                new = {F.MOSTLY_Q2_K: Q.Q3_K, F.MOSTLY_IQ3_XXS: Q.IQ3_S, F.MOSTLY_Q3_K_M: Q.Q4_K,
-                       F.MOSTLY_Q3_K_L: Q.Q5_K, F.MOSTLY_IQ3_M: Q.Q4_K}.get(ftype, new)
+                new = {
+                    F.MOSTLY_Q2_K: Q.Q3_K,
+                    F.MOSTLY_IQ3_XXS: Q.IQ3_S,
+                    F.MOSTLY_Q3_K_M: Q.Q4_K,
+                    F.MOSTLY_Q3_K_L: Q.Q5_K,
+                    F.MOSTLY_IQ3_M: Q.Q4_K,
+                }.get(ftype, new)
         elif cat in ("ffn_gate", "ffn_up"):
             il, n = layer(cat, t.name), n_ffn
             if ftype == F.MOSTLY_IQ3_XS and n // 8 <= il < 7 * n // 8:
@@ -265,7 +322,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Q]]:
 # Row-length fallbacks and --tensor-type overrides apply as upstream. "mtp" is every tensor of
 # the MTP block: llama-imatrix never runs it, so low-bit targets keep it at 4 bits or more.
 
-QWEN35_GROUPS = {   # column -> GGUF tensor names (regex); "mtp" is every tensor of the MTP block
+QWEN35_GROUPS = {  # column -> GGUF tensor names (regex); "mtp" is every tensor of the MTP block
     "gates": r"\.ssm_(alpha|beta)\.weight$",
     "attn": r"\.attn_(q|k|v|output)\.weight$",
     "dn_in": r"\.attn_(qkv|gate)\.weight$",
@@ -282,12 +339,12 @@ QWEN35_GROUPS = {   # column -> GGUF tensor names (regex); "mtp" is every tensor
 QWEN35_COLUMNS = ("mtp",) + tuple(QWEN35_GROUPS)
 QWEN35_TABLE = {
     # target     mtp     gates  attn  dn_in   dn_out  shexp   exp_gu exp_down ffn_gu ffn_down output embd
-    "Q8_0":    (".",    "F16", ".", ".",     ".",    ".",    ".", ".", ".", ".", ".", "."),
-    "Q6_K":    (".",    "F16", ".", ".",     "Q8_0", "Q8_0", ".", ".", ".", ".", ".", "."),
-    "Q5_K_M":  (".",    "F16", ".", "Q6_K",  "Q6_K", "Q6_K", ".", ".", ".", ".", ".", "."),
-    "Q4_K_M":  ("Q4_K", "F16", ".", "Q5_K",  "Q6_K", "Q5_K", ".", ".", ".", ".", ".", "."),
-    "IQ4_XS":  ("Q4_K", "F16", ".", "Q5_K",  "Q5_K", "Q5_K", ".", ".", ".", ".", ".", "."),
-    "Q3_K_M":  ("Q4_K", "F16", ".", "Q4_K",  "Q5_K", "Q4_K", ".", ".", ".", ".", ".", "."),
+    "Q8_0": (".", "F16", ".", ".", ".", ".", ".", ".", ".", ".", ".", "."),
+    "Q6_K": (".", "F16", ".", ".", "Q8_0", "Q8_0", ".", ".", ".", ".", ".", "."),
+    "Q5_K_M": (".", "F16", ".", "Q6_K", "Q6_K", "Q6_K", ".", ".", ".", ".", ".", "."),
+    "Q4_K_M": ("Q4_K", "F16", ".", "Q5_K", "Q6_K", "Q5_K", ".", ".", ".", ".", ".", "."),
+    "IQ4_XS": ("Q4_K", "F16", ".", "Q5_K", "Q5_K", "Q5_K", ".", ".", ".", ".", ".", "."),
+    "Q3_K_M": ("Q4_K", "F16", ".", "Q4_K", "Q5_K", "Q4_K", ".", ".", ".", ".", ".", "."),
     "IQ3_XXS": ("Q4_K", "F16", ".", "IQ4_XS", "Q4_K", "IQ4_XS", ".", ".", ".", ".", ".", "."),
 }
 
@@ -301,14 +358,20 @@ def qwen35_rules(target: str, n_layer: int) -> list[tuple[re.Pattern, Q]]:
     for col, cell in zip(QWEN35_COLUMNS, QWEN35_TABLE[target]):
         if cell == ".":
             continue
-        rx = rf"^blk\.(?!(?:{'|'.join(str(i) for i in range(n_layer))})\.)\d+\." if col == "mtp" \
-            else QWEN35_GROUPS[col]
+        rx = rf"^blk\.(?!(?:{'|'.join(str(i) for i in range(n_layer))})\.)\d+\." if col == "mtp" else QWEN35_GROUPS[col]
         rules.append((re.compile(rx), Q[cell]))
     return rules
 
 
-def qwen35_types(tensors: list[TensorDesc], target: str, ftype: LlamaFileType, model: ModelDesc, n_layer: int,
-                 overrides: list[tuple[str, Q]] = (), has_imatrix: bool = False) -> list[Q | None]:
+def qwen35_types(
+    tensors: list[TensorDesc],
+    target: str,
+    ftype: LlamaFileType,
+    model: ModelDesc,
+    n_layer: int,
+    overrides: list[tuple[str, Q]] = (),
+    has_imatrix: bool = False,
+) -> list[Q | None]:
     """The qwen35 recipe: upstream's types for ftype, then the table's cells for target on the
     tensors upstream quantizes (a --tensor-type override still wins), with upstream's fallbacks."""
     base = upstream_types(tensors, ftype, model, overrides, has_imatrix)

@@ -15,10 +15,10 @@ import numpy as np
 class Heads:
     """Gated DeltaNet head geometry (value heads are a multiple of key heads)."""
 
-    n_k: int        # linear_num_key_heads
-    n_v: int        # linear_num_value_heads
-    d_k: int        # linear_key_head_dim
-    d_v: int        # linear_value_head_dim
+    n_k: int  # linear_num_key_heads
+    n_v: int  # linear_num_value_heads
+    d_k: int  # linear_key_head_dim
+    d_v: int  # linear_value_head_dim
 
     @property
     def r(self) -> int:
@@ -52,7 +52,7 @@ def tile_v_heads(x: np.ndarray, h: Heads, axis: int, head_dim: int) -> np.ndarra
         return x
     axis %= x.ndim
     shape = x.shape
-    y = x.reshape(shape[:axis] + (h.n_k, h.r, head_dim) + shape[axis + 1:])
+    y = x.reshape(shape[:axis] + (h.n_k, h.r, head_dim) + shape[axis + 1 :])
     return np.ascontiguousarray(np.swapaxes(y, axis, axis + 1)).reshape(shape)
 
 
@@ -91,7 +91,7 @@ def gate_half(x: np.ndarray, h: Heads) -> np.ndarray:
 
 def up_half(x: np.ndarray, h: Heads) -> np.ndarray:
     """Fused experts gate_up_proj [E, 2I, H] -> up [E, I, H]."""
-    return np.ascontiguousarray(x[:, x.shape[1] // 2:])
+    return np.ascontiguousarray(x[:, x.shape[1] // 2 :])
 
 
 # transforms that only move values (reshape, reorder, slice): they act on stored bits as well as

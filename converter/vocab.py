@@ -17,8 +17,10 @@ import gguf
 from .checkpoint import CheckpointError
 
 # Qwen3.5's pre-tokenizer regex (the Split step of tokenizer.json); llama.cpp calls it "qwen35".
-QWEN35_PRETOKENIZER = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+"
-                       r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN35_PRETOKENIZER = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+"
+    r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _looks_special(token: str) -> bool:
@@ -53,8 +55,10 @@ def read_vocab(model_dir: Path, vocab_size: int, tok: dict | None = None) -> tup
         raise CheckpointError(f"{path.name} has a {model.get('type')} model; Qwen3.5 uses byte-level BPE")
     regex = _pretokenizer_regex(tok)
     if regex != QWEN35_PRETOKENIZER:
-        raise CheckpointError(f"{path.name} has a pre-tokenizer that is not Qwen3.5's ({(regex or 'none')[:40]}…); "
-                              "use the tokenizer files of the checkpoint's Qwen3.5 release")
+        raise CheckpointError(
+            f"{path.name} has a pre-tokenizer that is not Qwen3.5's ({(regex or 'none')[:40]}…); "
+            "use the tokenizer files of the checkpoint's Qwen3.5 release"
+        )
     vocab: dict[str, int] = dict(model["vocab"])
     added = {}
     for t in tok.get("added_tokens", []):
@@ -67,8 +71,9 @@ def read_vocab(model_dir: Path, vocab_size: int, tok: dict | None = None) -> tup
         tokens[i] = s
     types = [gguf.TokenType.NORMAL] * vocab_size
     for i, t in added.items():
-        types[i] = (gguf.TokenType.CONTROL if t.get("special") or _looks_special(tokens[i])
-                    else gguf.TokenType.USER_DEFINED)
+        types[i] = (
+            gguf.TokenType.CONTROL if t.get("special") or _looks_special(tokens[i]) else gguf.TokenType.USER_DEFINED
+        )
     for i in [i for i, s in enumerate(tokens) if s is None]:
         tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
     merges = model.get("merges") or []

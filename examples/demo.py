@@ -47,20 +47,31 @@ def main() -> int:
         chat = Chat(model, enable_thinking=False)
         reply = chat.send(args.prompt, SamplingParams(max_tokens=args.max_tokens))
     tm = reply.timings
-    result = {"gguf": str(gguf), "reply": reply.content, "finish_reason": reply.finish_reason,
-              "prompt_tokens": reply.usage.prompt_tokens, "generated_tokens": tm.completion_tokens,
-              "first_token_ms": tm.first_token_ms, "prompt_tok_s": tm.prefill_tok_s,
-              "generate_tok_s": tm.decode_tok_s, **t}
+    result = {
+        "gguf": str(gguf),
+        "reply": reply.content,
+        "finish_reason": reply.finish_reason,
+        "prompt_tokens": reply.usage.prompt_tokens,
+        "generated_tokens": tm.completion_tokens,
+        "first_token_ms": tm.first_token_ms,
+        "prompt_tok_s": tm.prefill_tok_s,
+        "generate_tok_s": tm.decode_tok_s,
+        **t,
+    }
     if args.json:
         print(json.dumps(result))
         return 0
     print(f"checkpoint  {args.hf}")
-    print(f"gguf        {gguf} ({gguf.stat().st_size / 2**20:.1f} MiB {args.type}, converted in {t['convert_s']:.1f} s)")
+    print(
+        f"gguf        {gguf} ({gguf.stat().st_size / 2**20:.1f} MiB {args.type}, converted in {t['convert_s']:.1f} s)"
+    )
     print(f"user        {args.prompt}")
     print(f"assistant   {reply.content}  [{reply.finish_reason}]")
-    print(f"timings     load {t['load_s'] * 1e3:.0f} ms | first token {tm.first_token_ms:.0f} ms | prompt "
-          f"{reply.usage.prompt_tokens} tok at {tm.prefill_tok_s:.0f} tok/s | generate {tm.completion_tokens} tok "
-          f"at {tm.decode_tok_s:.0f} tok/s")
+    print(
+        f"timings     load {t['load_s'] * 1e3:.0f} ms | first token {tm.first_token_ms:.0f} ms | prompt "
+        f"{reply.usage.prompt_tokens} tok at {tm.prefill_tok_s:.0f} tok/s | generate {tm.completion_tokens} tok "
+        f"at {tm.decode_tok_s:.0f} tok/s"
+    )
     return 0
 
 

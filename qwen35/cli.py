@@ -8,8 +8,12 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Qwen3.5 checkpoints to fast local inference with llama.cpp.",
-                  no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+app = typer.Typer(
+    help="Qwen3.5 checkpoints to fast local inference with llama.cpp.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
 
 
 @app.callback()
@@ -23,12 +27,14 @@ def build_info(as_json: bool = typer.Option(False, "--json", help="Print JSON fo
     from qwen35 import native
 
     lib = native._libllama(native.library_dir())
-    info = native.NativeInfo(path=lib, series_id=native.probe(lib),
-                             expected=native.expected_series_id(), patched=False)
+    info = native.NativeInfo(path=lib, series_id=native.probe(lib), expected=native.expected_series_id(), patched=False)
     patched = info.series_id == info.expected
     if as_json:
-        print(json.dumps({"library": str(lib), "series_id": info.series_id,
-                          "expected": info.expected, "patched": patched}))
+        print(
+            json.dumps(
+                {"library": str(lib), "series_id": info.series_id, "expected": info.expected, "patched": patched}
+            )
+        )
     else:
         print(f"library   {lib}")
         print(f"series    {info.series_id}")
@@ -76,8 +82,9 @@ def verify_cmd(
     gguf: str = typer.Argument(..., help="The .gguf file to check."),
     text: Path = typer.Option(None, "--text", help="UTF-8 text file to run (default: a built-in sample)."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Tokens of the text to use."),
-    max_kld: float = typer.Option(0.1, "--max-kld", help="Verdict: pass when the mean KL divergence is at most "
-                                                          "this (nats)."),
+    max_kld: float = typer.Option(
+        0.1, "--max-kld", help="Verdict: pass when the mean KL divergence is at most this (nats)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Compare the GGUF's logits with transformers' on the same tokens (for small checkpoints); exit 1
@@ -101,8 +108,10 @@ def verify_cmd(
     print(f"mean |dlogit|   {m['mean_abs']:.3g}")
     print(f"top-1 agreement {100 * m['top1_agreement']:.1f} %")
     print(f"KLD mean / max  {m['kld_mean']:.3g} / {m['kld_max']:.3g} nats")
-    print(f"verdict         {'PASS' if m['passed'] else 'FAIL'} (mean KLD {m['kld_mean']:.3g} "
-          f"{'<=' if m['passed'] else '>'} {m['max_kld']:g} nats)")
+    print(
+        f"verdict         {'PASS' if m['passed'] else 'FAIL'} (mean KLD {m['kld_mean']:.3g} "
+        f"{'<=' if m['passed'] else '>'} {m['max_kld']:g} nats)"
+    )
     if not m["passed"]:
         raise typer.Exit(1)
 

@@ -16,10 +16,19 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 from gguf.gguf_writer import SHARD_NAME_FORMAT
 
-_SCALAR = {GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
-           GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
-           GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
-           GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d"}
+_SCALAR = {
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
+}
 
 
 class GGUFScanError(ValueError):
@@ -29,16 +38,16 @@ class GGUFScanError(ValueError):
 @dataclass(frozen=True)
 class KV:
     vtype: int
-    raw: bytes          # the value's bytes exactly as stored (type tag of arrays included)
-    value: object       # decoded scalar / string / short array; None for long arrays
+    raw: bytes  # the value's bytes exactly as stored (type tag of arrays included)
+    value: object  # decoded scalar / string / short array; None for long arrays
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    ne: tuple[int, ...]     # ggml order
+    ne: tuple[int, ...]  # ggml order
     qtype: GGMLQuantizationType
-    offset: int             # absolute file offset
+    offset: int  # absolute file offset
     nbytes: int
     file: Path | None = None  # the split part holding it (scan_model); None: the scanned file
 
@@ -76,13 +85,16 @@ def split_parts(path: str | Path, first: GGUFScan | None = None) -> list[Path]:
         return [path]
     m = re.fullmatch(r"(.+)-(\d{5})-of-(\d{5})\.gguf", path.name)
     if not m or int(m.group(3)) != count:
-        raise GGUFScanError(f"{path} is one of {count} split files but is not named PREFIX-0000N-of-{count:05d}.gguf; "
-                            "give the parts back the names they were written with")
+        raise GGUFScanError(
+            f"{path} is one of {count} split files but is not named PREFIX-0000N-of-{count:05d}.gguf; "
+            "give the parts back the names they were written with"
+        )
     parts = [path.with_name(SHARD_NAME_FORMAT.format(m.group(1), i + 1, count)) for i in range(count)]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
-        raise GGUFScanError(f"{path} is one of {count} split files and {missing[0]} is missing; "
-                            "put all the parts in one folder")
+        raise GGUFScanError(
+            f"{path} is one of {count} split files and {missing[0]} is missing; put all the parts in one folder"
+        )
     return parts
 
 
@@ -98,14 +110,18 @@ def scan_model(path: str | Path, given: GGUFScan | None = None) -> GGUFScan:
     tensors = []
     for i, (p, s) in enumerate(zip(parts, scans)):
         if s.get(Keys.Split.LLM_KV_SPLIT_NO) != i or s.get(Keys.Split.LLM_KV_SPLIT_COUNT) != len(parts):
-            raise GGUFScanError(f"{p} is not part {i + 1} of {len(parts)} of {parts[0].name}'s model "
-                                "(its split.no / split.count say otherwise); re-split or re-convert the model")
+            raise GGUFScanError(
+                f"{p} is not part {i + 1} of {len(parts)} of {parts[0].name}'s model "
+                "(its split.no / split.count say otherwise); re-split or re-convert the model"
+            )
         tensors += [replace(t, file=p) for t in s.tensors]
     first = scans[0]
     expected = first.get(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT)
     if expected is not None and expected != len(tensors):
-        raise GGUFScanError(f"the {len(parts)} parts of {parts[0].name} hold {len(tensors)} tensors, "
-                            f"split.tensors.count says {expected}; re-split or re-convert the model")
+        raise GGUFScanError(
+            f"the {len(parts)} parts of {parts[0].name} hold {len(tensors)} tensors, "
+            f"split.tensors.count says {expected}; re-split or re-convert the model"
+        )
     return GGUFScan(parts[0], first.version, first.kv, tensors)
 
 

@@ -36,10 +36,10 @@ class NativeLibraryError(Qwen35Error):
 
 @dataclass(frozen=True)
 class NativeInfo:
-    path: Path          # the libllama that was loaded
-    series_id: str      # what the library reports ("stock" when it lacks the symbol)
-    expected: str       # what cpp_patches/ in this source tree hashes to
-    patched: bool       # series_id == expected
+    path: Path  # the libllama that was loaded
+    series_id: str  # what the library reports ("stock" when it lacks the symbol)
+    expected: str  # what cpp_patches/ in this source tree hashes to
+    patched: bool  # series_id == expected
 
 
 def _tree_module():
@@ -47,7 +47,8 @@ def _tree_module():
     if not path.exists():
         raise NativeLibraryError(
             f"cannot find {path}: qwen35.bindings must be installed from the source tree "
-            "(`make setup` installs it in editable mode)")
+            "(`make setup` installs it in editable mode)"
+        )
     spec = importlib.util.spec_from_file_location("qwen35_cpp_tree", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -100,16 +101,17 @@ def check(lib_path: Path, expected: str | None = None, allow_stock: bool | None 
     if info.patched:
         return info
     if allow_stock:
-        log.warning("using %s (series %s, expected %s) because %s is set", lib_path, got, expected,
-                    ALLOW_STOCK_ENV)
+        log.warning("using %s (series %s, expected %s) because %s is set", lib_path, got, expected, ALLOW_STOCK_ENV)
         return info
     if got == "stock":
         raise NativeLibraryError(
             f"{lib_path} is a stock llama.cpp without the Qwen3.5 patch series; run `make setup` "
-            f"to build the patched library, or set {ALLOW_STOCK_ENV}=1 to use it knowingly")
+            f"to build the patched library, or set {ALLOW_STOCK_ENV}=1 to use it knowingly"
+        )
     raise NativeLibraryError(
         f"{lib_path} was built from patch series {got} but cpp_patches/ is {expected}; run "
-        f"`make setup` to rebuild, or set {ALLOW_STOCK_ENV}=1 to use it knowingly")
+        f"`make setup` to rebuild, or set {ALLOW_STOCK_ENV}=1 to use it knowingly"
+    )
 
 
 _LOG_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
@@ -161,8 +163,9 @@ def quiet_errors():
             _llama_log.removeHandler(handler)
             _llama_log.propagate = propagate
             tmp.seek(0)
-            said[:0] = [line for line in tmp.read().decode("utf-8", "replace").splitlines()
-                        if "error" in line.lower()][:1]
+            said[:0] = [line for line in tmp.read().decode("utf-8", "replace").splitlines() if "error" in line.lower()][
+                :1
+            ]
 
 
 _interrupted = False  # a Ctrl-C landed in a callback during the C call in progress
@@ -211,20 +214,25 @@ class _Ext:
 
     def __init__(self, lib):
         c = ctypes
-        self.set_embeddings_nextn = self._fn(lib, "llama_qwen35_set_embeddings_nextn",
-                                             [c.c_void_p, c.c_bool, c.c_bool], None)
-        self.get_embeddings_nextn = self._fn(lib, "llama_qwen35_get_embeddings_nextn",
-                                             [c.c_void_p], c.POINTER(c.c_float))
-        self.get_embeddings_nextn_ith = self._fn(lib, "llama_qwen35_get_embeddings_nextn_ith",
-                                                 [c.c_void_p, c.c_int32], c.POINTER(c.c_float))
+        self.set_embeddings_nextn = self._fn(
+            lib, "llama_qwen35_set_embeddings_nextn", [c.c_void_p, c.c_bool, c.c_bool], None
+        )
+        self.get_embeddings_nextn = self._fn(
+            lib, "llama_qwen35_get_embeddings_nextn", [c.c_void_p], c.POINTER(c.c_float)
+        )
+        self.get_embeddings_nextn_ith = self._fn(
+            lib, "llama_qwen35_get_embeddings_nextn_ith", [c.c_void_p, c.c_int32], c.POINTER(c.c_float)
+        )
 
     @staticmethod
     def _fn(lib, name, argtypes, restype):
         try:
             fn = getattr(lib, name)
         except AttributeError:
-            raise NativeLibraryError(f"{name} is missing from the loaded libllama (a stock or older build); "
-                                     "run `make setup` to build the patched library") from None
+            raise NativeLibraryError(
+                f"{name} is missing from the loaded libllama (a stock or older build); "
+                "run `make setup` to build the patched library"
+            ) from None
         fn.argtypes, fn.restype = argtypes, restype
         return fn
 

@@ -23,12 +23,12 @@ class EvalResult:
     path: str
     bytes: int
     bits_per_weight: float
-    tokens: int             # positions scored
-    kld_mean: float         # nats, KL(reference || candidate) per position
+    tokens: int  # positions scored
+    kld_mean: float  # nats, KL(reference || candidate) per position
     kld_p99: float
     kld_max: float
-    top1_agreement: float   # share of positions where both pick the same most likely token
-    ppl: float              # candidate's perplexity on the text
+    top1_agreement: float  # share of positions where both pick the same most likely token
+    ppl: float  # candidate's perplexity on the text
     ref_ppl: float
 
     def as_dict(self) -> dict:
@@ -59,7 +59,7 @@ def file_stats(path: Path) -> tuple[int, float]:
 
 
 def chunks(tokens: list[int], n_ctx: int, max_chunks: int | None) -> list[list[int]]:
-    out = [tokens[i:i + n_ctx] for i in range(0, len(tokens) - n_ctx + 1, n_ctx)]
+    out = [tokens[i : i + n_ctx] for i in range(0, len(tokens) - n_ctx + 1, n_ctx)]
     return out[:max_chunks] if max_chunks else out
 
 
@@ -70,9 +70,13 @@ def model_differences(a: str | Path, b: str | Path) -> list[str]:
 
     ha, hb = scan_model(Path(a)), scan_model(Path(b))
     out = []
-    for what, key in (("architecture", "general.architecture"), ("layers", "{}.block_count"),
-                      ("hidden size", "{}.embedding_length"), ("experts", "{}.expert_count"),
-                      ("attention heads", "{}.attention.head_count")):
+    for what, key in (
+        ("architecture", "general.architecture"),
+        ("layers", "{}.block_count"),
+        ("hidden size", "{}.embedding_length"),
+        ("experts", "{}.expert_count"),
+        ("attention heads", "{}.attention.head_count"),
+    ):
         va, vb = (h.get(key.format(h.get("general.architecture"))) for h in (ha, hb))
         if va != vb:
             out.append(f"{what} {vb} vs {va}")
@@ -82,9 +86,16 @@ def model_differences(a: str | Path, b: str | Path) -> list[str]:
     return out
 
 
-def evaluate(ref: str | Path, candidates: list[str | Path], text: str, *, n_ctx: int = 512,
-             max_chunks: int | None = None, n_threads: int | None = None,
-             on_progress: Callable[[int, int], None] | None = None) -> list[EvalResult]:
+def evaluate(
+    ref: str | Path,
+    candidates: list[str | Path],
+    text: str,
+    *,
+    n_ctx: int = 512,
+    max_chunks: int | None = None,
+    n_threads: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[EvalResult]:
     """Score each candidate against ref on text; raises ValueError when the text is too short."""
     from qwen35.bindings.model import Model
 
@@ -101,17 +112,19 @@ def evaluate(ref: str | Path, candidates: list[str | Path], text: str, *, n_ctx:
         tokens = ref_m.tokenize(text, special=False)
         parts = chunks(tokens, n_ctx, max_chunks)
         if not parts:
-            raise ValueError(f"the text has {len(tokens)} tokens; it needs at least --ctx {n_ctx} "
-                             "(give a longer text or a smaller --ctx)")
+            raise ValueError(
+                f"the text has {len(tokens)} tokens; it needs at least --ctx {n_ctx} "
+                "(give a longer text or a smaller --ctx)"
+            )
         ref_nll, klds, nll, agree = [], [[] for _ in candidates], [[] for _ in candidates], [[] for _ in candidates]
         for i, c in enumerate(parts):
-            nxt = np.asarray(c[n_ctx // 2:])
+            nxt = np.asarray(c[n_ctx // 2 :])
             rows = np.arange(len(nxt))
-            lp = log_softmax(ref_m.logits(c)[n_ctx // 2 - 1:-1])
+            lp = log_softmax(ref_m.logits(c)[n_ctx // 2 - 1 : -1])
             ref_nll.append(-lp[rows, nxt])
             top, p = lp.argmax(-1), np.exp(lp)
             for j, m in enumerate(cand_m):
-                lq = log_softmax(m.logits(c)[n_ctx // 2 - 1:-1])
+                lq = log_softmax(m.logits(c)[n_ctx // 2 - 1 : -1])
                 klds[j].append(np.maximum((p * (lp - lq)).sum(-1), 0.0))
                 nll[j].append(-lq[rows, nxt])
                 agree[j].append(lq.argmax(-1) == top)
@@ -122,13 +135,25 @@ def evaluate(ref: str | Path, candidates: list[str | Path], text: str, *, n_ctx:
     for j, cand in enumerate(candidates):
         k = np.concatenate(klds[j])
         size, bpw = file_stats(Path(cand))
-        results.append(EvalResult(str(cand), size, bpw, int(k.size), float(k.mean()), float(np.percentile(k, 99)),
-                                  float(k.max()), float(np.concatenate(agree[j]).mean()),
-                                  float(np.exp(np.concatenate(nll[j]).mean())), ref_ppl))
+        results.append(
+            EvalResult(
+                str(cand),
+                size,
+                bpw,
+                int(k.size),
+                float(k.mean()),
+                float(np.percentile(k, 99)),
+                float(k.max()),
+                float(np.concatenate(agree[j]).mean()),
+                float(np.exp(np.concatenate(nll[j]).mean())),
+                ref_ppl,
+            )
+        )
     return results
 
 
 # ---------------------------------------------------------------- importance matrices
+
 
 def build_bin() -> Path:
     """The patched build's tools (beside the libraries the bindings load)."""
@@ -137,8 +162,17 @@ def build_bin() -> Path:
     return next(native.library_dir().glob("libllama.*")).resolve().parent
 
 
-def compute_imatrix(model: str | Path, text: str | Path, out: str | Path, *, n_ctx: int = 512, chunks: int = 0,
-                    n_threads: int | None = None, process_output: bool = False, on_progress=None):
+def compute_imatrix(
+    model: str | Path,
+    text: str | Path,
+    out: str | Path,
+    *,
+    n_ctx: int = 512,
+    chunks: int = 0,
+    n_threads: int | None = None,
+    process_output: bool = False,
+    on_progress=None,
+):
     """Run the patched llama-imatrix over a text; the file appears atomically. model: the GGUF, or
     any part of a split one. on_progress(done, total): chunks evaluated so far. Returns the loaded
     imatrix (converter.imatrix.Imatrix, with per-tensor expert coverage); ValueError with
@@ -155,13 +189,24 @@ def compute_imatrix(model: str | Path, text: str | Path, out: str | Path, *, n_c
     from qwen35.gguf_scan import GGUFScanError, scan_model
 
     try:
-        model = scan_model(Path(model)).path   # llama.cpp loads a split model from its first part
+        model = scan_model(Path(model)).path  # llama.cpp loads a split model from its first part
     except (GGUFScanError, OSError, ValueError) as e:
         raise ValueError(f"{model} is not a readable GGUF file ({e})") from None
     out = Path(out)
     tmp = out.with_name(out.name + ".partial")
-    cmd = [str(build_bin() / "llama-imatrix"), "-m", str(model), "-f", str(text), "-o", str(tmp),
-           "-c", str(n_ctx), "-t", str(n_threads or usable_cpus())]
+    cmd = [
+        str(build_bin() / "llama-imatrix"),
+        "-m",
+        str(model),
+        "-f",
+        str(text),
+        "-o",
+        str(tmp),
+        "-c",
+        str(n_ctx),
+        "-t",
+        str(n_threads or usable_cpus()),
+    ]
     if chunks:
         cmd += ["--chunks", str(chunks)]
     if process_output:
@@ -172,7 +217,7 @@ def compute_imatrix(model: str | Path, text: str | Path, out: str | Path, *, n_c
     lines: list[str] = []
     total = [0]
 
-    def watch(stream):   # llama-imatrix's log: "computing over N chunks", then "[k]ppl," per chunk
+    def watch(stream):  # llama-imatrix's log: "computing over N chunks", then "[k]ppl," per chunk
         buf = ""
         for piece in iter(lambda: stream.read(256), ""):
             buf += piece
@@ -207,14 +252,25 @@ def coverage(im) -> dict:
     """Expert coverage of an imatrix: per MoE tensor (covered, total), and the worst one."""
     moe = {k: v for k, v in im.coverage.items() if v[1] > 1}
     worst = min(moe.items(), key=lambda kv: kv[1][0] / kv[1][1]) if moe else None
-    return {"tensors": len(im.entries), "chunks": im.chunk_count, "moe_tensors": moe,
-            "worst": {"tensor": worst[0], "covered": worst[1][0], "experts": worst[1][1]} if worst else None}
+    return {
+        "tensors": len(im.entries),
+        "chunks": im.chunk_count,
+        "moe_tensors": moe,
+        "worst": {"tensor": worst[0], "covered": worst[1][0], "experts": worst[1][1]} if worst else None,
+    }
 
 
 # ---------------------------------------------------------------- plots and sweeps
 
-def plot(results: list[EvalResult], path: str | Path, *, labels: list[str] | None = None,
-         groups: list[str] | None = None, title: str = "") -> Path:
+
+def plot(
+    results: list[EvalResult],
+    path: str | Path,
+    *,
+    labels: list[str] | None = None,
+    groups: list[str] | None = None,
+    title: str = "",
+) -> Path:
     """A PNG of bits per weight vs mean KLD (log scale), one point per file, coloured by group
     (e.g. the recipe); written atomically."""
     try:
@@ -231,8 +287,9 @@ def plot(results: list[EvalResult], path: str | Path, *, labels: list[str] | Non
     groups = groups or ["" for _ in results]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     for g in dict.fromkeys(groups):
-        pts = sorted((r.bits_per_weight, max(r.kld_mean, 1e-6), lab)
-                     for r, lab, gg in zip(results, labels, groups) if gg == g)
+        pts = sorted(
+            (r.bits_per_weight, max(r.kld_mean, 1e-6), lab) for r, lab, gg in zip(results, labels, groups) if gg == g
+        )
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1, label=g or None)
         for x, y, lab in pts:
             ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -257,19 +314,35 @@ class SweepRow:
     target: str
     recipe: str
     result: EvalResult
-    kld_vs_upstream: float | None = None     # this file's mean KLD / upstream's at the same target
+    kld_vs_upstream: float | None = None  # this file's mean KLD / upstream's at the same target
     size_vs_upstream: float | None = None
 
     def as_dict(self) -> dict:
-        return {"target": self.target, "recipe": self.recipe, **self.result.as_dict(),
-                "kld_vs_upstream": self.kld_vs_upstream, "size_vs_upstream": self.size_vs_upstream}
+        return {
+            "target": self.target,
+            "recipe": self.recipe,
+            **self.result.as_dict(),
+            "kld_vs_upstream": self.kld_vs_upstream,
+            "size_vs_upstream": self.size_vs_upstream,
+        }
 
 
-def sweep(hf_dir: str | Path, out_dir: str | Path, targets: list[str], recipes: list[str], text: str, *,
-          ref_type: str = "BF16", imatrix_text: str | Path | None = None, mtp: str = "keep", n_ctx: int = 512,
-          max_chunks: int | None = None, n_threads: int | None = None,
-          on_step: Callable[[str], None] | None = None,
-          on_progress: Callable[[int, int], None] | None = None) -> list[SweepRow]:
+def sweep(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    targets: list[str],
+    recipes: list[str],
+    text: str,
+    *,
+    ref_type: str = "BF16",
+    imatrix_text: str | Path | None = None,
+    mtp: str = "keep",
+    n_ctx: int = 512,
+    max_chunks: int | None = None,
+    n_threads: int | None = None,
+    on_step: Callable[[str], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[SweepRow]:
     """Convert hf_dir to ref_type and to every target x recipe (with an imatrix computed on
     imatrix_text from the reference, for all quantized files, when given), then score them all
     against the reference on text. Files go to out_dir; returns one row per file."""
@@ -298,13 +371,21 @@ def sweep(hf_dir: str | Path, out_dir: str | Path, targets: list[str], recipes: 
         for recipe in recipes:
             out = out_dir / f"{name}-{target}-{recipe}.gguf"
             say(f"converting {target} ({recipe})")
-            convert(hf_dir, out, file_type=target, mtp=mtp, recipe=recipe, force=True,
-                    imatrix=im if target not in ("F32", "F16", "BF16", "Q8_0") else None)
+            convert(
+                hf_dir,
+                out,
+                file_type=target,
+                mtp=mtp,
+                recipe=recipe,
+                force=True,
+                imatrix=im if target not in ("F32", "F16", "BF16", "Q8_0") else None,
+            )
             files.append(out)
             keys.append((target, recipe))
     say(f"scoring {len(files)} files")
-    results = evaluate(ref, files, text, n_ctx=n_ctx, max_chunks=max_chunks, n_threads=n_threads,
-                       on_progress=on_progress)
+    results = evaluate(
+        ref, files, text, n_ctx=n_ctx, max_chunks=max_chunks, n_threads=n_threads, on_progress=on_progress
+    )
     rows = [SweepRow(t, r, res) for (t, r), res in zip(keys, results)]
     base = {row.target: row.result for row in rows if row.recipe == "upstream"}
     for row in rows:

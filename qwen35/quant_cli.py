@@ -8,8 +8,12 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Quantization quality: compare GGUF files against a reference.", no_args_is_help=True,
-                  add_completion=False, rich_markup_mode=None)
+app = typer.Typer(
+    help="Quantization quality: compare GGUF files against a reference.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
 
 
 class _Bar:
@@ -23,8 +27,14 @@ class _Bar:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-            self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                                TimeRemainingColumn(), transient=True, console=Console(stderr=True))
+            self.bar = Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                transient=True,
+                console=Console(stderr=True),
+            )
             self.task = self.bar.add_task(self.what, total=None)
             self.bar.start()
         return self
@@ -62,8 +72,10 @@ def _need_gguf(p: Path) -> None:
     from qwen35.bindings.model import ModelError
 
     if p.is_dir() and (p / "config.json").is_file():
-        raise ModelError(f"{p} is a Hugging Face checkpoint folder, not a GGUF; convert it first: "
-                         f"qwen35-convert {p} -o {p.name}-F32.gguf --type F32")
+        raise ModelError(
+            f"{p} is a Hugging Face checkpoint folder, not a GGUF; convert it first: "
+            f"qwen35-convert {p} -o {p.name}-F32.gguf --type F32"
+        )
     if not p.is_file():
         raise ModelError(f"{p} does not exist")
 
@@ -93,12 +105,22 @@ def eval_cmd(
     for c in candidates:
         diff = model_differences(ref, c)
         if diff:
-            typer.echo(f"warning: {c.name} is not the same model as {ref.name} ({'; '.join(diff)}): its scores "
-                       "measure the difference between two models, not a quantization", err=True)
+            typer.echo(
+                f"warning: {c.name} is not the same model as {ref.name} ({'; '.join(diff)}): its scores "
+                "measure the difference between two models, not a quantization",
+                err=True,
+            )
     with _Bar(f"scoring {len(candidates)} file(s)") as bar:
         try:
-            results = evaluate(ref, list(candidates), text.read_text(encoding="utf-8"), n_ctx=n_ctx,
-                               max_chunks=max_chunks or None, n_threads=threads or None, on_progress=bar.progress)
+            results = evaluate(
+                ref,
+                list(candidates),
+                text.read_text(encoding="utf-8"),
+                n_ctx=n_ctx,
+                max_chunks=max_chunks or None,
+                n_threads=threads or None,
+                on_progress=bar.progress,
+            )
         except ValueError as e:
             raise ModelError(str(e)) from None
     if plot_to is not None:
@@ -109,11 +131,15 @@ def eval_cmd(
         print(json.dumps([r.as_dict() for r in results]))
         return
     print(f"reference {ref.name}: perplexity {results[0].ref_ppl:.4g} over {results[0].tokens} positions")
-    print(f"{'file':40s} {'MiB':>8s} {'bpw':>6s} {'KLD mean':>10s} {'KLD p99':>10s} {'KLD max':>10s} "
-          f"{'top-1':>7s} {'PPL':>10s}")
+    print(
+        f"{'file':40s} {'MiB':>8s} {'bpw':>6s} {'KLD mean':>10s} {'KLD p99':>10s} {'KLD max':>10s} "
+        f"{'top-1':>7s} {'PPL':>10s}"
+    )
     for r in results:
-        print(f"{Path(r.path).name:40s} {r.bytes / 2**20:8.1f} {r.bits_per_weight:6.2f} {r.kld_mean:10.5f} "
-              f"{r.kld_p99:10.5f} {r.kld_max:10.5f} {100 * r.top1_agreement:6.2f}% {r.ppl:10.4g}")
+        print(
+            f"{Path(r.path).name:40s} {r.bytes / 2**20:8.1f} {r.bits_per_weight:6.2f} {r.kld_mean:10.5f} "
+            f"{r.kld_p99:10.5f} {r.kld_max:10.5f} {100 * r.top1_agreement:6.2f}% {r.ppl:10.4g}"
+        )
 
 
 @app.command("imatrix")
@@ -139,8 +165,16 @@ def imatrix_cmd(
         raise ModelError(f"{out} exists; pass --force to overwrite it")
     with _Bar("computing the importance matrix") as bar:
         try:
-            im = compute_imatrix(model, text, out, n_ctx=n_ctx, chunks=chunks, n_threads=threads or None,
-                                 process_output=process_output, on_progress=bar.progress)
+            im = compute_imatrix(
+                model,
+                text,
+                out,
+                n_ctx=n_ctx,
+                chunks=chunks,
+                n_threads=threads or None,
+                process_output=process_output,
+                on_progress=bar.progress,
+            )
         except ValueError as e:
             raise ModelError(str(e)) from None
     rep = coverage(im)
@@ -153,21 +187,27 @@ def imatrix_cmd(
         full = sum(c == n for c, n in rep["moe_tensors"].values())
         msg = f"experts: {full} of {len(rep['moe_tensors'])} MoE tensors saw every expert"
         if w["covered"] < w["experts"]:
-            msg += (f"; least covered {w['tensor']}: {w['covered']} of {w['experts']} (experts never routed keep "
-                    "weight 1; use more or more varied text)")
+            msg += (
+                f"; least covered {w['tensor']}: {w['covered']} of {w['experts']} (experts never routed keep "
+                "weight 1; use more or more varied text)"
+            )
         print(msg)
 
 
 @app.command("sweep")
 def sweep_cmd(
     hf_dir: Path = typer.Argument(..., help="Hugging Face Qwen3.5 checkpoint directory."),
-    targets: str = typer.Option("Q8_0,Q6_K,Q5_K_M,Q4_K_M,IQ4_XS,Q3_K_M", "--targets",
-                                help="Comma-separated file types to make."),
+    targets: str = typer.Option(
+        "Q8_0,Q6_K,Q5_K_M,Q4_K_M,IQ4_XS,Q3_K_M", "--targets", help="Comma-separated file types to make."
+    ),
     recipe_list: str = typer.Option("upstream,qwen35", "--recipes", help="Comma-separated recipes to compare."),
     text: Path = typer.Option(..., "--text", help="UTF-8 text to score on (held out from calibration)."),
-    imatrix_text: Path = typer.Option(None, "--imatrix-text",
-                                      help="Calibration text: compute an imatrix on the reference and use it for "
-                                           "every quantized file (needed by IQ3_XXS and lower)."),
+    imatrix_text: Path = typer.Option(
+        None,
+        "--imatrix-text",
+        help="Calibration text: compute an imatrix on the reference and use it for "
+        "every quantized file (needed by IQ3_XXS and lower).",
+    ),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the GGUF files (created)."),
     ref_type: str = typer.Option("BF16", "--ref-type", help="Reference conversion: BF16 or F32."),
     mtp: str = typer.Option("keep", "--mtp", help="keep or drop the MTP block in every file."),
@@ -199,24 +239,45 @@ def sweep_cmd(
     _check_plot_path(plot_to)
     with _Bar("converting") as bar:
         try:
-            rows = sweep(hf_dir, out_dir, tl, rl, text.read_text(encoding="utf-8"), ref_type=ref_type,
-                         imatrix_text=imatrix_text, mtp=mtp, n_ctx=n_ctx, max_chunks=max_chunks or None,
-                         n_threads=threads or None, on_step=bar.step, on_progress=bar.progress)
+            rows = sweep(
+                hf_dir,
+                out_dir,
+                tl,
+                rl,
+                text.read_text(encoding="utf-8"),
+                ref_type=ref_type,
+                imatrix_text=imatrix_text,
+                mtp=mtp,
+                n_ctx=n_ctx,
+                max_chunks=max_chunks or None,
+                n_threads=threads or None,
+                on_step=bar.step,
+                on_progress=bar.progress,
+            )
         except ValueError as e:
             raise ModelError(str(e)) from None
     if plot_to is not None:
-        plot([r.result for r in rows], plot_to, labels=[r.target for r in rows], groups=[r.recipe for r in rows],
-             title=f"{hf_dir.name} vs {ref_type}")
+        plot(
+            [r.result for r in rows],
+            plot_to,
+            labels=[r.target for r in rows],
+            groups=[r.recipe for r in rows],
+            title=f"{hf_dir.name} vs {ref_type}",
+        )
     if as_json:
         print(json.dumps([r.as_dict() for r in rows]))
         return
     res0 = rows[0].result
     print(f"reference {hf_dir.name} {ref_type}: perplexity {res0.ref_ppl:.4g} over {res0.tokens} positions")
-    print(f"{'target':8s} {'recipe':9s} {'MiB':>7s} {'bpw':>6s} {'KLD mean':>9s} {'KLD p99':>9s} {'KLD max':>8s} "
-          f"{'top-1':>7s} {'PPL':>8s} {'KLD/up':>7s} {'size/up':>7s}")
+    print(
+        f"{'target':8s} {'recipe':9s} {'MiB':>7s} {'bpw':>6s} {'KLD mean':>9s} {'KLD p99':>9s} {'KLD max':>8s} "
+        f"{'top-1':>7s} {'PPL':>8s} {'KLD/up':>7s} {'size/up':>7s}"
+    )
     for r in rows:
         x = r.result
         ratio = "" if r.kld_vs_upstream is None or r.recipe == "upstream" else f"{r.kld_vs_upstream:.3f}"
         size = "" if r.size_vs_upstream is None or r.recipe == "upstream" else f"{r.size_vs_upstream:.3f}"
-        print(f"{r.target:8s} {r.recipe:9s} {x.bytes / 2**20:7.2f} {x.bits_per_weight:6.2f} {x.kld_mean:9.5f} "
-              f"{x.kld_p99:9.4f} {x.kld_max:8.3f} {100 * x.top1_agreement:6.2f}% {x.ppl:8.4g} {ratio:>7s} {size:>7s}")
+        print(
+            f"{r.target:8s} {r.recipe:9s} {x.bytes / 2**20:7.2f} {x.bits_per_weight:6.2f} {x.kld_mean:9.5f} "
+            f"{x.kld_p99:9.4f} {x.kld_max:8.3f} {100 * x.top1_agreement:6.2f}% {x.ppl:8.4g} {ratio:>7s} {size:>7s}"
+        )

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_TEXT = ("The Gated DeltaNet layers of Qwen3.5 keep a fixed-size state, while every fourth layer "
-                "attends over the whole context. 1, 2, 3, 5, 8, 13 — what comes next?")
+DEFAULT_TEXT = (
+    "The Gated DeltaNet layers of Qwen3.5 keep a fixed-size state, while every fourth layer "
+    "attends over the whole context. 1, 2, 3, 5, 8, 13 — what comes next?"
+)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -31,12 +33,18 @@ def logit_metrics(ref: np.ndarray, ours: np.ndarray) -> dict:
     d = np.abs(ref.astype(np.float64) - ours)
     lp, lq = _log_softmax(ref), _log_softmax(ours)
     kld = (np.exp(lp) * (lp - lq)).sum(-1)
-    return {"n_tokens": int(ref.shape[0]), "max_abs": float(d.max()), "mean_abs": float(d.mean()),
-            "logit_std": float(ref.std()), "top1_agreement": float((ref.argmax(-1) == ours.argmax(-1)).mean()),
-            "kld_mean": float(kld.mean()), "kld_max": float(kld.max())}
+    return {
+        "n_tokens": int(ref.shape[0]),
+        "max_abs": float(d.max()),
+        "mean_abs": float(d.mean()),
+        "logit_std": float(ref.std()),
+        "top1_agreement": float((ref.argmax(-1) == ours.argmax(-1)).mean()),
+        "kld_mean": float(kld.mean()),
+        "kld_max": float(kld.max()),
+    }
 
 
-MAX_KLD = 0.1   # nats, mean over positions: the verdict's bound (a sane conversion of the same model)
+MAX_KLD = 0.1  # nats, mean over positions: the verdict's bound (a sane conversion of the same model)
 
 
 def check_same_model(ckpt, gguf: str | Path) -> None:
@@ -53,20 +61,25 @@ def check_same_model(ckpt, gguf: str | Path) -> None:
 
     nextn = g("nextn_predict_layers") or 0
     emb = next((t for t in head.tensors if t.name == "token_embd.weight"), None)
-    pairs = [("architecture", ckpt.arch, arch),
-             ("experts", c.get("num_experts", 0) if ckpt.arch == "qwen35moe" else 0, g("expert_count") or 0),
-             ("layers", c["num_hidden_layers"], (g("block_count") or 0) - nextn),
-             ("hidden size", c["hidden_size"], g("embedding_length")),
-             ("attention heads", c["num_attention_heads"], g("attention.head_count")),
-             ("vocabulary", c["vocab_size"], emb.ne[1] if emb is not None else None)]
+    pairs = [
+        ("architecture", ckpt.arch, arch),
+        ("experts", c.get("num_experts", 0) if ckpt.arch == "qwen35moe" else 0, g("expert_count") or 0),
+        ("layers", c["num_hidden_layers"], (g("block_count") or 0) - nextn),
+        ("hidden size", c["hidden_size"], g("embedding_length")),
+        ("attention heads", c["num_attention_heads"], g("attention.head_count")),
+        ("vocabulary", c["vocab_size"], emb.ne[1] if emb is not None else None),
+    ]
     for what, want, got in pairs:
         if want != got:
-            raise ValueError(f"{Path(gguf).name} is not a conversion of {ckpt.path.name}: {what} {got} in the GGUF, "
-                             f"{want} in the checkpoint; verify a GGUF against the checkpoint it was made from")
+            raise ValueError(
+                f"{Path(gguf).name} is not a conversion of {ckpt.path.name}: {what} {got} in the GGUF, "
+                f"{want} in the checkpoint; verify a GGUF against the checkpoint it was made from"
+            )
 
 
-def verify(hf_dir: str | Path, gguf: str | Path, *, text: str = DEFAULT_TEXT, max_tokens: int = 256,
-           max_kld: float = MAX_KLD) -> dict:
+def verify(
+    hf_dir: str | Path, gguf: str | Path, *, text: str = DEFAULT_TEXT, max_tokens: int = 256, max_kld: float = MAX_KLD
+) -> dict:
     """Metrics for the GGUF against transformers on the tokens of text (llama.cpp's tokenizer), and
     the verdict: ``passed`` when the mean KLD is at most max_kld nats."""
     from qwen35.bindings.model import Model
@@ -89,8 +102,9 @@ def verify(hf_dir: str | Path, gguf: str | Path, *, text: str = DEFAULT_TEXT, ma
             raise ValueError("the text tokenizes to nothing; pass a longer --text")
         ours = m.logits(tokens)
     # local files only (never a download), safetensors only (never pickle)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True,
-                                                 use_safetensors=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, local_files_only=True, use_safetensors=True
+    ).eval()
     with torch.no_grad():
         ref = model(torch.tensor([tokens])).logits[0].numpy()
     n = min(ref.shape[1], ours.shape[1])  # GGUF vocab may be padded differently from lm_head

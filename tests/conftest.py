@@ -22,10 +22,10 @@ def pytest_configure(config):
         return
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= workers:
-        share = cpus[int(worker[2:]) % workers::workers]
+        share = cpus[int(worker[2:]) % workers :: workers]
         try:
             os.sched_setaffinity(0, share)
-        except OSError as e:   # correct either way, only slower
+        except OSError as e:  # correct either way, only slower
             import warnings
 
             warnings.warn(f"pytest worker {worker} could not be pinned to CPUs {share}: {e}", stacklevel=2)

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-CODE = r'''
+CODE = r"""
 import json, os, time
 from pathlib import Path
 import torch
@@ -29,7 +29,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_
                                 flags=[output_final_state, state_v_first],
                                 fla_cache_results=os.environ.get("FLA_CACHE_RESULTS"))) + "\n")
     return torch.zeros_like(v), torch.zeros_like(initial_state)
-'''
+"""
 
 
 def install(root: Path) -> Path:

@@ -34,7 +34,7 @@ def test_turns_reuse_history_and_reply_as_a_fresh_prefill_would(gguf_f32):
         for t in TURNS:
             replies.append(chat.send(t, GREEDY))
             prompt = m.tokenize(m.render(chat.messages[:-1]))
-            starts = [i for i in range(len(prompt)) if prompt[i:i + 2] == chat._assistant_start]
+            starts = [i for i in range(len(prompt)) if prompt[i : i + 2] == chat._assistant_start]
             if len(replies) > 1:
                 # everything before the previous answer is reused (restored from the checkpoint at
                 # its start); its re-rendering without the thinking and the new message are evaluated
@@ -103,12 +103,25 @@ def test_stream_splits_reasoning_content_and_tool_calls(gguf_f32, monkeypatch):
     from qwen35.bindings.chat import Chat, ContentDelta, ReasoningDelta
     from qwen35.bindings.toolcalls import ToolCall
 
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                },
+            },
+        }
+    ]
     with _load(gguf_f32) as m:
-        script = m.tokenize("The user wants weather. Ünïcode ✓.\n</think>\n\nChecking.\n<tool_call>\n"
-                            "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"
-                            "</parameter>\n</function>\n</tool_call>", special=True)
+        script = m.tokenize(
+            "The user wants weather. Ünïcode ✓.\n</think>\n\nChecking.\n<tool_call>\n"
+            "<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n3\n"
+            "</parameter>\n</function>\n</tool_call>",
+            special=True,
+        )
         script += m.tokenize("<|im_end|>", special=True)
         it = iter(script)
         monkeypatch.setattr(chat_mod.Sampler, "sample", lambda self, ctx, idx=-1: next(it))
@@ -116,8 +129,10 @@ def test_stream_splits_reasoning_content_and_tool_calls(gguf_f32, monkeypatch):
         chat = Chat(m, tools=tools)
         events = list(chat.stream("Weather in Paris for 3 days?", SamplingParams(temperature=0, max_tokens=200)))
         r = chat.last
-        assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)).strip() == \
-            "The user wants weather. Ünïcode ✓."
+        assert (
+            "".join(e.text for e in events if isinstance(e, ReasoningDelta)).strip()
+            == "The user wants weather. Ünïcode ✓."
+        )
         assert "".join(e.text for e in events if isinstance(e, ContentDelta)).strip() == "Checking."
         assert [e for e in events if isinstance(e, ToolCall)] == [ToolCall("get_weather", {"city": "Paris", "days": 3})]
         assert r.finish_reason == "tool_calls" and r.content == "Checking."

@@ -33,8 +33,14 @@ def gguf(tmp_path_factory, lib_dir):
 class Terminal:
     def __init__(self, argv):
         self.master, slave = pty.openpty()
-        self.p = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
-                                  env={**os.environ, "TERM": "xterm", "COLUMNS": "120"})
+        self.p = subprocess.Popen(
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            close_fds=True,
+            env={**os.environ, "TERM": "xterm", "COLUMNS": "120"},
+        )
         os.close(slave)
         self.seen = ""
 
@@ -44,7 +50,7 @@ class Terminal:
         while time.monotonic() < deadline:
             m = rx.search(self.seen)
             if m:
-                self.seen = self.seen[m.end():]
+                self.seen = self.seen[m.end() :]
                 return m
             r, _, _ = select.select([self.master], [], [], 0.5)
             if r:
@@ -72,9 +78,25 @@ class Terminal:
 
 
 def test_interactive_chat_in_a_terminal(gguf, tmp_path):
-    t = Terminal([QWEN35, "chat", str(gguf), "--ctx", "2048", "-n", "6", "--no-think", "--threads", str(usable_cpus()),
-                  "--top-k", "7", "--seed", "3"])
-    t.expect(r"thinking off, sampling: temperature [\d.]+, top-k 7, ")   # the banner names the sampling in use
+    t = Terminal(
+        [
+            QWEN35,
+            "chat",
+            str(gguf),
+            "--ctx",
+            "2048",
+            "-n",
+            "6",
+            "--no-think",
+            "--threads",
+            str(usable_cpus()),
+            "--top-k",
+            "7",
+            "--seed",
+            "3",
+        ]
+    )
+    t.expect(r"thinking off, sampling: temperature [\d.]+, top-k 7, ")  # the banner names the sampling in use
     t.expect(r"> ")
     t.send("Hello, how are you?")
     t.expect(r"\n> ")
@@ -82,7 +104,7 @@ def test_interactive_chat_in_a_terminal(gguf, tmp_path):
     first = t.expect(r"prompt (\d+) tokens: (\d+) reused, (\d+) evaluated")
     assert int(first.group(2)) == 0 and int(first.group(3)) == int(first.group(1))
     t.expect(r"sampling: temperature [\d.]+, top-k 7, .*seed 3")
-    t.send("a second line \\")          # continuation line
+    t.send("a second line \\")  # continuation line
     t.expect(r"\. ")
     t.send("that goes on")
     t.expect(r"\n> ")
@@ -106,8 +128,11 @@ def test_interactive_chat_in_a_terminal(gguf, tmp_path):
 
 
 def test_one_shot_json(gguf):
-    r = subprocess.run([QWEN35, "chat", str(gguf), "-p", "Hi!", "-n", "5", "--json", "--threads", str(usable_cpus())],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [QWEN35, "chat", str(gguf), "-p", "Hi!", "-n", "5", "--json", "--threads", str(usable_cpus())],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["usage"]["completion_tokens"] == 5 and out["finish_reason"] == "length"
@@ -121,8 +146,11 @@ def test_gpu_layers_on_a_build_without_a_gpu_backend_say_so(gguf, caplog):
     from qwen35.bindings import devices
     from qwen35.bindings.model import Model
 
-    r = subprocess.run([QWEN35, "chat", str(gguf), "-p", "Hi!", "-n", "3", "--json", "--threads", str(usable_cpus()), "-ngl", "99"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [QWEN35, "chat", str(gguf), "-p", "Hi!", "-n", "3", "--json", "--threads", str(usable_cpus()), "-ngl", "99"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["usage"]["completion_tokens"] == 3
     if devices.gpu_devices():
@@ -140,10 +168,12 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(gguf):
     the chat (the terminal sends SIGINT to the foreground process: here sent to it directly)."""
     import signal
 
-    t = Terminal([QWEN35, "chat", str(gguf), "--ctx", "8192", "-n", "6000", "--no-think", "--threads", str(usable_cpus())])
+    t = Terminal(
+        [QWEN35, "chat", str(gguf), "--ctx", "8192", "-n", "6000", "--no-think", "--threads", str(usable_cpus())]
+    )
     t.expect(r"\n> ")
     t.send("Tell me a very long story.")
-    t.expect(r"story\.\n[^\n>]{20}")   # the reply has started streaming
+    t.expect(r"story\.\n[^\n>]{20}")  # the reply has started streaming
     t.p.send_signal(signal.SIGINT)
     t.expect(r"\[stopped: the reply so far is kept\]")
     t.expect(r"\n> ")
@@ -152,7 +182,7 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(gguf):
     assert 0 < int(stats.group(4)) < 6000
     t.expect(r"\n> ")
     t.wait_reading()
-    t.p.send_signal(signal.SIGINT)     # at the prompt
+    t.p.send_signal(signal.SIGINT)  # at the prompt
     t.expect(r"Ctrl-D or /quit leaves")
     t.send("/reset")
     t.expect(r"conversation cleared")
@@ -164,26 +194,57 @@ def test_a_message_that_does_not_fit_is_not_sent(gguf):
     """Over --ctx: one error line naming the command's own fixes, and the conversation is as before
     (the next, shorter message is answered); --overflow drop-oldest drops instead, with a note."""
     long = "word " * 300
-    r = subprocess.run([QWEN35, "chat", str(gguf), "--ctx", "256", "-n", "8", "--no-think", "--threads", str(usable_cpus())],
-                       input=f"{long}\nHello\n/stats\n", capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [QWEN35, "chat", str(gguf), "--ctx", "256", "-n", "8", "--no-think", "--threads", str(usable_cpus())],
+        input=f"{long}\nHello\n/stats\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "was not sent" in errors[0], r.stderr
     assert "--ctx" in errors[0] and "--overflow drop-oldest" in errors[0] and "n_ctx" not in errors[0]
     stats = re.search(r"prompt (\d+) tokens", r.stderr)
-    assert stats and int(stats.group(1)) < 60, r.stderr      # only "Hello" was sent
-    r = subprocess.run([QWEN35, "chat", str(gguf), "-p", long, "--ctx", "256", "--threads", str(usable_cpus())],
-                       capture_output=True, text=True, timeout=300)
+    assert stats and int(stats.group(1)) < 60, r.stderr  # only "Hello" was sent
+    r = subprocess.run(
+        [QWEN35, "chat", str(gguf), "-p", long, "--ctx", "256", "--threads", str(usable_cpus())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1 and r.stdout.strip() == ""
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "was not sent; use a larger --ctx" in r.stderr
     msgs = "".join(f"Question {i}: " + "tell me more " * 12 + "\n" for i in range(6))
-    r = subprocess.run([QWEN35, "chat", str(gguf), "--ctx", "256", "-n", "24", "--no-think", "--threads", str(usable_cpus()),
-                        "--overflow", "drop-oldest"], input=msgs, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            QWEN35,
+            "chat",
+            str(gguf),
+            "--ctx",
+            "256",
+            "-n",
+            "24",
+            "--no-think",
+            "--threads",
+            str(usable_cpus()),
+            "--overflow",
+            "drop-oldest",
+        ],
+        input=msgs,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and "error" not in r.stderr, r.stderr
     assert re.search(r"note: the \d+ oldest messages were left out to fit the 256-token context", r.stderr)
     # llama.cpp allocates 256 tokens for --ctx 128; the limit and the message are the 128 asked for
-    r = subprocess.run([QWEN35, "chat", str(gguf), "-p", "word " * 120, "--ctx", "128", "--threads",
-                        str(usable_cpus())], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [QWEN35, "chat", str(gguf), "-p", "word " * 120, "--ctx", "128", "--threads", str(usable_cpus())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1 and "128-token context" in r.stderr, r.stderr
 
 
@@ -193,17 +254,29 @@ def test_ctrl_c_in_one_shot_mode_exits_130(gguf):
     the whole reply went on): the load stops, the same exit."""
     import signal
 
-    argv = [QWEN35, "chat", str(gguf), "-p", "Tell me a very long story.", "--ctx", "8192", "-n", "8000",
-            "--threads", str(usable_cpus())]
+    argv = [
+        QWEN35,
+        "chat",
+        str(gguf),
+        "-p",
+        "Tell me a very long story.",
+        "--ctx",
+        "8192",
+        "-n",
+        "8000",
+        "--threads",
+        str(usable_cpus()),
+    ]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = p.stdout.read(1)            # the reply has started
+    first = p.stdout.read(1)  # the reply has started
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130 and err.strip().splitlines() == ["error: interrupted"], err
     assert len(first + out) < 8000
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "QWEN35_DEBUG": "1"})   # llama.cpp's log on stderr
-    p.stderr.readline()                 # the load has started
+    p = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "QWEN35_DEBUG": "1"}
+    )  # llama.cpp's log on stderr
+    p.stderr.readline()  # the load has started
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted"), err[-2000:]
@@ -239,7 +312,10 @@ def test_a_checkpoint_folder_is_named_with_the_command_that_converts_it(tmp_path
     hf = Path(__file__).resolve().parent.parent / "examples" / "models" / "qwen35-dense-tiny"
     text = tmp_path / "t.txt"
     text.write_text("hello")
-    for argv in ([QWEN35, "chat", str(hf), "-p", "hi"], [QWEN35, "quant", "eval", str(hf), str(hf), "--text", str(text)]):
+    for argv in (
+        [QWEN35, "chat", str(hf), "-p", "hi"],
+        [QWEN35, "quant", "eval", str(hf), str(hf), "--text", str(text)],
+    ):
         r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
         assert "Hugging Face checkpoint folder" in r.stderr and f"qwen35-convert {hf}" in r.stderr
@@ -247,7 +323,11 @@ def test_a_checkpoint_folder_is_named_with_the_command_that_converts_it(tmp_path
 
 def test_help_shows_flags_as_flags():
     convert = str(Path(sys.executable).parent / "qwen35-convert")
-    for argv in ([convert, "--help"], [QWEN35, "chat", "--help"], [QWEN35, "quant", "imatrix", "--help"],
-                 [QWEN35, "verify", "--help"]):
+    for argv in (
+        [convert, "--help"],
+        [QWEN35, "chat", "--help"],
+        [QWEN35, "quant", "imatrix", "--help"],
+        [QWEN35, "verify", "--help"],
+    ):
         r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "--" in r.stdout and "<bool>" not in r.stdout, r.stdout

@@ -39,8 +39,7 @@ def ckpts(tmp_path_factory, lib_dir):
 
 
 def _ours(src: Path, out: Path, type_: str, *extra) -> subprocess.CompletedProcess:
-    return subprocess.run([CONVERT, str(src), "-o", str(out), "--type", type_, *extra],
-                          capture_output=True, text=True)
+    return subprocess.run([CONVERT, str(src), "-o", str(out), "--type", type_, *extra], capture_output=True, text=True)
 
 
 def _nearest_f32(d) -> float:
@@ -71,9 +70,10 @@ def assert_ssm_a_correctly_rounded(gguf_path: Path, ckpt: Path) -> None:
             for k in s:
                 if k.endswith(".linear_attn.A_log") and not k.startswith("mtp."):
                     a_log[int(k.split("layers.")[1].split(".")[0])] = s.get_tensor(k).to(torch.float64).tolist()
-    f = scan(gguf_path)   # (checked against gguf's GGUFReader in test_scan_reads_what_gguf_reads)
-    got = {int(t.name.split(".")[1]): f.data(t).view(np.float32).tolist()
-           for t in f.tensors if t.name.endswith(".ssm_a")}
+    f = scan(gguf_path)  # (checked against gguf's GGUFReader in test_scan_reads_what_gguf_reads)
+    got = {
+        int(t.name.split(".")[1]): f.data(t).view(np.float32).tolist() for t in f.tensors if t.name.endswith(".ssm_a")
+    }
     assert all(t.qtype.name == "F32" for t in f.tensors if t.name.endswith(".ssm_a"))
     assert not got or set(got) == set(a_log), (sorted(got), sorted(a_log))
     ctx = Context(prec=40)
@@ -82,12 +82,21 @@ def assert_ssm_a_correctly_rounded(gguf_path: Path, ckpt: Path) -> None:
         assert sorted(values) == want, (layer, values, want)
 
 
-@pytest.mark.parametrize("variant,type_,mtp", [
-    ("dense", "F32", "keep"), ("dense", "BF16", "keep"), ("dense", "Q8_0", "keep"), ("dense", "F16", "keep"),
-    ("dense-mtp", "Q8_0", "keep"), ("dense-mtp", "BF16", "drop"), ("dense-mtp", "Q8_0", "only"),
-    ("moe-multimodal-mtp-sharded", "BF16", "keep"), ("moe-multimodal-mtp-sharded", "Q8_0", "keep"),
-    ("moe-per-expert", "Q8_0", "keep"),
-])
+@pytest.mark.parametrize(
+    "variant,type_,mtp",
+    [
+        ("dense", "F32", "keep"),
+        ("dense", "BF16", "keep"),
+        ("dense", "Q8_0", "keep"),
+        ("dense", "F16", "keep"),
+        ("dense-mtp", "Q8_0", "keep"),
+        ("dense-mtp", "BF16", "drop"),
+        ("dense-mtp", "Q8_0", "only"),
+        ("moe-multimodal-mtp-sharded", "BF16", "keep"),
+        ("moe-multimodal-mtp-sharded", "Q8_0", "keep"),
+        ("moe-per-expert", "Q8_0", "keep"),
+    ],
+)
 def test_identical_to_upstream_converter(ckpts, tmp_path, variant, type_, mtp):
     from support import upstream
 
@@ -146,8 +155,11 @@ def test_dry_run_json_plan_matches_the_written_file(ckpts, tmp_path):
     from qwen35.gguf_scan import scan
 
     out = tmp_path / "q8.gguf"
-    r = subprocess.run([CONVERT, str(ckpts["dense"]), "-o", str(out), "--type", "Q8_0", "--dry-run", "--json"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [CONVERT, str(ckpts["dense"]), "-o", str(out), "--type", "Q8_0", "--dry-run", "--json"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert not out.exists() and plan["dry_run"]
@@ -175,18 +187,22 @@ def test_scan_reads_what_gguf_reads(ckpts, tmp_path):
     for k, f in fields.items():
         kv = ours.kv[k]
         assert kv.vtype == f.types[0], k
-        assert kv.raw == b"".join(part.tobytes() for part in f.parts[3:]), k   # after name and type
+        assert kv.raw == b"".join(part.tobytes() for part in f.parts[3:]), k  # after name and type
         if kv.value is None:
             long_arrays += 1
             assert f.types[0] == GGUFValueType.ARRAY and len(f.data) > 64, k
         else:
             assert kv.value == f.contents(), k
-    assert long_arrays >= 2                                # tokens, token types (and merges)
+    assert long_arrays >= 2  # tokens, token types (and merges)
     assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
     assert len({t.qtype for t in ours.tensors}) >= 3, {t.qtype for t in ours.tensors}
     for a, b in zip(ours.tensors, ref.tensors):
-        assert (a.qtype, a.ne, a.offset, a.nbytes) == (b.tensor_type, tuple(int(x) for x in b.shape),
-                                                       b.data_offset, b.n_bytes), a.name
+        assert (a.qtype, a.ne, a.offset, a.nbytes) == (
+            b.tensor_type,
+            tuple(int(x) for x in b.shape),
+            b.data_offset,
+            b.n_bytes,
+        ), a.name
         assert ours.data(a).tobytes() == np.asarray(b.data).tobytes(), a.name
 
 
@@ -230,8 +246,13 @@ def _bad_cases(dense: Path, tmp: Path):
     yield "missing", d, "blk.3.attn_q.weight"
 
     d = _copy(dense, tmp / "shape")
-    _rewrite_tensors(d, lambda s: {**s, "model.layers.0.linear_attn.in_proj_z.weight":
-                                   s["model.layers.0.linear_attn.in_proj_z.weight"][:32]})
+    _rewrite_tensors(
+        d,
+        lambda s: {
+            **s,
+            "model.layers.0.linear_attn.in_proj_z.weight": s["model.layers.0.linear_attn.in_proj_z.weight"][:32],
+        },
+    )
     yield "shape", d, "model.layers.0.linear_attn.in_proj_z.weight has shape [32, 64], expected [64, 64]"
 
     d = _copy(dense, tmp / "unknown")
@@ -293,8 +314,9 @@ def test_split_files_load_in_llama_cpp_like_the_whole_file(ckpts, tmp_path):
     parts = sorted(tmp_path.glob("split-*-of-*.gguf"))
     assert len(parts) >= 2 and not split.exists() and not list(tmp_path.glob(".*partial*"))
     # each file within the limit, header and metadata included, unless it holds one tensor larger than that
-    assert all(p.stat().st_size <= 8_000_000 or len(scan(p).tensors) == 1 for p in parts), \
-        [(p.stat().st_size, len(scan(p).tensors)) for p in parts]
+    assert all(p.stat().st_size <= 8_000_000 or len(scan(p).tensors) == 1 for p in parts), [
+        (p.stat().st_size, len(scan(p).tensors)) for p in parts
+    ]
     tokens = list(range(2000, 2024))
     with Model.load(whole, n_ctx=64, n_threads=usable_cpus(), repack=False) as m:
         a = m.logits(tokens)
@@ -322,7 +344,7 @@ def test_split_files_are_one_model_to_inspect_and_eval(ckpts, tmp_path, monkeypa
     assert _ours(ckpts["moe-per-expert"], d / "m.gguf", "Q8_0", "--split-max-size", "4M").returncode == 0
     parts = sorted(d.glob("m-*-of-*.gguf"))
     assert len(parts) >= 3
-    alone = [scan(p) for p in parts]   # one file each (scan is checked against gguf's GGUFReader)
+    alone = [scan(p) for p in parts]  # one file each (scan is checked against gguf's GGUFReader)
     n_tensors = sum(len(s.tensors) for s in alone)
     n_params = sum(int(np.prod(t.ne)) for s in alone for t in s.tensors)
     ref = inspect(whole)
@@ -330,7 +352,11 @@ def test_split_files_are_one_model_to_inspect_and_eval(ckpts, tmp_path, monkeypa
         rep = inspect(p)
         assert sum(rep.tensors_per_type.values()) == n_tensors == sum(ref.tensors_per_type.values())
         assert rep.n_params == n_params == ref.n_params
-        assert (rep.blocks, rep.weight_bytes, rep.tensors_per_type) == (ref.blocks, ref.weight_bytes, ref.tensors_per_type)
+        assert (rep.blocks, rep.weight_bytes, rep.tensors_per_type) == (
+            ref.blocks,
+            ref.weight_bytes,
+            ref.tensors_per_type,
+        )
         assert rep.memory == ref.memory
         size, bpw = file_stats(p)
         assert size == sum(q.stat().st_size for q in parts) and bpw == file_stats(whole)[1]

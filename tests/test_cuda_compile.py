@@ -19,9 +19,11 @@ PREPARED = ROOT / "build" / "src" / "vendor" / "llama.cpp"
 
 
 @needs_nvcc
-@pytest.mark.parametrize("arch,extra", [("80", ()), ("90a", ()), ("90a", ("GDN_CHUNKED_1XTF32",)),
-                                         ("90a", ("GDN_CHUNKED_NW=16",))],
-                         ids=["80", "90a", "90a-precision-probe", "90a-16-warps"])
+@pytest.mark.parametrize(
+    "arch,extra",
+    [("80", ()), ("90a", ()), ("90a", ("GDN_CHUNKED_1XTF32",)), ("90a", ("GDN_CHUNKED_NW=16",))],
+    ids=["80", "90a", "90a-precision-probe", "90a-16-warps"],
+)
 def test_chunked_gdn_kernel_compiles(tmp_path, arch, extra, cublas):
     """The GPU harness: the chunked kernels, and upstream's token-sequential kernel taken from the
     prepared tree beside them (the bench times both on the same buffers); also as run_harness.py
@@ -41,8 +43,9 @@ def test_chunked_gdn_kernel_compiles(tmp_path, arch, extra, cublas):
     spills = {k: v for k, v in kernels.items() if k.startswith("gdn_chunk_") and v["spill_bytes"]}
     assert not spills, spills
     # nothing left for the loader to find in ggml: ctypes must open it on a machine with no ggml
-    undefined = subprocess.run(["nm", "-D", "--undefined-only", str(lib)], capture_output=True, text=True,
-                               check=True).stdout
+    undefined = subprocess.run(
+        ["nm", "-D", "--undefined-only", str(lib)], capture_output=True, text=True, check=True
+    ).stdout
     assert "ggml" not in undefined, [line for line in undefined.splitlines() if "ggml" in line]
     # and run_harness.py finds every entry point it binds (loading needs no GPU); the stamp it
     # keeps beside a harness it compiled makes it load this one rather than compile it again
@@ -67,8 +70,9 @@ def promoted(tmp_path_factory):
 def cublas():
     if ggml_compile.nvcc_finds_cublas():
         return None
-    assert (ggml_compile.CUBLAS_INCLUDE / "cublas_v2.h").exists(), \
+    assert (ggml_compile.CUBLAS_INCLUDE / "cublas_v2.h").exists(), (
         "nvcc has no cuBLAS headers: `make cuda-deps` fetches the pinned ones (make test does it first)"
+    )
     return ggml_compile.CUBLAS_INCLUDE
 
 
@@ -83,8 +87,13 @@ def test_ggml_cuda_translation_unit_compiles_with_the_chunked_path(promoted, cub
     or every such build breaks."""
     report = ggml_compile.compile_tu(promoted, arch, cublas)
     names = sorted(ggml_compile.kernel_name(k) for k in report["kernels"])
-    assert names == ["gdn_chunk_prep<128>", "gdn_chunk_prep<64>", "gdn_chunk_state<128,32>",
-                     "gdn_chunk_state<128,64>", "gdn_chunk_state<64,32>"]
+    assert names == [
+        "gdn_chunk_prep<128>",
+        "gdn_chunk_prep<64>",
+        "gdn_chunk_state<128,32>",
+        "gdn_chunk_state<128,64>",
+        "gdn_chunk_state<64,32>",
+    ]
     for k, v in report["kernels"].items():
         assert v["registers"] and v["registers"] <= 255 and v["spill_bytes"] == 0, (k, v)
 

@@ -15,7 +15,7 @@ from qwen35.cpus import usable_cpus
 ROOT = Path(__file__).resolve().parent.parent
 
 # llama.cpp (f32 weights, default f16 KV cache) vs transformers in float32 on random weights
-TOL_LOGITS_F32_KV = 1e-3   # f32 weights, F32 KV cache, no flash attention (measured ~1e-4 here, QWEN35.md §7)
+TOL_LOGITS_F32_KV = 1e-3  # f32 weights, F32 KV cache, no flash attention (measured ~1e-4 here, QWEN35.md §7)
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,9 @@ def test_bindings_match_transformers(tiny):
         # greedy chat equals transformers' greedy continuation
         res = m.chat(messages, SamplingParams(temperature=0, max_tokens=8), enable_thinking=False)
         with torch.no_grad():
-            gen = ref_model.generate(torch.tensor([tokens]), max_new_tokens=8, do_sample=False,
-                                     eos_token_id=None, pad_token_id=0)[0, len(tokens):].tolist()
+            gen = ref_model.generate(
+                torch.tensor([tokens]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0
+            )[0, len(tokens) :].tolist()
         # the whole reply: 8 tokens, or fewer when transformers' next token ends generation too
         assert res.tokens == gen[: len(res.tokens)]
         assert len(res.tokens) == 8 or (res.finish_reason == "stop" and m.is_eog(gen[len(res.tokens)]))
@@ -120,8 +121,12 @@ def test_load_errors_are_one_line_with_the_fix(tmp_path, tiny):
 
 
 def test_make_demo_script_prints_a_timed_reply(lib_dir):
-    r = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--json", "--max-tokens", "8"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), "--json", "--max-tokens", "8"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out["prompt_tokens"] > 10 and 0 <= out["generated_tokens"] <= 8

@@ -33,8 +33,11 @@ def _rpc_server(build_bin) -> tuple[subprocess.Popen, int]:
     socket") and another port is tried."""
     for _ in range(5):
         port = _free_port()
-        proc = subprocess.Popen([str(build_bin / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [str(build_bin / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 30
         while proc.poll() is None:
             try:
@@ -117,13 +120,20 @@ def test_default_threads_are_the_cpus_the_process_may_run_on(lib_dir):
     """A process pinned to one CPU (taskset, a cpuset, a pytest worker) gets one thread by default
     in llama.cpp contexts and the converter's quantization; unpinned, as many as its affinity
     allows (the oracle: os.sched_getaffinity, asked in the same child process)."""
-    code = ("import os; from qwen35.bindings.model import _context_params; "
-            "from qwen35.converter.quantize import default_threads; from qwen35.cpus import usable_cpus; "
-            "cp = _context_params(n_ctx=64, n_seq_max=1, n_rs_seq=1, n_threads=None, kv_type='f16', flash_attn=None); "
-            "print(len(os.sched_getaffinity(0)), cp.n_threads, cp.n_threads_batch, default_threads(), usable_cpus())")
+    code = (
+        "import os; from qwen35.bindings.model import _context_params; "
+        "from qwen35.converter.quantize import default_threads; from qwen35.cpus import usable_cpus; "
+        "cp = _context_params(n_ctx=64, n_seq_max=1, n_rs_seq=1, n_threads=None, kv_type='f16', flash_attn=None); "
+        "print(len(os.sched_getaffinity(0)), cp.n_threads, cp.n_threads_batch, default_threads(), usable_cpus())"
+    )
     first = min(os.sched_getaffinity(0))
-    pinned = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            preexec_fn=lambda: os.sched_setaffinity(0, {first}))
+    pinned = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=lambda: os.sched_setaffinity(0, {first}),
+    )
     assert pinned.stdout.split() == ["1"] * 5
     mine = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert mine.stdout.split() == [str(len(os.sched_getaffinity(0)))] * 5

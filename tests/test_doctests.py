@@ -5,10 +5,19 @@ import importlib
 
 import pytest
 
-MODULES = ["qwen35.converter.quantize", "qwen35.converter.convert", "qwen35.converter.inspect",
-           "qwen35.verify", "qwen35.native", "qwen35.bindings.model",
-           "qwen35.bindings.toolcalls", "qwen35.bindings.sampling", "qwen35.bindings.structured",
-           "qwen35.bindings.chat", "qwen35.quant"]
+MODULES = [
+    "qwen35.converter.quantize",
+    "qwen35.converter.convert",
+    "qwen35.converter.inspect",
+    "qwen35.verify",
+    "qwen35.native",
+    "qwen35.bindings.model",
+    "qwen35.bindings.toolcalls",
+    "qwen35.bindings.sampling",
+    "qwen35.bindings.structured",
+    "qwen35.bindings.chat",
+    "qwen35.quant",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -32,8 +32,8 @@ def test_bf16_nan_scan_equals_isnan():
     """The blockwise scan against numpy's isnan of the widened values: one NaN pattern at a time,
     at the start, inside and at the end of a block, and infinities (not NaN) everywhere."""
     block = 64
-    clean = np.full(3 * block + 5, 0x7F80, np.uint16)   # +inf
-    clean[1::2] = 0xFF80                                 # -inf
+    clean = np.full(3 * block + 5, 0x7F80, np.uint16)  # +inf
+    clean[1::2] = 0xFF80  # -inf
     assert not bf16_has_nan(clean, block) and not np.isnan(widen(clean)).any()
     for pattern in (0x7F81, 0xFF81, 0x7FC0, 0xFFFF, 0x7FFF):
         for pos in (0, block - 1, block, 2 * block + 7, clean.size - 1):
@@ -72,8 +72,13 @@ def test_fast_metadata_packing_equals_gguf_writer(tmp_path):
     from qwen35.converter.convert import _Writer
 
     tokens = [f"tok{i}" for i in range(3000)] + ["ĠĠ", "日本", "\u0120a b", ""]
-    values = {"t.tokens": tokens, "t.types": [i % 6 for i in range(5000)], "t.small": [1, 2, 3],
-              "t.floats": [0.5] * 2000, "t.neg": list(range(-1500, 1500))}
+    values = {
+        "t.tokens": tokens,
+        "t.types": [i % 6 for i in range(5000)],
+        "t.small": [1, 2, 3],
+        "t.floats": [0.5] * 2000,
+        "t.neg": list(range(-1500, 1500)),
+    }
     files = []
     for cls in (GGUFWriter, _Writer):
         path = tmp_path / f"{cls.__name__}.gguf"
@@ -96,7 +101,7 @@ def test_span_blocks_cover_the_range_and_a_late_nan_is_found(tmp_path):
     from qwen35.converter.convert import _encode
 
     rng = np.random.default_rng(4)
-    x = rng.integers(0, 0x7F80, size=5000, dtype=np.uint16)   # finite bf16, sign bit clear
+    x = rng.integers(0, 0x7F80, size=5000, dtype=np.uint16)  # finite bf16, sign bit clear
     path = tmp_path / "shard"
     path.write_bytes(b"HEAD" + x.tobytes() + b"TAIL")
     fd = os.open(path, os.O_RDONLY)
@@ -115,9 +120,9 @@ def test_span_blocks_cover_the_range_and_a_late_nan_is_found(tmp_path):
             def __call__(self):
                 return self.data
 
-        assert _encode(Piece(x), Q.BF16, None, 0) is sp   # no NaN: copied in the kernel
+        assert _encode(Piece(x), Q.BF16, None, 0) is sp  # no NaN: copied in the kernel
         y = x.copy()
-        y[-1] = 0x7F81   # a signalling NaN in the last of 10 blocks
+        y[-1] = 0x7F81  # a signalling NaN in the last of 10 blocks
         path.write_bytes(b"HEAD" + y.tobytes() + b"TAIL")
         assert np.isnan(widen(y)).any()
         got = _encode(Piece(y), Q.BF16, None, 0)

@@ -26,13 +26,15 @@ from emulate import SOURCES  # noqa: E402
 
 EMULATE = CUDA_DIR / "emulate.py"
 
-needs_cxx = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                               reason="no C++ compiler (g++/c++) on PATH")
+needs_cxx = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler (g++/c++) on PATH"
+)
 
 
 def _emulate(*args, cwd=ROOT, timeout=900):
-    return subprocess.run([sys.executable, str(EMULATE), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(EMULATE), *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,9 @@ def grid(tmp_path_factory):
     out = tmp_path_factory.mktemp("emu") / "rows.json"
     r = _emulate("--long", "--orders", "--json", str(out))
     if not out.exists():
-        pytest.fail(f"the emulated kernels did not finish (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
+        pytest.fail(
+            f"the emulated kernels did not finish (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+        )
     rows = json.loads(out.read_text())
     return {(row.get("check", "grid"), case_id(row)): row for row in rows}
 
@@ -68,46 +72,61 @@ def test_thread_schedules_give_the_same_bits(grid):
 
 # (name, text in gated_delta_net_chunked.cuh, replacement, what the emulator must report)
 MUTATIONS = [
-    ("A-fragment rows and columns swapped",
-     "split_tf32(a(m0 + gr + 8, k0 + tg),     ah[1], al[1]);\n    split_tf32(a(m0 + gr,     k0 + tg + 4), ah[2], al[2]);",
-     "split_tf32(a(m0 + gr,     k0 + tg + 4), ah[1], al[1]);\n    split_tf32(a(m0 + gr + 8, k0 + tg),     ah[2], al[2]);",
-     "FAIL"),
-    ("barrier after the delta phase dropped",
-     "        __syncthreads();\n        if (more) {\n            copy_vt(chunk + 1);",
-     "        if (more) {\n            copy_vt(chunk + 1);",
-     "FAIL"),
-    ("next chunk's Q copied in while phase 1 still reads it",
-     "        __syncthreads();\n        if (more) {\n            copy_qk(Qs, p.q, chunk + 1);\n        }",
-     "        if (more) {\n            copy_qk(Qs, p.q, chunk + 1);\n        }\n        __syncthreads();",
-     "thread schedules disagree"),
-    ("cp.async copies never awaited",
-     "        async_wait_all();\n        stash();",
-     "        stash();",
-     "cp.async copies never awaited"),
-    ("barrier between the blocked inverse's two products dropped",
-     "            As[(16 * j + r) * LDA + 16 * i + c] = acc;   // Y_ij\n        }\n        __syncthreads();",
-     "            As[(16 * j + r) * LDA + 16 * i + c] = acc;   // Y_ij\n        }",
-     "thread schedules disagree"),
-    ("decays from float cumulative sums",
-     "const float decay = s <= t ? expf((float) (cd[t] - cd[s])) : 0.0f;",
-     "const float decay = s <= t ? expf(cs[t] - cs[s]) : 0.0f;",
-     "FAIL"),
-    ("prefix sum off by one lane",
-     "if (lane >= o) s += n;",
-     "if (lane > o) s += n;",
-     "FAIL"),
-    ("output rows past T written",
-     "if (t < n) {\n                    p.out",
-     "if (true) {\n                    p.out",
-     "past the end of 'out'"),
-    ("prep shared memory one value short",
-     "return sizeof(float) * (2 * C * (S + 4) + C * (C + 1) + 2 * C) + sizeof(double) * C; }",
-     "return sizeof(float) * (2 * C * (S + 4) + C * (C + 1) + 2 * C) + sizeof(double) * (C - 1); }",
-     "past the end of 'dynamic shared memory'"),
-    ("last chunk read as a full chunk",
-     "auto tokens = [&](int64_t chunk) { return (int) min((int64_t) C, p.T - chunk * C); };",
-     "auto tokens = [&](int64_t chunk) { return C + 0 * (int) chunk; };",
-     "memory fault in gdn_chunk_state"),
+    (
+        "A-fragment rows and columns swapped",
+        "split_tf32(a(m0 + gr + 8, k0 + tg),     ah[1], al[1]);\n    split_tf32(a(m0 + gr,     k0 + tg + 4), ah[2], al[2]);",
+        "split_tf32(a(m0 + gr,     k0 + tg + 4), ah[1], al[1]);\n    split_tf32(a(m0 + gr + 8, k0 + tg),     ah[2], al[2]);",
+        "FAIL",
+    ),
+    (
+        "barrier after the delta phase dropped",
+        "        __syncthreads();\n        if (more) {\n            copy_vt(chunk + 1);",
+        "        if (more) {\n            copy_vt(chunk + 1);",
+        "FAIL",
+    ),
+    (
+        "next chunk's Q copied in while phase 1 still reads it",
+        "        __syncthreads();\n        if (more) {\n            copy_qk(Qs, p.q, chunk + 1);\n        }",
+        "        if (more) {\n            copy_qk(Qs, p.q, chunk + 1);\n        }\n        __syncthreads();",
+        "thread schedules disagree",
+    ),
+    (
+        "cp.async copies never awaited",
+        "        async_wait_all();\n        stash();",
+        "        stash();",
+        "cp.async copies never awaited",
+    ),
+    (
+        "barrier between the blocked inverse's two products dropped",
+        "            As[(16 * j + r) * LDA + 16 * i + c] = acc;   // Y_ij\n        }\n        __syncthreads();",
+        "            As[(16 * j + r) * LDA + 16 * i + c] = acc;   // Y_ij\n        }",
+        "thread schedules disagree",
+    ),
+    (
+        "decays from float cumulative sums",
+        "const float decay = s <= t ? expf((float) (cd[t] - cd[s])) : 0.0f;",
+        "const float decay = s <= t ? expf(cs[t] - cs[s]) : 0.0f;",
+        "FAIL",
+    ),
+    ("prefix sum off by one lane", "if (lane >= o) s += n;", "if (lane > o) s += n;", "FAIL"),
+    (
+        "output rows past T written",
+        "if (t < n) {\n                    p.out",
+        "if (true) {\n                    p.out",
+        "past the end of 'out'",
+    ),
+    (
+        "prep shared memory one value short",
+        "return sizeof(float) * (2 * C * (S + 4) + C * (C + 1) + 2 * C) + sizeof(double) * C; }",
+        "return sizeof(float) * (2 * C * (S + 4) + C * (C + 1) + 2 * C) + sizeof(double) * (C - 1); }",
+        "past the end of 'dynamic shared memory'",
+    ),
+    (
+        "last chunk read as a full chunk",
+        "auto tokens = [&](int64_t chunk) { return (int) min((int64_t) C, p.T - chunk * C); };",
+        "auto tokens = [&](int64_t chunk) { return C + 0 * (int) chunk; };",
+        "memory fault in gdn_chunk_state",
+    ),
 ]
 
 
@@ -169,13 +188,14 @@ def test_dispatcher_takes_the_chunked_path_only_where_it_launches(device):
     cc, n_sm, optin, per_sm = DEVICES[device]
     emu = Emulator(build())
     usable = {S: emu.usable(S, cc, optin) for S in (64, 128)}
-    assert usable == {"H100": {64: True, 128: True}, "A100": {64: True, 128: True},
-                      "T4": {64: False, 128: False}}.get(device, {64: True, 128: False})
+    assert usable == {"H100": {64: True, 128: True}, "A100": {64: True, 128: True}, "T4": {64: False, 128: False}}.get(
+        device, {64: True, 128: False}
+    )
     if cc < 800:
-        return   # no tf32 mma / cp.async: nothing to launch
+        return  # no tf32 mma / cp.async: nothing to launch
     emu.set_device(n_sm=n_sm, smem_optin=optin, smem_per_sm=per_sm)
     try:
-        for S in (128, 64):   # a refused launch first: it must leave no error behind for the next one
+        for S in (128, 64):  # a refused launch first: it must leave no error behind for the next one
             case = dict(S=S, T=65, H_k=1, H_v=2, B=1, B_qk=1, g_scale=1.0)
             x = inputs_for(case)
             try:
@@ -210,11 +230,12 @@ def test_gpu_harness_driver_runs_on_the_emulator():
     assert all(r["upstream_ok"] and r["upstream_err_out"] > 0 for r in both), both
 
     _cc, n_sm, optin, per_sm = DEVICES["RTX 4090"]
-    emu = Emulator(build())   # the same loaded library: its device limits are the harness's
+    emu = Emulator(build())  # the same loaded library: its device limits are the harness's
     emu.set_device(n_sm=n_sm, smem_optin=optin, smem_per_sm=per_sm)
     try:
-        cases = [dict(S=S, T=65, H_k=1, H_v=2, B=1, B_qk=1, g_scale=1.0, pad=0, extra=0, bv=0, spike=0)
-                 for S in (128, 64)]
+        cases = [
+            dict(S=S, T=65, H_k=1, H_v=2, B=1, B_qk=1, g_scale=1.0, pad=0, extra=0, bv=0, spike=0) for S in (128, 64)
+        ]
         s128, s64 = run_harness.correctness(lib, cases)
     finally:
         emu.reset_device()
@@ -235,15 +256,28 @@ def test_gpu_harness_bench_runs_on_the_emulator(capsys):
     from emulate import build
 
     lib = run_harness.bind(ctypes.CDLL(str(build())))
-    variants = {name: run_harness.bind(ctypes.CDLL(str(build(defines=macros))))
-                for name, (macros, _, _) in run_harness.VARIANTS.items()}
+    variants = {
+        name: run_harness.bind(ctypes.CDLL(str(build(defines=macros))))
+        for name, (macros, _, _) in run_harness.VARIANTS.items()
+    }
     assert set(variants) == {"nw16", "1xtf32"}
-    result = run_harness.bench(lib, torch, False, shapes=(("tiny", 1, 2),), lengths=(65, 130), sweep=(16, 64, 130),
-                               S=64, reps=1, sweep_reps=1, device="cpu", variants=variants)
+    result = run_harness.bench(
+        lib,
+        torch,
+        False,
+        shapes=(("tiny", 1, 2),),
+        lengths=(65, 130),
+        sweep=(16, 64, 130),
+        S=64,
+        reps=1,
+        sweep_reps=1,
+        device="cpu",
+        variants=variants,
+    )
     rows = result["rows"]
     assert [(r["shape"], r["T"]) for r in rows] == [("tiny", 65), ("tiny", 130)]
     for r in rows:
-        assert r["bv_chosen"] == 32 and r["chunked_bv64_ms"] is None   # S_v 64 has no 64-column tile
+        assert r["bv_chosen"] == 32 and r["chunked_bv64_ms"] is None  # S_v 64 has no 64-column tile
         assert r["chunked_ms"] == r["chunked_bv32_ms"] > 0 and r["upstream_ms"] > 0
         assert r["speedup_vs_upstream"] == pytest.approx(r["upstream_ms"] / r["chunked_ms"])
         assert 0 < r["chunked_bv32_vs_upstream_out"] <= TOL_REL_RMS
@@ -270,7 +304,7 @@ def test_gpu_harness_bench_runs_on_the_emulator(capsys):
     else:
         assert all(f for T, f in faster.items() if start <= T)
         earlier = [T for T in faster if start > T]
-        assert not earlier or not faster[max(earlier)]   # the length just before it was not faster
+        assert not earlier or not faster[max(earlier)]  # the length just before it was not faster
 
     capsys.readouterr()
     run_harness.print_bench(result)
@@ -344,7 +378,7 @@ def test_a_harness_variant_that_fails_costs_only_itself(monkeypatch, capsys):
     with pytest.raises(subprocess.CalledProcessError):
         run_harness.build_all(builds, "90a", Path("/x"), required=("ggml", "nw16"))
 
-    class Refusing:   # a 16-warp build whose launches fail
+    class Refusing:  # a 16-warp build whose launches fail
         def __init__(self, lib):
             self.lib = lib
 
@@ -356,8 +390,18 @@ def test_a_harness_variant_that_fails_costs_only_itself(monkeypatch, capsys):
             return 1
 
     lib = run_harness.bind(ctypes.CDLL(str(emu)))
-    result = run_harness.bench(lib, torch, False, shapes=(("tiny", 1, 2),), lengths=(65,), sweep=(), S=64, reps=1,
-                               device="cpu", variants={"nw16": Refusing(lib)})
+    result = run_harness.bench(
+        lib,
+        torch,
+        False,
+        shapes=(("tiny", 1, 2),),
+        lengths=(65,),
+        sweep=(),
+        S=64,
+        reps=1,
+        device="cpu",
+        variants={"nw16": Refusing(lib)},
+    )
     (row,) = result["rows"]
     assert "cudaError 1" in row["nw16_error"] and "nw16_ms" not in row
     assert row["chunked_ms"] > 0 and row["state_ms"] > 0 and row["stages_reproduce_launch"] is True
@@ -391,10 +435,10 @@ def test_gpu_harness_runs_each_stage_alone():
     scratch = go.buffers[3]
     scratch.fill_(float("nan"))
     go.stages["state"]()
-    assert torch.isnan(out).all() and torch.isnan(st).all()   # NaN scratch in, NaN out
+    assert torch.isnan(out).all() and torch.isnan(st).all()  # NaN scratch in, NaN out
     go.stages["prep"]()
     assert not torch.isnan(scratch).any()
-    assert torch.isnan(out).all() and torch.isnan(st).all()   # prep alone writes no output
+    assert torch.isnan(out).all() and torch.isnan(st).all()  # prep alone writes no output
     go.stages["state"]()
     assert torch.equal(out, full_out) and torch.equal(st, full_st)
 
@@ -425,8 +469,9 @@ def test_gpu_harness_bench_with_fla(tmp_path, monkeypatch):
     shapes, lengths = (("tiny", 1, 2),), (65, 130)
     monkeypatch.syspath_prepend(str(site))
     try:
-        result = run_harness.bench(lib, torch, True, shapes=shapes, lengths=lengths, sweep=(), S=64, reps=1,
-                                   device="cpu")
+        result = run_harness.bench(
+            lib, torch, True, shapes=shapes, lengths=lengths, sweep=(), S=64, reps=1, device="cpu"
+        )
         timed = standin_fla.calls(log)
     finally:
         for mod in [m for m in sys.modules if m == "fla" or m.startswith("fla.")]:
@@ -434,12 +479,13 @@ def test_gpu_harness_bench_with_fla(tmp_path, monkeypatch):
 
     for r in result["rows"]:
         assert r["fla_float32_ms"] > 0 and r["fla_bfloat16_ms"] > 0, r
-    accuracy_calls = 4   # two dtypes, with and without the forget-gate spike
-    assert set(result["fla_accuracy"]) == {f"fla_{dt}{s}_err_{x}" for dt in ("float32", "bfloat16")
-                                           for s in ("", "_spike") for x in ("out", "state")}
+    accuracy_calls = 4  # two dtypes, with and without the forget-gate spike
+    assert set(result["fla_accuracy"]) == {
+        f"fla_{dt}{s}_err_{x}" for dt in ("float32", "bfloat16") for s in ("", "_spike") for x in ("out", "state")
+    }
     # each call of the stand-in "compiled" one kernel; the accuracy calls come after the count
     assert result["fla_kernels_compiled_while_timed"] == len(timed) - accuracy_calls >= 2 * len(lengths)
-    assert len({c["args"][0][0][1] for c in timed}) == 3   # T 65, 130 and the accuracy's 1000
+    assert len({c["args"][0][0][1] for c in timed}) == 3  # T 65, 130 and the accuracy's 1000
 
 
 @needs_cxx
@@ -455,8 +501,17 @@ def test_gpu_harness_precision_probe_on_the_emulator(capsys):
 
     lib = run_harness.bind(ctypes.CDLL(str(build())))
     lib_1x = run_harness.bind(ctypes.CDLL(str(build(defines=run_harness.PRECISION_PROBE))))
-    probe = run_harness.precision_probe(lib, lib_1x, torch, shapes=(("tiny", 2, 4),), lengths=(130,), S=64, reps=1,
-                                        accuracy=dict(S=64, T=200, H_k=2, H_v=4), device="cpu")
+    probe = run_harness.precision_probe(
+        lib,
+        lib_1x,
+        torch,
+        shapes=(("tiny", 2, 4),),
+        lengths=(130,),
+        S=64,
+        reps=1,
+        accuracy=dict(S=64, T=200, H_k=2, H_v=4),
+        device="cpu",
+    )
     (row,) = probe["rows"]
     assert row["3xtf32_ms"] > 0 and row["1xtf32_ms"] > 0
     assert row["time_1x_over_3x"] == pytest.approx(row["1xtf32_ms"] / row["3xtf32_ms"])

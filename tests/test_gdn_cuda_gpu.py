@@ -21,7 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "cpp_patches" / "cuda" / "run_harness.py"
 CUDA_BIN = Path(os.environ.get("QWEN35_CUDA_BIN") or ROOT / "build" / "cuda" / "bin")
-TRAINED = ROOT / "examples" / "models" / "qwen35-dense-tiny"   # S_v 64, 8 layers (6 Gated DeltaNet)
+TRAINED = ROOT / "examples" / "models" / "qwen35-dense-tiny"  # S_v 64, 8 layers (6 Gated DeltaNet)
 TEXT = ROOT / "examples" / "models" / "text" / "heldout.txt"
 
 
@@ -37,20 +37,28 @@ needs_gpu = pytest.mark.skipif(not _has_gpu(), reason="no CUDA GPU (nvidia-smi -
 @needs_gpu
 def test_chunked_kernel_matches_reference_on_this_gpu(tmp_path):
     rows_file = tmp_path / "rows.json"
-    r = subprocess.run([sys.executable, str(HARNESS), "--lib", str(tmp_path / "libgdn.so"), "--json", str(rows_file)],
-                       capture_output=True, text=True, timeout=1800)
-    assert rows_file.exists(), f"the harness did not finish (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    r = subprocess.run(
+        [sys.executable, str(HARNESS), "--lib", str(tmp_path / "libgdn.so"), "--json", str(rows_file)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert rows_file.exists(), (
+        f"the harness did not finish (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    )
     rows = json.loads(rows_file.read_text())["correctness"]
     bad = [row for row in rows if not row["ok"]]
-    assert rows and not bad, bad   # cases this GPU cannot hold must have been refused by the launch
+    assert rows and not bad, bad  # cases this GPU cannot hold must have been refused by the launch
     # upstream's kernel on the same buffers agrees with the reference: harness and reference
     # read ggml's layout alike, so the chunked kernel's agreement means what it says
     disagree = [row for row in rows if row.get("upstream_ok") is False]
     assert not disagree, disagree
     assert r.returncode == 0, r.stdout[-2000:]
     if all(row.get("not_on_this_gpu") for row in rows):
-        pytest.skip("the chunked kernels do not run on this GPU (needs sm_80+ and its shared memory; ggml keeps "
-                    "the token-sequential kernel here): only the refusal was checked")
+        pytest.skip(
+            "the chunked kernels do not run on this GPU (needs sm_80+ and its shared memory; ggml keeps "
+            "the token-sequential kernel here): only the refusal was checked"
+        )
 
 
 def _why_no_chunked_cuda_build() -> str | None:
@@ -61,13 +69,16 @@ def _why_no_chunked_cuda_build() -> str | None:
     if not libs:
         return f"the build in {CUDA_BIN} has no CUDA backend (libggml-cuda)"
     if b"gdn_chunk_state" not in libs[0].read_bytes():
-        return ("this CUDA build has no chunked GATED_DELTA_NET kernel: it is in cpp_patches/pending until it "
-                "is promoted (cpp_patches/README.md)")
+        return (
+            "this CUDA build has no chunked GATED_DELTA_NET kernel: it is in cpp_patches/pending until it "
+            "is promoted (cpp_patches/README.md)"
+        )
     return None
 
 
 def parse_kld(log: str) -> dict:
     """llama-perplexity --kl-divergence's summary: mean and maximum KLD, same top token (%)."""
+
     def number(pattern):
         m = re.search(pattern + r"\s*:\s*([-\d.]+)", log)
         assert m, f"llama-perplexity printed no '{pattern}':\n{log[-2000:]}"
@@ -94,16 +105,33 @@ def test_tiny_model_on_cuda_matches_cpu_with_the_chunked_kernel(tmp_path):
     (logs / "e2e-perplexity.log").unlink(missing_ok=True)
     gguf = convert(TRAINED, tmp_path / "tiny-f32.gguf", file_type="F32").path
     base = tmp_path / "cpu.kld"
-    cmd = [str(CUDA_BIN / "llama-perplexity"), "-m", str(gguf), "-f", str(TEXT), "-c", "512", "-b", "512",
-           "-ub", "512", "--chunks", "8", "--kl-divergence-base", str(base)]
+    cmd = [
+        str(CUDA_BIN / "llama-perplexity"),
+        "-m",
+        str(gguf),
+        "-f",
+        str(TEXT),
+        "-c",
+        "512",
+        "-b",
+        "512",
+        "-ub",
+        "512",
+        "--chunks",
+        "8",
+        "--kl-divergence-base",
+        str(base),
+    ]
 
     def run(name, extra, **env):
         r = subprocess.run(cmd + extra, capture_output=True, text=True, env={**os.environ, **env}, timeout=900)
-        with open(logs / "e2e-perplexity.log", "a") as f:   # one file: a device call returns at most 8
+        with open(logs / "e2e-perplexity.log", "a") as f:  # one file: a device call returns at most 8
             f.write(f"==== {name}: {' '.join(cmd + extra)}\n{r.stdout}{r.stderr}\n")
         assert r.returncode == 0, f"llama-perplexity ({name}) failed:\n{(r.stdout + r.stderr)[-3000:]}"
-        if name != "cpu":   # llama.cpp falls back to the CPU when CUDA does not start: that compares CPU to CPU
-            assert "CUDA0 model buffer size" in r.stdout + r.stderr, f"{name} did not run on the GPU:\n{r.stderr[-3000:]}"
+        if name != "cpu":  # llama.cpp falls back to the CPU when CUDA does not start: that compares CPU to CPU
+            assert "CUDA0 model buffer size" in r.stdout + r.stderr, (
+                f"{name} did not run on the GPU:\n{r.stderr[-3000:]}"
+            )
         return r.stdout + r.stderr
 
     run("cpu", ["-dev", "none"])
@@ -113,4 +141,4 @@ def test_tiny_model_on_cuda_matches_cpu_with_the_chunked_kernel(tmp_path):
     # KLD is printed with 6 decimals: allow two units of that beyond upstream's
     assert chunked["mean"] <= upstream["mean"] + 2e-6, (chunked, upstream)
     assert chunked["max"] <= max(2 * upstream["max"], 1e-4), (chunked, upstream)
-    assert chunked["same_top"] >= upstream["same_top"] - 0.2, (chunked, upstream)   # 0.05 % is one token
+    assert chunked["same_top"] >= upstream["same_top"] - 0.2, (chunked, upstream)  # 0.05 % is one token

@@ -20,12 +20,12 @@ GRID = [
     (1, 2, 2, 1, 1, 1, 1.0),
     (63, 2, 4, 2, 2, 1, 1.0),
     (64, 1, 4, 1, 1, 4, 1.0),
-    (65, 2, 8, 3, 1, 1, 1.0),       # q/k shared by every sequence
+    (65, 2, 8, 3, 1, 1, 1.0),  # q/k shared by every sequence
     (65, 2, 4, 2, 2, 4, 1.0),
     (1000, 2, 4, 1, 1, 1, 1.0),
-    (130, 2, 4, 4, 4, 4, 1e-4),     # g near 0: almost no decay
-    (130, 2, 4, 2, 2, 1, 20.0),     # g near -20: state wiped at every token
-    (3, 2, 4, 2, 2, 4, 1.0),        # fewer tokens than snapshot slots
+    (130, 2, 4, 4, 4, 4, 1e-4),  # g near 0: almost no decay
+    (130, 2, 4, 2, 2, 1, 20.0),  # g near -20: state wiped at every token
+    (3, 2, 4, 2, 2, 4, 1.0),  # fewer tokens than snapshot slots
 ]
 
 
@@ -62,7 +62,7 @@ def test_reference_matches_pinned_cpu_op(case, S, lib_dir):
     written = min(T, K)
     assert got.size == n_out + K * n_slot
     err_o = ref.rel_rms(got[:n_out], out.ravel())
-    err_s = ref.rel_rms(got[n_out:n_out + written * n_slot], snaps[:written].ravel())
+    err_s = ref.rel_rms(got[n_out : n_out + written * n_slot], snaps[:written].ravel())
     log.info("cpu op %s S=%d: out %.2e state %.2e", _ids(case), S, err_o, err_s)
     assert np.isfinite(got[: n_out + written * n_slot]).all()
     assert err_o <= TOL_CPU_OP_F32 and err_s <= TOL_CPU_OP_F32

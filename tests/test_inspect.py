@@ -62,15 +62,20 @@ def test_memory_plan_matches_llama_cpp_allocation(moe, ctx, kv_type):
 
 def test_cli_reports_agree_for_hf_dir_and_gguf(moe):
     hf, gguf = moe
-    a = json.loads(subprocess.run([QWEN35, "inspect", str(hf), "--type", "Q8_0", "--json"],
-                                  capture_output=True, text=True, check=True).stdout)
-    b = json.loads(subprocess.run([QWEN35, "inspect", str(gguf), "--json"],
-                                  capture_output=True, text=True, check=True).stdout)
+    a = json.loads(
+        subprocess.run(
+            [QWEN35, "inspect", str(hf), "--type", "Q8_0", "--json"], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    b = json.loads(
+        subprocess.run([QWEN35, "inspect", str(gguf), "--json"], capture_output=True, text=True, check=True).stdout
+    )
     for k in ("architecture", "blocks", "n_params", "weight_bytes", "tensors_per_type", "hparams"):
         assert a[k] == b[k], k
     assert b["blocks"] == "LLLALLLAM" and b["architecture"] == "qwen35moe"
-    text = subprocess.run([QWEN35, "inspect", str(gguf), "--ctx", "262144", "--parallel", "8"],
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        [QWEN35, "inspect", str(gguf), "--ctx", "262144", "--parallel", "8"], capture_output=True, text=True, check=True
+    ).stdout
     assert "KV cache" in text and "fits in" in text
 
 
@@ -127,12 +132,16 @@ def test_verify_cli_on_a_converted_checkpoint(tmp_path, lib_dir):
     hf = tiny.make_checkpoint(tmp_path / "hf")
     convert(hf, tmp_path / "f32.gguf", file_type="F32")
     convert(hf, tmp_path / "q8.gguf", file_type="Q8_0")
-    run = subprocess.run([QWEN35, "verify", str(hf), str(tmp_path / "f32.gguf"), "--json"],
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run(
+        [QWEN35, "verify", str(hf), str(tmp_path / "f32.gguf"), "--json"], capture_output=True, text=True, check=True
+    )
     assert run.stderr == ""  # no progress bar off a terminal, no notes from the reference's library
     f32 = json.loads(run.stdout)
-    q8 = json.loads(subprocess.run([QWEN35, "verify", str(hf), str(tmp_path / "q8.gguf"), "--json"],
-                                   capture_output=True, text=True, check=True).stdout)
+    q8 = json.loads(
+        subprocess.run(
+            [QWEN35, "verify", str(hf), str(tmp_path / "q8.gguf"), "--json"], capture_output=True, text=True, check=True
+        ).stdout
+    )
     assert f32["n_tokens"] > 20 and f32["top1_agreement"] == 1.0
     assert f32["max_abs"] <= 2e-3 * f32["logit_std"]
     assert q8["kld_mean"] > f32["kld_mean"]  # rounding to Q8_0 moves the distribution, measurably
@@ -140,10 +149,22 @@ def test_verify_cli_on_a_converted_checkpoint(tmp_path, lib_dir):
     # a verdict against the stated bound, exit 1 when it fails; --text is a file, as for quant eval
     text = tmp_path / "heldout.txt"
     text.write_text("One two three four five six seven eight nine ten eleven twelve. " * 4)
-    run = subprocess.run([QWEN35, "verify", str(hf), str(tmp_path / "q8.gguf"), "--text", str(text), "--max-kld",
-                          str(q8["kld_mean"] / 10)], capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            QWEN35,
+            "verify",
+            str(hf),
+            str(tmp_path / "q8.gguf"),
+            "--text",
+            str(text),
+            "--max-kld",
+            str(q8["kld_mean"] / 10),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 1 and "verdict         FAIL" in run.stdout, run.stdout + run.stderr
-    assert int(re.search(r"tokens\s+(\d+)", run.stdout).group(1)) > 40   # the file's text, not its path
+    assert int(re.search(r"tokens\s+(\d+)", run.stdout).group(1)) > 40  # the file's text, not its path
     # a GGUF of another model (a MoE checkpoint against a dense GGUF) is refused, not scored
     moe = tiny.make_checkpoint(tmp_path / "moe", moe=True)
     run = subprocess.run([QWEN35, "verify", str(moe), str(tmp_path / "f32.gguf")], capture_output=True, text=True)
@@ -159,9 +180,11 @@ def test_verify_refuses_what_is_not_a_local_safetensors_checkpoint(tmp_path):
     pickled.mkdir()
     (pickled / "config.json").write_text(json.dumps({"architectures": ["Qwen3_5ForCausalLM"]}))
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x02")
-    cases = {str(tmp_path / "missing"): "has no config.json",  # not a folder: was taken for a hub repo id
-             "Qwen/Qwen3.5-4B": "has no config.json",
-             str(pickled): "safetensors is required"}
+    cases = {
+        str(tmp_path / "missing"): "has no config.json",  # not a folder: was taken for a hub repo id
+        "Qwen/Qwen3.5-4B": "has no config.json",
+        str(pickled): "safetensors is required",
+    }
     for hf_dir, message in cases.items():
         run = subprocess.run([QWEN35, "verify", hf_dir, str(gguf)], capture_output=True, text=True)
         assert run.returncode == 1 and run.stdout == ""

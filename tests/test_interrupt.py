@@ -151,10 +151,12 @@ def test_an_interruption_on_any_line_of_a_turn_leaves_an_exact_chat(dense_f32, s
                 outcomes["as before"] += 1
             else:
                 assert chat.messages[:-1] == [*before, {"role": "user", "content": Q[1]}], at
-                r = chat.last   # the reply so far, or all of it when the cut came after it was recorded
-                assert r.tokens == full.tokens[:len(r.tokens)], at
-                assert (r.finish_reason == "interrupted"
-                        or (r.tokens, r.finish_reason) == (full.tokens, full.finish_reason)), at
+                r = chat.last  # the reply so far, or all of it when the cut came after it was recorded
+                assert r.tokens == full.tokens[: len(r.tokens)], at
+                assert r.finish_reason == "interrupted" or (r.tokens, r.finish_reason) == (
+                    full.tokens,
+                    full.finish_reason,
+                ), at
                 assert chat.messages[-1]["role"] == "assistant", at
                 outcomes["partial reply"] += 1
             try:
@@ -180,7 +182,7 @@ def test_closing_the_stream_keeps_the_reply_so_far(dense_f32):
         events.close()
         r = chat.last
         assert r.finish_reason == "interrupted" and 0 < len(r.tokens) < len(full.tokens)
-        assert r.tokens == full.tokens[:len(r.tokens)]
+        assert r.tokens == full.tokens[: len(r.tokens)]
         assert [msg["role"] for msg in chat.messages] == ["user", "assistant"]
         _check_exact_after(chat, Fresh(oracle))
 
@@ -196,7 +198,7 @@ def test_an_interrupted_chat_saves_and_resumes_exactly(dense_f32, tmp_path):
             chat.send(Q[1], S)
         chat = _new_chat(m, None)
         chat.send(Q[0], S)
-        with pytest.raises(KeyboardInterrupt), Cut(count.lines * 2 // 3):   # inside the reply
+        with pytest.raises(KeyboardInterrupt), Cut(count.lines * 2 // 3):  # inside the reply
             chat.send(Q[1], S)
         chat.save(tmp_path / "cut.chat")
         resumed = Chat(m, checkpoint_every=16)
@@ -216,7 +218,7 @@ def test_a_message_that_does_not_fit_leaves_the_conversation_as_it_was(dense_f32
             chat.send("word " * 300, S)
         assert e.value.limit == 256 and e.value.tokens > 256 and e.value.max_tokens == S.max_tokens
         assert chat.messages == before
-        assert chat.send(Q[1], S).usage.prompt_tokens < 120      # the next message is answered
+        assert chat.send(Q[1], S).usage.prompt_tokens < 120  # the next message is answered
         chat = Chat(m, overflow="drop_oldest")
         chat.send(Q[0], S)
         with pytest.raises(ContextOverflow, match="last exchange alone"):
@@ -241,7 +243,7 @@ def test_ctrl_c_while_a_model_loads_stops_the_load_and_reaches_the_caller(dense_
         def filter(self, record):
             lines.append(record.getMessage())
             if len(lines) == 1:
-                signal.raise_signal(signal.SIGINT)   # Python's handler runs now, inside the callback
+                signal.raise_signal(signal.SIGINT)  # Python's handler runs now, inside the callback
             return False
 
     log = logging.getLogger("qwen35.llama_cpp")
@@ -255,7 +257,7 @@ def test_ctrl_c_while_a_model_loads_stops_the_load_and_reaches_the_caller(dense_
         with pytest.raises(KeyboardInterrupt):
             Model.load(dense_f32, n_ctx=256, n_threads=usable_cpus()).close()
         assert any("cancelled model load" in line for line in lines), lines[-5:]
-        with Model.load(dense_f32, n_ctx=256, n_threads=usable_cpus()) as m:   # nothing left pending
+        with Model.load(dense_f32, n_ctx=256, n_threads=usable_cpus()) as m:  # nothing left pending
             assert m.tokenize("Hello")
     finally:
         signal.signal(signal.SIGINT, handler)

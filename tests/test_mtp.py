@@ -13,7 +13,7 @@ from qwen35.cpus import usable_cpus
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
 NAMES = ["qwen35-dense-tiny", "qwen35-moe-tiny"]
-TOL_LOGITS_REL_STD = 2e-3   # f32 weights, F32 KV cache, no flash attention (as the converter tests)
+TOL_LOGITS_REL_STD = 2e-3  # f32 weights, F32 KV cache, no flash attention (as the converter tests)
 QUESTIONS = ["What does json.dumps do?", "How do I read a file line by line?", "What is a generator?"]
 
 
@@ -75,7 +75,7 @@ def test_mtp_head_logits_match_pytorch(name, f32):
     mtp = _torch_mtp(name, ref.config)
     with torch.no_grad():
         ids = torch.tensor([tokens])
-        h = ref.model(ids[:, :-1]).last_hidden_state                     # final-normed, as llama.cpp's h_nextn
+        h = ref.model(ids[:, :-1]).last_hidden_state  # final-normed, as llama.cpp's h_nextn
         emb = ref.model.embed_tokens(ids[:, 1:])
         pos = torch.arange(len(prompt)).view(1, 1, -1).expand(3, 1, -1)
         x = mtp.fc(torch.cat([mtp.pre_fc_norm_embedding(emb), mtp.pre_fc_norm_hidden(h)], -1))
@@ -137,7 +137,7 @@ def test_prompt_cache_stays_exact_after_rejected_drafts(f32):
         c = Chat(m, speculative="mtp")
         for q in QUESTIONS[:2]:
             c.send(q, SamplingParams(temperature=0, max_tokens=48))
-        assert c.last.speculation.drafted > c.last.speculation.accepted   # drafts were rejected, rolled back
+        assert c.last.speculation.drafted > c.last.speculation.accepted  # drafts were rejected, rolled back
         c.messages.append({"role": "user", "content": "And in one line?"})
         prompt, marks, _ = c._prompt(c.messages, 1)
         logits, usage = c.cache.eval(prompt, marks=marks)
@@ -164,7 +164,7 @@ def test_saved_chat_resumes_with_its_draft_state(f32, tmp_path):
         resumed = b.send(QUESTIONS[1], sp)
     assert resumed.tokens == third.tokens
     assert resumed.usage.reused_tokens == third.usage.reused_tokens
-    assert resumed.speculation == third.speculation   # the same drafts: the head's cache came back
+    assert resumed.speculation == third.speculation  # the same drafts: the head's cache came back
 
 
 def test_misuse_is_refused_with_the_fix(f32, tmp_path):
@@ -192,18 +192,33 @@ def test_chat_command_speculative_json(f32):
     import sys
 
     qwen35 = str(Path(sys.executable).parent / "qwen35")
-    base = [qwen35, "chat", str(f32[NAMES[0]]), "-p", QUESTIONS[0], "-n", "40", "--seed", "7", "--json", "--threads", str(usable_cpus())]
+    base = [
+        qwen35,
+        "chat",
+        str(f32[NAMES[0]]),
+        "-p",
+        QUESTIONS[0],
+        "-n",
+        "40",
+        "--seed",
+        "7",
+        "--json",
+        "--threads",
+        str(usable_cpus()),
+    ]
     plain = subprocess.run(base, capture_output=True, text=True, timeout=300)
-    spec = subprocess.run(base + ["--speculative", "mtp", "--draft-max", "2"], capture_output=True, text=True,
-                          timeout=300)
+    spec = subprocess.run(
+        base + ["--speculative", "mtp", "--draft-max", "2"], capture_output=True, text=True, timeout=300
+    )
     assert plain.returncode == 0 and spec.returncode == 0, spec.stderr
     a, b = json.loads(plain.stdout), json.loads(spec.stdout)
     assert (b["content"], b["reasoning"]) == (a["content"], a["reasoning"])
     assert a["speculation"] is None and b["speculation"]["drafted"] > 0
     bad = subprocess.run(base + ["--speculative", "eagle"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--speculative mtp" in bad.stderr
-    bad = subprocess.run(base + ["--speculative", "mtp", "--draft-max", "0"], capture_output=True, text=True,
-                         timeout=300)
+    bad = subprocess.run(
+        base + ["--speculative", "mtp", "--draft-max", "0"], capture_output=True, text=True, timeout=300
+    )
     assert bad.returncode == 2 and "--draft-max" in bad.stderr
 
 
@@ -231,16 +246,32 @@ def test_speculative_decoding_keeps_constrained_seeded_replies(f32):
     from qwen35.bindings.chat import Chat
     from qwen35.bindings.model import SamplingParams
 
-    schema = {"type": "object", "required": ["module", "stdlib"], "additionalProperties": False,
-              "properties": {"module": {"type": "string", "maxLength": 12}, "stdlib": {"type": "boolean"}}}
+    schema = {
+        "type": "object",
+        "required": ["module", "stdlib"],
+        "additionalProperties": False,
+        "properties": {"module": {"type": "string", "maxLength": 12}, "stdlib": {"type": "boolean"}},
+    }
     fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
-    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
-        "type": "object", "required": ["module"], "properties": {"module": {"enum": ["json", "os", "re"]}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "lookup",
+                "parameters": {
+                    "type": "object",
+                    "required": ["module"],
+                    "properties": {"module": {"enum": ["json", "os", "re"]}},
+                },
+            },
+        }
+    ]
     with _load(f32[NAMES[0]], load_mtp=True) as m:
         for seed in range(3):
             p = SamplingParams(seed=seed, presence_penalty=0.5, max_tokens=48)
             for kw in (dict(response_format=fmt), dict(tool_choice="required")):
                 plain = Chat(m, tools=tools, enable_thinking=False).send(QUESTIONS[0], p, **kw)
                 spec = Chat(m, tools=tools, enable_thinking=False, speculative="mtp", draft_max=2).send(
-                    QUESTIONS[0], p, **kw)
+                    QUESTIONS[0], p, **kw
+                )
                 assert spec.tokens == plain.tokens and spec.speculation.drafted > 0, kw

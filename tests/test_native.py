@@ -16,7 +16,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def _fake_lib(tmp_path: Path, series: str | None) -> Path:
     """A shared library that is not libllama: with or without the identity symbol."""
     src = tmp_path / "fake.c"
-    body = f'const char * {native.SYMBOL}(void) {{ return "{series}"; }}\n' if series else "int nothing(void) { return 0; }\n"
+    body = (
+        f'const char * {native.SYMBOL}(void) {{ return "{series}"; }}\n'
+        if series
+        else "int nothing(void) { return 0; }\n"
+    )
     src.write_text(body)
     out = tmp_path / "libllama.so"
     subprocess.run(["cc", "-shared", "-fPIC", "-o", str(out), str(src)], check=True)
@@ -62,8 +66,9 @@ def test_stock_llama_cpp_is_refused_with_the_fix(upstream_libllama):
     assert "make setup" in r.stderr and native.ALLOW_STOCK_ENV in r.stderr
 
     # the CLI turns it into one line and a non-zero exit
-    r = subprocess.run([str(Path(sys.executable).parent / "qwen35"), "build-info"], env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "qwen35"), "build-info"], env=env, capture_output=True, text=True
+    )
     assert r.returncode == 1
     assert "MISMATCH" in r.stdout and "stock" in r.stdout
 
@@ -76,8 +81,9 @@ def test_stock_llama_cpp_is_refused_with_the_fix(upstream_libllama):
 
 
 def test_build_info_json():
-    r = subprocess.run([str(Path(sys.executable).parent / "qwen35"), "build-info", "--json"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "qwen35"), "build-info", "--json"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["patched"] is True and info["series_id"] == native.expected_series_id()

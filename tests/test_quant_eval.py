@@ -12,8 +12,10 @@ from qwen35.cpus import usable_cpus
 
 QWEN35 = str(Path(sys.executable).parent / "qwen35")
 N_CTX = 64
-TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 12
-        + "Sphinx of black quartz, judge my vow; how vexingly quick daft zebras jump! " * 12)
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. " * 12
+    + "Sphinx of black quartz, judge my vow; how vexingly quick daft zebras jump! " * 12
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,7 @@ def _oracle(ref, cand):
 
     with Model.load(ref, n_ctx=N_CTX, n_threads=usable_cpus(), kv_type="f32", flash_attn=False) as m:
         toks = m.tokenize(TEXT, special=False)
-        chunks = [toks[i:i + N_CTX] for i in range(0, len(toks) - N_CTX + 1, N_CTX)]
+        chunks = [toks[i : i + N_CTX] for i in range(0, len(toks) - N_CTX + 1, N_CTX)]
         ref_logits = [m.logits(c) for c in chunks]
     with Model.load(cand, n_ctx=N_CTX, n_threads=usable_cpus(), kv_type="f32", flash_attn=False) as m:
         cand_logits = [m.logits(c) for c in chunks]
@@ -62,7 +64,9 @@ def _oracle(ref, cand):
 def test_eval_numbers_equal_a_plain_numpy_computation(files):
     from qwen35.quant import evaluate
 
-    results = evaluate(files["F32"], [files["Q8_0"], files["Q4_0"], files["F32"]], TEXT, n_ctx=N_CTX, n_threads=usable_cpus())
+    results = evaluate(
+        files["F32"], [files["Q8_0"], files["Q4_0"], files["F32"]], TEXT, n_ctx=N_CTX, n_threads=usable_cpus()
+    )
     for r, cand in zip(results[:2], ("Q8_0", "Q4_0")):
         kl, ppl, top1 = _oracle(files["F32"], files[cand])
         assert r.tokens == kl.size > 0
@@ -76,15 +80,36 @@ def test_eval_numbers_equal_a_plain_numpy_computation(files):
 
 
 def test_cli_json_and_short_text(files, tmp_path):
-    r = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), "--text", str(files["text"]),
-                        "--ctx", str(N_CTX), "--chunks", "2", "--json", "--threads", str(usable_cpus())], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            QWEN35,
+            "quant",
+            "eval",
+            str(files["F32"]),
+            str(files["Q8_0"]),
+            "--text",
+            str(files["text"]),
+            "--ctx",
+            str(N_CTX),
+            "--chunks",
+            "2",
+            "--json",
+            "--threads",
+            str(usable_cpus()),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(r.stdout)
     assert row["tokens"] == 2 * (N_CTX // 2) and 0 < row["kld_mean"] < row["kld_max"]
     short = tmp_path / "short.txt"
     short.write_text("Too short.")
-    r = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), "--text", str(short)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), "--text", str(short)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "--ctx" in r.stderr
 
 
@@ -100,28 +125,68 @@ def test_imatrix_command_reports_the_expert_coverage_in_the_file(moe_f32, files,
 
     hf, model = moe_f32
     out = tmp_path / "imatrix.gguf"
-    r = subprocess.run([QWEN35, "quant", "imatrix", str(model), "--text", str(files["text"]), "-o", str(out),
-                        "--ctx", "64", "--json", "--threads", str(usable_cpus())], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            QWEN35,
+            "quant",
+            "imatrix",
+            str(model),
+            "--text",
+            str(files["text"]),
+            "-o",
+            str(out),
+            "--ctx",
+            "64",
+            "--json",
+            "--threads",
+            str(usable_cpus()),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
-    counts = {t.name[: -len(".counts")]: np.asarray(t.data).reshape(-1) for t in GGUFReader(out).tensors
-              if t.name.endswith(".counts")}
+    counts = {
+        t.name[: -len(".counts")]: np.asarray(t.data).reshape(-1)
+        for t in GGUFReader(out).tensors
+        if t.name.endswith(".counts")
+    }
     expected = {k: [int((c > 0).sum()), int(c.size)] for k, c in counts.items() if c.size > 1}
     assert rep["moe_tensors"] == expected and len(expected) > 0
     assert rep["tensors"] == len(counts)
     worst = min(expected.items(), key=lambda kv: kv[1][0] / kv[1][1])
     assert [rep["worst"]["covered"], rep["worst"]["experts"]] == worst[1]
-    q = subprocess.run([str(Path(sys.executable).parent / "qwen35-convert"), str(hf), "-o", str(tmp_path / "q.gguf"),
-                        "--type", "Q4_K_M", "--mtp", "drop", "--imatrix", str(out)], capture_output=True, text=True)
+    q = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "qwen35-convert"),
+            str(hf),
+            "-o",
+            str(tmp_path / "q.gguf"),
+            "--type",
+            "Q4_K_M",
+            "--mtp",
+            "drop",
+            "--imatrix",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert q.returncode == 0, q.stderr
     # refusals: existing output, too little text for one chunk
-    r = subprocess.run([QWEN35, "quant", "imatrix", str(model), "--text", str(files["text"]), "-o", str(out)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [QWEN35, "quant", "imatrix", str(model), "--text", str(files["text"]), "-o", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "--force" in r.stderr
     short = tmp_path / "short.txt"
     short.write_text("Too short.")
-    r = subprocess.run([QWEN35, "quant", "imatrix", str(model), "--text", str(short), "-o", str(tmp_path / "x.gguf"),
-                        "--ctx", "64"], capture_output=True, text=True)
+    r = subprocess.run(
+        [QWEN35, "quant", "imatrix", str(model), "--text", str(short), "-o", str(tmp_path / "x.gguf"), "--ctx", "64"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
     assert "llama-imatrix failed" in r.stderr and "you need at least 128 tokens" in r.stderr
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.partial").exists()
@@ -130,9 +195,24 @@ def test_imatrix_command_reports_the_expert_coverage_in_the_file(moe_f32, files,
 
     parts = convert(hf, tmp_path / "split.gguf", file_type="F32", split_max_size=1_000_000).files
     assert len(parts) > 1
-    r = subprocess.run([QWEN35, "quant", "imatrix", parts[-1], "--text", str(files["text"]), "-o",
-                        str(tmp_path / "split-imatrix.gguf"), "--ctx", "64", "--chunks", "1"], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [
+            QWEN35,
+            "quant",
+            "imatrix",
+            parts[-1],
+            "--text",
+            str(files["text"]),
+            "-o",
+            str(tmp_path / "split-imatrix.gguf"),
+            "--ctx",
+            "64",
+            "--chunks",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and (tmp_path / "split-imatrix.gguf").is_file(), r.stderr
 
 
@@ -144,15 +224,47 @@ def test_plot_is_a_png_of_every_file(files, tmp_path):
     import matplotlib.image
 
     png = tmp_path / "kld.png"
-    r = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), str(files["Q4_0"]),
-                        "--text", str(files["text"]), "--ctx", str(N_CTX), "--chunks", "2", "--threads", str(usable_cpus()),
-                        "--plot", str(png)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            QWEN35,
+            "quant",
+            "eval",
+            str(files["F32"]),
+            str(files["Q8_0"]),
+            str(files["Q4_0"]),
+            "--text",
+            str(files["text"]),
+            "--ctx",
+            str(N_CTX),
+            "--chunks",
+            "2",
+            "--threads",
+            str(usable_cpus()),
+            "--plot",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.image.imread(png).shape[0] > 100
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kld.png"]          # no partial file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kld.png"]  # no partial file left
     for bad in (tmp_path / "kld.jpg", tmp_path / "missing" / "kld.png"):
-        r = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), "--text",
-                            str(files["text"]), "--plot", str(bad)], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                QWEN35,
+                "quant",
+                "eval",
+                str(files["F32"]),
+                str(files["Q8_0"]),
+                "--text",
+                str(files["text"]),
+                "--plot",
+                str(bad),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert _one_line_error(r) and "--plot" in r.stderr and not bad.exists()
 
 
@@ -163,14 +275,41 @@ def test_sweep_converts_scores_and_compares_recipes(files, tmp_path):
     from qwen35.gguf_scan import scan
 
     out = tmp_path / "sweep"
-    r = subprocess.run([QWEN35, "quant", "sweep", str(files["hf"]), "--targets", "Q8_0,Q4_K_M",
-                        "--recipes", "upstream,qwen35", "--text", str(files["text"]), "-o", str(out),
-                        "--ctx", str(N_CTX), "--chunks", "2", "--threads", str(usable_cpus()), "--json",
-                        "--plot", str(tmp_path / "sweep.png")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            QWEN35,
+            "quant",
+            "sweep",
+            str(files["hf"]),
+            "--targets",
+            "Q8_0,Q4_K_M",
+            "--recipes",
+            "upstream,qwen35",
+            "--text",
+            str(files["text"]),
+            "-o",
+            str(out),
+            "--ctx",
+            str(N_CTX),
+            "--chunks",
+            "2",
+            "--threads",
+            str(usable_cpus()),
+            "--json",
+            "--plot",
+            str(tmp_path / "sweep.png"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
-    assert [(x["target"], x["recipe"]) for x in rows] == [("Q8_0", "upstream"), ("Q8_0", "qwen35"),
-                                                          ("Q4_K_M", "upstream"), ("Q4_K_M", "qwen35")]
+    assert [(x["target"], x["recipe"]) for x in rows] == [
+        ("Q8_0", "upstream"),
+        ("Q8_0", "qwen35"),
+        ("Q4_K_M", "upstream"),
+        ("Q4_K_M", "qwen35"),
+    ]
     for x in rows:
         alone = tmp_path / "alone.gguf"
         convert(files["hf"], alone, file_type=x["target"], recipe=x["recipe"], force=True)
@@ -181,20 +320,38 @@ def test_sweep_converts_scores_and_compares_recipes(files, tmp_path):
         assert x["kld_vs_upstream"] == pytest.approx(x["kld_mean"] / up["kld_mean"])
         assert x["size_vs_upstream"] == pytest.approx(x["bytes"] / up["bytes"])
     q8 = {x["recipe"]: x for x in rows if x["target"] == "Q8_0"}
-    assert q8["qwen35"]["bytes"] > q8["upstream"]["bytes"]          # the DeltaNet gates went to F16
+    assert q8["qwen35"]["bytes"] > q8["upstream"]["bytes"]  # the DeltaNet gates went to F16
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    r = subprocess.run([QWEN35, "quant", "sweep", str(files["hf"]), "--targets", "Q4_K_S", "--recipes", "qwen35",
-                        "--text", str(files["text"]), "-o", str(tmp_path / "x")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            QWEN35,
+            "quant",
+            "sweep",
+            str(files["hf"]),
+            "--targets",
+            "Q4_K_S",
+            "--recipes",
+            "qwen35",
+            "--text",
+            str(files["text"]),
+            "-o",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert _one_line_error(r) and "--recipe qwen35 has mixes for" in r.stderr
 
 
 def test_eval_warns_when_the_files_are_not_one_model(files, moe_f32):
     base = ["--text", str(files["text"]), "--ctx", str(N_CTX), "--chunks", "1", "--threads", str(usable_cpus())]
-    same = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), *base],
-                          capture_output=True, text=True)
+    same = subprocess.run(
+        [QWEN35, "quant", "eval", str(files["F32"]), str(files["Q8_0"]), *base], capture_output=True, text=True
+    )
     assert same.returncode == 0 and "warning" not in same.stderr, same.stderr
-    other = subprocess.run([QWEN35, "quant", "eval", str(files["F32"]), str(moe_f32[1]), *base],
-                           capture_output=True, text=True)
+    other = subprocess.run(
+        [QWEN35, "quant", "eval", str(files["F32"]), str(moe_f32[1]), *base], capture_output=True, text=True
+    )
     assert f"warning: {moe_f32[1].name} is not the same model" in other.stderr, other.stderr
     assert "architecture qwen35moe vs qwen35" in other.stderr
 
@@ -203,8 +360,22 @@ def test_imatrix_shows_progress_on_a_terminal(moe_f32, files, tmp_path):
     from test_chat_cli import Terminal
 
     out = tmp_path / "im.gguf"
-    t = Terminal([QWEN35, "quant", "imatrix", str(moe_f32[1]), "--text", str(files["text"]), "-o", str(out),
-                  "--ctx", "64", "--threads", str(usable_cpus())])
-    t.expect(r"computing the importance matrix.*\d+/\d+")   # a bar that counts chunks, on the terminal only
+    t = Terminal(
+        [
+            QWEN35,
+            "quant",
+            "imatrix",
+            str(moe_f32[1]),
+            "--text",
+            str(files["text"]),
+            "-o",
+            str(out),
+            "--ctx",
+            "64",
+            "--threads",
+            str(usable_cpus()),
+        ]
+    )
+    t.expect(r"computing the importance matrix.*\d+/\d+")  # a bar that counts chunks, on the terminal only
     t.expect(r"wrote .*im\.gguf")
     assert t.p.wait(timeout=120) == 0 and out.is_file()

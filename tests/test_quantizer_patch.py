@@ -56,10 +56,27 @@ def _compile(tmp: Path, name: str, source: str, tree: Path) -> ctypes.CDLL:
     (tmp / "stubs.c").write_text(_stubs())
     out = tmp / f"lib{name}.so"
     # ggml-base's own flags (-O3, no -march); -Bsymbolic: the library's calls stay inside it
-    subprocess.run([cc, "-O3", "-DNDEBUG", "-std=gnu11", "-fPIC", "-shared", "-D_GNU_SOURCE",
-                    f"-I{tree / 'ggml' / 'src'}", f"-I{tree / 'ggml' / 'include'}", str(tmp / f"{name}.c"),
-                    str(tmp / "stubs.c"), "-o", str(out), "-lm", "-Wl,-Bsymbolic"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            cc,
+            "-O3",
+            "-DNDEBUG",
+            "-std=gnu11",
+            "-fPIC",
+            "-shared",
+            "-D_GNU_SOURCE",
+            f"-I{tree / 'ggml' / 'src'}",
+            f"-I{tree / 'ggml' / 'include'}",
+            str(tmp / f"{name}.c"),
+            str(tmp / "stubs.c"),
+            "-o",
+            str(out),
+            "-lm",
+            "-Wl,-Bsymbolic",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return ctypes.CDLL(str(out))
 
 
@@ -121,8 +138,23 @@ def _data(kind: str, rng) -> np.ndarray:
     return x
 
 
-KINDS = ["normal", "heavy-tailed", "positive", "negative", "sparse", "constant", "zeros", "tiny", "huge",
-         "subnormal", "halves", "few levels", "outliers", "nan", "inf"]
+KINDS = [
+    "normal",
+    "heavy-tailed",
+    "positive",
+    "negative",
+    "sparse",
+    "constant",
+    "zeros",
+    "tiny",
+    "huge",
+    "subnormal",
+    "halves",
+    "few levels",
+    "outliers",
+    "nan",
+    "inf",
+]
 
 
 def _row_bytes(q: Q) -> int:
@@ -132,8 +164,15 @@ def _row_bytes(q: Q) -> int:
 
 def _patched(lib, q: Q, x: np.ndarray, w) -> np.ndarray:
     out = np.zeros(ROWS * _row_bytes(q), np.uint8)
-    lib.ggml_quantize_chunk(int(q), ctypes.c_void_p(x.ctypes.data), ctypes.c_void_p(out.ctypes.data), 0, ROWS, COLS,
-                            None if w is None else ctypes.c_void_p(w.ctypes.data))
+    lib.ggml_quantize_chunk(
+        int(q),
+        ctypes.c_void_p(x.ctypes.data),
+        ctypes.c_void_p(out.ctypes.data),
+        0,
+        ROWS,
+        COLS,
+        None if w is None else ctypes.c_void_p(w.ctypes.data),
+    )
     return out
 
 
@@ -155,8 +194,9 @@ def test_quantizers_equal_upstream(libs, kind):
     for q in TYPES:
         for w in (None, weights):
             got, want = _patched(patched, q, x, w), _reference(pristine, q, x, w)
-            assert np.array_equal(got, want), f"{q.name} {kind} imatrix={w is not None}: " \
-                f"{int((got != want).sum())} bytes differ"
+            assert np.array_equal(got, want), (
+                f"{q.name} {kind} imatrix={w is not None}: {int((got != want).sum())} bytes differ"
+            )
 
 
 def test_the_comparison_sees_a_changed_quantizer(libs):

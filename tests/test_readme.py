@@ -19,8 +19,11 @@ def workdir(tmp_path_factory, lib_dir):
 
     d = tmp_path_factory.mktemp("readme")
     (d / "build" / "demo").mkdir(parents=True)
-    convert(ROOT / "examples" / "models" / "qwen35-dense-tiny", d / "build" / "demo" / "qwen35-dense-tiny-Q4_K_M.gguf",
-            file_type="Q4_K_M")
+    convert(
+        ROOT / "examples" / "models" / "qwen35-dense-tiny",
+        d / "build" / "demo" / "qwen35-dense-tiny-Q4_K_M.gguf",
+        file_type="Q4_K_M",
+    )
     return d
 
 

@@ -15,7 +15,7 @@ from qwen35.converter import quantize, recipes
 from qwen35.converter.recipes import ModelDesc, TensorDesc, qwen35_types
 
 CONVERT = str(Path(sys.executable).parent / "qwen35-convert")
-DENSE = ModelDesc(n_layer_all=9, n_expert=0, n_gqa=2)      # 8 trunk layers + the MTP block
+DENSE = ModelDesc(n_layer_all=9, n_expert=0, n_gqa=2)  # 8 trunk layers + the MTP block
 MOE = ModelDesc(n_layer_all=9, n_expert=8, n_gqa=2)
 
 # (case, tensor, ne, target, model, upstream's type, qwen35's type)
@@ -63,8 +63,9 @@ def test_the_table_is_well_formed():
 
 
 def _plan(hf, *args):
-    r = subprocess.run([CONVERT, str(hf), "-o", "/nonexistent/x.gguf", "--dry-run", "--json", *args],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [CONVERT, str(hf), "-o", "/nonexistent/x.gguf", "--dry-run", "--json", *args], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     return {p["name"]: p["type"] for p in json.loads(r.stdout)["plan"]}
 
@@ -79,8 +80,11 @@ def test_convert_applies_the_recipe_over_upstreams_plan(tiny_moe_f32, tmp_path):
     # Q8_0 (the converter's own type choice) gets the gates' cell and nothing else
     up8, ours8 = _plan(hf, "--type", "Q8_0"), _plan(hf, "--type", "Q8_0", "--recipe", "qwen35")
     assert {k for k in up8 if up8[k] != ours8[k]} == {k for k in up8 if ".ssm_alpha." in k or ".ssm_beta." in k}
-    r = subprocess.run([CONVERT, str(hf), "-o", str(tmp_path / "x.gguf"), "--type", "Q4_K_S", "--recipe", "qwen35"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [CONVERT, str(hf), "-o", str(tmp_path / "x.gguf"), "--type", "Q4_K_S", "--recipe", "qwen35"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "--recipe qwen35 has mixes for" in r.stderr
     assert not (tmp_path / "x.gguf").exists()
 
@@ -92,8 +96,11 @@ def test_dry_run_plans_the_file_that_is_written(tmp_path):
     out = tmp_path / "q.gguf"
 
     def plan(*args):
-        r = subprocess.run([CONVERT, str(demo), "-o", str(out), "--type", "Q4_K_M", "--dry-run", "--json", *args],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [CONVERT, str(demo), "-o", str(out), "--type", "Q4_K_M", "--dry-run", "--json", *args],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0 and not out.exists(), r.stderr
         return json.loads(r.stdout)
 
@@ -105,11 +112,17 @@ def test_dry_run_plans_the_file_that_is_written(tmp_path):
         assert t["raised"] == more, t
     assert any(t["raised"] for t in ours["plan"])
     assert {t["name"] for t in base["plan"] if t["raised"]} == {n for n in upstream if "ssm_out" in n}
-    r = subprocess.run([CONVERT, str(demo), "-o", str(out), "--type", "Q4_K_M", "--recipe", "qwen35", "--json"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [CONVERT, str(demo), "-o", str(out), "--type", "Q4_K_M", "--recipe", "qwen35", "--json"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert out.stat().st_size == ours["bytes"] == json.loads(r.stdout)["bytes"]
-    text = subprocess.run([CONVERT, str(demo), "-o", str(out), "--type", "Q4_K_M", "--recipe", "qwen35",
-                           "--dry-run"], capture_output=True, text=True).stdout
+    text = subprocess.run(
+        [CONVERT, str(demo), "-o", str(out), "--type", "Q4_K_M", "--recipe", "qwen35", "--dry-run"],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert text.splitlines()[0].split() == ["tensor", "shape", "(ggml", "ne)", "type", "bytes"]
     assert "*" in text and "more bits than llama-quantize's choice" in text

@@ -15,12 +15,35 @@ from qwen35.bindings.toolcalls import ToolCall, ToolCallParser
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = (ROOT / "examples" / "models" / "qwen35-dense-tiny" / "chat_template.jinja").read_text()
-TOOLS = [{"type": "function", "function": {"name": "python", "parameters": {
-    "type": "object", "properties": {"code": {"type": "string"}, "timeout": {"type": "integer"},
-                                     "verbose": {"type": "boolean"}, "ratio": {"type": "number"},
-                                     "tags": {"type": "array"}, "limit": {"type": ["integer", "null"]}}}}},
-         {"type": "function", "function": {"name": "edit", "parameters": {
-             "type": "object", "properties": {"path": {"type": "string"}, "new_text": {"type": "string"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "python",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "code": {"type": "string"},
+                    "timeout": {"type": "integer"},
+                    "verbose": {"type": "boolean"},
+                    "ratio": {"type": "number"},
+                    "tags": {"type": "array"},
+                    "limit": {"type": ["integer", "null"]},
+                },
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "edit",
+            "parameters": {
+                "type": "object",
+                "properties": {"path": {"type": "string"}, "new_text": {"type": "string"}},
+            },
+        },
+    },
+]
 FORBIDDEN = ("<tool_call>", "</tool_call>", "<think>", "</think>", "</parameter>", "</function>", "<|im_")
 
 
@@ -33,15 +56,16 @@ def render(message: dict, thinking: bool) -> str:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = lambda m: (_ for _ in ()).throw(jinja2.TemplateError(m))
     t = env.from_string(TEMPLATE)
-    head = t.render(messages=[{"role": "user", "content": "q"}], tools=TOOLS, add_generation_prompt=True,
-                    enable_thinking=thinking)
+    head = t.render(
+        messages=[{"role": "user", "content": "q"}], tools=TOOLS, add_generation_prompt=True, enable_thinking=thinking
+    )
     full = t.render(messages=[{"role": "user", "content": "q"}, message], tools=TOOLS, add_generation_prompt=False)
     start = full.index("<|im_start|>assistant\n") + len("<|im_start|>assistant\n")
-    written = full[start:full.rindex("<|im_end|>")]
-    opening = head[head.rindex("<|im_start|>assistant\n") + len("<|im_start|>assistant\n"):]
+    written = full[start : full.rindex("<|im_end|>")]
+    opening = head[head.rindex("<|im_start|>assistant\n") + len("<|im_start|>assistant\n") :]
     if thinking:
         assert written.startswith(opening)
-        return written[len(opening):]
+        return written[len(opening) :]
     # thinking off: the reply follows the empty think block of the prompt
     return written.split("</think>\n\n", 1)[1]
 
@@ -79,24 +103,50 @@ def merged(events):
 text_chars = st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x00")
 plain = st.text(text_chars, max_size=40).filter(lambda s: not any(f in s for f in FORBIDDEN))
 # argument values as code/edit tools see them: several lines, indentation, newlines at either end
-value = st.lists(st.one_of(plain, st.just(""), st.just("    indented()"), st.just("é → 漢字 🙂")),
-                 min_size=1, max_size=5).map("\n".join).map(lambda s: s.replace("\n\n\n", "\n\n"))
+value = (
+    st.lists(st.one_of(plain, st.just(""), st.just("    indented()"), st.just("é → 漢字 🙂")), min_size=1, max_size=5)
+    .map("\n".join)
+    .map(lambda s: s.replace("\n\n\n", "\n\n"))
+)
 call = st.one_of(
-    st.fixed_dictionaries({"name": st.just("python"), "arguments": st.fixed_dictionaries(
-        {"code": value}, optional={"timeout": st.integers(-10**6, 10**6), "verbose": st.booleans(),
-                                   "ratio": st.floats(-1e6, 1e6, allow_nan=False).filter(lambda x: x != int(x)),
-                                   "tags": st.lists(st.text(max_size=5), max_size=3),
-                                   "limit": st.none() | st.integers(0, 99)})}),
-    st.fixed_dictionaries({"name": st.just("edit"), "arguments": st.fixed_dictionaries(
-        {"path": plain.filter(lambda s: s.strip()), "new_text": value})}))
+    st.fixed_dictionaries(
+        {
+            "name": st.just("python"),
+            "arguments": st.fixed_dictionaries(
+                {"code": value},
+                optional={
+                    "timeout": st.integers(-(10**6), 10**6),
+                    "verbose": st.booleans(),
+                    "ratio": st.floats(-1e6, 1e6, allow_nan=False).filter(lambda x: x != int(x)),
+                    "tags": st.lists(st.text(max_size=5), max_size=3),
+                    "limit": st.none() | st.integers(0, 99),
+                },
+            ),
+        }
+    ),
+    st.fixed_dictionaries(
+        {
+            "name": st.just("edit"),
+            "arguments": st.fixed_dictionaries({"path": plain.filter(lambda s: s.strip()), "new_text": value}),
+        }
+    ),
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(reasoning=plain, content=plain, calls=st.lists(call, max_size=3), thinking=st.booleans(),
-       cuts=st.lists(st.integers(0, 10**6), max_size=60))
+@given(
+    reasoning=plain,
+    content=plain,
+    calls=st.lists(call, max_size=3),
+    thinking=st.booleans(),
+    cuts=st.lists(st.integers(0, 10**6), max_size=60),
+)
 def test_streamed_reply_equals_the_message_the_template_wrote(reasoning, content, calls, thinking, cuts):
-    message = {"role": "assistant", "content": content,
-               "tool_calls": [{"type": "function", "function": c} for c in calls]}
+    message = {
+        "role": "assistant",
+        "content": content,
+        "tool_calls": [{"type": "function", "function": c} for c in calls],
+    }
     if thinking:
         message["reasoning_content"] = reasoning
     text = render(message, thinking)
@@ -118,16 +168,18 @@ def test_a_call_opened_while_thinking_ends_the_reasoning():
     for cut in range(len(text)):
         _events, msg = parse(text, [cut], thinking=True)
         assert msg["reasoning_content"] == "I should run it."
-        assert msg["tool_calls"] == [{"type": "function", "function": {"name": "python",
-                                                                        "arguments": {"code": "print(1)"}}}]
+        assert msg["tool_calls"] == [
+            {"type": "function", "function": {"name": "python", "arguments": {"code": "print(1)"}}}
+        ]
 
 
 @pytest.mark.parametrize("thinking", [True, False])
 def test_newline_only_pieces_inside_a_call_are_kept(thinking):
     """Tokens that are only newlines (as in code) arrive before the reply has visible content."""
     code = "def hello():\n    print('hi')\n\nhello()\n"
-    text = ("done\n</think>\n\n" if thinking else "") + \
-        f"<tool_call>\n<function=python>\n<parameter=code>\n{code}\n</parameter>\n</function>\n</tool_call>"
+    text = (
+        "done\n</think>\n\n" if thinking else ""
+    ) + f"<tool_call>\n<function=python>\n<parameter=code>\n{code}\n</parameter>\n</function>\n</tool_call>"
     pieces = [p.encode() for p in text.replace("\n", "\x00\n\x00").split("\x00") if p]
     rt = _ReplyText(_Pieces(pieces), ToolCallParser(TOOLS), thinking)
     events = [e for i in range(len(pieces)) for e in rt.feed(i)]

@@ -16,7 +16,7 @@ from qwen35.bindings.sampling import SamplingParams
 from qwen35.cpus import usable_cpus
 
 QWEN35 = str(Path(sys.executable).parent / "qwen35")
-SIGMAS = 4.5          # per-token frequency bound, in standard deviations of a binomial
+SIGMAS = 4.5  # per-token frequency bound, in standard deviations of a binomial
 MESSAGES = [{"role": "user", "content": "What does json.dumps do?"}]
 
 
@@ -45,10 +45,12 @@ def expected_probs(logits: np.ndarray, p: SamplingParams, history: list[int] = (
             x = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, x)
         counts = np.bincount(np.asarray(history), minlength=logits.size)
         x = x - torch.tensor(counts * p.frequency_penalty + (counts > 0) * p.presence_penalty)[None]
-    for warp in ([TemperatureLogitsWarper(p.temperature)]
-                 + ([TopKLogitsWarper(p.top_k)] if p.top_k else [])
-                 + ([TopPLogitsWarper(p.top_p)] if p.top_p < 1 else [])
-                 + ([MinPLogitsWarper(p.min_p)] if p.min_p > 0 else [])):
+    for warp in (
+        [TemperatureLogitsWarper(p.temperature)]
+        + ([TopKLogitsWarper(p.top_k)] if p.top_k else [])
+        + ([TopPLogitsWarper(p.top_p)] if p.top_p < 1 else [])
+        + ([MinPLogitsWarper(p.min_p)] if p.min_p > 0 else [])
+    ):
         x = warp(ids, x)
     return torch.softmax(x[0], -1).numpy()
 
@@ -106,11 +108,16 @@ def replace_seed(p: SamplingParams, seed: int) -> SamplingParams:
     return replace(p, seed=seed)
 
 
-@pytest.mark.parametrize("penalties", [dict(presence_penalty=1.5), dict(frequency_penalty=0.7),
-                                       dict(repetition_penalty=1.3), dict(presence_penalty=0.5,
-                                                                          frequency_penalty=0.4,
-                                                                          repetition_penalty=1.1)],
-                         ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+@pytest.mark.parametrize(
+    "penalties",
+    [
+        dict(presence_penalty=1.5),
+        dict(frequency_penalty=0.7),
+        dict(repetition_penalty=1.3),
+        dict(presence_penalty=0.5, frequency_penalty=0.4, repetition_penalty=1.1),
+    ],
+    ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()),
+)
 def test_penalties_follow_the_reply_history(model, last_logits, penalties):
     """The tokens a reply has produced (accepted by the sampler) are penalized as transformers'
     repetition penalty and OpenAI's presence/frequency penalties define it; only the last
@@ -150,7 +157,7 @@ def test_chat_draws_the_first_token_from_the_context(model, last_logits):
         chat.messages = list(MESSAGES)
         r = chat.send(None, replace_seed(params, seed))
         assert r.usage.evaluated_tokens > 0
-        draws.append(r.tokens[0] if r.tokens else eog[0])   # an end-of-generation token ends the reply
+        draws.append(r.tokens[0] if r.tokens else eog[0])  # an end-of-generation token ends the reply
     probs = expected_probs(last_logits, params.resolve({}))
     probs[eog[0]] = probs[eog].sum()
     probs[eog[1:]] = 0
@@ -162,7 +169,7 @@ def test_greedy_and_seeded_replies(model):
     prompt = model.tokenize(model.render(MESSAGES, enable_thinking=False))
     # greedy: every token is the argmax of llama.cpp's logits after the reply so far
     logits = model.logits(prompt + greedy.tokens)
-    assert greedy.tokens == [int(np.argmax(row)) for row in logits[len(prompt) - 1:-1]]
+    assert greedy.tokens == [int(np.argmax(row)) for row in logits[len(prompt) - 1 : -1]]
     seeded = SamplingParams(temperature=1.0, seed=42, max_tokens=24)
     a = model.chat(MESSAGES, seeded, enable_thinking=False).tokens
     assert model.chat(MESSAGES, seeded, enable_thinking=False).tokens == a
@@ -178,7 +185,7 @@ def test_presence_penalty_in_a_greedy_reply_matches_a_numpy_replay(model):
     p = SamplingParams(temperature=0, presence_penalty=1.5, max_tokens=32)
     r = model.chat(MESSAGES, p, enable_thinking=False)
     prompt = model.tokenize(model.render(MESSAGES, enable_thinking=False))
-    logits = model.logits(prompt + r.tokens)[len(prompt) - 1:]
+    logits = model.logits(prompt + r.tokens)[len(prompt) - 1 :]
     for i, tok in enumerate(r.tokens):
         row = logits[i].astype(np.float64).copy()
         row[list(set(r.tokens[:i]))] -= 1.5
@@ -191,18 +198,20 @@ def test_logit_bias_and_stop_strings(model):
     greedy = SamplingParams(temperature=0, max_tokens=24)
     base = model.chat(MESSAGES, greedy, enable_thinking=False)
     first = base.tokens[0]
-    banned = model.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=4, logit_bias={first: -math.inf}),
-                        enable_thinking=False)
+    banned = model.chat(
+        MESSAGES, SamplingParams(temperature=0, max_tokens=4, logit_bias={first: -math.inf}), enable_thinking=False
+    )
     prompt = model.tokenize(model.render(MESSAGES, enable_thinking=False))
     row = model.logits(prompt)[-1]
     row[first] = -np.inf
     assert banned.tokens[0] == int(np.argmax(row)) != first
     # a stop string from the middle of the greedy reply ends the reply just before it
     text = base.content
-    stop = text[len(text) // 2: len(text) // 2 + 3]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     assert stop.strip(), text
-    cut = model.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=24, stop=(stop, "\x00never")),
-                     enable_thinking=False)
+    cut = model.chat(
+        MESSAGES, SamplingParams(temperature=0, max_tokens=24, stop=(stop, "\x00never")), enable_thinking=False
+    )
     assert cut.finish_reason == "stop" and cut.content == text[: text.index(stop)].strip()
 
 
@@ -212,11 +221,22 @@ def test_recommended_sampling_is_the_default(model, tiny_f32_gguf):
     llama.cpp's defaults. Greedy only when asked."""
     from qwen35.bindings.chat import Chat
 
-    cfg = json.loads((Path(__file__).resolve().parent.parent / "examples" / "models" / "qwen35-dense-tiny"
-                      / "generation_config.json").read_text())
-    assert model.recommended_sampling == pytest.approx({"general.sampling.temp": cfg["temperature"],
-                                                        "general.sampling.top_k": cfg["top_k"],
-                                                        "general.sampling.top_p": cfg["top_p"]})
+    cfg = json.loads(
+        (
+            Path(__file__).resolve().parent.parent
+            / "examples"
+            / "models"
+            / "qwen35-dense-tiny"
+            / "generation_config.json"
+        ).read_text()
+    )
+    assert model.recommended_sampling == pytest.approx(
+        {
+            "general.sampling.temp": cfg["temperature"],
+            "general.sampling.top_k": cfg["top_k"],
+            "general.sampling.top_p": cfg["top_p"],
+        }
+    )
     chat = Chat(model)
     used = chat.sampling()
     assert (used.temperature, used.top_k, used.top_p) == pytest.approx((cfg["temperature"], cfg["top_k"], cfg["top_p"]))
@@ -225,19 +245,31 @@ def test_recommended_sampling_is_the_default(model, tiny_f32_gguf):
     with _load(tiny_f32_gguf) as m:
         with open(Path(tiny_f32_gguf).parent / "hf" / "generation_config.json") as f:
             tiny_cfg = json.load(f)
-        expect = {"temperature": tiny_cfg.get("temperature", 0.8), "top_k": tiny_cfg.get("top_k", 40),
-                  "top_p": tiny_cfg.get("top_p", 0.95)}
+        expect = {
+            "temperature": tiny_cfg.get("temperature", 0.8),
+            "top_k": tiny_cfg.get("top_k", 40),
+            "top_p": tiny_cfg.get("top_p", 0.95),
+        }
         got = Chat(m).sampling()
         assert (got.temperature, got.top_k, got.top_p) == pytest.approx(tuple(expect.values()))
 
 
-@pytest.mark.parametrize("kw,word", [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
-                                     (dict(top_k=-3), "top_k"), (dict(min_p=2), "min_p"),
-                                     (dict(presence_penalty=3), "presence_penalty"),
-                                     (dict(repetition_penalty=0), "repetition_penalty"),
-                                     (dict(seed=-1), "seed"), (dict(max_tokens=0), "max_tokens"),
-                                     (dict(logit_bias={"x": 1}), "logit_bias"), (dict(stop=("",)), "stop"),
-                                     (dict(temperature=float("nan")), "temperature")])
+@pytest.mark.parametrize(
+    "kw,word",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_k=-3), "top_k"),
+        (dict(min_p=2), "min_p"),
+        (dict(presence_penalty=3), "presence_penalty"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(seed=-1), "seed"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(logit_bias={"x": 1}), "logit_bias"),
+        (dict(stop=("",)), "stop"),
+        (dict(temperature=float("nan")), "temperature"),
+    ],
+)
 def test_bad_sampling_is_one_error_naming_the_field(kw, word):
     with pytest.raises(ValueError, match=word):
         SamplingParams(**kw)
@@ -268,19 +300,36 @@ def test_cli_sampling_flags(trained_dense_gguf):
     flags), and a seeded reply equals the Python API's with the same settings."""
     from qwen35.bindings.chat import Chat
 
-    base = [QWEN35, "chat", str(trained_dense_gguf), "-p", MESSAGES[0]["content"], "-n", "16", "--no-think", "--json",
-            "--threads", str(usable_cpus())]
-    r = subprocess.run(base + ["--temp", "0.9", "--top-k", "7", "--min-p", "0.01", "--seed", "5",
-                               "--presence-penalty", "0.5"], capture_output=True, text=True, timeout=300)
+    base = [
+        QWEN35,
+        "chat",
+        str(trained_dense_gguf),
+        "-p",
+        MESSAGES[0]["content"],
+        "-n",
+        "16",
+        "--no-think",
+        "--json",
+        "--threads",
+        str(usable_cpus()),
+    ]
+    r = subprocess.run(
+        base + ["--temp", "0.9", "--top-k", "7", "--min-p", "0.01", "--seed", "5", "--presence-penalty", "0.5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     s = out["sampling"]
     assert (s["temperature"], s["top_k"], s["min_p"], s["seed"], s["presence_penalty"]) == (0.9, 7, 0.01, 5, 0.5)
-    assert s["top_p"] == pytest.approx(0.8)   # not given: the GGUF's recommendation
+    assert s["top_p"] == pytest.approx(0.8)  # not given: the GGUF's recommendation
     with _load(trained_dense_gguf, n_ctx=8192) as m:
         chat = Chat(m, enable_thinking=False)
-        py = chat.send(MESSAGES[0]["content"], SamplingParams(temperature=0.9, top_k=7, min_p=0.01, seed=5,
-                                                              presence_penalty=0.5, max_tokens=16))
+        py = chat.send(
+            MESSAGES[0]["content"],
+            SamplingParams(temperature=0.9, top_k=7, min_p=0.01, seed=5, presence_penalty=0.5, max_tokens=16),
+        )
     assert out["content"] == py.content
     bad = subprocess.run(base + ["--top-p", "1.5"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "top_p=1.5" in bad.stderr

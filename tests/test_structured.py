@@ -11,24 +11,59 @@ import pytest
 from qwen35.bindings.sampling import SamplingParams
 from qwen35.cpus import usable_cpus
 
-SCHEMA = {"type": "object", "additionalProperties": False, "required": ["module", "stdlib", "kind"],
-          "properties": {"module": {"type": "string", "maxLength": 16},
-                         "stdlib": {"type": "boolean"},
-                         "kind": {"enum": ["function", "class", "module"]},
-                         "since": {"type": "integer"}}}
+SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["module", "stdlib", "kind"],
+    "properties": {
+        "module": {"type": "string", "maxLength": 16},
+        "stdlib": {"type": "boolean"},
+        "kind": {"enum": ["function", "class", "module"]},
+        "since": {"type": "integer"},
+    },
+}
 FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
-TOOLS = [{"type": "function", "function": {"name": "run_python", "description": "Run Python code.", "parameters": {
-    "type": "object", "required": ["code"], "additionalProperties": False,
-    "properties": {"code": {"type": "string"}, "timeout": {"type": "integer"}}}}},
-         {"type": "function", "function": {"name": "lookup", "description": "Look a name up in the docs.",
-                                           "parameters": {"type": "object", "required": ["module"],
-                                                          "additionalProperties": False, "properties": {
-                                                              "module": {"enum": ["json", "os", "re", "sys"]},
-                                                              "exact": {"type": "boolean"}}}}},
-         {"type": "function", "function": {"name": "squares", "description": "Squares of 1 to n.",
-                                           "parameters": {"type": "object", "required": ["n"],
-                                                          "additionalProperties": False,
-                                                          "properties": {"n": {"type": "integer"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "run_python",
+            "description": "Run Python code.",
+            "parameters": {
+                "type": "object",
+                "required": ["code"],
+                "additionalProperties": False,
+                "properties": {"code": {"type": "string"}, "timeout": {"type": "integer"}},
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Look a name up in the docs.",
+            "parameters": {
+                "type": "object",
+                "required": ["module"],
+                "additionalProperties": False,
+                "properties": {"module": {"enum": ["json", "os", "re", "sys"]}, "exact": {"type": "boolean"}},
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "squares",
+            "description": "Squares of 1 to n.",
+            "parameters": {
+                "type": "object",
+                "required": ["n"],
+                "additionalProperties": False,
+                "properties": {"n": {"type": "integer"}},
+            },
+        },
+    },
+]
 # free-text arguments are never closed by this 10M model, which has seen no tool calls: the
 # constrained-call tests offer it the typed tools (free text is covered by test_reply_parsing)
 TYPED_TOOLS = TOOLS[1:]
@@ -60,8 +95,7 @@ def test_json_schema_replies_validate(model, thinking):
     reasoned = answered = 0
     for seed in SEEDS:
         chat = Chat(model, enable_thinking=thinking)
-        r = chat.send("Which module has json.dumps? Answer in JSON.", _sampling(seed, model),
-                      response_format=FORMAT)
+        r = chat.send("Which module has json.dumps? Answer in JSON.", _sampling(seed, model), response_format=FORMAT)
         assert not r.tool_calls
         if thinking and r.finish_reason == "length" and not r.content:
             continue
@@ -70,22 +104,27 @@ def test_json_schema_replies_validate(model, thinking):
         answered += 1
         reasoned += bool(r.reasoning.strip())
     assert answered >= 0.9 * len(SEEDS)
-    if thinking:   # the reasoning before the answer is free text, not JSON
+    if thinking:  # the reasoning before the answer is free text, not JSON
         assert reasoned > answered // 2
 
 
 def test_json_object_replies_are_objects(model):
     for seed in SEEDS:
-        r = model.chat([{"role": "user", "content": "Describe os.path as JSON."}], _sampling(seed, model),
-                       enable_thinking=False, response_format={"type": "json_object"})
+        r = model.chat(
+            [{"role": "user", "content": "Describe os.path as JSON."}],
+            _sampling(seed, model),
+            enable_thinking=False,
+            response_format={"type": "json_object"},
+        )
         if r.finish_reason == "stop":
             assert isinstance(json.loads(r.content), dict)
-        else:   # cut by max_tokens inside a free-form object: the text so far is a valid prefix
+        else:  # cut by max_tokens inside a free-form object: the text so far is a valid prefix
             assert r.finish_reason == "length" and r.content.startswith("{")
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "lookup"}}],
-                         ids=["required", "named"])
+@pytest.mark.parametrize(
+    "choice", ["required", {"type": "function", "function": {"name": "lookup"}}], ids=["required", "named"]
+)
 @pytest.mark.parametrize("thinking", [False, True])
 def test_required_and_named_tool_choice_give_valid_calls(model, choice, thinking):
     from qwen35.bindings.chat import Chat
@@ -95,9 +134,13 @@ def test_required_and_named_tool_choice_give_valid_calls(model, choice, thinking
     done = 0
     for seed in SEEDS:
         chat = Chat(model, tools=TYPED_TOOLS, enable_thinking=thinking)
-        r = chat.send("Print the squares of 1 to 5.", _sampling(seed, model, presence_penalty=1.0),
-                      tool_choice=choice, parallel_tool_calls=seed % 2 == 0)
-        if r.finish_reason == "length":   # still reasoning, or still calling in parallel (this model loops)
+        r = chat.send(
+            "Print the squares of 1 to 5.",
+            _sampling(seed, model, presence_penalty=1.0),
+            tool_choice=choice,
+            parallel_tool_calls=seed % 2 == 0,
+        )
+        if r.finish_reason == "length":  # still reasoning, or still calling in parallel (this model loops)
             assert thinking or seed % 2 == 0, (seed, r)
             continue
         assert not r.malformed_tool_calls and not r.content, (seed, r)

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
 NAMES = ["qwen35-dense-tiny", "qwen35-moe-tiny"]
 HELDOUT = MODELS / "text" / "heldout.txt"
-TOL_LOGITS_REL_STD = 2e-3      # as tests/test_converter.py: f32 weights, F32 KV cache, no flash attention
+TOL_LOGITS_REL_STD = 2e-3  # as tests/test_converter.py: f32 weights, F32 KV cache, no flash attention
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,9 @@ def test_released_layout(name):
     moe = name.startswith("qwen35-moe")
     assert conf["architectures"] == ["Qwen3_5MoeForConditionalGeneration" if moe else "Qwen3_5ForConditionalGeneration"]
     assert text["num_hidden_layers"] >= 8
-    assert text["layer_types"] == ["linear_attention"] * 3 + ["full_attention"] + \
-        (["linear_attention"] * 3 + ["full_attention"]) * (text["num_hidden_layers"] // 4 - 1)
+    assert text["layer_types"] == ["linear_attention"] * 3 + ["full_attention"] + (
+        ["linear_attention"] * 3 + ["full_attention"]
+    ) * (text["num_hidden_layers"] // 4 - 1)
     assert text["linear_num_value_heads"] == 2 * text["linear_num_key_heads"]
     assert text["rope_parameters"]["partial_rotary_factor"] == 0.25 and text["mtp_num_hidden_layers"] == 1
     index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
@@ -61,8 +62,14 @@ def test_released_layout(name):
         gu = tensors["model.language_model.layers.0.mlp.experts.gate_up_proj"]["shape"]
         assert gu == [text["num_experts"], 2 * text["moe_intermediate_size"], text["hidden_size"]]
         assert "model.language_model.layers.0.mlp.shared_expert.down_proj.weight" in tensors
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json",
-              "README.md", "training_log.json"):
+    for f in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "README.md",
+        "training_log.json",
+    ):
         assert (d / f).is_file(), f
     assert (d / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (d / "README.md").read_text()
@@ -79,10 +86,10 @@ def test_vocabulary_is_the_real_qwen35_one_trimmed(name):
     ranks = {base64.b64decode(t): int(r) for t, r in (ln.split() for ln in res.read_text().splitlines() if ln)}
     u2b = {u: b for b, u in _bytes_to_unicode().items()}
     pieces = {bytes(u2b[c] for c in s): i for s, i in tok["model"]["vocab"].items()}
-    assert all(p in ranks for p in pieces)                                   # every piece is a real Qwen3.5 piece
-    assert sorted(pieces, key=pieces.get) == sorted(pieces, key=ranks.get)   # in the real rank order
+    assert all(p in ranks for p in pieces)  # every piece is a real Qwen3.5 piece
+    assert sorted(pieces, key=pieces.get) == sorted(pieces, key=ranks.get)  # in the real rank order
     assert all(bytes([b]) in pieces for b in range(256))
-    for a, b in tok["model"]["merges"]:                                      # merges stay inside the vocabulary
+    for a, b in tok["model"]["merges"]:  # merges stay inside the vocabulary
         pa, pb = bytes(u2b[c] for c in a), bytes(u2b[c] for c in b)
         assert pa in pieces and pb in pieces and pa + pb in pieces
     specials = {t["content"]: t["id"] for t in tok["added_tokens"]}
@@ -95,7 +102,7 @@ def test_vocabulary_is_the_real_qwen35_one_trimmed(name):
 
 
 def _heldout(n_chars: int = 6000, offset: int = 0) -> str:
-    return HELDOUT.read_text(encoding="utf-8")[offset:offset + n_chars]
+    return HELDOUT.read_text(encoding="utf-8")[offset : offset + n_chars]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -107,15 +114,19 @@ def test_llama_cpp_tokenizes_and_renders_like_the_checkpoint(name, f32):
 
     hf_tok = Tokenizer.from_file(str(MODELS / name / "tokenizer.json"))
     auto = AutoTokenizer.from_pretrained(MODELS / name)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does `os.path.join()` do?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What does `os.path.join()` do?"},
+    ]
     with Model.load(f32[name], n_ctx=256, n_threads=usable_cpus()) as m:
         for k in range(4):
             text = _heldout(3000, 20_000 * k)
             assert m.tokenize(text, special=False) == hf_tok.encode(text, add_special_tokens=False).ids
         for thinking in (False, True):
             ours = m.render(messages, enable_thinking=thinking)
-            assert ours == auto.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                                    enable_thinking=thinking)
+            assert ours == auto.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+            )
             assert m.tokenize(ours) == hf_tok.encode(ours, add_special_tokens=False).ids
 
 
@@ -145,11 +156,13 @@ def test_quantization_quality_baseline(name, f32, tmp_path):
     from qwen35.converter.convert import convert
     from qwen35.quant import evaluate
 
-    files = [convert(MODELS / name, tmp_path / f"{t}.gguf", file_type=t).path for t in ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M")]
+    files = [
+        convert(MODELS / name, tmp_path / f"{t}.gguf", file_type=t).path for t in ("Q8_0", "Q6_K", "Q4_K_M", "Q3_K_M")
+    ]
     res = evaluate(f32[name], files, _heldout(60_000), n_ctx=512, max_chunks=12, n_threads=usable_cpus())
     top1 = [r.top1_agreement for r in res]
     assert top1 == sorted(top1, reverse=True) and top1[0] > 0.98 and top1[2] > 0.9, top1
     if name == "qwen35-dense-tiny":
         kld = [r.kld_mean for r in res]
         assert kld == sorted(kld) and kld[0] < 1e-4, kld
-    assert res[0].ref_ppl < 200      # trained, not random: uniform over 8,192 ids would be 8,192
+    assert res[0].ref_ppl < 200  # trained, not random: uniform over 8,192 ids would be 8,192

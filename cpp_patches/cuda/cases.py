@@ -21,8 +21,7 @@ TOL_REL_RMS = 1e-5
 
 
 def _case(S, T, H_k, H_v, B=1, B_qk=1, g_scale=1.0, pad=0, extra=0, bv=0, spike=0) -> dict:
-    return dict(S=S, T=T, H_k=H_k, H_v=H_v, B=B, B_qk=B_qk, g_scale=g_scale, pad=pad, extra=extra, bv=bv,
-                spike=spike)
+    return dict(S=S, T=T, H_k=H_k, H_v=H_v, B=B, B_qk=B_qk, g_scale=g_scale, pad=pad, extra=extra, bv=bv, spike=spike)
 
 
 def correctness_cases(long: bool = True) -> list[dict]:
@@ -36,11 +35,11 @@ def correctness_cases(long: bool = True) -> list[dict]:
                 cases.append(_case(S, T, H_k=2, H_v=2 * ratio))
     cases += [
         _case(128, 300, H_k=2, H_v=4, B=4, B_qk=4),
-        _case(128, 300, H_k=2, H_v=4, B=3, B_qk=1),            # q/k broadcast over sequences
+        _case(128, 300, H_k=2, H_v=4, B=3, B_qk=1),  # q/k broadcast over sequences
         _case(64, 200, H_k=1, H_v=4, B=2, B_qk=2, g_scale=1e-4),  # g near 0 (almost no decay)
         _case(128, 200, H_k=2, H_v=4, B=2, B_qk=2, g_scale=20.0),  # g near -20 (state wiped each token)
-        _case(128, 130, H_k=2, H_v=4, B=2, B_qk=1, pad=24),     # q/k/v rows inside wider rows
-        _case(64, 130, H_k=2, H_v=4, B=2, B_qk=2, extra=4),     # tokens past T belong to another kernel
+        _case(128, 130, H_k=2, H_v=4, B=2, B_qk=1, pad=24),  # q/k/v rows inside wider rows
+        _case(64, 130, H_k=2, H_v=4, B=2, B_qk=2, extra=4),  # tokens past T belong to another kernel
         # 64 value columns per state-pass block (chosen where 32 would need a second wave)
         _case(128, 1000, H_k=2, H_v=4, bv=64),
         _case(128, 130, H_k=2, H_v=4, B=2, B_qk=2, extra=4, bv=64),

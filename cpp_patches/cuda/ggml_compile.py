@@ -38,8 +38,13 @@ import tree  # noqa: E402
 HEADER = HERE / "gated_delta_net_chunked.cuh"
 CHANGED = ("gated_delta_net.cu", "gated_delta_net_chunked.cuh")
 # The kernels the wiring must instantiate: prep for S_v 64/128, state for (S_v, tile) pairs.
-KERNELS = ("gdn_chunk_prepILi64E", "gdn_chunk_prepILi128E", "gdn_chunk_stateILi64ELi32E",
-           "gdn_chunk_stateILi128ELi32E", "gdn_chunk_stateILi128ELi64E")
+KERNELS = (
+    "gdn_chunk_prepILi64E",
+    "gdn_chunk_prepILi128E",
+    "gdn_chunk_stateILi64ELi32E",
+    "gdn_chunk_stateILi128ELi32E",
+    "gdn_chunk_stateILi128ELi64E",
+)
 
 # Every target of ggml's default (non-native) CUDA 13 build, compiled here as real code: the
 # virtual ones (75, 80, 90) run as PTX JIT-compiled to the card, so their SASS is checked too.
@@ -54,8 +59,16 @@ CUBLAS_SHA256 = "f6723af2e8e2600a11dc384037d90d9bf93070e346c24ef2e8f9001658c9989
 CUBLAS_INCLUDE = tree.CACHE / f"cublas-{CUBLAS_VERSION}" / "include"
 
 # ggml/src/ggml-cuda/CMakeLists.txt and ggml/src/CMakeLists.txt, for a Release shared build
-DEFINES = ["NDEBUG", "GGML_CUDA_USE_GRAPHS", "GGML_SCHED_MAX_COPIES=4", "_GNU_SOURCE", "_XOPEN_SOURCE=600",
-           "GGML_BACKEND_BUILD", "GGML_BACKEND_SHARED", "GGML_SHARED"]
+DEFINES = [
+    "NDEBUG",
+    "GGML_CUDA_USE_GRAPHS",
+    "GGML_SCHED_MAX_COPIES=4",
+    "_GNU_SOURCE",
+    "_XOPEN_SOURCE=600",
+    "GGML_BACKEND_BUILD",
+    "GGML_BACKEND_SHARED",
+    "GGML_SHARED",
+]
 
 
 def log(msg: str) -> None:
@@ -77,17 +90,34 @@ def nvcc_finds_cublas() -> bool:
 
 def download_cublas_wheel(dest: Path) -> Path:
     """The pinned nvidia-cublas wheel (~420 MB) downloaded into dest and checked by sha256."""
-    r = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
-                        "--only-binary=:all:", "--platform", "manylinux_2_27_x86_64", "-d", str(dest),
-                        f"{CUBLAS}=={CUBLAS_VERSION}"])
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--platform",
+            "manylinux_2_27_x86_64",
+            "-d",
+            str(dest),
+            f"{CUBLAS}=={CUBLAS_VERSION}",
+        ]
+    )
     wheel = dest / CUBLAS_FILE
     if r.returncode != 0 or not wheel.exists():
-        raise tree.TreeError(f"could not download {CUBLAS}=={CUBLAS_VERSION} from PyPI; check the network "
-                             "or install a CUDA toolkit with cuBLAS")
+        raise tree.TreeError(
+            f"could not download {CUBLAS}=={CUBLAS_VERSION} from PyPI; check the network "
+            "or install a CUDA toolkit with cuBLAS"
+        )
     digest = tree.sha256_file(wheel)
     if digest != CUBLAS_SHA256:
-        raise tree.TreeError(f"{CUBLAS_FILE} has sha256 {digest}, expected {CUBLAS_SHA256}; "
-                             "refusing an unverified cuBLAS")
+        raise tree.TreeError(
+            f"{CUBLAS_FILE} has sha256 {digest}, expected {CUBLAS_SHA256}; refusing an unverified cuBLAS"
+        )
     return wheel
 
 
@@ -146,11 +176,14 @@ def promote(llama: Path, commit: bool) -> list[Path]:
         if commit:
             tree.apply_patch(llama, patch)
             continue
-        r = subprocess.run(["git", "apply", "--whitespace=nowarn", str(patch)], cwd=llama, capture_output=True,
-                           text=True)
+        r = subprocess.run(
+            ["git", "apply", "--whitespace=nowarn", str(patch)], cwd=llama, capture_output=True, text=True
+        )
         if r.returncode != 0:
-            raise tree.TreeError(f"pending patch {patch.name} does not apply on the series: "
-                                 f"{tree.first_hunk_error(r.stderr)}; rebase it on a `make setup` tree")
+            raise tree.TreeError(
+                f"pending patch {patch.name} does not apply on the series: "
+                f"{tree.first_hunk_error(r.stderr)}; rebase it on a `make setup` tree"
+            )
     return patches
 
 
@@ -159,8 +192,9 @@ def export_promoted(prepared: Path, dest: Path) -> None:
     if not (prepared / ".git").exists():
         raise tree.TreeError(f"{prepared} is not a prepared tree; run `make setup` first")
     dest.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "archive", "HEAD", "ggml", "tests/test-backend-ops.cpp"], cwd=prepared,
-                             capture_output=True)
+    archive = subprocess.run(
+        ["git", "archive", "HEAD", "ggml", "tests/test-backend-ops.cpp"], cwd=prepared, capture_output=True
+    )
     if archive.returncode != 0:
         raise tree.TreeError(f"git archive failed in {prepared}: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
@@ -169,9 +203,22 @@ def export_promoted(prepared: Path, dest: Path) -> None:
 
 def nvcc_tu_cmd(llama: Path, arch: str, out: Path, cublas: Path | None) -> list[str]:
     cuda = llama / "ggml" / "src" / "ggml-cuda"
-    cmd = ["nvcc", "-c", str(cuda / "gated_delta_net.cu"), "-o", str(out), "-std=c++17", "-O3",
-           "-use_fast_math", "-extended-lambda", "-Xcompiler", "-Wall,-Wextra,-Wno-pedantic",
-           f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v"]
+    cmd = [
+        "nvcc",
+        "-c",
+        str(cuda / "gated_delta_net.cu"),
+        "-o",
+        str(out),
+        "-std=c++17",
+        "-O3",
+        "-use_fast_math",
+        "-extended-lambda",
+        "-Xcompiler",
+        "-Wall,-Wextra,-Wno-pedantic",
+        f"-gencode=arch=compute_{arch},code=sm_{arch}",
+        "-Xptxas",
+        "-v",
+    ]
     cmd += [f"-D{d}" for d in DEFINES]
     cmd += ["-I", str(llama / "ggml" / "src"), "-I", str(llama / "ggml" / "include")]
     if cublas is not None:
@@ -210,8 +257,9 @@ def kernel_name(mangled: str) -> str:
 
 
 # "file.cu:12:5: warning: ..." (host compiler) and "file.cu(12): warning #177-D: ..." (nvcc front end)
-CHANGED_WARNING = re.compile(r"(?:^|/)(?:" + "|".join(re.escape(f) for f in CHANGED) +
-                             r")(?:\(\d+\)|:\d+(?::\d+)?):\s+warning")
+CHANGED_WARNING = re.compile(
+    r"(?:^|/)(?:" + "|".join(re.escape(f) for f in CHANGED) + r")(?:\(\d+\)|:\d+(?::\d+)?):\s+warning"
+)
 
 
 def warnings_in_changed_files(stderr: str) -> list[str]:
@@ -221,8 +269,9 @@ def warnings_in_changed_files(stderr: str) -> list[str]:
 def compile_tu(llama: Path, arch: str, cublas: Path | None) -> dict:
     """Compile gated_delta_net.cu for arch; returns the report, raises TreeError on a failure."""
     with tempfile.TemporaryDirectory() as tmp:
-        r = subprocess.run(nvcc_tu_cmd(llama, arch, Path(tmp) / "gated_delta_net.o", cublas), capture_output=True,
-                           text=True)
+        r = subprocess.run(
+            nvcc_tu_cmd(llama, arch, Path(tmp) / "gated_delta_net.o", cublas), capture_output=True, text=True
+        )
     if r.returncode != 0:
         errors = [line for line in r.stderr.splitlines() if "error" in line] or r.stderr.strip().splitlines()[-1:]
         raise tree.TreeError(f"ggml-cuda/gated_delta_net.cu does not compile for sm_{arch}: {errors[0].strip()}")
@@ -242,8 +291,20 @@ def compile_tu(llama: Path, arch: str, cublas: Path | None) -> dict:
 
 def check_test_backend_ops(llama: Path) -> None:
     cxx = os.environ.get("CXX") or "c++"
-    r = subprocess.run([cxx, "-fsyntax-only", "-std=c++17", "-Wall", "-Wextra", "-I", str(llama / "ggml" / "include"),
-                        str(llama / "tests" / "test-backend-ops.cpp")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            cxx,
+            "-fsyntax-only",
+            "-std=c++17",
+            "-Wall",
+            "-Wextra",
+            "-I",
+            str(llama / "ggml" / "include"),
+            str(llama / "tests" / "test-backend-ops.cpp"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0 or "warning" in r.stderr:
         first = next((line for line in r.stderr.splitlines() if "error" in line or "warning" in line), r.stderr)
         raise tree.TreeError(f"tests/test-backend-ops.cpp with the pending patches: {first.strip()}")
@@ -258,26 +319,40 @@ def run(archs: list[str], prepared: Path, keep: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         llama = Path(tmp) / "llama.cpp"
         export_promoted(prepared, llama)
-        if keep is not None:   # only a complete export is moved there
+        if keep is not None:  # only a complete export is moved there
             keep.parent.mkdir(parents=True, exist_ok=True)
             if keep.exists():
-                keep.rmdir()   # empty, checked above
+                keep.rmdir()  # empty, checked above
             llama = Path(shutil.move(str(llama), str(keep)))
-        report = {"pending": [p.name for p in pending_patches()], "cublas": str(cublas) if cublas else "toolkit",
-                  "tu": [compile_tu(llama, a, cublas) for a in archs]}
+        report = {
+            "pending": [p.name for p in pending_patches()],
+            "cublas": str(cublas) if cublas else "toolkit",
+            "tu": [compile_tu(llama, a, cublas) for a in archs],
+        }
         check_test_backend_ops(llama)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", nargs="+", default=list(DEFAULT_BUILD_ARCHS),
-                    help=f"nvcc archs (default: {' '.join(DEFAULT_BUILD_ARCHS)}, ggml's default CUDA 13 build)")
-    ap.add_argument("--tree", type=Path, default=tree.ROOT / "build" / "src" / "vendor" / "llama.cpp",
-                    help="the prepared llama.cpp tree (default: make setup's)")
+    ap.add_argument(
+        "--arch",
+        nargs="+",
+        default=list(DEFAULT_BUILD_ARCHS),
+        help=f"nvcc archs (default: {' '.join(DEFAULT_BUILD_ARCHS)}, ggml's default CUDA 13 build)",
+    )
+    ap.add_argument(
+        "--tree",
+        type=Path,
+        default=tree.ROOT / "build" / "src" / "vendor" / "llama.cpp",
+        help="the prepared llama.cpp tree (default: make setup's)",
+    )
     ap.add_argument("--keep", type=Path, help="export the promoted sources here and leave them")
-    ap.add_argument("--fetch-only", action="store_true",
-                    help="only make sure nvcc can find cuBLAS headers (does nothing without nvcc)")
+    ap.add_argument(
+        "--fetch-only",
+        action="store_true",
+        help="only make sure nvcc can find cuBLAS headers (does nothing without nvcc)",
+    )
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     try:

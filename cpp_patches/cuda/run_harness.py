@@ -48,8 +48,11 @@ ROOT = HERE.parent.parent
 TREES = [ROOT / "build" / "src" / "vendor" / "llama.cpp"]
 GDN_CU = Path("ggml") / "src" / "ggml-cuda" / "gated_delta_net.cu"
 # upstream's kernel template: everything from it to its host-side launcher
-UPSTREAM_KERNEL = re.compile(r"template\s*<\s*int S_v,\s*bool KDA,\s*bool keep_rs_t\s*>.*?(?=template\s*<\s*bool KDA,"
-                             r"\s*bool keep_rs_t\s*>\s*static void launch_gated_delta_net\b)", re.S)
+UPSTREAM_KERNEL = re.compile(
+    r"template\s*<\s*int S_v,\s*bool KDA,\s*bool keep_rs_t\s*>.*?(?=template\s*<\s*bool KDA,"
+    r"\s*bool keep_rs_t\s*>\s*static void launch_gated_delta_net\b)",
+    re.S,
+)
 # Upstream's kernel is a sequential float32 recurrence. The emulator's token-sequential stand-in
 # for it is within 3.4e-7 of the reference on this whole grid (T 8192 included), the pinned CPU
 # op within 2e-5 on tests/test_gdn_reference.py's grid; 5x the latter for __expf (a few ulp per
@@ -61,8 +64,10 @@ def llama_tree(given: Path | None = None) -> Path:
     for tree in [given] if given else TREES:
         if (tree / GDN_CU).exists():
             return tree
-    raise RuntimeError(f"no llama.cpp tree with {GDN_CU} at {given or ' or '.join(map(str, TREES))} (its "
-                       "token-sequential kernel runs beside the chunked one): run `make setup`")
+    raise RuntimeError(
+        f"no llama.cpp tree with {GDN_CU} at {given or ' or '.join(map(str, TREES))} (its "
+        "token-sequential kernel runs beside the chunked one): run `make setup`"
+    )
 
 
 def upstream_kernel_text(llama: Path) -> str:
@@ -70,8 +75,10 @@ def upstream_kernel_text(llama: Path) -> str:
     src = llama / GDN_CU
     m = UPSTREAM_KERNEL.search(src.read_text())
     if m is None:
-        raise RuntimeError(f"{src}: no gated_delta_net_cuda kernel before launch_gated_delta_net; this llama.cpp "
-                           "lays the file out differently: update UPSTREAM_KERNEL in run_harness.py")
+        raise RuntimeError(
+            f"{src}: no gated_delta_net_cuda kernel before launch_gated_delta_net; this llama.cpp "
+            "lays the file out differently: update UPSTREAM_KERNEL in run_harness.py"
+        )
     return f"// llama.cpp's token-sequential kernel, from {GDN_CU}\n#pragma once\n\n" + m.group(0)
 
 
@@ -96,7 +103,7 @@ def cublas_include() -> Path | None:
     for inc in (ggml_compile.CUBLAS_INCLUDE,):
         if (inc / "cublas_v2.h").exists():
             return inc
-    for d in filter(None, sys.path):   # nvidia/<cu13 or cublas>/include/ of the wheel
+    for d in filter(None, sys.path):  # nvidia/<cu13 or cublas>/include/ of the wheel
         for header in sorted(Path(d).glob("nvidia/*/include/cublas_v2.h")):
             return header.parent
     raise RuntimeError("nvcc finds no cuBLAS headers: run `make cuda-deps`, or install the CUDA toolkit's cuBLAS")
@@ -138,17 +145,17 @@ def harness_key(arch: str, llama: Path, extra: tuple[str, ...] = ()) -> str:
 def gpu_arch() -> str:
     """This machine's GPU as an nvcc arch (8.9 -> 89, 9.0 -> 90a); 90a when nvidia-smi cannot say."""
     try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
-                           text=True)
-    except FileNotFoundError:   # no driver tools here: compile for the H100 (require_device says the rest)
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True
+        )
+    except FileNotFoundError:  # no driver tools here: compile for the H100 (require_device says the rest)
         return "90a"
     first = r.stdout.split()[0] if r.returncode == 0 and r.stdout.strip() else ""
     cap = first.replace(".", "") if re.fullmatch(r"\d+\.\d+", first) else "90"
     return cap + "a" if cap == "90" else cap
 
 
-def compile_harness(out: Path, arch: str | None = None, llama: Path | None = None,
-                    extra: tuple[str, ...] = ()) -> Path:
+def compile_harness(out: Path, arch: str | None = None, llama: Path | None = None, extra: tuple[str, ...] = ()) -> Path:
     """out, compiled unless out.key shows it was compiled from these very sources (the session's
     later steps, compute-sanitizer's runs, reuse it)."""
     llama = llama_tree(llama)
@@ -169,8 +176,12 @@ def build(out: Path, arch: str | None = None, llama: Path | None = None, extra: 
     return bind(ctypes.CDLL(str(compile_harness(out, arch, llama, extra))))
 
 
-def build_all(builds: dict[str, tuple[Path, tuple[str, ...]]], arch: str | None = None,
-              llama: Path | None = None, required: tuple[str, ...] = ("ggml",)) -> dict[str, ctypes.CDLL]:
+def build_all(
+    builds: dict[str, tuple[Path, tuple[str, ...]]],
+    arch: str | None = None,
+    llama: Path | None = None,
+    required: tuple[str, ...] = ("ggml",),
+) -> dict[str, ctypes.CDLL]:
     """Several harness builds ({name: (library path, extra macros)}), compiled side by side. A
     build not in `required` that fails is left out with a line saying why (the others are still
     measured); a required one raises."""
@@ -220,8 +231,9 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.gdn_harness_run.restype = ctypes.c_int
     lib.gdn_harness_run.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_void_p]
     lib.gdn_harness_run_stage.restype = ctypes.c_int
-    lib.gdn_harness_run_stage.argtypes = ([ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7
-                                          + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p])
+    lib.gdn_harness_run_stage.argtypes = (
+        [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    )
     lib.gdn_harness_run_upstream.restype = ctypes.c_int
     lib.gdn_harness_run_upstream.argtypes = [ctypes.c_void_p] * 9 + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
     lib.gdn_harness_choose_bv.restype = ctypes.c_int
@@ -243,8 +255,11 @@ def require_device(lib) -> None:
     n = ctypes.c_int(0)
     err = lib.gdn_harness_device_count(ctypes.byref(n))
     if err != 0 or n.value < 1:
-        raise RuntimeError("no CUDA device here (" + (lib.gdn_harness_error(err).decode() if err else "none found")
-                           + "): run the harness on a machine with an NVIDIA GPU")
+        raise RuntimeError(
+            "no CUDA device here ("
+            + (lib.gdn_harness_error(err).decode() if err else "none found")
+            + "): run the harness on a machine with an NVIDIA GPU"
+        )
 
 
 class Launch:
@@ -280,15 +295,21 @@ def run_kernel(lib, torch, inputs, *, pad=0, extra=0, bv=0, upstream=False, devi
     ptrs = tuple(x.data_ptr() for x in dev) + (out.data_ptr(), st.data_ptr())
     if upstream:
         assert T_out == T, "upstream's kernel writes exactly T tokens per sequence"
-        go = Launch(lib.gdn_harness_run_upstream, "upstream kernel", (dev, out, st, strides),
-                    ptrs + (strides.ctypes.data, S, H, H_k, T, B, B // B_qk, stream))
+        go = Launch(
+            lib.gdn_harness_run_upstream,
+            "upstream kernel",
+            (dev, out, st, strides),
+            ptrs + (strides.ctypes.data, S, H, H_k, T, B, B // B_qk, stream),
+        )
         return go, out, st
     scratch = torch.empty(lib.gdn_harness_scratch_floats(T, H, B), device=device)
     buffers = (dev, out, st, scratch, strides)
     args = ptrs + (scratch.data_ptr(), strides.ctypes.data, S, H, H_k, T, T_out, B, B // B_qk, bv)
     go = Launch(lib.gdn_harness_run, "chunked kernel", buffers, args + (stream,))
-    go.stages = {name: Launch(lib.gdn_harness_run_stage, f"chunked kernel ({name} alone)", buffers,
-                              args + (n, stream)) for name, n in STAGES.items()}
+    go.stages = {
+        name: Launch(lib.gdn_harness_run_stage, f"chunked kernel ({name} alone)", buffers, args + (n, stream))
+        for name, n in STAGES.items()
+    }
     return go, out, st
 
 
@@ -345,8 +366,9 @@ def run_once(lib, inputs, *, pad=0, extra=0, bv=0, upstream=False):
             err = lib.gdn_harness_run_upstream(*ins, out, st, strides.ctypes.data, S, H, H_k, T, B, B // B_qk, None)
         else:
             scratch = mem.nan(lib.gdn_harness_scratch_floats(T, H, B))
-            err = lib.gdn_harness_run(*ins, out, st, scratch, strides.ctypes.data, S, H, H_k, T, T_out, B,
-                                      B // B_qk, bv, None)
+            err = lib.gdn_harness_run(
+                *ins, out, st, scratch, strides.ctypes.data, S, H, H_k, T, T_out, B, B // B_qk, bv, None
+            )
         mem._check(err, "kernel launch")
         mem._check(lib.gdn_harness_sync(), "kernel run")
         return mem.download(out, (B, T_out, H, S)), mem.download(st, (B, H, S, S))
@@ -373,27 +395,44 @@ def correctness(lib, cases) -> list[dict]:
             row = dict(c, not_on_this_gpu=True, launch_refused=refused(lib, inputs, bv=c["bv"]))
             row["ok"] = row["launch_refused"]
             rows.append(row)
-            print(("--  " if row["ok"] else "FAIL") + f" {case_id(c):42s} not for this GPU"
-                  + ("; launch refused" if row["ok"] else "; the launch did not refuse it!"), flush=True)
+            print(
+                ("--  " if row["ok"] else "FAIL")
+                + f" {case_id(c):42s} not for this GPU"
+                + ("; launch refused" if row["ok"] else "; the launch did not refuse it!"),
+                flush=True,
+            )
             continue
         o, s = run_once(lib, inputs, pad=c["pad"], extra=c["extra"], bv=c["bv"])
         T = c["T"]
         o_ref, s_ref = ref.recurrent(*inputs) if T <= 1000 else ref.chunked(*inputs)
-        row = dict(c, nan=bool(np.isnan(o[:, :T]).any() or np.isnan(s).any()),
-                   tail_untouched=bool(np.isnan(o[:, T:]).all()),
-                   err_out=ref.rel_rms(o[:, :T], o_ref), err_state=ref.rel_rms(s, s_ref[0]))
-        row["ok"] = (not row["nan"] and row["tail_untouched"] and row["err_out"] <= TOL_REL_RMS
-                     and row["err_state"] <= TOL_REL_RMS)
+        row = dict(
+            c,
+            nan=bool(np.isnan(o[:, :T]).any() or np.isnan(s).any()),
+            tail_untouched=bool(np.isnan(o[:, T:]).all()),
+            err_out=ref.rel_rms(o[:, :T], o_ref),
+            err_state=ref.rel_rms(s, s_ref[0]),
+        )
+        row["ok"] = (
+            not row["nan"]
+            and row["tail_untouched"]
+            and row["err_out"] <= TOL_REL_RMS
+            and row["err_state"] <= TOL_REL_RMS
+        )
         note = ""
-        if c["extra"] == 0:   # upstream's kernel on the same buffers: both read the layout alike
+        if c["extra"] == 0:  # upstream's kernel on the same buffers: both read the layout alike
             uo, us = run_once(lib, inputs, pad=c["pad"], upstream=True)
             row["upstream_err_out"], row["upstream_err_state"] = ref.rel_rms(uo, o_ref), ref.rel_rms(us, s_ref[0])
             row["upstream_ok"] = max(row["upstream_err_out"], row["upstream_err_state"]) <= UPSTREAM_TOL_REL_RMS
             note = f"  upstream {row['upstream_err_out']:.1e}" + ("" if row["upstream_ok"] else " UPSTREAM DISAGREES")
         rows.append(row)
-        print(("ok  " if row["ok"] else "FAIL") + f" {case_id(c):42s} out {row['err_out']:.2e} "
-              f"state {row['err_state']:.2e}" + (" NaN!" if row["nan"] else "")
-              + ("" if row["tail_untouched"] else " tail written!") + note, flush=True)
+        print(
+            ("ok  " if row["ok"] else "FAIL") + f" {case_id(c):42s} out {row['err_out']:.2e} "
+            f"state {row['err_state']:.2e}"
+            + (" NaN!" if row["nan"] else "")
+            + ("" if row["tail_untouched"] else " tail written!")
+            + note,
+            flush=True,
+        )
     return rows
 
 
@@ -431,8 +470,17 @@ def fla_call(fla, torch, inputs, dtype, device="cuda"):
     q, k, v, g, beta, s0 = (torch.from_numpy(np.ascontiguousarray(x)).to(device) for x in inputs)
     qd, kd, vd = (x.to(dtype) for x in (q, k, v))
     S = q.shape[-1]
-    return lambda: fla(qd, kd, vd, g[..., 0], beta[..., 0], scale=S ** -0.5, initial_state=s0,
-                       output_final_state=True, state_v_first=True)
+    return lambda: fla(
+        qd,
+        kd,
+        vd,
+        g[..., 0],
+        beta[..., 0],
+        scale=S**-0.5,
+        initial_state=s0,
+        output_final_state=True,
+        state_v_first=True,
+    )
 
 
 def fla_accuracy(fla, torch, device="cuda") -> dict:
@@ -462,7 +510,7 @@ FLA_ACCURACY_SHAPE = dict(S=128, T=1000, H_k=4, H_v=4)
 
 def triton_kernels() -> int:
     """How many compiled kernels Triton's on-disk cache holds (a first FLA call for new shapes fills it)."""
-    return sum(1 for _ in triton_cache_dir().rglob("*.cubin"))   # rglob of a missing folder yields nothing
+    return sum(1 for _ in triton_cache_dir().rglob("*.cubin"))  # rglob of a missing folder yields nothing
 
 
 def triton_cache_dir() -> Path:
@@ -470,12 +518,26 @@ def triton_cache_dir() -> Path:
     if os.environ.get("TRITON_CACHE_DIR"):
         return Path(os.environ["TRITON_CACHE_DIR"])
     return Path(os.environ.get("TRITON_HOME") or Path.home()) / ".triton" / "cache"
+
+
 # short prompts, for the dispatcher's threshold (GGML_CUDA_GDN_CHUNK_MIN)
 SWEEP_T = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
-def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, sweep=SWEEP_T, S=128, reps=20,
-          sweep_reps=50, device="cuda", variants=None) -> dict:
+def bench(
+    lib,
+    torch,
+    with_fla: bool,
+    *,
+    shapes=BENCH_SHAPES,
+    lengths=BENCH_T,
+    sweep=SWEEP_T,
+    S=128,
+    reps=20,
+    sweep_reps=50,
+    device="cuda",
+    variants=None,
+) -> dict:
     """Op times on the same inputs: upstream's kernel, the chunked one (both tiles; the launch's
     choice is chunked_ms, with its two kernels timed apart) and FLA (float32 and bfloat16
     inputs); then the threshold sweep. variants: {name of VARIANTS: its harness build}, each
@@ -485,6 +547,7 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
     result = {"rows": []}
     if with_fla:
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla
+
         kernels_before = triton_kernels()
     for name, H_k, H_v in shapes:
         for T in lengths:
@@ -492,9 +555,9 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
             row = dict(shape=name, T=T, H_k=H_k, H_v=H_v, bv_chosen=lib.gdn_harness_choose_bv(S, H_v, 1))
             go, up_out, up_st = run_kernel(lib, torch, inputs, upstream=True, device=device)
             row["upstream_ms"] = median_ms(torch, go, reps, device=device)
-            for bv in (32, 64):   # both tiles, to check the choice
+            for bv in (32, 64):  # both tiles, to check the choice
                 if not lib.gdn_harness_usable(S, bv):
-                    row[f"chunked_bv{bv}_ms"] = None   # this GPU cannot hold the tile
+                    row[f"chunked_bv{bv}_ms"] = None  # this GPU cannot hold the tile
                     continue
                 go, out, st = run_kernel(lib, torch, inputs, bv=bv, device=device)
                 row[f"chunked_bv{bv}_ms"] = median_ms(torch, go, reps, device=device)
@@ -505,9 +568,12 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
                     n_chunks = -(-T // lib.gdn_harness_chunk_tokens())
                     row.update(stage_times(torch, go, out, st, n_chunks, reps, device))
                     for vname, vlib in (variants or {}).items():
-                        try:   # a variant that cannot run here is noted; the row is still measured
-                            row.update(variant_times(vname, vlib, torch, inputs, bv, out, st, up_out, up_st,
-                                                     n_chunks, reps, device))
+                        try:  # a variant that cannot run here is noted; the row is still measured
+                            row.update(
+                                variant_times(
+                                    vname, vlib, torch, inputs, bv, out, st, up_out, up_st, n_chunks, reps, device
+                                )
+                            )
                         except RuntimeError as e:
                             row[f"{vname}_error"] = str(e)[:200]
                 del out, st
@@ -524,12 +590,19 @@ def bench(lib, torch, with_fla: bool, *, shapes=BENCH_SHAPES, lengths=BENCH_T, s
                         row[key.replace("_ms", "_error")] = f"{type(e).__name__}: {e}"[:200]
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
-    if fla is not None:   # after the timings: its own compiles (other head counts) come last
+    if fla is not None:  # after the timings: its own compiles (other head counts) come last
         # Triton compiles each of FLA's kernels once per autotuning configuration, head counts and
         # dtype (~1-2 s each) the first time a shape is met: 0 here means an earlier run compiled them
         result["fla_kernels_compiled_while_timed"] = triton_kernels() - kernels_before
-        print(json.dumps({"fla_kernels_compiled_while_timed": result["fla_kernels_compiled_while_timed"],
-                          "triton_cache": str(triton_cache_dir())}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "fla_kernels_compiled_while_timed": result["fla_kernels_compiled_while_timed"],
+                    "triton_cache": str(triton_cache_dir()),
+                }
+            ),
+            flush=True,
+        )
         result["fla_accuracy"] = fla_accuracy(fla, torch, device)
     if sweep and lib.gdn_harness_usable(S, 0):
         result["threshold"] = threshold_sweep(lib, torch, shapes, sweep, S, sweep_reps, device)
@@ -541,10 +614,13 @@ def variant_times(name, vlib, torch, inputs, bv, out, st, up_out, up_st, n_chunk
     two kernels apart, its warps per block, whether it gives ggml's build's results (out, st)
     bit for bit, and its difference from upstream's kernel (up_out, up_st)."""
     go, v_out, v_st = run_kernel(vlib, torch, inputs, bv=bv, device=device)
-    row = {"ms": median_ms(torch, go, reps, device=device), "warps": vlib.gdn_harness_warps(),
-           "same_bits": bool(torch.equal(v_out, out) and torch.equal(v_st, st)),
-           "vs_upstream_out": rel_rms_torch(torch, v_out, up_out),
-           "vs_upstream_state": rel_rms_torch(torch, v_st, up_st)}
+    row = {
+        "ms": median_ms(torch, go, reps, device=device),
+        "warps": vlib.gdn_harness_warps(),
+        "same_bits": bool(torch.equal(v_out, out) and torch.equal(v_st, st)),
+        "vs_upstream_out": rel_rms_torch(torch, v_out, up_out),
+        "vs_upstream_state": rel_rms_torch(torch, v_st, up_st),
+    }
     row.update(stage_times(torch, go, v_out, v_st, n_chunks, reps, device))
     return {f"{name}_{k}": v for k, v in row.items()}
 
@@ -561,8 +637,12 @@ def stage_times(torch, go, out, st, n_chunks, reps, device) -> dict:
     prep_ms = median_ms(torch, go.stages["prep"], reps, device=device)
     state_ms = median_ms(torch, go.stages["state"], reps, device=device)
     same = bool(torch.equal(out, full_out) and torch.equal(st, full_st))
-    return {"prep_ms": prep_ms, "state_ms": state_ms, "state_us_per_chunk": 1e3 * state_ms / n_chunks,
-            "stages_reproduce_launch": same}
+    return {
+        "prep_ms": prep_ms,
+        "state_ms": state_ms,
+        "state_us_per_chunk": 1e3 * state_ms / n_chunks,
+        "stages_reproduce_launch": same,
+    }
 
 
 def threshold_sweep(lib, torch, shapes, lengths, S, reps, device) -> dict:
@@ -577,8 +657,13 @@ def threshold_sweep(lib, torch, shapes, lengths, S, reps, device) -> dict:
             inputs = ref.random_inputs(rng, B=1, T=T, H_k=H_k, H_v=H_v, S=S)
             go_up, *_ = run_kernel(lib, torch, inputs, upstream=True, device=device)
             go_ch, *_ = run_kernel(lib, torch, inputs, device=device)
-            rows.append(dict(T=T, upstream_ms=median_ms(torch, go_up, reps, device=device),
-                             chunked_ms=median_ms(torch, go_ch, reps, device=device)))
+            rows.append(
+                dict(
+                    T=T,
+                    upstream_ms=median_ms(torch, go_up, reps, device=device),
+                    chunked_ms=median_ms(torch, go_ch, reps, device=device),
+                )
+            )
         faster = [r["chunked_ms"] < r["upstream_ms"] for r in rows]
         from_T = next((r["T"] for i, r in enumerate(rows) if all(faster[i:])), None)
         result[name] = {"rows": rows, "chunked_faster_from": from_T}
@@ -586,8 +671,18 @@ def threshold_sweep(lib, torch, shapes, lengths, S, reps, device) -> dict:
     return result
 
 
-def precision_probe(lib, lib_1x, torch, *, shapes=BENCH_SHAPES, lengths=BENCH_T, S=128, reps=20,
-                    accuracy=FLA_ACCURACY_SHAPE, device="cuda") -> dict:
+def precision_probe(
+    lib,
+    lib_1x,
+    torch,
+    *,
+    shapes=BENCH_SHAPES,
+    lengths=BENCH_T,
+    S=128,
+    reps=20,
+    accuracy=FLA_ACCURACY_SHAPE,
+    device="cuda",
+) -> dict:
     """What float32 accuracy costs: the chunked kernel as ggml runs it (3xTF32 products) against
     the same kernel built with PRECISION_PROBE (one TF32 product each, ~5e-4 relative error in
     the emulator; never in ggml), timed on the same inputs at the bench shapes, each with its
@@ -618,7 +713,7 @@ def precision_probe(lib, lib_1x, torch, *, shapes=BENCH_SHAPES, lengths=BENCH_T,
     for label, build_lib in builds:
         go, out, st = run_kernel(build_lib, torch, inputs, device=device)
         go()
-        acc[f"{label}_err_out"] = ref.rel_rms(out.cpu().numpy()[:, :accuracy["T"]], o_ref)
+        acc[f"{label}_err_out"] = ref.rel_rms(out.cpu().numpy()[:, : accuracy["T"]], o_ref)
         acc[f"{label}_err_state"] = ref.rel_rms(st.cpu().numpy(), s_ref[0])
     result["reference"] = acc
     print(json.dumps({"precision_reference": acc}), flush=True)
@@ -627,14 +722,18 @@ def precision_probe(lib, lib_1x, torch, *, shapes=BENCH_SHAPES, lengths=BENCH_T,
 
 def print_precision(probe: dict) -> None:
     for r in probe.get("rows", []):
-        print(f"{r['shape']:8s} T={r['T']:6d} chunked 3xTF32 {r['3xtf32_ms']:.3f} ms, 1xTF32 {r['1xtf32_ms']:.3f} ms "
-              f"({r['time_1x_over_3x']:.2f} of the time); vs upstream's kernel: 3xTF32 "
-              f"{r['3xtf32_vs_upstream_out']:.1e}, 1xTF32 {r['1xtf32_vs_upstream_out']:.1e}")
+        print(
+            f"{r['shape']:8s} T={r['T']:6d} chunked 3xTF32 {r['3xtf32_ms']:.3f} ms, 1xTF32 {r['1xtf32_ms']:.3f} ms "
+            f"({r['time_1x_over_3x']:.2f} of the time); vs upstream's kernel: 3xTF32 "
+            f"{r['3xtf32_vs_upstream_out']:.1e}, 1xTF32 {r['1xtf32_vs_upstream_out']:.1e}"
+        )
     a = probe.get("reference")
     if a:
-        print(f"vs the float64 reference (T {a['T']}, H_k {a['H_k']}, H_v {a['H_v']}, S {a['S']}): 3xTF32 out "
-              f"{a['3xtf32_err_out']:.1e} state {a['3xtf32_err_state']:.1e}; 1xTF32 out {a['1xtf32_err_out']:.1e} "
-              f"state {a['1xtf32_err_state']:.1e}")
+        print(
+            f"vs the float64 reference (T {a['T']}, H_k {a['H_k']}, H_v {a['H_v']}, S {a['S']}): 3xTF32 out "
+            f"{a['3xtf32_err_out']:.1e} state {a['3xtf32_err_state']:.1e}; 1xTF32 out {a['1xtf32_err_out']:.1e} "
+            f"state {a['1xtf32_err_state']:.1e}"
+        )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -644,17 +743,31 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--fla", action="store_true")
     ap.add_argument("--no-sweep", action="store_true", help="with --bench: no short-prompt threshold sweep")
-    ap.add_argument("--precision", action="store_true",
-                    help="also time the chunked kernel with one TF32 product instead of three (what float32 costs)")
-    ap.add_argument("--variant", nargs="*", choices=sorted(VARIANTS), default=list(VARIANTS), metavar="NAME",
-                    help="with --bench: time these builds of the chunked kernel beside ggml's at the chosen tile: "
-                         + "; ".join(f"{n}: {d}" for n, (_, _, d) in VARIANTS.items())
-                         + " (default: all; none: --variant alone)")
+    ap.add_argument(
+        "--precision",
+        action="store_true",
+        help="also time the chunked kernel with one TF32 product instead of three (what float32 costs)",
+    )
+    ap.add_argument(
+        "--variant",
+        nargs="*",
+        choices=sorted(VARIANTS),
+        default=list(VARIANTS),
+        metavar="NAME",
+        help="with --bench: time these builds of the chunked kernel beside ggml's at the chosen tile: "
+        + "; ".join(f"{n}: {d}" for n, (_, _, d) in VARIANTS.items())
+        + " (default: all; none: --variant alone)",
+    )
     ap.add_argument("--json", type=Path)
     ap.add_argument("--lib", type=Path, default=Path("/tmp/libgdn_harness.so"))
     ap.add_argument("--arch", help="nvcc arch (default: this GPU's, e.g. 90a)")
-    ap.add_argument("--llama", type=Path, help="llama.cpp tree for upstream's kernel (default: "
-                    + " or ".join(str(t.relative_to(ROOT)) for t in TREES) + ")")
+    ap.add_argument(
+        "--llama",
+        type=Path,
+        help="llama.cpp tree for upstream's kernel (default: "
+        + " or ".join(str(t.relative_to(ROOT)) for t in TREES)
+        + ")",
+    )
     return ap
 
 
@@ -685,13 +798,17 @@ def main() -> int:
         args.json.write_text(json.dumps(result, indent=1))
     bad = [r for r in result["correctness"] if not r["ok"]]
     ran = [r for r in result["correctness"] if not r.get("not_on_this_gpu")]
-    print(f"correctness: {len(ran) - sum(not r['ok'] for r in ran)} passed, {len(bad)} failed, "
-          f"{len(result['correctness']) - len(ran)} not for this GPU")
+    print(
+        f"correctness: {len(ran) - sum(not r['ok'] for r in ran)} passed, {len(bad)} failed, "
+        f"{len(result['correctness']) - len(ran)} not for this GPU"
+    )
     up = [r for r in ran if "upstream_ok" in r]
     up_bad = [r for r in up if not r["upstream_ok"]]
     if up:
-        print(f"upstream kernel on the same buffers: {len(up) - len(up_bad)} of {len(up)} within "
-              f"{UPSTREAM_TOL_REL_RMS:g} of the reference")
+        print(
+            f"upstream kernel on the same buffers: {len(up) - len(up_bad)} of {len(up)} within "
+            f"{UPSTREAM_TOL_REL_RMS:g} of the reference"
+        )
     print_bench(result.get("bench", {}))
     print_precision(result.get("precision", {}))
     return 1 if bad or up_bad else 0
@@ -699,29 +816,43 @@ def main() -> int:
 
 def print_bench(bench_result: dict) -> None:
     """The table: each time with its ratio to the chunked kernel's (above 1: the chunked one is faster)."""
+
     def ms(v):
         return "-" if v is None else f"{v:.3f}"
 
     for r in bench_result.get("rows", []):
-        extra = "".join(f"  {k[:-3]} {v:.3f} ms" + (f" ({v / r['chunked_ms']:.2f}x)" if r["chunked_ms"] else "")
-                        for k, v in r.items() if k.startswith("fla") and k.endswith("_ms"))
+        extra = "".join(
+            f"  {k[:-3]} {v:.3f} ms" + (f" ({v / r['chunked_ms']:.2f}x)" if r["chunked_ms"] else "")
+            for k, v in r.items()
+            if k.startswith("fla") and k.endswith("_ms")
+        )
         speedup = f" ({r['speedup_vs_upstream']:.2f}x)" if r.get("speedup_vs_upstream") else ""
-        stages = (f"; prep {ms(r['prep_ms'])} + state {ms(r['state_ms'])} ms, {r['state_us_per_chunk']:.1f} us/chunk"
-                  if "prep_ms" in r else "")
+        stages = (
+            f"; prep {ms(r['prep_ms'])} + state {ms(r['state_ms'])} ms, {r['state_us_per_chunk']:.1f} us/chunk"
+            if "prep_ms" in r
+            else ""
+        )
         for name, (_, same, _) in VARIANTS.items():
             if f"{name}_ms" in r:
-                v = {k[len(name) + 1:]: x for k, x in r.items() if k.startswith(name + "_")}
-                bits = (("same bits" if v["same_bits"] else "NOT the same bits") if same
-                        else f"{v['vs_upstream_out']:.1e} from upstream")
+                v = {k[len(name) + 1 :]: x for k, x in r.items() if k.startswith(name + "_")}
+                bits = (
+                    ("same bits" if v["same_bits"] else "NOT the same bits")
+                    if same
+                    else f"{v['vs_upstream_out']:.1e} from upstream"
+                )
                 stages += f"; {name} {ms(v['ms'])} ms (prep {ms(v['prep_ms'])} + state {ms(v['state_ms'])}, {bits})"
             elif f"{name}_error" in r:
                 stages += f"; {name} failed: {r[name + '_error']}"
-        print(f"{r['shape']:8s} T={r['T']:6d} upstream {ms(r['upstream_ms'])} ms  chunked {ms(r['chunked_ms'])} ms"
-              f"{speedup} (BV {r['bv_chosen']}; 32: {ms(r['chunked_bv32_ms'])}, 64: {ms(r['chunked_bv64_ms'])}"
-              f"{stages}){extra}")
+        print(
+            f"{r['shape']:8s} T={r['T']:6d} upstream {ms(r['upstream_ms'])} ms  chunked {ms(r['chunked_ms'])} ms"
+            f"{speedup} (BV {r['bv_chosen']}; 32: {ms(r['chunked_bv32_ms'])}, 64: {ms(r['chunked_bv64_ms'])}"
+            f"{stages}){extra}"
+        )
     if "fla_kernels_compiled_while_timed" in bench_result:
-        print(f"FLA: {bench_result['fla_kernels_compiled_while_timed']} Triton kernels compiled during its timings "
-              "(0: all were compiled by an earlier run)")
+        print(
+            f"FLA: {bench_result['fla_kernels_compiled_while_timed']} Triton kernels compiled during its timings "
+            "(0: all were compiled by an earlier run)"
+        )
     for name, t in bench_result.get("threshold", {}).items():
         times = ", ".join(f"{r['T']}: {r['upstream_ms'] / r['chunked_ms']:.2f}x" for r in t["rows"])
         print(f"{name:8s} chunked faster from T = {t['chunked_faster_from']} (upstream / chunked: {times})")
@@ -730,5 +861,5 @@ def print_bench(bench_result: dict) -> None:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (RuntimeError, subprocess.CalledProcessError) as e:   # CUDA errors, nvcc failures
+    except (RuntimeError, subprocess.CalledProcessError) as e:  # CUDA errors, nvcc failures
         sys.exit(f"error: {e}")

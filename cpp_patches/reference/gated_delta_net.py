@@ -61,12 +61,12 @@ def recurrent(q, k, v, g, beta, state, K=1):
     snaps = np.zeros((K, B, H_v, S, S), f)
     scale = 1.0 / np.sqrt(S)
     for t in range(T):
-        decay = np.exp(g[:, t])                                   # (B, H, 1|S) over i
-        M = M * decay[..., :, None]                               # S <- G S (row i scaled)
-        kt, qt = kh[:, t], qh[:, t]                               # (B, H, S)
+        decay = np.exp(g[:, t])  # (B, H, 1|S) over i
+        M = M * decay[..., :, None]  # S <- G S (row i scaled)
+        kt, qt = kh[:, t], qh[:, t]  # (B, H, S)
         delta = beta[:, t] * (v[:, t] - np.einsum("bhij,bhi->bhj", M, kt))
-        M = M + kt[..., :, None] * delta[..., None, :]            # S <- S + k delta^T
-        out[:, t] = np.einsum("bhij,bhi->bhj", M, qt) * scale     # o = S^T q / sqrt(S)
+        M = M + kt[..., :, None] * delta[..., None, :]  # S <- S + k delta^T
+        out[:, t] = np.einsum("bhij,bhi->bhj", M, qt) * scale  # o = S^T q / sqrt(S)
         slot = T - 1 - t
         if slot < K:
             snaps[slot] = np.swapaxes(M, -1, -2)
@@ -91,8 +91,8 @@ def chunked(q, k, v, g, beta, state, K=1, chunk=DEFAULT_CHUNK):
     f = np.float64
     qh, kh = _heads(q.astype(f), H_v, B), _heads(k.astype(f), H_v, B)
     v, beta = v.astype(f), beta.astype(f)[..., 0]
-    g = g.astype(f)[..., 0]                                        # (B, T, H)
-    S0 = np.swapaxes(state.astype(f), -1, -2).copy()               # (B, H, i, j)
+    g = g.astype(f)[..., 0]  # (B, T, H)
+    S0 = np.swapaxes(state.astype(f), -1, -2).copy()  # (B, H, i, j)
     out = np.empty((B, T, H_v, S), f)
     snaps = np.zeros((K, B, H_v, S, S), f)
     scale = 1.0 / np.sqrt(S)
@@ -100,10 +100,10 @@ def chunked(q, k, v, g, beta, state, K=1, chunk=DEFAULT_CHUNK):
         sl = slice(c0, min(c0 + chunk, T))
         # per (b, h): move time next to the feature axis -> (B, H, C, S)
         Q, Kc, V = (np.moveaxis(x[:, sl], 1, 2) for x in (qh, kh, v))
-        bt = np.moveaxis(beta[:, sl], 1, 2)                        # (B, H, C)
-        c = np.cumsum(np.moveaxis(g[:, sl], 1, 2), axis=-1)        # (B, H, C)
+        bt = np.moveaxis(beta[:, sl], 1, 2)  # (B, H, C)
+        c = np.cumsum(np.moveaxis(g[:, sl], 1, 2), axis=-1)  # (B, H, C)
         C = c.shape[-1]
-        diff = c[..., :, None] - c[..., None, :]                   # c_t - c_s
+        diff = c[..., :, None] - c[..., None, :]  # c_t - c_s
         lower = np.tril(np.ones((C, C), bool), -1)
         incl = np.tril(np.ones((C, C), bool))
         decay = np.where(incl, np.exp(np.where(incl, diff, 0.0)), 0.0)
@@ -121,11 +121,13 @@ def chunked(q, k, v, g, beta, state, K=1, chunk=DEFAULT_CHUNK):
             slot = T - 1 - t
             if 0 <= slot < K and K > 1:
                 ti = t - c0
-                w = np.exp(c[..., ti, None] - c[..., : ti + 1])    # (B, H, ti+1)
-                St = np.exp(c[..., ti])[..., None, None] * S0 + \
-                    np.swapaxes(Kc[..., : ti + 1, :] * w[..., None], -1, -2) @ delta[..., : ti + 1, :]
+                w = np.exp(c[..., ti, None] - c[..., : ti + 1])  # (B, H, ti+1)
+                St = (
+                    np.exp(c[..., ti])[..., None, None] * S0
+                    + np.swapaxes(Kc[..., : ti + 1, :] * w[..., None], -1, -2) @ delta[..., : ti + 1, :]
+                )
                 snaps[slot] = np.swapaxes(St, -1, -2)
-        wC = np.exp(c[..., -1:] - c)                               # (B, H, C)
+        wC = np.exp(c[..., -1:] - c)  # (B, H, C)
         S0 = np.exp(c[..., -1])[..., None, None] * S0 + np.swapaxes(Kc * wC[..., None], -1, -2) @ delta
     if K == 1 or T == 0:
         snaps[0] = np.swapaxes(S0, -1, -2)
@@ -143,8 +145,7 @@ def rel_rms(x, ref) -> float:
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-300))
 
 
-def random_inputs(rng, *, B=1, B_qk=None, T=16, H_k=2, H_v=4, S=32, kda=False, g_scale=1.0,
-                  dtype=np.float32):
+def random_inputs(rng, *, B=1, B_qk=None, T=16, H_k=2, H_v=4, S=32, kda=False, g_scale=1.0, dtype=np.float32):
     """Inputs as the Qwen3.5 graph produces them: L2-normalised q/k, sigmoid beta, g <= 0."""
     B_qk = B_qk or B
     q = rng.standard_normal((B_qk, T, H_k, S))

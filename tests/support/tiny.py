@@ -30,13 +30,13 @@ TEMPLATE = ROOT / "build" / "src" / "vendor" / "llama.cpp" / "models" / "templat
 @dataclass(frozen=True)
 class TinyConfig:
     hidden_size: int = 64
-    num_hidden_layers: int = 8                  # 3:1 hybrid: layers 3 and 7 are full attention
+    num_hidden_layers: int = 8  # 3:1 hybrid: layers 3 and 7 are full attention
     intermediate_size: int = 128
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 32
     linear_num_key_heads: int = 2
-    linear_num_value_heads: int = 4             # value heads = 2 x key heads (exercises the reorder)
+    linear_num_value_heads: int = 4  # value heads = 2 x key heads (exercises the reorder)
     linear_key_head_dim: int = 16
     linear_value_head_dim: int = 16
     linear_conv_kernel_dim: int = 4
@@ -47,8 +47,7 @@ class TinyConfig:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-unicode map used by byte-level BPE."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -66,7 +65,7 @@ def _merge_of(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, 
     remaining pieces are joined by their own ranks, whatever they are (as tiktoken's encoder
     would reach them).
     """
-    parts = [token[i:i + 1] for i in range(len(token))]
+    parts = [token[i : i + 1] for i in range(len(token))]
     for cap in (rank, None):
         while len(parts) > 2:
             best, best_rank = -1, None
@@ -76,11 +75,14 @@ def _merge_of(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, 
                     best, best_rank = i, r
             if best < 0:
                 break
-            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+            parts[best : best + 2] = [parts[best] + parts[best + 1]]
     if len(parts) == 2:
         return parts[0], parts[1]
-    splits = [(max(ranks[token[:i]], ranks[token[i:]]), i) for i in range(1, len(token))
-              if token[:i] in ranks and token[i:] in ranks]
+    splits = [
+        (max(ranks[token[:i]], ranks[token[i:]]), i)
+        for i in range(1, len(token))
+        if token[:i] in ranks and token[i:] in ranks
+    ]
     if not splits:
         return None  # no two vocabulary pieces form it: BPE can never emit this token
     i = min(splits)[1]
@@ -89,8 +91,20 @@ def _merge_of(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, 
 
 # Added tokens that Qwen's released tokenizer.json marks "special": false (they stay visible in
 # decoded text); upstream's converter types them USER_DEFINED rather than CONTROL.
-NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
-               "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}
+NOT_SPECIAL = {
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+}
 
 
 def qwen35_ranks() -> dict[bytes, int]:
@@ -124,20 +138,45 @@ def tokenizer_document(pieces: list[bytes], ranks: dict[bytes, int], first_speci
             pair = _merge_of(ranks, tok, ranks[tok])
             if pair is not None:
                 merges.append([enc(pair[0]), enc(pair[1])])
-    added = [{"id": first_special_id + k, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": False, "special": t not in NOT_SPECIAL}
-             for k, (_, t) in enumerate(qt.QWEN3_5_SPECIAL_TOKENS)]
+    added = [
+        {
+            "id": first_special_id + k,
+            "content": t,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": t not in NOT_SPECIAL,
+        }
+        for k, (_, t) in enumerate(qt.QWEN3_5_SPECIAL_TOKENS)
+    ]
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
         "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": qt.QWEN3_5_PAT_STR}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": qt.QWEN3_5_PAT_STR}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+            ],
+        },
         "post_processor": None,
         "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
-                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False,
-                  "ignore_merges": False, "vocab": vocab, "merges": merges},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": "",
+            "end_of_word_suffix": "",
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": merges,
+        },
     }
 
 
@@ -158,10 +197,21 @@ def write_tokenizer(out: Path) -> None:
         raise FileNotFoundError(f"{TEMPLATE} is missing; run `make setup` to prepare the pinned llama.cpp tree")
     (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(), ensure_ascii=False))
     (out / "chat_template.jinja").write_text(TEMPLATE.read_text())
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 262144, "add_bos_token": False,
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "errors": "replace", "split_special_tokens": False}, indent=1))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "Qwen2Tokenizer",
+                "model_max_length": 262144,
+                "add_bos_token": False,
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "errors": "replace",
+                "split_special_tokens": False,
+            },
+            indent=1,
+        )
+    )
 
 
 def _mrope_section(head_dim: int) -> list[int]:
@@ -175,19 +225,36 @@ def _text_config(cfg: TinyConfig, moe: bool, mtp: bool):
     from transformers import Qwen3_5MoeTextConfig, Qwen3_5TextConfig
 
     common = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-        head_dim=cfg.head_dim, linear_num_key_heads=cfg.linear_num_key_heads,
-        linear_num_value_heads=cfg.linear_num_value_heads, linear_key_head_dim=cfg.linear_key_head_dim,
-        linear_value_head_dim=cfg.linear_value_head_dim, linear_conv_kernel_dim=cfg.linear_conv_kernel_dim,
-        tie_word_embeddings=not moe, bos_token_id=None, eos_token_id=248046, pad_token_id=248044,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        linear_num_key_heads=cfg.linear_num_key_heads,
+        linear_num_value_heads=cfg.linear_num_value_heads,
+        linear_key_head_dim=cfg.linear_key_head_dim,
+        linear_value_head_dim=cfg.linear_value_head_dim,
+        linear_conv_kernel_dim=cfg.linear_conv_kernel_dim,
+        tie_word_embeddings=not moe,
+        bos_token_id=None,
+        eos_token_id=248046,
+        pad_token_id=248044,
         # released checkpoints: interleaved multi-section RoPE on 25 % of the head dims
-        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25,
-                         "mrope_interleaved": True, "mrope_section": _mrope_section(cfg.head_dim)},
-        **({"mtp_num_hidden_layers": 1} if mtp else {}), **cfg.extra)
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10_000_000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_interleaved": True,
+            "mrope_section": _mrope_section(cfg.head_dim),
+        },
+        **({"mtp_num_hidden_layers": 1} if mtp else {}),
+        **cfg.extra,
+    )
     if moe:
-        return Qwen3_5MoeTextConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                                    shared_expert_intermediate_size=48, **common)
+        return Qwen3_5MoeTextConfig(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48, **common
+        )
     return Qwen3_5TextConfig(intermediate_size=cfg.intermediate_size, **common)
 
 
@@ -198,7 +265,7 @@ def _randomize(model) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(0.1 * torch.randn_like(p))          # zero-centred RMSNorm weights
+                p.copy_(0.1 * torch.randn_like(p))  # zero-centred RMSNorm weights
             elif name.endswith("A_log"):
                 p.copy_(torch.empty_like(p).uniform_(-1.0, 1.5))
             elif name.endswith("dt_bias"):
@@ -220,12 +287,20 @@ def _mtp_tensors(state: dict, cfg, prefix: str) -> dict:
         out[f"mtp.{k}.weight"] = 0.1 * torch.randn(H)
     for k, v in state.items():
         if k.startswith(last):
-            out["mtp.layers.0." + k[len(last):]] = torch.randn_like(v.float()) * v.float().std().clamp(min=0.05)
+            out["mtp.layers.0." + k[len(last) :]] = torch.randn_like(v.float()) * v.float().std().clamp(min=0.05)
     return out
 
 
-def make_checkpoint(out: Path, cfg: TinyConfig = TinyConfig(), *, moe: bool = False, layout: str = "causal",
-                    mtp: bool = False, fused_experts: bool = True, shards: int = 1) -> Path:
+def make_checkpoint(
+    out: Path,
+    cfg: TinyConfig = TinyConfig(),
+    *,
+    moe: bool = False,
+    layout: str = "causal",
+    mtp: bool = False,
+    fused_experts: bool = True,
+    shards: int = 1,
+) -> Path:
     """Write a Qwen3.5 checkpoint to out (replaced atomically).
 
     moe: Qwen3_5Moe (8 experts, top-2, shared expert); layout: "causal" (``*ForCausalLM``, flat
@@ -256,20 +331,26 @@ def make_checkpoint(out: Path, cfg: TinyConfig = TinyConfig(), *, moe: bool = Fa
         text = {k: v for k, v in config.to_dict().items() if not k.startswith("_")}
         arch = "Qwen3_5Moe" if moe else "Qwen3_5"
         if layout == "multimodal":
-            state = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
-                     for k, v in state.items()}
+            state = {
+                ("model.language_model." + k[len("model.") :] if k.startswith("model.") else k): v
+                for k, v in state.items()
+            }
             state["model.visual.patch_embed.proj.weight"] = torch.randn(32, 3, 2, 16, 16)
-            conf = {"architectures": [f"{arch}ForConditionalGeneration"],
-                    "model_type": "qwen3_5_moe" if moe else "qwen3_5", "text_config": text,
-                    "vision_config": {"depth": 1, "hidden_size": 32, "out_hidden_size": cfg.hidden_size},
-                    "tie_word_embeddings": config.tie_word_embeddings}
+            conf = {
+                "architectures": [f"{arch}ForConditionalGeneration"],
+                "model_type": "qwen3_5_moe" if moe else "qwen3_5",
+                "text_config": text,
+                "vision_config": {"depth": 1, "hidden_size": 32, "out_hidden_size": cfg.hidden_size},
+                "tie_word_embeddings": config.tie_word_embeddings,
+            }
         else:
             conf = {**text, "architectures": [f"{arch}ForCausalLM"]}
         (tmp / "config.json").write_text(json.dumps(conf, indent=1))
         _save_shards(tmp, {k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}, shards, save_file)
         write_tokenizer(tmp)
-        (tmp / "generation_config.json").write_text(json.dumps(
-            {"eos_token_id": [248046, 248044], "pad_token_id": 248044, "do_sample": False}, indent=1))
+        (tmp / "generation_config.json").write_text(
+            json.dumps({"eos_token_id": [248046, 248044], "pad_token_id": 248044, "do_sample": False}, indent=1)
+        )
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     except BaseException:
@@ -311,9 +392,10 @@ def _save_shards(d: Path, state: dict, shards: int, save_file) -> None:
     weight_map = {}
     for i in range(shards):
         fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k] for k in names[i * per:(i + 1) * per]}
+        part = {k: state[k] for k in names[i * per : (i + 1) * per]}
         save_file(part, d / fname, metadata={"format": "pt"})
         weight_map.update({k: fname for k in part})
     total = sum(v.numel() * v.element_size() for v in state.values())
-    (d / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
