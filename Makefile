@@ -1,6 +1,7 @@
 # Qwen3.5 toolkit: one entry point for set-up, tests and the patched llama.cpp build.
 #   make setup             venv + Python deps + pinned, patched llama.cpp (one CMake build) + bindings
 #   make demo              setup, then checkpoint -> GGUF -> one chat reply through the bindings, timed
+#   make check             lint + format check (ruff) and the tests that need no native build (< 2 min)
 #   make test              setup, then the whole test suite (GPU tests skip without a GPU)
 #   make llama-upstream    the same llama.cpp unpatched, in its own build directory (A/B, compatibility)
 #   make patches-export    rewrite cpp_patches/*.patch from the commits in build/src/vendor/llama.cpp
@@ -22,11 +23,11 @@ BUILD   := build/$(BACKEND)
 UP_SRC  := build/upstream-src
 UP_BUILD:= build/upstream-$(BACKEND)
 
-.PHONY: demo setup venv llama bindings test upstream-lib llama-upstream patches-export cuda-deps cuda-check clean help
+.PHONY: demo setup venv llama bindings check test upstream-lib llama-upstream patches-export cuda-deps cuda-check clean help
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '2,14p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '2,/^$$/p' Makefile | sed -e '/^$$/d' -e 's/^# \{0,1\}//'
 
 setup: venv llama bindings
 	@$(VENV)/bin/qwen35 build-info
@@ -52,6 +53,12 @@ llama-upstream:
 
 demo: setup
 	$(VPY) examples/demo.py
+
+# The fast tier: what a change must pass before the long suite. No native build, no llama.cpp tree.
+check: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VPY) -m pytest -q -p no:xdist -m quick
 
 # One pytest worker per logical CPU (at most TEST_WORKERS), whole files to a worker: a file's fixtures
 # are built once. TEST_WORKERS=0 runs the suite in this process.

@@ -20,7 +20,11 @@ MODULES = [
 ]
 
 
-@pytest.mark.parametrize("name", MODULES)
+# structured's examples build grammars with llama-cpp-python, which `make setup` installs
+QUICK = [pytest.param(m, marks=pytest.mark.quick) if m != "qwen35.bindings.structured" else m for m in MODULES]
+
+
+@pytest.mark.parametrize("name", QUICK)
 def test_docstring_examples(name):
     result = doctest.testmod(importlib.import_module(name))
     assert result.attempted > 0 and result.failed == 0

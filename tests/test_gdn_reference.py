@@ -34,6 +34,7 @@ def _ids(case):
     return f"T{T}-Hk{H_k}-Hv{H_v}-B{B}-Bqk{B_qk}-K{K}-g{g}"
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case", GRID, ids=_ids)
 @pytest.mark.parametrize("chunk", [16, 64])
 def test_chunked_form_equals_recurrent(case, chunk):

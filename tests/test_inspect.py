@@ -79,6 +79,7 @@ def test_cli_reports_agree_for_hf_dir_and_gguf(moe):
     assert "KV cache" in text and "fits in" in text
 
 
+@pytest.mark.quick
 def test_inspect_errors_are_one_line(tmp_path):
     import numpy as np
     from gguf import GGUFEndian, GGUFWriter
@@ -105,6 +106,7 @@ def test_inspect_errors_are_one_line(tmp_path):
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and f"{flag} 0" in r.stderr, r.stderr
 
 
+@pytest.mark.quick
 def test_logit_metrics_match_torch():
     """verify's numbers against an independent computation (torch's kl_div and argmax)."""
     import numpy as np
@@ -172,6 +174,7 @@ def test_verify_cli_on_a_converted_checkpoint(tmp_path, lib_dir):
     assert "is not a conversion of" in run.stderr and "architecture qwen35 in the GGUF, qwen35moe" in run.stderr
 
 
+@pytest.mark.quick
 def test_verify_refuses_what_is_not_a_local_safetensors_checkpoint(tmp_path):
     """One line naming the fix, exit 1, and no attempt to reach the hub or unpickle weights."""
     gguf = tmp_path / "m.gguf"

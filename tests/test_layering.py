@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.quick  # no native build needed: `make check` runs it
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"converter": "qwen35.converter", "bindings": "qwen35.bindings", "qwen35": "qwen35"}
 SHARED = ["native", "gguf_scan", "cpus", "errors"]

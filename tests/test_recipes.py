@@ -133,11 +133,13 @@ CASES = [
 ]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name,tensors,ftype,model,expected", CASES, ids=[c[0] for c in CASES])
 def test_recipe_table(name, tensors, ftype, model, expected):
     assert _types(tensors, ftype, model) == expected
 
 
+@pytest.mark.quick
 def test_imatrix_changes_the_choice_where_llama_quantize_does():
     qkv = [("blk.0.attn_qkv.weight", (256, 512))]
     assert upstream_types([TensorDesc(*qkv[0])], F.MOSTLY_IQ3_XXS, DENSE8, has_imatrix=False) == [Q.IQ3_S]
@@ -147,6 +149,7 @@ def test_imatrix_changes_the_choice_where_llama_quantize_does():
     assert upstream_types(down, F.MOSTLY_Q4_0, DENSE8, has_imatrix=False) == [Q.Q4_0]
 
 
+@pytest.mark.quick
 def test_overrides_win_and_skip_the_mixture_rules():
     t = [("blk.0.ffn_down.weight", (512, 256)), ("blk.1.ffn_down.weight", (512, 256))]
     # a manual type skips llama_tensor_get_type_impl, so i_ffn_down does not advance: blk.1 is

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from qwen35.bindings.chat import ContentDelta, ReasoningDelta, _ReplyText
 from qwen35.bindings.toolcalls import ToolCall, ToolCallParser
 
+pytestmark = pytest.mark.quick  # no native build needed: `make check` runs it
+
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = (ROOT / "examples" / "models" / "qwen35-dense-tiny" / "chat_template.jinja").read_text()
 TOOLS = [

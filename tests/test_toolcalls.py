@@ -10,8 +10,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from qwen35.bindings.toolcalls import MalformedToolCall, Text, ToolCall, ToolCallParser, parse
 
+pytestmark = pytest.mark.quick  # no native build needed: `make check` runs it
+
 ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE = ROOT / "build" / "src" / "vendor" / "llama.cpp" / "models" / "templates" / "Qwen3.5-4B.jinja"
+from support.tiny import TEMPLATE  # noqa: E402  (the official Qwen3.5 template)
 
 TOOLS = [
     {

