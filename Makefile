@@ -1,6 +1,7 @@
 # Qwen3.5 toolkit: one entry point for set-up, tests and the patched llama.cpp build.
 #   make setup             venv + Python deps + pinned, patched llama.cpp (one CMake build) + bindings
 #   make demo              setup, then checkpoint -> GGUF -> one chat reply through the bindings, timed
+#   make serve             setup, then serve the demo checkpoint over the OpenAI API on 127.0.0.1:8000
 #   make check             lint + format check (ruff) and the tests that need no native build (< 2 min)
 #   make test              setup, then the whole test suite (GPU tests skip without a GPU)
 #   make llama-upstream    the same llama.cpp unpatched, in its own build directory (A/B, compatibility)
@@ -23,7 +24,7 @@ BUILD   := build/$(BACKEND)
 UP_SRC  := build/upstream-src
 UP_BUILD:= build/upstream-$(BACKEND)
 
-.PHONY: demo setup venv llama bindings check test upstream-lib llama-upstream patches-export cuda-deps cuda-check clean help
+.PHONY: demo serve setup venv llama bindings check test upstream-lib llama-upstream patches-export cuda-deps cuda-check clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -53,6 +54,11 @@ llama-upstream:
 
 demo: setup
 	$(VPY) examples/demo.py
+
+DEMO_GGUF := build/demo/qwen35-dense-tiny-Q4_K_M.gguf
+serve: setup
+	@test -f $(DEMO_GGUF) || $(VENV)/bin/qwen35-convert examples/models/qwen35-dense-tiny -o $(DEMO_GGUF) --type Q4_K_M
+	$(VENV)/bin/qwen35 serve $(DEMO_GGUF) --alias qwen35-demo
 
 # The fast tier: what a change must pass before the long suite. No native build, no llama.cpp tree.
 check: venv

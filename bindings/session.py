@@ -160,14 +160,41 @@ class PromptCache:
             return self._eval(prompt, marks)
 
     def _eval(self, prompt: list[int], marks: Iterable[int]) -> tuple[np.ndarray, Reuse]:
+        if (
+            self.tokens == prompt[: len(self.tokens)]
+            and len(self.tokens) == len(prompt)
+            and self._last_logits is not None
+        ):
+            return self._last_logits, Reuse(len(prompt), len(prompt), 0)
+        restored, rolled = self.prepare(prompt)
+        reused = len(self.tokens)
+        todo = prompt[reused:]
+        stops = self.checkpoint_stops(prompt, marks)
+        start = reused
+        for end in [*stops, len(prompt)]:
+            part = prompt[start:end]
+            if part and end < len(prompt):  # up to a checkpoint: no logits needed
+                self.model._decode(part, start, seq_id=self.seq_id, last_logits=False)
+                self.tokens.extend(part)
+            elif part:
+                self._last_logits = self.model._decode_seq(part, start, self.seq_id)
+                self.tokens.extend(part)
+            if end < len(prompt):
+                self._save_checkpoint()
+            self._unsure = len(self.tokens)  # in step up to here: a later interruption keeps this part
+            start = end
+        return self._last_logits.copy(), Reuse(len(prompt), reused, len(todo), restored, rolled)
+
+    def prepare(self, prompt: list[int]) -> tuple[int | None, int]:
+        """Cut the sequence back to the longest part of prompt it can keep, leaving at least the
+        last prompt token to evaluate (for its logits): by recurrent rollback within n_rs_seq
+        tokens, else from the newest checkpoint at or before the divergence, else from nothing.
+        Returns (checkpoint restored or None, tokens rolled back). Call inside ``changing()``."""
         common = 0
         for a, b in zip(self.tokens, prompt):
             if a != b:
                 break
             common += 1
-        if common == len(self.tokens) == len(prompt) and self._last_logits is not None:
-            return self._last_logits, Reuse(len(prompt), len(prompt), 0)
-        # at least the last prompt token must be evaluated for its logits
         target = min(common, len(prompt) - 1)
         restored, rolled = None, 0
         if target < len(self.tokens):
@@ -185,30 +212,27 @@ class PromptCache:
             for p in [p for p in self.checkpoints if p > len(self.tokens)]:
                 del self.checkpoints[p]
                 self.checkpoint_hidden.pop(p, None)
+        self._last_logits = None
+        return restored, rolled
+
+    def reusable(self, prompt: list[int]) -> int:
+        """How many of prompt's tokens ``prepare`` would keep (nothing is changed)."""
+        common = 0
+        for a, b in zip(self.tokens, prompt):
+            if a != b:
+                break
+            common += 1
+        target = min(common, len(prompt) - 1)
+        if target >= len(self.tokens) or (target > 0 and len(self.tokens) - target <= self.model.n_rs_seq):
+            return target
+        return max((p for p in self.checkpoints if p <= target), default=0)
+
+    def checkpoint_stops(self, prompt: list[int], marks: Iterable[int]) -> list[int]:
+        """Positions past what the sequence holds at which evaluating prompt takes a checkpoint:
+        the marks, and every checkpoint_every tokens."""
         reused = len(self.tokens)
-        todo = prompt[reused:]
-        stops = sorted(
-            {m for m in marks if reused < m < len(prompt)}
-            | (
-                {p for p in range(0, len(prompt), self.checkpoint_every) if p > reused}
-                if self.checkpoint_every
-                else set()
-            )
-        )
-        start = reused
-        for end in [*stops, len(prompt)]:
-            part = prompt[start:end]
-            if part and end < len(prompt):  # up to a checkpoint: no logits needed
-                self.model._decode(part, start, seq_id=self.seq_id, last_logits=False)
-                self.tokens.extend(part)
-            elif part:
-                self._last_logits = self.model._decode_seq(part, start, self.seq_id)
-                self.tokens.extend(part)
-            if end < len(prompt):
-                self._save_checkpoint()
-            self._unsure = len(self.tokens)  # in step up to here: a later interruption keeps this part
-            start = end
-        return self._last_logits.copy(), Reuse(len(prompt), reused, len(todo), restored, rolled)
+        every = set(range(0, len(prompt), self.checkpoint_every)) if self.checkpoint_every else set()
+        return sorted(p for p in {*marks, *every} if reused < p < len(prompt))
 
     def last_logits(self) -> np.ndarray:
         """Logits after the last evaluated token (for saving a session)."""

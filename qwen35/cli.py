@@ -134,6 +134,15 @@ def _mount_chat() -> None:
 _mount_chat()
 
 
+def _mount_serve() -> None:
+    from qwen35.bindings.server import serve
+
+    app.command("serve", help="Serve a Qwen3.5 GGUF over the OpenAI API.")(serve)
+
+
+_mount_serve()
+
+
 def _mount_quant() -> None:
     from qwen35.quant_cli import app as quant_app
 
