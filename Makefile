@@ -4,7 +4,7 @@
 #   make serve             setup, then serve the demo checkpoint over the OpenAI API on 127.0.0.1:8000
 #   make check             lint + format check (ruff) and the tests that need no native build (< 2 min)
 #   make test              setup, then the whole test suite (GPU tests skip without a GPU)
-#   make llama-upstream    the same llama.cpp unpatched, in its own build directory (A/B, compatibility)
+#   make llama-upstream    the same llama.cpp unpatched, with llama-server, in its own build directory (A/B, peers)
 #   make patches-export    rewrite cpp_patches/*.patch from the commits in build/src/vendor/llama.cpp
 #   make cuda-check        compile the CUDA work with nvcc (no GPU needed; fetches cuBLAS headers if missing)
 #   make clean             remove build/ and .venv (the next make starts from nothing)
@@ -50,7 +50,8 @@ bindings: venv llama
 
 llama-upstream:
 	@$(TREE) prepare $(UP_SRC) --upstream
-	@$(TREE) build $(UP_SRC) $(UP_BUILD) --upstream --backend $(BACKEND) --cuda-archs "$(CUDA_ARCHS)" --jobs $(JOBS)
+	@$(TREE) build $(UP_SRC) $(UP_BUILD) --upstream --backend $(BACKEND) --cuda-archs "$(CUDA_ARCHS)" --jobs $(JOBS) \
+		--targets llama llama-quantize llama-imatrix llama-perplexity llama-bench llama-server --cmake-arg=-DLLAMA_BUILD_SERVER=ON
 
 demo: setup
 	$(VPY) examples/demo.py

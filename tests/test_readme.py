@@ -29,6 +29,7 @@ def workdir(tmp_path_factory, lib_dir):
     from qwen35.converter.convert import convert
 
     d = tmp_path_factory.mktemp("readme")
+    (d / ".venv").symlink_to(Path(sys.executable).parent.parent)
     (d / "build" / "demo").mkdir(parents=True)
     convert(
         ROOT / "examples" / "models" / "qwen35-dense-tiny",
@@ -51,6 +52,9 @@ def test_readme_example_runs_as_written(workdir, i):
         assert "ToolCall(name='get_weather'" in r.stdout.splitlines()[-1], r.stdout[-500:]
     if "reply.speculation" in BLOCKS[i]:
         assert "Speculation(steps=" in r.stdout
+    if "openai.OpenAI(" in BLOCKS[i]:  # the server example: two replies, the second reusing the first
+        lines = [line for line in r.stdout.splitlines() if "| cached tokens:" in line]
+        assert len(lines) == 2 and int(lines[1].rsplit(":", 1)[1]) > 0, r.stdout
 
 
 def test_readme_make_lines_name_real_targets():

@@ -514,3 +514,15 @@ def test_a_restarted_server_continues_a_conversation_from_its_disk_cache(gguf, s
     _ask(live, msgs[:1])
     kept = _ask(live, msgs).usage.prompt_tokens_details.cached_tokens
     assert r2.usage.prompt_tokens_details.cached_tokens == kept > 0
+
+
+def test_bad_start_is_one_line_and_a_non_zero_exit(tmp_path, lib_dir):
+    missing = subprocess.run([QWEN35, "serve", str(tmp_path / "nope.gguf")], capture_output=True, text=True)
+    assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0
+    assert "does not exist" in missing.stderr
+    hf = subprocess.run(
+        [QWEN35, "serve", str(ROOT / "examples" / "models" / "qwen35-dense-tiny")], capture_output=True, text=True
+    )
+    assert hf.returncode == 1 and "qwen35-convert" in hf.stderr and hf.stderr.strip().count("\n") == 0
+    bad = subprocess.run([QWEN35, "serve", "x.gguf", "--reasoning", "maybe"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--reasoning" in bad.stderr
