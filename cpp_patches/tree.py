@@ -51,7 +51,6 @@ TOOL_TARGETS = [
     "llama-imatrix",
     "llama-perplexity",
     "llama-bench",
-    "test-backend-ops",
     "ggml-rpc-server",
     "llama-gguf-split",
 ]
