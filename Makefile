@@ -51,7 +51,7 @@ bindings: venv llama
 llama-upstream:
 	@$(TREE) prepare $(UP_SRC) --upstream
 	@$(TREE) build $(UP_SRC) $(UP_BUILD) --upstream --backend $(BACKEND) --cuda-archs "$(CUDA_ARCHS)" --jobs $(JOBS) \
-		--targets llama llama-quantize llama-imatrix llama-perplexity llama-bench llama-server --cmake-arg=-DLLAMA_BUILD_SERVER=ON
+		--targets llama llama-quantize llama-imatrix llama-perplexity llama-bench llama-server mtmd --cmake-arg=-DLLAMA_BUILD_SERVER=ON
 
 demo: setup
 	$(VPY) examples/demo.py

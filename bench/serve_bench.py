@@ -8,7 +8,7 @@ threads, and are driven with the official openai client over loopback:
 - llama-server from the pinned llama.cpp built unpatched (`make llama-upstream`; the web UI is not
   used);
 - llama-cpp-python's `examples/server/server.py` from the pinned sdist (build/src, `make setup`),
-  on this build's library;
+  on the same unpatched build (which has the libmtmd it loads);
 - `qwen35 serve`.
 
 The GGUF is bench/chat_bench.py's tiny-but-wide Qwen3.5 (hidden 768, 8 layers 3:1, the real 248K
@@ -118,7 +118,15 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(work / f"{name}.log", "wb")  # noqa: SIM115
         cmd = server_commands(name, gguf, self.port, slots, threads, work)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        env = dict(os.environ)
+        if name == "llama-cpp-python":
+            # the pinned sdist's server on the same llama.cpp built unpatched, which also has the
+            # libmtmd it loads at start (`make llama-upstream`)
+            lib = ROOT / "build" / "upstream-cpu" / "bin"
+            if not list(lib.glob("libmtmd.*")):
+                sys.exit(f"error: {lib} has no libmtmd; build it with `make llama-upstream`")
+            env["LLAMA_CPP_LIB_PATH"] = str(lib)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

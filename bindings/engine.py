@@ -312,8 +312,11 @@ class Engine:
                 restored_from = source
         else:
             cache = self.caches[slot]
-            if cache.tokens and cache.reusable(prompt) < len(cache.tokens):
-                self._keep(slot)  # its conversation is about to be cut back: keep a copy first
+            newest = max(cache.checkpoints, default=0)
+            if cache.tokens and best < min(newest, len(cache.tokens)):
+                # another conversation takes the slot (it goes back past the newest checkpoint,
+                # which a continuation never does): keep a copy of what the slot held first
+                self._keep(slot)
         cache = self.caches[slot]
         try:
             a = _Active(self, job, restored_from)

@@ -420,7 +420,7 @@ class Model:
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, seq_id)
         native.take_interrupt()
-        return bytes(buf[:n])
+        return ctypes.string_at(buf, n)  # buf[:n] would build a list of n ints first
 
     def set_seq_state(self, seq_id: int, data: bytes) -> None:
         import llama_cpp

@@ -103,7 +103,7 @@ class MTPHead:
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq)
         native.take_interrupt()
-        return bytes(buf[:n])
+        return ctypes.string_at(buf, n)  # buf[:n] would build a list of n ints first
 
     def set_state(self, seq: int, tokens: list[int], data: bytes | None, last_hidden: np.ndarray | None) -> None:
         """Take over seq after the target's state was restored to hold tokens: from data (what
