@@ -125,7 +125,7 @@ class Server:
             lib = ROOT / "build" / "upstream-cpu" / "bin"
             if not list(lib.glob("libmtmd.*")):
                 sys.exit(f"error: {lib} has no libmtmd; build it with `make llama-upstream`")
-            env["LLAMA_CPP_LIB_PATH"] = str(lib)
+            env["LLAMA_CPP_LIB_PATH"] = env["MTMD_CPP_LIB"] = str(lib)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -206,6 +206,7 @@ def stream_once(client, messages, *, max_tokens: int, tools=None) -> dict:
 
 
 def agent_replay(server: Server, turns: int) -> list[dict]:
+    import openai
     from chat_bench import user_message
 
     c = server.client()
@@ -213,7 +214,11 @@ def agent_replay(server: Server, turns: int) -> list[dict]:
     rows = []
     for t in range(turns):
         msgs.append({"role": "user", "content": user_message(t)})
-        rows.append(stream_once(c, msgs, max_tokens=REPLY, tools=TOOLS))
+        try:
+            rows.append(stream_once(c, msgs, max_tokens=REPLY, tools=TOOLS))
+        except openai.APIError as e:  # a server that cannot take this request: noted, not timed
+            why = f"HTTP {e.status_code}" if isinstance(e, openai.APIStatusError) else type(e).__name__
+            rows.append({"error": why, "ttft_s": float("nan"), "prompt": None, "evaluated": None})
         if t % 2:  # a tool call and its result
             word = ["river", "stone", "cloud", "ember"][t % 4]
             name = TOOLS[t % 2]["function"]["name"]
@@ -291,8 +296,9 @@ def main() -> None:
             finally:
                 s.stop()
             runs[name].append({"replay": replay, "concurrent": conc})
+            errors = sum(1 for r in replay if r.get("error"))
             print(
-                f"rep {rep + 1} {name:17s} turn {args.turns} TTFT {replay[-1]['ttft_s']:.2f} s "
+                f"rep {rep + 1} {name:17s} ({errors} turns failed) turn {args.turns} TTFT {replay[-1]['ttft_s']:.2f} s "
                 f"(evaluated {replay[-1]['evaluated']}), {args.clients} concurrent: "
                 f"{conc['aggregate_decode_tok_s']:.1f} tok/s, p50 TTFT {conc['p50_ttft_s']:.2f} s",
                 file=sys.stderr,
@@ -307,6 +313,7 @@ def main() -> None:
                 "prompt": runs[name][0]["replay"][t]["prompt"],
                 "evaluated": runs[name][0]["replay"][t]["evaluated"],
                 "ttft_s": med(r["replay"][t]["ttft_s"] for r in runs[name]),
+                "error": runs[name][0]["replay"][t].get("error"),
             }
             for t in range(args.turns)
         ]
@@ -321,8 +328,12 @@ def main() -> None:
         cells = []
         for n in names:
             row = summary[n]["turns"][t]
-            cells.append(f"{row['evaluated'] if row['evaluated'] is not None else '?'}, {row['ttft_s']:.2f} s")
-        print(f"| {t + 1} | {summary[names[0]]['turns'][t]['prompt']} | " + " | ".join(cells) + " |")
+            if row.get("error"):
+                cells.append(row["error"])
+            else:
+                cells.append(f"{row['evaluated'] if row['evaluated'] is not None else '?'}, {row['ttft_s']:.2f} s")
+        prompt = next((summary[n]["turns"][t]["prompt"] for n in names if summary[n]["turns"][t]["prompt"]), "?")
+        print(f"| {t + 1} | {prompt} | " + " | ".join(cells) + " |")
     print()
     print(f"| {args.clients} concurrent | aggregate decode tok/s | p50 TTFT |")
     print("| --- | ---: | ---: |")
@@ -334,6 +345,12 @@ def main() -> None:
             if n == "qwen35":
                 continue
             peer = summary[n]
+            if peer["turns"][-1].get("error"):
+                print(
+                    f"qwen35 vs {n}: {n} failed turn {args.turns} ({peer['turns'][-1]['error']}); aggregate decode "
+                    f"{ours['aggregate_decode_tok_s'] / peer['aggregate_decode_tok_s']:.2f}x"
+                )
+                continue
             print(
                 f"qwen35 vs {n}: turn-{args.turns} TTFT {peer['turns'][-1]['ttft_s'] / ours['turns'][-1]['ttft_s']:.1f}x sooner, "
                 f"aggregate decode {ours['aggregate_decode_tok_s'] / peer['aggregate_decode_tok_s']:.2f}x"

@@ -124,6 +124,8 @@ def main() -> None:
                 status = str(e.status_code)
             except openai.APIConnectionError:
                 status = "connection"
+            except openai.APIError:  # an error event inside a stream
+                status = "5xx-in-stream"
             with lock:
                 statuses[status] += 1
                 if status == "200":

@@ -293,6 +293,12 @@ class Engine:
                     job.emit(Failed("cancelled"))
                     continue
                 self._assign(job, free)
+            except Exception as e:  # this request fails; the others go on
+                log.exception("could not start a request")
+                for slot in free:
+                    if self.active[slot] is None and self.caches[slot]._unsure is not None:
+                        self.caches[slot].sync()
+                job.emit(Failed(f"could not start the request: {e}"))
             finally:
                 with self._cv:
                     self._assigning -= 1
@@ -306,9 +312,10 @@ class Engine:
         key, entry = self._best_saved(prompt)
         if entry is not None and entry.reusable(prompt) > best:
             slot = min(free, key=lambda i: self.used[i])
-            self._keep(slot)
             source = "disk" if entry.state is None else "ram"
-            if self._load_saved(slot, key):
+            state, checkpoints = entry.state, entry.checkpoints  # keeping the slot's own may evict them
+            self._keep(slot)
+            if self._load_saved(slot, key, entry, state, checkpoints):
                 restored_from = source
         else:
             cache = self.caches[slot]
@@ -526,8 +533,9 @@ class Engine:
 
     def _evict(self) -> None:
         while self.saved_bytes > self.cache_ram:
-            for k, s in self.saved.items():  # least recently used first
-                if s.state is not None:
+            newest = next(reversed(self.saved), None)
+            for k, s in self.saved.items():  # least recently used first; the newest stays
+                if s.state is not None and k != newest:
                     if s.path is not None:  # still on disk
                         s.state, s.checkpoints = None, {}
                     else:
@@ -536,28 +544,29 @@ class Engine:
             else:
                 return
 
-    def _load_saved(self, slot: int, key: str) -> bool:
-        entry = self.saved[key]
+    def _load_saved(self, slot: int, key: str, entry: _Saved, state: bytes | None, checkpoints: dict) -> bool:
         cache = self.caches[slot]
         try:
-            if entry.state is None:
-                entry.state, entry.checkpoints = self._read(entry.path)
+            if state is None:
+                if entry.path is None:
+                    return False
+                state, checkpoints = self._read(entry.path)
                 self.counters["restored_disk"] += 1
             else:
                 self.counters["restored_ram"] += 1
             with cache.changing(0):
                 self.model.seq_rm(slot, 0)
-                self.model.set_seq_state(slot, entry.state)
+                self.model.set_seq_state(slot, state)
                 import numpy as np
 
-                cache.adopt(entry.tokens, np.zeros(0, np.float32), entry.checkpoints)
+                cache.adopt(entry.tokens, np.zeros(0, np.float32), checkpoints)
         except (ModelError, OSError, ValueError) as e:
             log.warning("could not restore a saved conversation (%s); evaluating it again", e)
             cache.reset()
             return False
         entry.used = time.monotonic()
-        self.saved.move_to_end(key)
-        self._evict()
+        if key in self.saved:
+            self.saved.move_to_end(key)
         return True
 
     # ---------------------------------------------------------------- disk

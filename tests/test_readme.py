@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,37 @@ def test_there_are_examples():
     assert len(BLOCKS) >= 2
 
 
+def _make_serve(workdir):
+    """What `make serve` starts (the README's server example runs beside it)."""
+    import httpx
+
+    gguf = workdir / "build" / "demo" / "qwen35-dense-tiny-Q4_K_M.gguf"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "qwen35"), "serve", str(gguf), "--alias", "qwen35-demo"])
+    for _ in range(600):
+        try:
+            if httpx.get("http://127.0.0.1:8000/health").status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("qwen35 serve did not start on port 8000")
+
+
+def test_make_serve_serves_the_demo_model_as_the_readme_says():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "qwen35 serve $(DEMO_GGUF) --alias qwen35-demo" in makefile
+    assert "DEMO_GGUF := build/demo/qwen35-dense-tiny-Q4_K_M.gguf" in makefile
+
+
 @pytest.mark.parametrize("i", range(len(BLOCKS)))
 def test_readme_example_runs_as_written(workdir, i):
-    r = subprocess.run([sys.executable, "-c", BLOCKS[i]], cwd=workdir, capture_output=True, text=True, timeout=600)
+    server = _make_serve(workdir) if "openai.OpenAI(" in BLOCKS[i] else None
+    try:
+        r = subprocess.run([sys.executable, "-c", BLOCKS[i]], cwd=workdir, capture_output=True, text=True, timeout=600)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(60)
     assert r.returncode == 0, r.stderr[-3000:]
     if "chat.save(" in BLOCKS[i]:
         assert (workdir / "paris.chat").is_file()

@@ -526,3 +526,25 @@ def test_bad_start_is_one_line_and_a_non_zero_exit(tmp_path, lib_dir):
     assert hf.returncode == 1 and "qwen35-convert" in hf.stderr and hf.stderr.strip().count("\n") == 0
     bad = subprocess.run([QWEN35, "serve", "x.gguf", "--reasoning", "maybe"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--reasoning" in bad.stderr
+
+
+def test_conversations_that_lose_their_slot_come_back_exactly(gguf, oracle):
+    """Three conversations taking turns on one slot, with a RAM cache too small for all of them:
+    each comes back from the cache (or, evicted, is evaluated again) and every reply equals the
+    bindings' alone."""
+    s = Server(gguf, "--parallel", "1", "--cache-ram", "3")  # about two conversations
+    try:
+        c = s.client()
+        convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+        for _turn in range(2):
+            for msgs in convs:
+                r = _ask(c, msgs, max_tokens=24)
+                assert r.choices[0].message.content == oracle(msgs, max_tokens=24).content
+                msgs += [
+                    {"role": "assistant", "content": r.choices[0].message.content},
+                    {"role": "user", "content": "Go on."},
+                ]
+        assert _metric(s, 'qwen35_restored_conversations{source="ram"}') >= 1
+        assert 0 < _metric(s, "qwen35_saved_state_bytes") <= 3 << 20  # evicted down to the budget
+    finally:
+        assert s.stop() == 0
