@@ -17,7 +17,8 @@ vocabulary and chat template, BF16; random weights, so replies are noise but eve
 (a) Agent replay: a system prompt and two tools, a ~2.4K-token document in the first message, then
     questions; every other assistant turn is a tool call with its result. The whole history goes
     with every request, as the openai SDK sends it (the assistant turns are scripted, so every
-    server sees the same prompts); thinking on, greedy, 48 tokens a reply, streamed. Per turn:
+    server sees the same prompts); thinking on, sampling on (temperature 0.6, top-p 0.95,
+    top-k 20) over the full vocabulary, 48 tokens a reply, streamed. Per turn:
     time to the first streamed token, and prompt tokens the server evaluated (its own report:
     usage.prompt_tokens_details.cached_tokens, or llama-server's timings.prompt_n).
 (b) N concurrent conversations (--clients), each a short warm-up turn, then a 128-token reply at
@@ -45,6 +46,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # tests/support: the tiny-checkpoint he
 sys.path.insert(0, str(ROOT / "bench"))
 
 SLOTS_CTX = 8192
+# sampling on, as users run it, sent explicitly so that every server draws alike (thinking-mode values)
+SAMPLING = {"temperature": 0.6, "top_p": 0.95, "extra_body": {"top_k": 20, "min_p": 0.0}}
 REPLY = 48
 TOOLS = [
     {
@@ -175,8 +178,8 @@ def stream_once(client, messages, *, max_tokens: int, tools=None) -> dict:
         messages=messages,
         tools=tools,
         max_tokens=max_tokens,
-        temperature=0,
         stream=True,
+        **SAMPLING,
         stream_options={"include_usage": True},
     )
     for chunk in stream:
