@@ -24,6 +24,8 @@ from .structured import THINK_END, TOOL_OPEN
 from .toolcalls import MalformedToolCall, Text, ToolCall, ToolCallParser
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .model import Model
 
 OVERFLOW_POLICIES = ("error", "drop_oldest")
@@ -499,11 +501,11 @@ class Chat:
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> None:
         """The conversation, its tokens, the sequence's whole state (KV cache + recurrent) and the
-        checkpoints, in one safetensors file (numbers and JSON only), written atomically."""
-        import os
-
+        checkpoints, in one safetensors file (numbers and JSON only) sealed with a checksum,
+        written atomically."""
         import numpy as np
-        from safetensors.numpy import save_file
+
+        from . import statefile
 
         self.cache.sync()  # after an interrupted turn: save a state that matches the tokens
         state = self.model.seq_state(self.cache.seq_id)
@@ -523,60 +525,109 @@ class Chat:
             for pos, row in self.cache.checkpoint_hidden.items():
                 tensors[f"mtp.checkpoint.{pos}"] = row
         meta = {
-            "format": "qwen35-chat-1",
+            "format": SAVED_CHAT_FORMATS[0],
             "model": self.model.identity(),
             "messages": json.dumps(self.messages),
             "tools": json.dumps(self.tools),
             "enable_thinking": json.dumps(self.enable_thinking),
         }
         path = Path(path)
-        tmp = path.with_name(path.name + ".partial")
         if not path.parent.is_dir():
             raise ModelError(f"cannot save to {path}: folder {path.parent} does not exist")
         try:
-            save_file(tensors, str(tmp), metadata=meta)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            statefile.write(path, tensors, meta)
         except OSError as e:
             raise ModelError(f"cannot save to {path}: {e.strerror or e}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
 
     def load(self, path: str | Path) -> None:
-        """Resume a conversation saved with save() on the same model file, without re-evaluating it."""
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
+        """Resume a conversation saved with save() on the same model file, without re-evaluating
+        it. A file that is damaged, edited, or from another model is refused (ModelError naming
+        it) before anything changes: the conversation stays as it was."""
         path = Path(path)
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (OSError, SafetensorError) as e:
-            raise ModelError(f"{path} is not a saved chat ({e})") from None
-        if meta.get("format") != "qwen35-chat-1":
-            raise ModelError(f"{path} is not a saved chat (no qwen35-chat-1 format tag)")
-        if meta.get("model") != self.model.identity():
-            raise ModelError(f"{path} was saved with another model ({meta.get('model')}); load it with that model")
+        saved = _read_saved_chat(path, self.model)
         with self.cache.changing(0):  # cut short: the sequence is started over on the next turn
-            self.model.set_seq_state(self.cache.seq_id, tensors["state"].tobytes())
-            tokens = [int(t) for t in tensors["tokens"]]
-            self.cache.adopt(
-                tokens,
-                tensors["logits"],
-                {int(k.split(".", 1)[1]): v.tobytes() for k, v in tensors.items() if k.startswith("checkpoint.")},
-                {int(k.rsplit(".", 1)[1]): v for k, v in tensors.items() if k.startswith("mtp.checkpoint.")},
-            )
+            self.model.set_seq_state(self.cache.seq_id, saved.state)
+            self.cache.adopt(saved.tokens, saved.logits, saved.checkpoints, saved.hidden_rows)
             if self.model.mtp is not None:  # a chat saved without the head: drafts rebuild from the tokens
-                state = tensors.get("mtp.state")
-                self.model.mtp.set_state(
-                    self.cache.seq_id, tokens, None if state is None else state.tobytes(), tensors.get("mtp.hidden")
-                )
-            self.messages, self.tools, self.enable_thinking = (
-                json.loads(meta["messages"]),
-                json.loads(meta["tools"]),
-                json.loads(meta["enable_thinking"]),
-            )
+                self.model.mtp.set_state(self.cache.seq_id, saved.tokens, saved.mtp_state, saved.mtp_hidden)
+            self.messages, self.tools, self.enable_thinking = saved.messages, saved.tools, saved.enable_thinking
+
+
+SAVED_CHAT_FORMATS = ("qwen35-chat-2", "qwen35-chat-1")  # the current (sealed) one first
+
+
+@dataclass
+class _SavedChat:
+    state: bytes
+    tokens: list[int]
+    logits: np.ndarray
+    checkpoints: dict[int, bytes]
+    hidden_rows: dict[int, np.ndarray]
+    mtp_state: bytes | None
+    mtp_hidden: np.ndarray | None
+    messages: list[dict]
+    tools: list | None
+    enable_thinking: bool | None
+
+
+def _read_saved_chat(path: Path, model: Model) -> _SavedChat:
+    """A saved chat, every field checked against its checksum and against the model."""
+    import numpy as np
+
+    from . import statefile
+
+    tensors, meta = statefile.read(path, SAVED_CHAT_FORMATS, "a saved chat")
+    if meta.get("model") != model.identity():
+        raise ModelError(f"{path} was saved with another model ({meta.get('model')!r:.80}); load it with that model")
+    n_vocab, n_embd = model.n_vocab, model.n_embd
+    state = statefile.tensor(tensors, "state", np.uint8, path)
+    tokens = statefile.tensor(tensors, "tokens", np.int32, path)
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= n_vocab):
+        raise ModelError(f"{path} is damaged: it holds token ids outside the model's vocabulary of {n_vocab}")
+    if tokens.size > model.n_ctx_seq:
+        raise ModelError(
+            f"{path} holds {tokens.size} tokens, more than this context's {model.n_ctx_seq}; load the model "
+            "with a larger n_ctx"
+        )
+    logits = tensors.get("logits")
+    if logits is None or logits.dtype != np.float32 or logits.ndim != 1 or logits.size not in (0, n_vocab):
+        raise ModelError(f"{path} is damaged: its logits do not fit the model's vocabulary of {n_vocab}")
+    n = int(tokens.size)
+    checkpoints = statefile.positions(tensors, "checkpoint.", n, path)
+    rows = statefile.positions(tensors, "mtp.checkpoint.", n, path)
+    mtp_state = statefile.tensor(tensors, "mtp.state", np.uint8, path, optional=True)
+    mtp_hidden = statefile.tensor(tensors, "mtp.hidden", np.float32, path, size=n_embd, optional=True)
+    for pos, t in checkpoints.items():
+        statefile.tensor({f"checkpoint.{pos}": t}, f"checkpoint.{pos}", np.uint8, path)
+    for pos, t in rows.items():
+        statefile.tensor({f"mtp.checkpoint.{pos}": t}, f"mtp.checkpoint.{pos}", np.float32, path, size=n_embd)
+    known = {"state", "tokens", "logits", "mtp.state", "mtp.hidden"}
+    extra = [k for k in tensors if k not in known and not k.startswith(("checkpoint.", "mtp.checkpoint."))]
+    if extra:
+        raise ModelError(f"{path} is damaged: it has an unknown entry {extra[0]!r:.60}")
+    try:
+        messages = json.loads(meta["messages"])
+        tools = json.loads(meta["tools"])
+        thinking = json.loads(meta["enable_thinking"])
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelError(f"{path} is damaged: its conversation metadata does not read ({e!s:.60})") from None
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages
+    ):
+        raise ModelError(f"{path} is damaged: its messages are not a list of chat messages")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ModelError(f"{path} is damaged: its tools are not a list of tool definitions")
+    if thinking is not None and not isinstance(thinking, bool):
+        raise ModelError(f"{path} is damaged: enable_thinking is {thinking!r:.40}")
+    return _SavedChat(
+        state.tobytes(),
+        [int(t) for t in tokens],
+        logits,
+        {p: t.tobytes() for p, t in checkpoints.items()},
+        rows,
+        None if mtp_state is None else mtp_state.tobytes(),
+        mtp_hidden,
+        messages,
+        tools,
+        thinking,
+    )

@@ -43,6 +43,8 @@ from .sampling import SamplingParams
 from .session import PromptCache
 from .toolcalls import ToolCallParser
 
+STATE_FORMAT = "qwen35-server-state-2"  # --cache-dir files (bindings/statefile.py: sealed with a checksum)
+
 if TYPE_CHECKING:
     from .model import Model
 
@@ -575,7 +577,8 @@ class Engine:
 
     def _write(self, key: str, entry: _Saved) -> Path | None:
         import numpy as np
-        from safetensors.numpy import save_file
+
+        from . import statefile
 
         assert self.cache_dir is not None
         path = self.cache_dir / f"{key}.qwen35-state"
@@ -587,26 +590,31 @@ class Engine:
         }
         for p, data in entry.checkpoints.items():
             tensors[f"checkpoint.{p}"] = np.frombuffer(data, np.uint8)
-        meta = {"model": self._identity(), "format": "qwen35-server-state-1"}
-        tmp = path.with_name(path.name + ".partial")
+        meta = {"model": self._identity(), "format": STATE_FORMAT}
         try:
-            save_file(tensors, str(tmp), metadata=meta)
-            tmp.replace(path)
+            statefile.write(path, tensors, meta, fsync=False)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             log.warning("could not write %s: %s", path, e)
             return None
         return path
 
     def _read(self, path: Path) -> tuple[bytes, dict[int, bytes]]:
-        from safetensors import safe_open
+        """The state and checkpoints of a conversation kept on disk, checked against the file's
+        checksum and the tokens it was indexed with (ModelError when anything differs)."""
+        import numpy as np
 
-        with safe_open(str(path), "numpy") as f:
-            if f.metadata().get("model") != self._identity():
-                raise ValueError(f"{path.name} was saved with another model")
-            state = f.get_tensor("state").tobytes()
-            cps = {int(k.split(".", 1)[1]): f.get_tensor(k).tobytes() for k in f.keys() if k.startswith("checkpoint.")}  # noqa: SIM118
-        return state, cps
+        from . import statefile
+
+        tensors, meta = statefile.read(path, (STATE_FORMAT,), "a server state file")
+        if meta.get("model") != self._identity():
+            raise ModelError(f"{path.name} was saved with another model")
+        tokens = statefile.tensor(tensors, "tokens", np.int32, path)
+        entry = self.saved.get(path.name.split(".")[0])
+        if entry is not None and tokens.tolist() != entry.tokens:
+            raise ModelError(f"{path.name} changed on disk since it was indexed")
+        state = statefile.tensor(tensors, "state", np.uint8, path)
+        cps = statefile.positions(tensors, "checkpoint.", int(tokens.size), path)
+        return state.tobytes(), {p: t.tobytes() for p, t in cps.items()}
 
     def _index_disk(self) -> None:
         """Learn the token lists of the conversations kept in cache_dir (their states are read
@@ -618,7 +626,8 @@ class Engine:
         for path in sorted(self.cache_dir.glob("*.qwen35-state"), key=lambda p: p.stat().st_mtime):
             try:
                 with safe_open(str(path), "numpy") as f:
-                    if f.metadata().get("model") != self._identity():
+                    meta = f.metadata() or {}
+                    if meta.get("model") != self._identity() or meta.get("format") != STATE_FORMAT:
                         continue
                     tokens = f.get_tensor("tokens").tolist()
                     positions = tuple(sorted(int(k.split(".", 1)[1]) for k in f.keys() if k.startswith("checkpoint.")))  # noqa: SIM118

@@ -391,6 +391,19 @@ class Model:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     @property
+    def n_vocab(self) -> int:
+        import llama_cpp
+
+        return int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+
+    @property
+    def n_embd(self) -> int:
+        """Width of the hidden rows the MTP head pairs with (llama_model_n_embd_out)."""
+        import llama_cpp
+
+        return int(llama_cpp.llama_model_n_embd_out(self._model))
+
+    @property
     def n_ctx_seq(self) -> int:
         """Tokens one sequence may hold: n_ctx split over n_seq_max. llama.cpp rounds the context it
         allocates up (to a multiple of 256); the limit is what was asked for."""

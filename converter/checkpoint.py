@@ -155,25 +155,52 @@ def _read_header(shard: Path) -> dict[str, TensorRef]:
         with open(shard, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > 100 * 2**20:
-                raise ValueError("header too large")
-            header = json.loads(f.read(n))
+                raise ValueError(f"a header of {n} bytes")
+            raw = f.read(n)
+            if len(raw) != n:
+                raise ValueError(f"the header needs {n} bytes, the file has {len(raw)} after its length")
+            header = json.loads(raw)
     except (OSError, ValueError, struct.error) as e:
-        raise CheckpointError(f"{shard.name} is not a readable safetensors file ({e})") from e
+        raise CheckpointError(f"{shard.name} is not a readable safetensors file ({e}); re-download it") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{shard.name} is not a readable safetensors file (its header is not an object)")
     base = 8 + n
+    size = shard.stat().st_size
     refs = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        dtype = DTYPES.get(info.get("dtype"))
+        bad = f"{shard.name}: tensor {name!r} has a damaged header entry ({info!r:.80}); re-download the shard"
+        if not isinstance(info, dict):
+            raise CheckpointError(bad)
+        dtype = DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
         if dtype is None:
             raise CheckpointError(
-                f"{shard.name}: tensor {name} has dtype {info.get('dtype')}; "
+                f"{shard.name}: tensor {name} has dtype {info.get('dtype')!r:.40}; "
                 "only BF16, F16 and F32 checkpoints are supported"
             )
-        b, e = info["data_offsets"]
-        refs[name] = TensorRef(name, tuple(info["shape"]), dtype, shard, base + b, base + e)
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= 8
+            and all(type(d) is int and 0 <= d < 1 << 40 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]
+        ):
+            raise CheckpointError(bad)
+        b, e = offsets
+        count = 1
+        for d in shape:
+            count *= d
+        if count * {"f32": 4}.get(dtype, 2) != e - b:
+            raise CheckpointError(
+                f"{shard.name}: tensor {name} of shape {shape} needs {count * {'f32': 4}.get(dtype, 2)} bytes, "
+                f"its header gives it {e - b}; re-download the shard"
+            )
+        refs[name] = TensorRef(name, tuple(shape), dtype, shard, base + b, base + e)
     end = max((r.end for r in refs.values()), default=base)
-    size = shard.stat().st_size
     if size < end:
         raise CheckpointError(
             f"{shard.name} is truncated: its header needs {end} bytes, the file has {size}; re-download the shard"
@@ -185,9 +212,11 @@ def _shards(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{index.name} is not a valid index ({e}); re-download it") from e
+            weight_map = json.loads(index.read_bytes())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError("weight_map is not an object of file names")
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index.name} is not a valid index ({e!s:.80}); re-download it") from e
         shards = []
         root = path.resolve()
         for rel in dict.fromkeys(weight_map.values()):
@@ -210,16 +239,87 @@ def _shards(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} has no *.safetensors files; point at a Hugging Face model directory")
 
 
+# hyper-parameters that size tensors: each a positive integer (bounds far above any release)
+_SIZES = {
+    "hidden_size": 1 << 17,
+    "num_hidden_layers": 4096,
+    "num_attention_heads": 4096,
+    "num_key_value_heads": 4096,
+    "head_dim": 4096,
+    "linear_conv_kernel_dim": 64,
+    "linear_key_head_dim": 4096,
+    "linear_value_head_dim": 4096,
+    "linear_num_key_heads": 4096,
+    "linear_num_value_heads": 4096,
+    "vocab_size": 1 << 24,
+    "max_position_embeddings": 1 << 30,
+}
+_DENSE_SIZES = {"intermediate_size": 1 << 20}
+_MOE_SIZES = {
+    "moe_intermediate_size": 1 << 20,
+    "shared_expert_intermediate_size": 1 << 20,
+    "num_experts": 1 << 16,
+    "num_experts_per_tok": 1 << 16,
+}
+
+
+def _check_config(merged: dict, moe: bool) -> None:
+    """Every value the conversion computes with has the type and range it must have."""
+    sizes = {**_SIZES, **(_MOE_SIZES if moe else _DENSE_SIZES)}
+    for key, top in sizes.items():
+        v = merged.get(key)
+        if v is None:
+            raise CheckpointError(f"config.json has no {key}; it is needed to read the checkpoint")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= top:
+            raise CheckpointError(f"config.json {key} is {v!r}; it must be a whole number from 1 to {top}")
+    for key in ("rms_norm_eps",):
+        v = merged.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+            raise CheckpointError(f"config.json {key} is {v!r}; it must be a number between 0 and 1")
+    if moe and merged["num_experts_per_tok"] > merged["num_experts"]:
+        raise CheckpointError(
+            f"config.json num_experts_per_tok ({merged['num_experts_per_tok']}) is more than "
+            f"num_experts ({merged['num_experts']})"
+        )
+    for key in ("mtp_num_hidden_layers", "full_attention_interval"):
+        v = merged.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 4096):
+            raise CheckpointError(f"config.json {key} is {v!r}; it must be a whole number from 0 to 4096")
+    if not merged.get("full_attention_interval", 4):
+        raise CheckpointError("config.json full_attention_interval is 0; it must be at least 1")
+    if not isinstance(merged.get("tie_word_embeddings", False), bool):
+        raise CheckpointError(f"config.json tie_word_embeddings is {merged['tie_word_embeddings']!r}; true or false")
+    rope = merged.get("rope_parameters") or merged.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"config.json rope_parameters is {rope!r}; it must be an object")
+    for key, lo, hi in (("rope_theta", 0, float("inf")), ("partial_rotary_factor", 0, 1)):
+        v = rope.get(key, merged.get(key, ROPE_DEFAULTS[key]))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v <= hi or v != v:
+            raise CheckpointError(f"config.json {key} is {v!r}; it must be a number in ({lo}, {hi}]")
+    types = merged.get("layer_types")
+    if types is not None and (not isinstance(types, list) or not all(isinstance(t, str) for t in types)):
+        raise CheckpointError("config.json layer_types must be a list of linear_attention/full_attention")
+
+
 def text_config(config: dict) -> dict:
     """The text model's hyper-parameters: root keys, then text_config over them, then defaults."""
+    if not isinstance(config, dict) or not isinstance(config.get("text_config", {}), dict):
+        raise CheckpointError("config.json must be a JSON object (with text_config an object, if present)")
     merged = {**config, **config.get("text_config", {})}
-    arch = ARCHITECTURES.get((config.get("architectures") or [""])[0])
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+        raise CheckpointError(f"config.json architectures is {archs!r}; it must name the model class")
+    arch = ARCHITECTURES.get(archs[0])
     for k, v in {**TEXT_DEFAULTS, **(MOE_DEFAULTS if arch == "qwen35moe" else {})}.items():
         merged.setdefault(k, v)
-    rope = dict(merged.get("rope_parameters") or merged.get("rope_scaling") or {})
+    rope = merged.get("rope_parameters") or merged.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"config.json rope_parameters is {rope!r}; it must be an object")
+    rope = dict(rope)
     for k, v in ROPE_DEFAULTS.items():
         rope.setdefault(k, merged.get(k, v))
     merged["rope_parameters"] = rope
+    _check_config(merged, arch == "qwen35moe")
     n = merged["num_hidden_layers"]
     interval = merged.get("full_attention_interval", 4)
     if "layer_types" not in merged:
@@ -238,10 +338,16 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json; point at a Hugging Face model directory")
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_bytes())
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'} is not valid JSON ({e})") from e
-    hf_arch = (config.get("architectures") or ["<none>"])[0]
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    if not (isinstance(archs, list) and archs and isinstance(archs[0], str)):
+        raise CheckpointError(
+            f"config.json architectures is {archs!r:.60}; it must be a list naming the model class, "
+            'e.g. ["Qwen3_5ForConditionalGeneration"]'
+        )
+    hf_arch = archs[0]
     if hf_arch not in ARCHITECTURES:
         raise CheckpointError(f"{path} is a {hf_arch} checkpoint; supported: {', '.join(ARCHITECTURES)}")
     tensors: dict[str, TensorRef] = {}

@@ -76,8 +76,15 @@ def _load_gguf(p: Path, shown: str) -> Imatrix:
     keys = {Keys.IMatrix.DATASETS, Keys.IMatrix.CHUNK_COUNT, Keys.IMatrix.CHUNK_SIZE}
     if not keys <= set(r.fields):
         raise _fail(shown, "missing imatrix metadata (" + ", ".join(sorted(keys - set(r.fields))) + ")")
-    datasets = list(r.fields[Keys.IMatrix.DATASETS].contents())
-    chunk_count = int(r.fields[Keys.IMatrix.CHUNK_COUNT].contents())
+    try:
+        datasets = r.fields[Keys.IMatrix.DATASETS].contents()
+        chunk_count = r.fields[Keys.IMatrix.CHUNK_COUNT].contents()
+    except Exception as e:  # gguf raises what it meets on damaged fields
+        raise _fail(shown, f"damaged imatrix metadata ({e!s:.60})") from None
+    if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+        raise _fail(shown, f"{Keys.IMatrix.DATASETS} is not a list of strings")
+    if isinstance(chunk_count, bool) or not isinstance(chunk_count, int) or chunk_count < 0:
+        raise _fail(shown, f"{Keys.IMatrix.CHUNK_COUNT} is {chunk_count!r:.40}, not a count")
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
     for t in r.tensors:
@@ -85,7 +92,10 @@ def _load_gguf(p: Path, shown: str) -> Imatrix:
             if t.name.endswith(suffix):
                 if t.tensor_type != GGMLQuantizationType.F32:
                     raise _fail(shown, f"{t.name} is {t.tensor_type.name}, must be F32")
-                into[t.name[: -len(suffix)]] = np.asarray(t.data, dtype=np.float32)
+                try:
+                    into[t.name[: -len(suffix)]] = np.asarray(t.data, dtype=np.float32)
+                except Exception as e:
+                    raise _fail(shown, f"{t.name} cannot be read ({e!s:.60})") from None
     if not sums and not counts:
         raise _fail(shown, "no data")
     entries, coverage = {}, {}

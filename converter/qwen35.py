@@ -68,6 +68,7 @@ GLOBAL_TABLE: list[tuple[str, T, str, Callable, bool]] = [
 ]
 
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
 _VISUAL = ("visual.", "vision", "merger.", "audio")
 
 
@@ -178,6 +179,20 @@ def _expected_shape(rest: str, cfg: dict, h: tf.Heads) -> tuple[int, ...] | None
         "self_attn.q_norm.weight": (hd,),
         "self_attn.k_norm.weight": (hd,),
     }
+    V = cfg["vocab_size"]
+    table.update(
+        {
+            # the model's own tensors
+            "embed_tokens.weight": (V, H),
+            "norm.weight": (H,),
+            "lm_head.weight": (V, H),
+            # the MTP head's own tensors (its transformer block is checked as a layer)
+            "mtp.fc.weight": (H, 2 * H),
+            "mtp.pre_fc_norm_embedding.weight": (H,),
+            "mtp.pre_fc_norm_hidden.weight": (H,),
+            "mtp.norm.weight": (H,),
+        }
+    )
     if "intermediate_size" in cfg:
         I = cfg["intermediate_size"]
         table.update({"mlp.gate_proj.weight": (I, H), "mlp.up_proj.weight": (I, H), "mlp.down_proj.weight": (H, I)})
@@ -192,9 +207,22 @@ def _expected_shape(rest: str, cfg: dict, h: tf.Heads) -> tuple[int, ...] | None
                 "mlp.shared_expert.up_proj.weight": (S, H),
                 "mlp.shared_expert.down_proj.weight": (H, S),
                 "mlp.shared_expert_gate.weight": (1, H),
+                # transformers' per-expert save format, stacked into the fused layout
+                "mlp.experts.N.gate_proj.weight": (I, H),
+                "mlp.experts.N.up_proj.weight": (I, H),
+                "mlp.experts.N.down_proj.weight": (H, I),
             }
         )
-    return table.get(rest)
+    return table.get(_EXPERT_INDEX.sub(".experts.N.", rest))
+
+
+def _check_shape(hf: str, shape, rest: str, cfg: dict, h: tf.Heads) -> None:
+    want = _expected_shape(rest, cfg, h)
+    if want is not None and tuple(shape) != want:
+        raise CheckpointError(
+            f"tensor {hf} has shape {list(shape)}, expected {list(want)} from config.json; "
+            "the checkpoint and its config do not match"
+        )
 
 
 def heads(cfg: dict) -> tf.Heads:
@@ -249,6 +277,7 @@ def plan_tensors(ckpt: Checkpoint, mtp: str = "keep") -> list[OutTensor]:
             row = rows.get(rest)
             if row is None or not rest.startswith("mtp."):
                 raise CheckpointError(f"unknown tensor {hf} {list(ref.shape)}: not part of the Qwen3.5 MTP head")
+            _check_shape(hf, ref.shape, rest, cfg, h)
             add(row, n_layer, [hf], ref.shape)
             continue
         if scope == "mtp_layer":
@@ -261,17 +290,16 @@ def plan_tensors(ckpt: Checkpoint, mtp: str = "keep") -> list[OutTensor]:
             row = grows.get(rest)
             if row is None:
                 raise CheckpointError(f"unknown tensor {hf} {list(ref.shape)}: not part of the Qwen3.5 text model")
+            _check_shape(hf, ref.shape, rest, cfg, h)
             add(row, None, [hf], ref.shape)
             continue
         if bid >= n_layer + max(n_mtp, 0) or (scope == "model" and bid >= n_layer):
             raise CheckpointError(f"tensor {hf} is in block {bid}, but the config has {n_layer} layers")
+        _check_shape(hf, ref.shape, rest, cfg, h)
         m = _EXPERT.match(rest)
         if m:
             experts.setdefault((bid, m.group(2)), {})[int(m.group(1))] = hf
             continue
-        want = _expected_shape(rest, cfg, h)
-        if want is not None and tuple(ref.shape) != want:
-            raise CheckpointError(f"tensor {hf} has shape {list(ref.shape)}, expected {list(want)}")
         if rest == "mlp.experts.gate_up_proj":
             add(rows["mlp.experts.gate_up_proj#gate"], bid, [hf], ref.shape)
             add(rows["mlp.experts.gate_up_proj#up"], bid, [hf], ref.shape, sub=1)

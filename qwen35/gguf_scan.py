@@ -125,10 +125,21 @@ def scan_model(path: str | Path, given: GGUFScan | None = None) -> GGUFScan:
     return GGUFScan(parts[0], first.version, first.kv, tensors)
 
 
+# llama.cpp's own bounds (gguf.cpp, ggml.h): what it refuses, refused here first with the reason
+_MAX_DIMS = 4
+_MAX_ALIGN = 1 << 16
+
+
 def _scan(path: Path, f) -> GGUFScan:
-    """Reads the header only (metadata and tensor infos), never the tensor data."""
+    """Reads the header only (metadata and tensor infos), never the tensor data. Every length
+    is checked against what is left of the file before anything is read or allocated."""
+    import os
+
+    size = os.fstat(f.fileno()).st_size
 
     def take(n: int) -> bytes:
+        if n > size - f.tell():
+            raise GGUFScanError(f"{path} is truncated or damaged (a length of {n} bytes runs past the end)")
         b = f.read(n)
         if len(b) != n:
             raise GGUFScanError(f"{path} is truncated")
@@ -140,44 +151,75 @@ def _scan(path: Path, f) -> GGUFScan:
     def string() -> str:
         return take(u("<Q")).decode("utf-8", errors="replace")
 
-    def value(vtype: int, decode: bool):
+    def value(vtype: int, decode: bool, depth: int = 0):
         if vtype == GGUFValueType.STRING:
             return string()
         if vtype in _SCALAR:
             return u(_SCALAR[vtype])
-        if vtype == GGUFValueType.ARRAY:
+        if vtype == GGUFValueType.ARRAY and depth == 0:  # llama.cpp does not nest arrays
             etype, count = u("<I"), u("<Q")
             keep = decode and count <= 64
             if etype in _SCALAR:
-                size = struct.calcsize(_SCALAR[etype])
-                raw = take(size * count)
+                itemsize = struct.calcsize(_SCALAR[etype])
+                raw = take(itemsize * count)
                 return list(struct.unpack(f"<{count}{_SCALAR[etype][1]}", raw)) if keep else None
-            items = [value(etype, keep) for _ in range(count)]
+            if etype != GGUFValueType.STRING:
+                raise GGUFScanError(f"{path}: an array of value type {etype} is not valid GGUF")
+            if count * 8 > size - f.tell():
+                raise GGUFScanError(f"{path} is truncated or damaged (an array of {count} strings)")
+            items = [value(etype, keep, depth + 1) for _ in range(count)]
             return items if keep else None
         raise GGUFScanError(f"{path}: unknown metadata value type {vtype}")
 
     if take(4) != b"GGUF":
         raise GGUFScanError(f"{path} is not a GGUF file")
     version, n_tensors, n_kv = u("<I"), u("<Q"), u("<Q")
+    if version not in (2, 3):
+        raise GGUFScanError(f"{path} is GGUF version {version}; llama.cpp reads versions 2 and 3")
+    if n_kv * 12 > size or n_tensors * 24 > size:  # each entry takes at least that many bytes
+        raise GGUFScanError(f"{path} is damaged: it claims {n_kv} metadata keys and {n_tensors} tensors")
     kv = {}
     for _ in range(n_kv):
         key, vtype = string(), u("<I")
+        if key in kv:
+            raise GGUFScanError(f"{path} is damaged: metadata key {key!r} appears twice")
         start = f.tell()
         val = value(vtype, True)
         end = f.tell()
         f.seek(start)
         kv[key] = KV(vtype, f.read(end - start), val)
     infos = []
+    names = set()
     for _ in range(n_tensors):
         name = string()
-        ne = tuple(u("<Q") for _ in range(u("<I")))
-        qtype, offset = GGMLQuantizationType(u("<I")), u("<Q")
-        infos.append((name, ne, qtype, offset))
+        n_dims = u("<I")
+        if n_dims > _MAX_DIMS:
+            raise GGUFScanError(f"{path} is damaged: tensor {name!r:.60} has {n_dims} dimensions (at most 4)")
+        ne = tuple(u("<Q") for _ in range(n_dims))
+        raw_type, offset = u("<I"), u("<Q")
+        try:
+            qtype = GGMLQuantizationType(raw_type)
+            block, type_size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            raise GGUFScanError(f"{path}: tensor {name!r:.60} has unknown type {raw_type}") from None
+        if name in names:
+            raise GGUFScanError(f"{path} is damaged: tensor {name!r:.60} appears twice")
+        names.add(name)
+        n = 1
+        for d in ne:
+            n *= d
+        if n and (ne[0] % block or n // block * type_size > size):
+            raise GGUFScanError(f"{path} is damaged: tensor {name!r:.60} of shape {list(ne)} does not fit")
+        infos.append((name, ne, qtype, offset, n // block * type_size))
     align = kv["general.alignment"].value if "general.alignment" in kv else 32
+    if type(align) is not int or not 0 < align <= _MAX_ALIGN or align & (align - 1):
+        raise GGUFScanError(f"{path}: general.alignment is {align!r}, not a power of two")
     data_start = (f.tell() + align - 1) // align * align
     tensors = []
-    for name, ne, qtype, offset in infos:
-        block, size = GGML_QUANT_SIZES[qtype]
-        n = int(np.prod(ne, dtype=np.int64))
-        tensors.append(TensorInfo(name, ne, qtype, data_start + offset, n // block * size))
+    for name, ne, qtype, offset, nbytes in infos:
+        if offset % align or data_start + offset + nbytes > size:
+            raise GGUFScanError(
+                f"{path} is truncated or damaged: tensor {name!r:.60} lies outside the file; re-download or re-convert it"
+            )
+        tensors.append(TensorInfo(name, ne, qtype, data_start + offset, nbytes))
     return GGUFScan(path, version, kv, tensors)

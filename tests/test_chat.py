@@ -97,6 +97,83 @@ def test_a_saved_chat_refuses_another_model(gguf_f32, tmp_path):
         Chat(m).load(tmp_path / "junk.chat")
 
 
+def _reseal(src, dst, edit):
+    """A copy of the saved chat src with edit(tensors, meta) applied and a matching checksum: what
+    a hand-edited file looks like (the field checks behind the checksum are what is tested)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from qwen35.bindings import statefile
+
+    with safe_open(str(src), "numpy") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(src))
+    edit(tensors, meta)
+    meta["sha256"] = statefile.checksum(tensors, meta)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def test_a_damaged_saved_chat_is_refused_in_one_line_and_changes_nothing(gguf_f32, tmp_path):
+    from qwen35.bindings.chat import Chat
+
+    with _load(gguf_f32) as m:
+        chat = Chat(m)
+        chat.send(TURNS[0], GREEDY)
+        good = tmp_path / "s.chat"
+        chat.save(good)
+        data = good.read_bytes()
+
+        flipped = tmp_path / "flipped.chat"
+        flipped.write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])  # inside the last tensor
+        truncated = tmp_path / "truncated.chat"
+        truncated.write_bytes(data[: len(data) // 2])
+        n_vocab = m.n_vocab
+
+        def bad_token(t, meta):
+            t["tokens"] = t["tokens"].copy()
+            t["tokens"][3] = n_vocab
+
+        def bad_logits(t, meta):
+            t["logits"] = t["logits"][:-1].copy()
+
+        def bad_messages(t, meta):
+            meta["messages"] = '[{"role": "user", "content": "hi"'
+
+        def bad_checkpoint(t, meta):
+            t[f"checkpoint.{len(t['tokens']) + 5}"] = np.zeros(4, np.uint8)
+
+        def old_format_bad_thinking(t, meta):
+            meta["format"], meta["enable_thinking"] = "qwen35-chat-1", '"yes"'
+
+        cases = {
+            flipped: "checksum does not match",
+            truncated: "is not a saved chat or is damaged",
+            _reseal(good, tmp_path / "token.chat", bad_token): "outside the model's vocabulary",
+            _reseal(good, tmp_path / "logits.chat", bad_logits): "logits do not fit",
+            _reseal(good, tmp_path / "messages.chat", bad_messages): "conversation metadata does not read",
+            _reseal(good, tmp_path / "checkpoint.chat", bad_checkpoint): "not a position within",
+            _reseal(good, tmp_path / "old.chat", old_format_bad_thinking): "enable_thinking",
+        }
+        other = Chat(m, system="Be brief.")
+        other.send(TURNS[1], GREEDY)
+        before = (list(other.messages), list(other.cache.tokens))
+        for path, expect in cases.items():
+            with pytest.raises(ModelError) as e:
+                other.load(path)
+            msg = str(e.value)
+            assert expect in msg and str(path) in msg and "\n" not in msg, (path.name, msg)
+            assert (list(other.messages), list(other.cache.tokens)) == before, path.name
+        # and the conversation goes on exactly as one never offered a damaged file
+        got = other.send(TURNS[2], GREEDY)
+        fresh = Chat(m, system="Be brief.")
+        fresh.send(TURNS[1], GREEDY)
+        assert got.tokens == fresh.send(TURNS[2], GREEDY).tokens
+        # the intact file still loads
+        other.load(good)
+        assert other.messages == chat.messages
+
+
 def test_stream_splits_reasoning_content_and_tool_calls(gguf_f32, monkeypatch):
     """A scripted reply (real tokens of the real vocabulary, fed through the real decode path)."""
     from qwen35.bindings import chat as chat_mod

@@ -288,6 +288,58 @@ def test_bad_inputs_fail_in_one_line_without_output(ckpts, tmp_path):
         assert not out.exists() and not out.with_name(out.name + ".partial").exists(), name
 
 
+def test_every_tensor_shape_is_checked_against_the_config(ckpts, tmp_path):
+    """The MTP head, the per-expert tensors and the model's own tensors included: a mis-shaped one
+    is refused before anything is written, not written into the GGUF for llama.cpp to refuse."""
+
+    def narrower(name):
+        return lambda s: {**s, name: s[name][:-1].clone()}
+
+    cases = [
+        ("dense-mtp", narrower("mtp.fc.weight"), "mtp.fc.weight has shape [63, 128], expected [64, 128]"),
+        ("dense-mtp", narrower("mtp.pre_fc_norm_hidden.weight"), "mtp.pre_fc_norm_hidden.weight has shape [63]"),
+        ("dense-mtp", narrower("mtp.layers.0.self_attn.k_proj.weight"), "mtp.layers.0.self_attn.k_proj.weight"),
+        ("dense", narrower("model.embed_tokens.weight"), "model.embed_tokens.weight has shape [248319, 64]"),
+        ("dense", narrower("model.norm.weight"), "model.norm.weight has shape [63]"),
+        (
+            "moe-per-expert",
+            narrower("model.layers.1.mlp.experts.3.down_proj.weight"),
+            "model.layers.1.mlp.experts.3.down_proj.weight has shape [63, 32], expected [64, 32]",
+        ),
+    ]
+    for i, (variant, edit, expect) in enumerate(cases):
+        d = _copy(ckpts[variant], tmp_path / f"c{i}")
+        _rewrite_tensors(d, edit)
+        out = tmp_path / f"c{i}.gguf"
+        r = _ours(d, out, "Q8_0")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and expect in lines[0], (variant, r.stderr)
+        assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+@pytest.mark.parametrize(
+    "changes,expect",
+    [
+        ({"hidden_size": "64"}, "hidden_size is '64'; it must be a whole number"),
+        ({"num_attention_heads": 0}, "num_attention_heads is 0"),
+        ({"rms_norm_eps": None}, "rms_norm_eps is None"),
+        ({"architectures": "Qwen3_5ForCausalLM"}, "architectures"),
+        ({"rope_parameters": [1, 2]}, "rope_parameters is [1, 2]"),
+        ({"full_attention_interval": 0, "layer_types": None}, "full_attention_interval"),
+    ],
+)
+def test_a_config_with_values_of_the_wrong_kind_is_one_line(ckpts, tmp_path, changes, expect):
+    d = _copy(ckpts["dense"], tmp_path / "c")
+    c = json.loads((d / "config.json").read_text())
+    c.update(changes)
+    c = {k: v for k, v in c.items() if v is not None or k == "rms_norm_eps"}
+    (d / "config.json").write_text(json.dumps(c))
+    r = _ours(d, tmp_path / "c.gguf", "BF16")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and expect in lines[0], r.stderr
+    assert not (tmp_path / "c.gguf").exists()
+
+
 def test_refusals_name_the_fix(ckpts, tmp_path):
     out = tmp_path / "x.gguf"
     out.write_bytes(b"keep me")

@@ -369,8 +369,21 @@ def _experts_layout(state: dict, fused: bool) -> dict:
 
     import torch
 
-    if not fused:
-        return state
+    if not fused:  # transformers 5 keeps them fused in its state dict: split them as older versions saved
+        out = {}
+        for k, v in state.items():
+            if k.endswith(".mlp.experts.gate_up_proj"):
+                prefix, half = k[: -len(".gate_up_proj")], v.shape[1] // 2
+                for i in range(v.shape[0]):
+                    out[f"{prefix}.{i}.gate_proj.weight"] = v[i, :half].clone()
+                    out[f"{prefix}.{i}.up_proj.weight"] = v[i, half:].clone()
+            elif k.endswith(".mlp.experts.down_proj"):
+                prefix = k[: -len(".down_proj")]
+                for i in range(v.shape[0]):
+                    out[f"{prefix}.{i}.down_proj.weight"] = v[i].clone()
+            else:
+                out[k] = v
+        return out
     out, groups = {}, {}
     for k, v in state.items():
         m = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", k)
