@@ -619,6 +619,13 @@ def _read_saved_chat(path: Path, model: Model) -> _SavedChat:
         raise ModelError(f"{path} is damaged: its tools are not a list of tool definitions")
     if thinking is not None and not isinstance(thinking, bool):
         raise ModelError(f"{path} is damaged: enable_thinking is {thinking!r:.40}")
+    if messages:
+        try:  # the next turn renders them: a message the template cannot take is refused now
+            model.render(messages, enable_thinking=thinking, tools=tools or None)
+        except Exception as e:
+            raise ModelError(
+                f"{path} is damaged: its messages do not render with the chat template ({e!s:.60})"
+            ) from None
     return _SavedChat(
         state.tobytes(),
         [int(t) for t in tokens],

@@ -262,6 +262,12 @@ class Model:
         path, arch = head.path, head.get("general.architecture")  # a split model loads from its first part
         if arch not in ARCHITECTURES:
             raise ModelError(f"{path} is a {arch!r} model, not Qwen3.5 ({' or '.join(ARCHITECTURES)})")
+        from qwen35.gguf_scan import GGUFScanError, qwen35_hparams
+
+        try:  # what would abort llama.cpp's loader is refused here first
+            qwen35_hparams(head)
+        except GGUFScanError as e:
+            raise ModelError(str(e)) from None
         if kv_type not in KV_TYPES:
             raise ModelError(f"kv_type {kv_type!r} is not one of {', '.join(KV_TYPES)}")
         native.load()

@@ -133,6 +133,17 @@ class ResponsesRequest(Sampling):
 
 
 # ---------------------------------------------------------------- helpers
+def _not_json(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):
+        raise ValueError(f"{text[:40]} is out of range for a number")
+    return x
+
+
 def _new_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(12)}"
 
@@ -470,9 +481,13 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> FastAPI:
         if len(body) > config.max_body_bytes:
             raise APIError(413, f"the request body is over {config.max_body_bytes} bytes", code="request_too_large")
         try:
-            data = json.loads(body)
+            data = json.loads(body, parse_constant=_not_json, parse_float=_finite)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise APIError(400, "the request body is not valid JSON") from None
+        except ValueError as e:  # NaN / Infinity: Python's json takes them, JSON has no such numbers
+            raise APIError(400, f"the request body is not valid JSON ({e})") from None
+        except RecursionError:
+            raise APIError(400, "the request body nests too deeply") from None
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object")
         try:

@@ -102,7 +102,7 @@ class Checkpoint:
             fd = self._files.get(ref.shard)
             if fd is None:
                 fd = self._files[ref.shard] = os.open(ref.shard, os.O_RDONLY)
-        return Span(fd, ref.begin + a * row, (b - a) * row, ref.dtype)
+        return Span(fd, ref.begin + a * row, (b - a) * row, ref.dtype, ref.shard.name)
 
     def close(self) -> None:
         for fd in self._files.values():
@@ -118,6 +118,7 @@ class Span:
     offset: int
     nbytes: int
     dtype: str  # bf16 | f16 | f32
+    shard: str = "a shard"  # its file name, for messages
 
     def blocks(self, block_bytes: int = 1 << 19):
         """The range as stored, in numpy views of one reused buffer of block_bytes (pread: page
@@ -131,7 +132,7 @@ class Span:
             n = os.preadv(self.fd, [memoryview(view).cast("B")], self.offset + done)
             if n != view.nbytes:
                 raise CheckpointError(
-                    f"a shard ended while reading {self.nbytes} bytes at offset {self.offset}; "
+                    f"{self.shard} ended while reading {self.nbytes} bytes at offset {self.offset}; "
                     "the checkpoint is truncated, re-download it"
                 )
             yield view
@@ -220,11 +221,15 @@ def _shards(path: Path) -> list[Path]:
         shards = []
         root = path.resolve()
         for rel in dict.fromkeys(weight_map.values()):
-            p = (path / rel).resolve()
-            if root not in p.parents:
-                raise CheckpointError(f"{index.name} points at {rel!r}, outside the model directory; refusing it")
-            if not p.is_file():
-                raise CheckpointError(f"shard {rel} listed in {index.name} is missing; download it")
+            try:
+                p = (path / rel).resolve()
+                if root not in p.parents:
+                    raise CheckpointError(f"{index.name} points at {rel!r}, outside the model directory; refusing it")
+                found = p.is_file()
+            except (ValueError, OSError) as e:  # a NUL byte, a name too long for the file system
+                raise CheckpointError(f"{index.name} names a shard {rel!r:.60} that cannot be a file ({e})") from None
+            if not found:
+                raise CheckpointError(f"shard {rel!r:.80} listed in {index.name} is missing; download it")
             shards.append(p)
         return sorted(shards)
     shards = sorted(path.glob("*.safetensors"))
@@ -296,6 +301,17 @@ def _check_config(merged: dict, moe: bool) -> None:
         v = rope.get(key, merged.get(key, ROPE_DEFAULTS[key]))
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v <= hi or v != v:
             raise CheckpointError(f"config.json {key} is {v!r}; it must be a number in ({lo}, {hi}]")
+    sections = rope.get("mrope_section", [11, 11, 10])  # convert.py writes that default when absent
+    if (
+        not isinstance(sections, list)
+        or not 0 < len(sections) <= 4
+        or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in sections)
+        or not 0 < sum(sections) <= merged["head_dim"]
+    ):
+        raise CheckpointError(
+            f"config.json mrope_section is {sections!r:.60}; it must be up to 4 counts summing to 1..head_dim "
+            f"({merged['head_dim']})"
+        )
     types = merged.get("layer_types")
     if types is not None and (not isinstance(types, list) or not all(isinstance(t, str) for t in types)):
         raise CheckpointError("config.json layer_types must be a list of linear_attention/full_attention")

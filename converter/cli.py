@@ -79,6 +79,9 @@ def convert(
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
+    partial = Path(str(out) + ".partial")
+    if not dry_run and partial.exists():
+        typer.echo(f"note: replacing {partial}, left by a conversion that did not finish", err=True)
     try:
         s = run(
             hf_dir,

@@ -408,6 +408,13 @@ def convert(
             os.replace(src, dst)
     except CheckpointError as e:
         raise ConvertError(str(e)) from e
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ConvertError(
+                f"the disk holding {out.parent} is full (no space left while writing {out.name}); "
+                "free space or write elsewhere"
+            ) from None
+        raise ConvertError(f"converting to {out} failed: {e.strerror or e} ({e.filename or 'I/O'})") from None
     finally:
         plan.ckpt.close()
         tmp.unlink(missing_ok=True)
@@ -460,7 +467,7 @@ def _copy_span(span: ckpt_mod.Span, fout) -> int:
             break
         if n == 0:
             raise ConvertError(
-                f"a shard ended while copying {span.nbytes} bytes at offset {span.offset}; "
+                f"{span.shard} ended while copying {span.nbytes} bytes at offset {span.offset}; "
                 "the checkpoint is truncated, re-download it"
             )
         src, pos, left = src + n, pos + n, left - n
@@ -468,7 +475,7 @@ def _copy_span(span: ckpt_mod.Span, fout) -> int:
         buf = os.pread(span.fd, min(left, 16 << 20), src)
         if not buf:
             raise ConvertError(
-                f"a shard ended while copying {span.nbytes} bytes at offset {span.offset}; "
+                f"{span.shard} ended while copying {span.nbytes} bytes at offset {span.offset}; "
                 "the checkpoint is truncated, re-download it"
             )
         os.pwrite(dst, buf, pos)

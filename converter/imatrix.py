@@ -64,11 +64,17 @@ def load(path: str | Path) -> Imatrix:
     im = _load_gguf(p, shown) if magic == b"GGUF" else _load_legacy(p, shown)
     for name, e in im.entries.items():
         if not np.isfinite(e).all():
-            raise _fail(shown, f"{name} has non-finite values")
+            raise _fail(shown, f"{name!r:.80} has non-finite values")
     return im
 
 
 def _load_gguf(p: Path, shown: str) -> Imatrix:
+    from qwen35.gguf_scan import GGUFScanError, scan
+
+    try:  # the bounded scan first: gguf's reader believes the counts it reads and allocates by them
+        scan(p)
+    except (GGUFScanError, OSError) as e:
+        raise _fail(shown, f"not a readable GGUF ({e!s:.100})") from None
     try:
         r = GGUFReader(p)
     except Exception as e:
@@ -80,7 +86,7 @@ def _load_gguf(p: Path, shown: str) -> Imatrix:
         datasets = r.fields[Keys.IMatrix.DATASETS].contents()
         chunk_count = r.fields[Keys.IMatrix.CHUNK_COUNT].contents()
     except Exception as e:  # gguf raises what it meets on damaged fields
-        raise _fail(shown, f"damaged imatrix metadata ({e!s:.60})") from None
+        raise _fail(shown, f"damaged imatrix metadata ({e!r:.60})") from None
     if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
         raise _fail(shown, f"{Keys.IMatrix.DATASETS} is not a list of strings")
     if isinstance(chunk_count, bool) or not isinstance(chunk_count, int) or chunk_count < 0:
@@ -91,23 +97,24 @@ def _load_gguf(p: Path, shown: str) -> Imatrix:
         for suffix, into in ((".in_sum2", sums), (".counts", counts)):
             if t.name.endswith(suffix):
                 if t.tensor_type != GGMLQuantizationType.F32:
-                    raise _fail(shown, f"{t.name} is {t.tensor_type.name}, must be F32")
+                    raise _fail(shown, f"{t.name!r:.80} is {t.tensor_type.name}, must be F32")
                 try:
                     into[t.name[: -len(suffix)]] = np.asarray(t.data, dtype=np.float32)
                 except Exception as e:
-                    raise _fail(shown, f"{t.name} cannot be read ({e!s:.60})") from None
+                    raise _fail(shown, f"{t.name!r:.80} cannot be read ({e!r:.60})") from None
     if not sums and not counts:
         raise _fail(shown, "no data")
     entries, coverage = {}, {}
     for name in sorted(set(sums) | set(counts)):
         if name not in sums or name not in counts:
-            raise _fail(shown, f"mismatched sums and counts for {name}")
+            raise _fail(shown, f"mismatched sums and counts for {name!r:.80}")
         s, c = sums[name].reshape(-1), counts[name].reshape(-1)
         if c.size == 0 or s.size % c.size:
-            raise _fail(shown, f"{name}: {s.size} sums do not split into {c.size} counts")
+            raise _fail(shown, f"{name!r:.80}: {s.size} sums do not split into {c.size} counts")
         s = s.reshape(c.size, -1)
         # GGUF format: normalise by the per-expert counts; experts never routed to weigh 1
-        e = np.where(c[:, None] > 0, s / np.where(c > 0, c, 1).astype(np.float32)[:, None], np.float32(1))
+        with np.errstate(all="ignore"):  # a damaged file's overflow is refused below as non-finite
+            e = np.where(c[:, None] > 0, s / np.where(c > 0, c, 1).astype(np.float32)[:, None], np.float32(1))
         entries[name] = e.astype(np.float32).reshape(-1)
         coverage[name] = (int((c > 0).sum()), int(c.size))
     return Imatrix(shown, entries, datasets, chunk_count, coverage)
@@ -138,9 +145,10 @@ def _load_legacy(p: Path, shown: str) -> Imatrix:
         name = take(n).decode("utf-8", "replace")
         ncall, nval = i32(), i32()
         if nval < 1:
-            raise _fail(shown, f"{name} has no values")
+            raise _fail(shown, f"{name!r:.80} has no values")
         s = np.frombuffer(take(4 * nval), dtype="<f4").astype(np.float32)
-        entries[name] = s / np.float32(ncall) if ncall > 0 else s.copy()
+        with np.errstate(all="ignore"):
+            entries[name] = s / np.float32(ncall) if ncall > 0 else s.copy()
     chunk_count, datasets = 0, []
     if pos < len(buf):
         chunk_count = i32()

@@ -40,29 +40,17 @@ class Report:
 
 
 def _from_gguf(path: Path) -> Report:
-    from qwen35.gguf_scan import scan_model
+    from qwen35.gguf_scan import qwen35_hparams, scan_model
 
     s = scan_model(path)  # a split model: all its parts
-    arch = s.get("general.architecture")
     if s.get("general.type") == "imatrix" or any(k.startswith("imatrix.") for k in s.kv):
         raise ValueError(
             f"{path} is an importance matrix (llama-imatrix output), not a model; give it to "
             "`qwen35-convert --imatrix` to quantize with it"
         )
-    if arch not in ("qwen35", "qwen35moe"):
-        raise ValueError(f"{path} is a {arch!r} model, not Qwen3.5")
-
-    def g(k, d=None):
-        return s.get(f"{arch}.{k}", d)
-
-    n_block = g("block_count")
-    n_mtp = g("nextn_predict_layers", 0) or 0
-    n_layer = n_block - n_mtp
-    recurrent = g("attention.recurrent_layers")
-    if recurrent is None:
-        interval = g("full_attention_interval", 4)
-        recurrent = [(i + 1) % interval != 0 for i in range(n_layer)]
-    blocks = "".join("L" if r else "A" for r in recurrent[:n_layer]) + "M" * n_mtp
+    h = qwen35_hparams(s)  # GGUFScanError (a ValueError) names what is wrong
+    n_layer, n_mtp = h["n_layer"], h["n_mtp"]
+    blocks = "".join("L" if r else "A" for r in h["recurrent"]) + "M" * n_mtp
     n_params = 0
     for t in s.tensors:
         n = 1
@@ -72,22 +60,22 @@ def _from_gguf(path: Path) -> Report:
     hp = dict(
         n_layer=n_layer,
         n_mtp=n_mtp,
-        hidden=g("embedding_length"),
-        n_head=g("attention.head_count"),
-        n_kv_head=g("attention.head_count_kv"),
-        head_dim=g("attention.key_length"),
-        conv_kernel=g("ssm.conv_kernel"),
-        n_k=g("ssm.group_count"),
-        d_k=g("ssm.state_size"),
-        n_v=g("ssm.time_step_rank"),
-        d_v=g("ssm.inner_size") // max(g("ssm.time_step_rank"), 1),
-        n_expert=g("expert_count", 0),
-        n_expert_used=g("expert_used_count", 0),
-        context_length=g("context_length"),
+        hidden=h["n_embd"],
+        n_head=h["n_head"],
+        n_kv_head=h["n_head_kv"],
+        head_dim=h["head_dim"],
+        conv_kernel=h["conv_kernel"],
+        n_k=h["n_k"],
+        d_k=h["d_k"],
+        n_v=h["n_v"],
+        d_v=h["d_v"],
+        n_expert=h["n_expert"],
+        n_expert_used=h["n_expert_used"],
+        context_length=h["n_ctx_train"],
     )
     wbytes = sum(t.nbytes for t in s.tensors)
     types = Counter(t.qtype.name for t in s.tensors)
-    return Report(str(path), arch, blocks, n_params, wbytes, dict(types), 8 * wbytes / max(n_params, 1), hp)
+    return Report(str(path), h["arch"], blocks, n_params, wbytes, dict(types), 8 * wbytes / max(n_params, 1), hp)
 
 
 def _from_hf(path: Path, file_type: str) -> Report:

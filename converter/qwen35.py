@@ -137,7 +137,8 @@ def widen_transformed(x: np.ndarray) -> np.ndarray:
 
 
 def _split_name(hf: str) -> tuple[str, str | None, str]:
-    """HF name -> (scope, block, rest): scope is 'model', 'mtp', 'mtp_layer', 'lm_head' or 'skip'."""
+    """HF name -> (scope, block, rest): scope is 'model', 'mtp', 'mtp_layer', 'lm_head' or 'skip';
+    block is a decimal block number (a name whose block is not one is refused)."""
     name = hf
     for prefix in ("model.language_model.", "model."):
         if name.startswith(prefix):
@@ -146,13 +147,17 @@ def _split_name(hf: str) -> tuple[str, str | None, str]:
     if any(p in name for p in _VISUAL):
         return "skip", None, hf
     if name.startswith("mtp.layers."):
-        _, _, idx, rest = name.split(".", 3)
-        return "mtp_layer", idx, rest
+        parts = name.split(".", 3)
+        if len(parts) != 4 or not parts[2].isdecimal() or len(parts[2]) > 6:
+            raise CheckpointError(f"unknown tensor {hf!r:.80}: not part of the Qwen3.5 MTP head")
+        return "mtp_layer", parts[2], parts[3]
     if name.startswith("mtp."):
         return "mtp", None, name
     if name.startswith("layers."):
-        _, idx, rest = name.split(".", 2)
-        return "model", idx, rest
+        parts = name.split(".", 2)
+        if len(parts) != 3 or not parts[1].isdecimal() or len(parts[1]) > 6:
+            raise CheckpointError(f"unknown tensor {hf!r:.80}: not part of the Qwen3.5 text model")
+        return "model", parts[1], parts[2]
     return "model", None, name
 
 

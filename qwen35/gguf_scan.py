@@ -160,6 +160,7 @@ def _scan(path: Path, f) -> GGUFScan:
             etype, count = u("<I"), u("<Q")
             keep = decode and count <= 64
             if etype in _SCALAR:
+                keep = decode and count <= 1024  # per-layer values (up to 512 layers) are read
                 itemsize = struct.calcsize(_SCALAR[etype])
                 raw = take(itemsize * count)
                 return list(struct.unpack(f"<{count}{_SCALAR[etype][1]}", raw)) if keep else None
@@ -208,7 +209,7 @@ def _scan(path: Path, f) -> GGUFScan:
         n = 1
         for d in ne:
             n *= d
-        if n and (ne[0] % block or n // block * type_size > size):
+        if n and ((ne[0] if ne else 1) % block or n // block * type_size > size):
             raise GGUFScanError(f"{path} is damaged: tensor {name!r:.60} of shape {list(ne)} does not fit")
         infos.append((name, ne, qtype, offset, n // block * type_size))
     align = kv["general.alignment"].value if "general.alignment" in kv else 32
@@ -223,3 +224,153 @@ def _scan(path: Path, f) -> GGUFScan:
             )
         tensors.append(TensorInfo(name, ne, qtype, data_start + offset, nbytes))
     return GGUFScan(path, version, kv, tensors)
+
+
+# ---------------------------------------------------------------- Qwen3.5 hyper-parameters
+ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")  # llama_rope_scaling_type_from_string
+
+
+def qwen35_hparams(s: GGUFScan) -> dict:
+    """The hyper-parameters of a Qwen3.5 GGUF that llama.cpp sizes memory and graphs by, checked
+    the way its loader checks them, and more: what its loader would GGML_ASSERT on (aborting the
+    process), divide by, or build an impossible graph from is refused here with the reason, so
+    that a damaged or hand-made file never reaches it. Keys llama.cpp reads with an exact type
+    it checks itself (a wrong type is a clean error there)."""
+    arch = s.get("general.architecture")
+    if arch not in ("qwen35", "qwen35moe"):
+        raise GGUFScanError(f"{s.path} is a {arch!r:.40} model, not Qwen3.5 (qwen35 or qwen35moe)")
+
+    def bad(key: str, v, need: str) -> GGUFScanError:
+        return GGUFScanError(f"{s.path} is damaged: {arch}.{key} is {v!r:.60}, {need}; re-convert the model")
+
+    def whole(key: str, lo: int, hi: int, default=None, *, per_layer: int = 0) -> int:
+        v = s.get(f"{arch}.{key}", default)
+        if per_layer and isinstance(v, list) and len(v) == per_layer:
+            vals = v
+        else:
+            vals = [v]
+        for x in vals:
+            if isinstance(x, bool) or not isinstance(x, int) or not lo <= x <= hi:
+                raise bad(key, v, f"it must be a whole number from {lo} to {hi}")
+        return max(vals)
+
+    n_block = whole("block_count", 1, 512)
+    kv = s.kv.get(f"{arch}.block_count")
+    if kv is not None and kv.vtype == GGUFValueType.ARRAY:
+        raise bad("block_count", "an array", "it must be a whole number")
+    n_mtp = whole("nextn_predict_layers", 0, n_block - 1, 0)
+    n_layer = n_block - n_mtp
+    hp = {"arch": arch, "n_block": n_block, "n_mtp": n_mtp, "n_layer": n_layer}
+    hp["n_embd"] = whole("embedding_length", 1, 1 << 17)
+    hp["n_ctx_train"] = whole("context_length", 1, 1 << 31)
+    hp["n_head"] = whole("attention.head_count", 1, 4096, per_layer=n_block)
+    hp["n_head_kv"] = whole("attention.head_count_kv", 1, 4096, hp["n_head"], per_layer=n_block)
+    heads, kv_heads = s.get(f"{arch}.attention.head_count"), s.get(f"{arch}.attention.head_count_kv", hp["n_head"])
+    for h, k in zip(
+        heads if isinstance(heads, list) else [heads] * n_block,
+        kv_heads if isinstance(kv_heads, list) else [kv_heads] * n_block,
+    ):
+        if h % k:
+            raise bad("attention.head_count_kv", kv_heads, f"the {h} attention heads must be a multiple of it")
+    hp["head_dim"] = whole("attention.key_length", 1, 4096, max(hp["n_embd"] // hp["n_head"], 1))
+    hp["head_dim_v"] = whole("attention.value_length", 1, 4096, hp["head_dim"])
+    n_rot = whole("rope.dimension_count", 0, hp["head_dim"], hp["head_dim"])
+    if n_rot % 2:
+        raise bad("rope.dimension_count", n_rot, "it must be even")
+    sections = s.get(f"{arch}.rope.dimension_sections")
+    if (
+        not isinstance(sections, list)
+        or len(sections) != 4
+        or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in sections)
+        or not 0 < sum(sections) <= hp["head_dim"]
+    ):  # llama.cpp's rope divides by their sum and asserts it is at most the head size
+        raise bad("rope.dimension_sections", sections, f"it must be 4 counts summing to 1..{hp['head_dim']}")
+    scaling = s.get(f"{arch}.rope.scaling.type", "linear")
+    if scaling not in ROPE_SCALING_TYPES:
+        raise bad("rope.scaling.type", scaling, f"it must be one of {', '.join(ROPE_SCALING_TYPES)}")
+    eps = s.get(f"{arch}.attention.layer_norm_rms_epsilon")
+    if not isinstance(eps, float) or not 0 < eps < 1:
+        raise bad("attention.layer_norm_rms_epsilon", eps, "it must be a number between 0 and 1")
+    hp["conv_kernel"] = whole("ssm.conv_kernel", 1, 64)
+    hp["d_k"] = whole("ssm.state_size", 1, 4096)
+    hp["n_k"] = whole("ssm.group_count", 1, 4096)
+    hp["n_v"] = whole("ssm.time_step_rank", 1, 4096)
+    hp["d_inner"] = whole("ssm.inner_size", 1, 1 << 20)
+    if hp["n_v"] % hp["n_k"]:
+        raise bad("ssm.time_step_rank", hp["n_v"], f"it must be a multiple of ssm.group_count ({hp['n_k']})")
+    if hp["d_inner"] != hp["d_k"] * hp["n_v"]:
+        raise bad("ssm.inner_size", hp["d_inner"], "it must be ssm.state_size x ssm.time_step_rank")
+    hp["d_v"] = hp["d_inner"] // hp["n_v"]
+    recurrent = s.get(f"{arch}.attention.recurrent_layers")
+    if recurrent is None and f"{arch}.attention.recurrent_layers" in s.kv:
+        recurrent = "an array too long to read"
+    if recurrent is not None:
+        if not isinstance(recurrent, list) or len(recurrent) != n_block or any(r not in (0, 1) for r in recurrent):
+            raise bad("attention.recurrent_layers", recurrent, f"it must be {n_block} true/false values")
+        hp["recurrent"] = [bool(r) for r in recurrent[:n_layer]]
+    else:
+        interval = whole("full_attention_interval", 1, 4096, 4)
+        hp["recurrent"] = [(i + 1) % interval != 0 for i in range(n_layer)]
+    hp["n_expert"] = whole("expert_count", 0, 1024, 0)
+    used = whole("expert_used_count", 0, 1024, 0, per_layer=n_block)
+    groups = whole("expert_group_count", 0, 1024, 0)
+    if used > hp["n_expert"] or (hp["n_expert"] > 0) != (used > 0) or (groups and groups >= hp["n_expert"]):
+        raise bad("expert_used_count", used, f"it does not fit expert_count {hp['n_expert']}")
+    if groups > 1:
+        raise bad("expert_group_count", groups, "Qwen3.5 does not group experts")
+    if arch == "qwen35moe" and hp["n_expert"] == 0:
+        raise bad("expert_count", 0, "a qwen35moe model has experts")
+    hp["n_expert_used"] = used
+    hp["n_ff"] = whole("feed_forward_length", 0, 1 << 20, 0, per_layer=n_block)
+    n_tokens = hp["n_vocab"] = _check_vocab(s)
+    for key, kv in s.kv.items():
+        is_id = key.startswith("tokenizer.ggml.") and key.endswith("_token_id")
+        if is_id and (not isinstance(kv.value, int) or isinstance(kv.value, bool) or not 0 <= kv.value < n_tokens):
+            raise GGUFScanError(f"{s.path} is damaged: {key} is {kv.value!r:.40}, not a token of its {n_tokens}")
+    return hp
+
+
+def _string_array(raw: bytes) -> list[bytes] | None:
+    """The items of a stored string array (KV.raw), or None when it holds something else."""
+    etype, count = struct.unpack_from("<IQ", raw, 0)
+    if etype != GGUFValueType.STRING:
+        return None
+    out, pos, view = [], 12, memoryview(raw)
+    for _ in range(count):
+        (n,) = struct.unpack_from("<Q", raw, pos)
+        out.append(bytes(view[pos + 8 : pos + 8 + n]))
+        pos += 8 + n
+    return out
+
+
+def _check_vocab(s: GGUFScan) -> int:
+    """The vocabulary as llama.cpp's BPE loader needs it (it asserts on duplicate tokens, a missing
+    newline token, and reads the per-token arrays without checking their lengths)."""
+
+    def damaged(what: str) -> GGUFScanError:
+        return GGUFScanError(f"{s.path} is damaged: {what}; re-convert the model")
+
+    if s.get("tokenizer.ggml.model") != "gpt2":
+        raise damaged(f"tokenizer.ggml.model is {s.get('tokenizer.ggml.model')!r:.40}, Qwen3.5 uses gpt2 (BPE)")
+    kv = s.kv.get("tokenizer.ggml.tokens")
+    tokens = _string_array(kv.raw) if kv is not None and kv.vtype == GGUFValueType.ARRAY else None
+    if not tokens:
+        raise damaged("tokenizer.ggml.tokens is missing or not a list of strings")
+    # llama.cpp takes each token as a C string: what follows a NUL byte is not part of it
+    tokens = [t.split(b"\0", 1)[0] for t in tokens]
+    if len(set(tokens)) != len(tokens):
+        raise damaged("tokenizer.ggml.tokens has the same token twice")
+    if "\u010a".encode() not in tokens:  # byte-level BPE's newline
+        raise damaged("tokenizer.ggml.tokens has no newline token")
+    for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        kv = s.kv.get(key)
+        if kv is None:
+            continue
+        etype, count = struct.unpack_from("<IQ", kv.raw, 0) if kv.vtype == GGUFValueType.ARRAY else (None, None)
+        want = GGUFValueType.INT32 if key.endswith("type") else GGUFValueType.FLOAT32
+        if etype != want or count != len(tokens):
+            raise damaged(f"{key} does not have one {want.name.lower()} per token")
+    kv = s.kv.get("tokenizer.ggml.merges")
+    if kv is None or kv.vtype != GGUFValueType.ARRAY or struct.unpack_from("<I", kv.raw, 0)[0] != GGUFValueType.STRING:
+        raise damaged("tokenizer.ggml.merges is missing or not a list of strings")
+    return len(tokens)
