@@ -516,6 +516,34 @@ def test_a_restarted_server_continues_a_conversation_from_its_disk_cache(gguf, s
     assert r2.usage.prompt_tokens_details.cached_tokens == kept > 0
 
 
+def test_a_damaged_disk_state_is_evaluated_again_not_trusted(gguf, oracle, tmp_path):
+    import json
+    import struct
+
+    cache = tmp_path / "cache"
+    msgs = [{"role": "user", "content": QUESTIONS[1]}]
+    s = Server(gguf, "--parallel", "1", "--cache-dir", str(cache))
+    try:
+        r1 = _ask(s.client(), msgs)
+    finally:
+        assert s.stop() == 0
+    for f in cache.glob("*.qwen35-state"):  # one bit of each stored state flipped, as a bad disk would
+        data = bytearray(f.read_bytes())
+        (n,) = struct.unpack_from("<Q", data)
+        begin, end = json.loads(data[8 : 8 + n])["state"]["data_offsets"]
+        data[8 + n + (begin + end) // 2] ^= 0x10
+        f.write_bytes(bytes(data))
+    msgs += [{"role": "assistant", "content": r1.choices[0].message.content}, {"role": "user", "content": "Why?"}]
+    s = Server(gguf, "--parallel", "1", "--cache-dir", str(cache))
+    try:
+        r2 = _ask(s.client(), msgs)
+    finally:
+        assert s.stop() == 0
+    assert r2.choices[0].message.content == oracle(msgs).content
+    assert r2.usage.prompt_tokens_details.cached_tokens == 0  # refused by its checksum, evaluated again
+    assert b"checksum does not match" in s.log
+
+
 def test_bad_start_is_one_line_and_a_non_zero_exit(tmp_path, lib_dir):
     missing = subprocess.run([QWEN35, "serve", str(tmp_path / "nope.gguf")], capture_output=True, text=True)
     assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0
