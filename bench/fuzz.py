@@ -29,6 +29,7 @@ TARGETS = [
     "checkpoint-config",
     "checkpoint-index",
     "checkpoint-safetensors",
+    "checkpoint-tokenizer",
     "gguf",
     "gguf-load",
     "imatrix-gguf",
@@ -46,7 +47,7 @@ def build(names: list[str], work: Path):
 
     wanted = set(names)
     out = {}
-    if wanted & {"checkpoint-config", "checkpoint-index", "checkpoint-safetensors"}:
+    if wanted & {"checkpoint-config", "checkpoint-index", "checkpoint-safetensors", "checkpoint-tokenizer"}:
         out.update({t.name: t for t in fuzz.checkpoint_targets(work)})
     if wanted & {"gguf", "gguf-load", "imatrix-gguf", "imatrix-dat", "saved-chat", "saved-chat-sealed", "server-body"}:
         gguf = fuzz.micro_gguf(fuzz.micro_checkpoint(work / "micro-hf"), work / "micro.gguf")

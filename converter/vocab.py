@@ -30,9 +30,9 @@ def _looks_special(token: str) -> bool:
 def _pretokenizer_regex(tok: dict) -> str | None:
     pre = tok.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre])
-    for step in steps:
-        if step.get("type") == "Split":
-            return (step.get("pattern") or {}).get("Regex")
+    for step in steps if isinstance(steps, list) else []:
+        if isinstance(step, dict) and step.get("type") == "Split" and isinstance(step.get("pattern"), dict):
+            return step["pattern"].get("Regex")
     return None
 
 
@@ -40,7 +40,45 @@ def _tokenizer_json(model_dir: Path) -> dict:
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise CheckpointError(f"{model_dir} has no tokenizer.json; copy the tokenizer files next to the weights")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        tok = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path.name} is not valid JSON ({e!s:.80}); re-download it") from None
+    _check_tokenizer(tok, path.name)
+    return tok
+
+
+def _check_tokenizer(tok, name: str) -> None:
+    """The parts of tokenizer.json the conversion reads have the types it reads them as."""
+
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"{name} is damaged: {what}; re-download the tokenizer files")
+
+    if not isinstance(tok, dict) or not isinstance(tok.get("model"), dict):
+        raise bad("it has no model object")
+    vocab = tok["model"].get("vocab")
+    if not isinstance(vocab, dict) or not vocab:
+        raise bad("model.vocab is not an object of token ids")
+    if not all(type(i) is int and 0 <= i < 1 << 24 for i in vocab.values()):
+        raise bad("model.vocab has an id that is not a whole number from 0")
+    merges = tok["model"].get("merges") or []
+    if not isinstance(merges, list) or not all(
+        isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m))
+        for m in merges
+    ):
+        raise bad("model.merges is not a list of pairs")
+    added = tok.get("added_tokens", [])
+    if not isinstance(added, list) or not all(
+        isinstance(t, dict)
+        and isinstance(t.get("content"), str)
+        and type(t.get("id")) is int
+        and 0 <= t["id"] < 1 << 24
+        for t in added
+    ):
+        raise bad("added_tokens is not a list of {id, content}")
+    pre = tok.get("pre_tokenizer")
+    if pre is not None and not isinstance(pre, dict):
+        raise bad("pre_tokenizer is not an object")
 
 
 def read_vocab(model_dir: Path, vocab_size: int, tok: dict | None = None) -> tuple[list[str], list[int], list[str]]:
@@ -50,13 +88,14 @@ def read_vocab(model_dir: Path, vocab_size: int, tok: dict | None = None) -> tup
     path = model_dir / "tokenizer.json"
     if tok is None:
         tok = _tokenizer_json(model_dir)
+    _check_tokenizer(tok, path.name)
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
         raise CheckpointError(f"{path.name} has a {model.get('type')} model; Qwen3.5 uses byte-level BPE")
     regex = _pretokenizer_regex(tok)
     if regex != QWEN35_PRETOKENIZER:
         raise CheckpointError(
-            f"{path.name} has a pre-tokenizer that is not Qwen3.5's ({(regex or 'none')[:40]}…); "
+            f"{path.name} has a pre-tokenizer that is not Qwen3.5's ({(regex or 'none')[:40]!r}…); "
             "use the tokenizer files of the checkpoint's Qwen3.5 release"
         )
     vocab: dict[str, int] = dict(model["vocab"])
@@ -97,7 +136,12 @@ def add_vocab(writer: gguf.GGUFWriter, model_dir: Path, vocab_size: int) -> None
     # special token ids, add_bos/eos and the chat template, by gguf's rules (merges done above:
     # its per-merge Python conversion took 1.3 s on the 248K vocabulary)
     with _without_vocab(model_dir, tok) as view:
-        gguf.SpecialVocab(view, load_merges=False).add_to_gguf(writer)
+        try:  # gguf's reader of tokenizer_config.json & co. raises what it meets on damaged files
+            gguf.SpecialVocab(view, load_merges=False).add_to_gguf(writer)
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as e:
+            raise CheckpointError(
+                f"the tokenizer files in {model_dir} are damaged ({type(e).__name__}: {e!s:.60}); re-download them"
+            ) from None
 
 
 @contextlib.contextmanager

@@ -61,6 +61,7 @@ def _fuzz(target, n: int) -> None:
         ("checkpoint-config", 1500),
         ("checkpoint-index", 1000),
         ("checkpoint-safetensors", 1500),
+        ("checkpoint-tokenizer", 1000),
         ("gguf", 1500),
         ("imatrix-gguf", 1000),
         ("imatrix-dat", 1000),

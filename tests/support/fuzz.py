@@ -307,6 +307,21 @@ def checkpoint_targets(work: Path) -> list[Target]:
 
         js = [json.loads(seed)] if fname.endswith(".json") else None
         out.append(Target(name, [seed], run, (CheckpointError,), json_seeds=js))
+
+    d = work / "checkpoint-tokenizer"
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(base, d)
+    seed = (d / "tokenizer.json").read_bytes()
+
+    def vocab(data: bytes) -> None:
+        import gguf
+
+        from qwen35.converter.vocab import add_vocab
+
+        (d / "tokenizer.json").write_bytes(data)
+        add_vocab(gguf.GGUFWriter(None, "qwen35"), d, MICRO["vocab_size"])
+
+    out.append(Target("checkpoint-tokenizer", [seed], vocab, (CheckpointError,), json_seeds=[json.loads(seed)]))
     return out
 
 
