@@ -645,7 +645,7 @@ def server_target(client) -> Target:
 
 
 def server_client(gguf: Path):
-    """A TestClient of the real app on gguf (2 slots of 2048 tokens), with its engine running;
+    """A TestClient of the real app on gguf (2 slots of 1024 tokens), with its engine running;
     close() stops both."""
     from fastapi.testclient import TestClient
 
@@ -653,7 +653,7 @@ def server_client(gguf: Path):
     from qwen35.bindings.model import Model
     from qwen35.bindings.server import ServerConfig, create_app
 
-    m = Model.load(gguf, n_ctx=4096, n_seq_max=2, n_threads=1)
+    m = Model.load(gguf, n_ctx=2048, n_seq_max=2, n_threads=1)
     engine = Engine(m, max_queue=8)
     app = create_app(m, engine, ServerConfig(model_name="fuzz", reasoning=False))
     engine.start()
