@@ -107,8 +107,11 @@ def test_request_bodies_never_get_a_5xx(micro):
     client = fuzz.server_client(micro)
     try:
         t = fuzz.server_target(client)
-        for raw in t.seeds:
-            t.run(raw)
+        for raw in t.seeds:  # taken, but for bodies whose tool prompt is longer than a micro slot
+            try:
+                t.run(raw)
+            except fuzz.Refused as e:
+                assert "context of a slot" in str(e), e
         _fuzz(t, 500)
         assert t.stats["accepted"] > 0 and t.stats["refused"] > 0, t.stats
         # and the server still answers as before
