@@ -619,6 +619,10 @@ def _read_saved_chat(path: Path, model: Model) -> _SavedChat:
         raise ModelError(f"{path} is damaged: its tools are not a list of tool definitions")
     if thinking is not None and not isinstance(thinking, bool):
         raise ModelError(f"{path} is damaged: enable_thinking is {thinking!r:.40}")
+    try:  # the next turn builds its tool-call grammar from them
+        structured._tool_functions(tools)
+    except ValueError as e:
+        raise ModelError(f"{path} is damaged: its tools do not read ({e!s:.60})") from None
     if messages:
         try:  # the next turn renders them: a message the template cannot take is refused now
             model.render(messages, enable_thinking=thinking, tools=tools or None)

@@ -13,6 +13,7 @@ OpenAI's error object; a request can only fail itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -505,7 +506,9 @@ def create_app(model: Model, engine: Engine, config: ServerConfig) -> FastAPI:
         def emit(ev):
             if isinstance(ev, Finished):  # counted here: a cancelled request finishes with nobody waiting
                 svc.observe(ev)
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+            # a closed loop: the request's event loop is gone, so is its client: nobody to tell
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, ev)
 
         return queue, emit
 

@@ -658,9 +658,10 @@ def server_client(gguf: Path):
     app = create_app(m, engine, ServerConfig(model_name="fuzz", reasoning=False))
     engine.start()
     client = TestClient(app)
+    client.__enter__()  # one event loop for every request, as under uvicorn
 
     def close() -> None:
-        client.close()
+        client.__exit__(None, None, None)
         engine.stop()
         m.close()
 
