@@ -95,7 +95,7 @@ def read_vocab(model_dir: Path, vocab_size: int, tok: dict | None = None) -> tup
     regex = _pretokenizer_regex(tok)
     if regex != QWEN35_PRETOKENIZER:
         raise CheckpointError(
-            f"{path.name} has a pre-tokenizer that is not Qwen3.5's ({(regex or 'none')[:40]!r}…); "
+            f"{path.name} has a pre-tokenizer that is not Qwen3.5's ({str(regex or 'none')[:40]!r}…); "
             "use the tokenizer files of the checkpoint's Qwen3.5 release"
         )
     vocab: dict[str, int] = dict(model["vocab"])
