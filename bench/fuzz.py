@@ -73,7 +73,7 @@ def worker(name: str, start: int, count: int, progress: Path, result: Path) -> N
     input being run is kept in progress (before a native one runs), for the parent to report a crash."""
     import logging
 
-    logging.disable(logging.CRITICAL)
+    logging.disable(logging.WARNING)  # errors (a 5xx's traceback) still reach stderr
     os.environ.setdefault("QWEN35_QUIET", "1")
     with tempfile.TemporaryDirectory(prefix="qwen35-fuzz-") as tmp:
         target = build([name], Path(tmp))[name]
