@@ -114,6 +114,11 @@ def test_request_bodies_never_get_a_5xx(micro):
                 assert "context of a slot" in str(e), e
         _fuzz(t, 500)
         assert t.stats["accepted"] > 0 and t.stats["refused"] > 0, t.stats
+        # found by fuzzing: numbers JSON does not have (Python's json takes them) are a 400, not a 500
+        for bad in (b"NaN", b"Infinity", b"1e999"):
+            body = b'{"model": "fuzz", "prompt": "Hi", "max_tokens": 2, "temperature": ' + bad + b"}"
+            r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"], (bad, r.text)
         # and the server still answers as before
         r = client.post("/v1/completions", json={"model": "fuzz", "prompt": "Hi", "max_tokens": 2, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
