@@ -74,6 +74,7 @@ class Checkpoint:
     arch: str  # qwen35 | qwen35moe
     hf_arch: str
     tensors: dict[str, TensorRef]  # HF name -> reference, in shard/file order
+    raw_config: dict = field(default_factory=dict)  # config.json as written (vision_config and all)
     _files: dict[Path, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -370,5 +371,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     for shard in _shards(path):
         tensors.update(_read_header(shard))
     return Checkpoint(
-        path=path, config=text_config(config), arch=ARCHITECTURES[hf_arch], hf_arch=hf_arch, tensors=tensors
+        path=path,
+        config=text_config(config),
+        arch=ARCHITECTURES[hf_arch],
+        hf_arch=hf_arch,
+        tensors=tensors,
+        raw_config=config,
     )

@@ -45,7 +45,18 @@ def convert(
     mtp: str = typer.Option(
         "keep", "--mtp", help="keep: append the MTP block; drop: leave it out; only: the draft head alone."
     ),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    mmproj: Path = typer.Option(
+        None,
+        "--mmproj",
+        help="Where to write the vision projector GGUF (default: upstream's name, mmproj-NAME-TYPE.gguf, beside the model, whenever the checkpoint has a vision tower).",
+    ),
+    no_mmproj: bool = typer.Option(False, "--no-mmproj", help="Convert the text model alone."),
+    mmproj_type: str = typer.Option(
+        None,
+        "--mmproj-type",
+        help="The projector's type: F32, F16, BF16 or Q8_0 (default: the model's type when it is one of them, else F16).",
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing output files."),
     threads: int = typer.Option(0, "--threads", help="Quantization threads (default: all cores)."),
     split_max_size: str = typer.Option(
         "0", "--split-max-size", help="Write llama.cpp split files of at most this size (e.g. 2G, 500M)."
@@ -58,6 +69,8 @@ def convert(
     from .convert import parse_size
 
     type_ = type_.upper()
+    if mmproj is not None and no_mmproj:
+        raise typer.BadParameter("--mmproj and --no-mmproj contradict each other; pass one", param_hint="--mmproj")
     suffix = "-mtp" if mtp == "only" else ""
     out = outfile or hf_dir.resolve().parent / f"{hf_dir.resolve().name}{suffix}-{type_}.gguf"
     progress = None
@@ -96,6 +109,8 @@ def convert(
             dry_run=dry_run,
             split_max_size=parse_size(split_max_size),
             on_progress=progress,
+            mmproj=False if no_mmproj else mmproj,
+            mmproj_type=mmproj_type.upper() if mmproj_type else None,
         )
     finally:
         if bar is not None:
@@ -117,6 +132,10 @@ def convert(
             print(f"{t['name']:40s} {t['shape']!s:24s} {t['type'] + mark:8s} {t['bytes']:>14,d}")
         if raised:
             print(f"* more bits than llama-quantize's choice for {type_}, from --recipe {recipe} or --tensor-type")
+        if s.mmproj:
+            print(f"\nvision projector ({s.mmproj['path']}):")
+            for t in s.mmproj["plan"]:
+                print(f"{t['name']:40s} {t['shape']!s:24s} {t['type']:8s} {t['bytes']:>14,d}")
     where = s.path if len(s.files) <= 1 else f"{len(s.files)} split files {s.files[0]} …"
     print(
         f"{'planned' if dry_run else 'wrote'} {where}: {_human(s.bytes)}, {s.params:,} parameters, "
@@ -124,6 +143,12 @@ def convert(
         + ", ".join(f"{n} {k}" for k, n in sorted(s.tensors_per_type.items()))
         + f", {s.seconds:.1f} s"
     )
+    if s.mmproj:
+        p = s.mmproj
+        print(
+            f"{'planned' if dry_run else 'wrote'} {p['path']}: {_human(p['bytes'])}, {p['params']:,} parameters "
+            "(vision projector), " + ", ".join(f"{n} {k}" for k, n in sorted(p["tensors_per_type"].items()))
+        )
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ from qwen35.errors import Qwen35Error
 
 from . import checkpoint as ckpt_mod
 from . import imatrix as imx
-from . import quantize, qwen35, recipes, vocab
+from . import quantize, qwen35, recipes, vision, vocab
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class Plan:
     imatrix: imx.Imatrix | None = None
     imatrix_missing: list[str] = field(default_factory=list)  # quantized without importance weights
     recipe: str = "upstream"
+    projector: Projector | None = None  # the vision projector GGUF written in the same pass
 
     @property
     def total_bytes(self) -> int:
@@ -75,6 +76,37 @@ class Plan:
     @property
     def n_params(self) -> int:
         return sum(int(np.prod(t.out.shape)) for t in self.tensors)
+
+
+@dataclass
+class Projector:
+    """The vision projector (mmproj) GGUF: its tensors, type and checked vision config."""
+
+    file_type: str
+    tensors: list[PlannedTensor]
+    config: dict
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def plan_projector(ckpt: Checkpoint, file_type: str) -> Projector:
+    if file_type not in vision.PROJECTOR_TYPES:
+        raise ConvertError(f"--mmproj-type {file_type} is not one of {', '.join(vision.PROJECTOR_TYPES)}")
+    outs, cfg = vision.plan_projector(ckpt)
+    vision.preprocessor(ckpt)  # checked now: a bad one must stop the conversion before any file is written
+    tensors = []
+    for o in outs:
+        q = vision.choose_type(o, file_type)
+        tensors.append(PlannedTensor(o, q, quantize.nbytes(q, o.shape)))
+    return Projector(file_type, tensors, cfg)
+
+
+def projector_type(file_type: str) -> str:
+    """The projector's type by default: the model's own when upstream writes projectors in it
+    (F32, F16, BF16, Q8_0), else F16 (as projectors ship beside K-quant models)."""
+    return file_type if file_type in vision.PROJECTOR_TYPES else "F16"
 
 
 @dataclass
@@ -91,6 +123,7 @@ class Summary:
     plan: list[dict] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
     imatrix_missing: list[str] = field(default_factory=list)
+    mmproj: dict | None = None  # path, bytes, params, type and tensors per type of the projector
 
 
 def make_plan(
@@ -100,7 +133,11 @@ def make_plan(
     recipe: str = "upstream",
     tensor_types: list[str] = (),
     imatrix: str | Path | None = None,
+    mmproj: bool | None = None,
+    mmproj_type: str | None = None,
 ) -> Plan:
+    """mmproj: True to plan the vision projector too (an error without a vision tower), False
+    not to, None when the checkpoint has a vision tower (and the model is not the MTP head alone)."""
     if mtp not in MTP_MODES:
         raise ConvertError(f"--mtp {mtp} is not one of {', '.join(MTP_MODES)}")
     if recipe not in recipes.RECIPES:
@@ -126,7 +163,17 @@ def make_plan(
         im = imx.load(imatrix) if imatrix is not None else None
     except imx.ImatrixError as e:
         raise ConvertError(str(e)) from e
+    if mmproj_type is not None and mmproj_type not in vision.PROJECTOR_TYPES:
+        raise ConvertError(f"--mmproj-type {mmproj_type} is not one of {', '.join(vision.PROJECTOR_TYPES)}")
     ckpt = open_checkpoint(hf_dir)
+    try:
+        return _make_plan(ckpt, file_type, mtp, recipe, overrides, im, mmproj, mmproj_type)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def _make_plan(ckpt, file_type, mtp, recipe, overrides, im, mmproj, mmproj_type) -> Plan:
     outs = qwen35.plan_tensors(ckpt, mtp)
     n_mtp = qwen35.n_mtp_layers(ckpt) if mtp != "drop" else 0
     missing: list[str] = []
@@ -173,7 +220,16 @@ def make_plan(
             while len(shape) > 1 and shape[0] == 1:
                 shape = shape[1:]
             t.shape = shape
-    return Plan(ckpt, file_type, mtp, n_mtp, planned, im, missing if im is not None else [], recipe)
+    projector = None
+    if mmproj is None:
+        mmproj = mtp != "only" and vision.has_vision(ckpt)
+    if mmproj:
+        if not isinstance(ckpt.raw_config.get("vision_config"), dict) and not vision.vision_tensors(ckpt):
+            raise ConvertError(
+                f"{ckpt.path} is a text-only checkpoint ({ckpt.hf_arch}): it has no vision tower for --mmproj"
+            )
+        projector = plan_projector(ckpt, mmproj_type or projector_type(file_type))
+    return Plan(ckpt, file_type, mtp, n_mtp, planned, im, missing if im is not None else [], recipe, projector)
 
 
 def _check_imatrix(
@@ -345,17 +401,33 @@ def convert(
     dry_run: bool = False,
     split_max_size: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
+    mmproj: str | Path | bool | None = None,
+    mmproj_type: str | None = None,
 ) -> Summary:
     """Convert hf_dir to out in one pass. The output appears atomically or not at all.
 
     With split_max_size > 0 the model is written as llama.cpp split files
-    (OUT-00001-of-0000N.gguf ...), each file at most that many bytes, metadata included."""
+    (OUT-00001-of-0000N.gguf ...), each file at most that many bytes, metadata included.
+
+    mmproj: where to write the vision projector GGUF (a path), False for none, None for
+    upstream's default name (mmproj-Name-TYPE.gguf) beside out when the checkpoint has a vision
+    tower. Both files are written before either appears."""
     t0 = time.perf_counter()
+    want = None if mmproj is None or mmproj is True else bool(mmproj)
     try:
-        plan = make_plan(hf_dir, file_type, mtp, recipe, tensor_types, imatrix)
+        plan = make_plan(hf_dir, file_type, mtp, recipe, tensor_types, imatrix, want, mmproj_type)
     except (CheckpointError, quantize.QuantizeError) as e:
         raise ConvertError(str(e)) from e
     out = Path(out)
+    proj_out = None
+    if plan.projector is not None:
+        if isinstance(mmproj, (str, Path)):
+            proj_out = Path(mmproj)
+        else:
+            proj_out = out.parent / vision.default_name(plan.ckpt, plan.projector.file_type)
+        if proj_out.resolve() == out.resolve():
+            plan.ckpt.close()
+            raise ConvertError(f"--mmproj {proj_out} is the model's own output file; name another")
     counts = Counter(t.qtype.name for t in plan.tensors)
     summary = Summary(
         str(out),
@@ -382,6 +454,12 @@ def convert(
         ]
         try:
             summary.bytes = _planned_file_bytes(plan, split_max_size)
+            if plan.projector is not None:
+                summary.mmproj = _projector_summary(plan.projector, proj_out, _planned_projector_bytes(plan))
+                summary.mmproj["plan"] = [
+                    {"name": t.out.name, "shape": list(reversed(t.shape)), "type": t.qtype.name, "bytes": t.nbytes}
+                    for t in plan.projector.tensors
+                ]
         finally:
             plan.ckpt.close()
         summary.seconds = time.perf_counter() - t0
@@ -391,21 +469,36 @@ def convert(
     except BaseException:
         plan.ckpt.close()
         raise
-    _check_output(out, force, plan.total_bytes)
+    try:
+        _check_output(out, force, plan.total_bytes + (plan.projector.total_bytes if plan.projector else 0))
+        if proj_out is not None:
+            _check_output(proj_out, force, plan.projector.total_bytes)
+    except BaseException:
+        plan.ckpt.close()
+        raise
     # splits are written into a hidden folder beside the output and moved out when all are complete
     tmp_dir = out.parent / f".{out.name}.partial"
     tmp = tmp_dir / out.name if split_max_size else out.with_name(out.name + ".partial")
+    proj_tmp = proj_out.with_name(proj_out.name + ".partial") if proj_out is not None else None
+    total = plan.total_bytes + (plan.projector.total_bytes if plan.projector else 0)
+    progress = (lambda done, _t: on_progress(done, total)) if on_progress else None
     try:
         if split_max_size:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             tmp_dir.mkdir()
-        written = _write(plan, tmp, threads or quantize.default_threads(), on_progress, split_limit)
+        n_threads = threads or quantize.default_threads()
+        written = _write(plan, tmp, n_threads, progress, split_limit)
+        if plan.projector is not None:
+            proj_progress = (lambda done, _t: on_progress(plan.total_bytes + done, total)) if on_progress else None
+            _write(plan, proj_tmp, n_threads, proj_progress, projector=plan.projector)
         finals = [out.parent / p.name for p in written] if split_max_size else [out]
         for f in finals:
             if f.exists() and not force and f != out:
                 raise ConvertError(f"{f} exists; pass --force to overwrite it")
         for src, dst in zip(written, finals):
             os.replace(src, dst)
+        if proj_tmp is not None:
+            os.replace(proj_tmp, proj_out)
     except CheckpointError as e:
         raise ConvertError(str(e)) from e
     except OSError as e:
@@ -418,12 +511,48 @@ def convert(
     finally:
         plan.ckpt.close()
         tmp.unlink(missing_ok=True)
+        if proj_tmp is not None:
+            proj_tmp.unlink(missing_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)
     summary.path = str(finals[0])
     summary.files = [str(f) for f in finals]
     summary.bytes = sum(f.stat().st_size for f in finals)
+    if proj_out is not None:
+        summary.mmproj = _projector_summary(plan.projector, proj_out, proj_out.stat().st_size)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _projector_summary(p: Projector, path: Path, nbytes: int) -> dict:
+    return {
+        "path": str(path),
+        "file_type": p.file_type,
+        "bytes": nbytes,
+        "params": sum(int(np.prod(t.out.shape)) for t in p.tensors),
+        "tensors_per_type": dict(Counter(t.qtype.name for t in p.tensors)),
+    }
+
+
+def _planned_projector_bytes(plan: Plan) -> int:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        w = _Writer(path=None, arch="clip")
+        _projector_header(w, plan)
+        f = Path(d) / "header.gguf"
+        w.write_header_to_file(path=f)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        head = f.stat().st_size
+    align = gguf.GGUF_DEFAULT_ALIGNMENT
+    return sum(-(-n // align) * align for n in [head] + [t.nbytes for t in plan.projector.tensors])
+
+
+def _projector_header(w: gguf.GGUFWriter, plan: Plan) -> None:
+    for t in plan.projector.tensors:
+        w.add_tensor_info(t.out.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    vision.add_metadata(w, plan.ckpt, plan.projector.config, plan.projector.file_type, general_metadata)
 
 
 def _encode(load, qtype, weights: np.ndarray | None, first: int):
@@ -608,10 +737,19 @@ def _split_limit(plan: Plan, max_file_bytes: int) -> int:
 
 
 def _write(
-    plan: Plan, path: Path, threads: int, on_progress: Callable[[int, int], None] | None, split_max_size: int = 0
+    plan: Plan,
+    path: Path,
+    threads: int,
+    on_progress: Callable[[int, int], None] | None,
+    split_max_size: int = 0,
+    projector: Projector | None = None,
 ) -> list[Path]:
-    """Write the GGUF (or its splits) at path; returns the files written."""
+    """Write the GGUF (or its splits) at path; returns the files written. With projector: the
+    vision projector GGUF instead of the model."""
     heads = qwen35.heads(plan.ckpt.config)
+    tensors = projector.tensors if projector is not None else plan.tensors
+    imatrix = plan.imatrix if projector is None else None
+    total_bytes = sum(t.nbytes for t in tensors)
     # a producer thread cuts tensors into pieces and hands them to a pool that reads, transforms
     # and quantizes them in parallel; the writer takes the results in file order from a bounded
     # queue, so memory holds a few pieces whatever the model size. The pool starts at once, so
@@ -627,10 +765,10 @@ def _write(
     def produce() -> None:
         try:
             with ThreadPoolExecutor(max_workers=threads) as pool:
-                for t in plan.tensors:
+                for t in tensors:
                     weights = None
-                    if plan.imatrix is not None and t.qtype not in (Q.F32, Q.F16, Q.BF16):
-                        weights = plan.imatrix.for_tensor(t.out.name, t.out.shape[-1], _n_matrices(t.out.shape))
+                    if imatrix is not None and t.qtype not in (Q.F32, Q.F16, Q.BF16):
+                        weights = imatrix.for_tensor(t.out.name, t.out.shape[-1], _n_matrices(t.out.shape))
                     charge = min(piece_bytes, 4 * int(np.prod(t.out.shape)))
                     for first, load in t.out.pieces(plan.ckpt, heads, piece_bytes):
                         if not budget.take(charge):
@@ -643,17 +781,20 @@ def _write(
     producer = threading.Thread(target=produce, name="qwen35-convert-producer", daemon=True)
     producer.start()
     done = 0
-    w = _Writer(path=None, arch=plan.ckpt.arch, split_max_size=split_max_size)
+    w = _Writer(path=None, arch="clip" if projector else plan.ckpt.arch, split_max_size=split_max_size)
     try:
-        for t in plan.tensors:
-            # logical shape (numpy order) with raw_dtype: the writer stores it as ggml ne reversed
-            w.add_tensor_info(t.out.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-        _add_metadata(w, plan)  # after the tensors: general.size_label counts their parameters
+        if projector is not None:
+            _projector_header(w, plan)
+        else:
+            for t in tensors:
+                # logical shape (numpy order) with raw_dtype: the writer stores it as ggml ne reversed
+                w.add_tensor_info(t.out.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+            _add_metadata(w, plan)  # after the tensors: general.size_label counts their parameters
         files = w.format_shard_names(path)
         w.write_header_to_file(path=path)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for t in plan.tensors:
+        for t in tensors:
             fout = _begin_tensor(w, t.nbytes)
             written = 0
             while True:
@@ -668,7 +809,7 @@ def _write(
                 written += n
                 done += n
                 if on_progress:
-                    on_progress(done, plan.total_bytes)
+                    on_progress(done, total_bytes)
                 budget.give(charge)
             if written != t.nbytes:
                 raise ConvertError(f"{t.out.name}: produced {written} bytes, planned {t.nbytes}")

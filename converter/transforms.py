@@ -94,6 +94,17 @@ def up_half(x: np.ndarray, h: Heads) -> np.ndarray:
     return np.ascontiguousarray(x[:, x.shape[1] // 2 :])
 
 
+def frame_0(x: np.ndarray, h: Heads) -> np.ndarray:
+    """Vision patch_embed.proj [H, C, 2, p, p] (a Conv3D over 2 frames) -> frame 0's Conv2D
+    [H, C, p, p]: llama.cpp applies one Conv2D per frame and adds them."""
+    return np.ascontiguousarray(x[:, :, 0])
+
+
+def frame_1(x: np.ndarray, h: Heads) -> np.ndarray:
+    """... and frame 1's."""
+    return np.ascontiguousarray(x[:, :, 1])
+
+
 # transforms that only move values (reshape, reorder, slice): they act on stored bits as well as
 # on float32, so a tensor kept in its source type is copied, not converted
-REORDERS = frozenset({identity, qkv_rows, v_rows, head_rows, v_cols, conv1d, gate_half, up_half})
+REORDERS = frozenset({identity, qkv_rows, v_rows, head_rows, v_cols, conv1d, gate_half, up_half, frame_0, frame_1})

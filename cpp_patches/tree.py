@@ -53,6 +53,7 @@ TOOL_TARGETS = [
     "llama-bench",
     "ggml-rpc-server",
     "llama-gguf-split",
+    "mtmd",  # libmtmd: images (the vision projector), for llama_cpp.mtmd_cpp
 ]
 
 

@@ -26,7 +26,8 @@ VARIANTS = {
     "dense": dict(),
     "dense-mtp": dict(mtp=True),
     "moe-multimodal-mtp-sharded": dict(moe=True, layout="multimodal", mtp=True, shards=2),
-    "moe-per-expert": dict(moe=True, fused_experts=False),
+    "moe-per-expert": dict(moe=True, fused_experts=False, layout="multimodal"),
+    "dense-multimodal": dict(layout="multimodal"),
 }
 
 
@@ -107,6 +108,57 @@ def test_identical_to_upstream_converter(ckpts, tmp_path, variant, type_, mtp):
     assert differences(tmp_path / "ours.gguf", ref, last_bit=(".ssm_a",)) == []
     assert_ssm_a_correctly_rounded(tmp_path / "ours.gguf", src)
     assert tensor_order(tmp_path / "ours.gguf") == tensor_order(ref)
+
+
+@pytest.mark.parametrize(
+    "variant,type_",
+    [
+        ("dense-multimodal", "F32"),
+        ("dense-multimodal", "F16"),
+        ("dense-multimodal", "BF16"),
+        ("dense-multimodal", "Q8_0"),
+        ("moe-multimodal-mtp-sharded", "F16"),
+        ("moe-per-expert", "Q8_0"),
+    ],
+)
+def test_projector_identical_to_upstream_converter(ckpts, tmp_path, variant, type_):
+    """The vision projector written in the same pass, under upstream's default name, is upstream's
+    ``--mmproj`` file byte for byte; the model beside it is unchanged by it."""
+    from support import upstream
+
+    src = ckpts[variant]
+    (tmp_path / "up").mkdir()
+    ref = upstream.convert(src, tmp_path / "up", type_.lower(), mmproj=True)
+    (tmp_path / "ours").mkdir()
+    r = _ours(src, tmp_path / "ours" / "model.gguf", type_)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(["model.gguf", ref.name])
+    ours = tmp_path / "ours" / ref.name
+    assert differences(ours, ref) == []
+    assert ours.read_bytes() == ref.read_bytes()
+    r = _ours(src, tmp_path / "text-only.gguf", type_, "--no-mmproj")
+    assert r.returncode == 0 and not list(tmp_path.glob("mmproj-*"))
+    assert (tmp_path / "text-only.gguf").read_bytes() == (tmp_path / "ours" / "model.gguf").read_bytes()
+
+
+def test_projector_types_and_paths_as_asked(ckpts, tmp_path):
+    """--mmproj PATH, --mmproj-type, the F16 default beside a K-quant model, the dry-run plan."""
+    from qwen35.gguf_scan import scan
+
+    src = ckpts["dense-multimodal"]
+    r = _ours(src, tmp_path / "m.gguf", "Q4_K_M", "--mmproj", str(tmp_path / "v.gguf"), "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["mmproj"]["path"] == str(tmp_path / "v.gguf") and s["mmproj"]["file_type"] == "F16"
+    assert scan(tmp_path / "v.gguf").kv["general.file_type"].value == 1  # MOSTLY_F16
+    r = _ours(src, tmp_path / "n.gguf", "Q4_K_M", "--mmproj-type", "q8_0", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["mmproj"]["file_type"] == "Q8_0" and not Path(s["mmproj"]["path"]).exists()
+    assert {t["type"] for t in s["mmproj"]["plan"]} == {"F32", "Q8_0"}
+    r = _ours(src, tmp_path / "w.gguf", "Q8_0", "--mmproj", str(tmp_path / "w2.gguf"))
+    assert r.returncode == 0, r.stderr
+    assert s["mmproj"]["bytes"] == (tmp_path / "w2.gguf").stat().st_size  # planned = written
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -338,6 +390,55 @@ def test_a_config_with_values_of_the_wrong_kind_is_one_line(ckpts, tmp_path, cha
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and expect in lines[0], r.stderr
     assert not (tmp_path / "c.gguf").exists()
+
+
+def _projector_cases(mm: Path, dense: Path, tmp: Path):
+    d = _copy(mm, tmp / "out_hidden")
+    c = json.loads((d / "config.json").read_text())
+    _edit_config(d, vision_config={**c["vision_config"], "out_hidden_size": 48})
+    yield "out_hidden", d, (), "out_hidden_size (48) must equal the text model's hidden_size (64)"
+
+    d = _copy(mm, tmp / "depth")
+    _edit_config(d, vision_config={**c["vision_config"], "depth": "2"})
+    yield "depth", d, (), "vision_config.depth is '2'; it must be a whole number"
+
+    d = _copy(mm, tmp / "no_preprocessor")
+    (d / "preprocessor_config.json").unlink()
+    yield "no_preprocessor", d, (), "no preprocessor_config.json"
+
+    d = _copy(mm, tmp / "bad_mean")
+    (d / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5], "image_std": [0.5] * 3}))
+    yield "bad_mean", d, (), "image_mean is [0.5, 0.5]; it must be 3 numbers"
+
+    d = _copy(mm, tmp / "vshape")
+    name = "model.visual.blocks.1.attn.qkv.weight"
+    _rewrite_tensors(d, lambda s: {**s, name: s[name][:-1].clone()})
+    yield "vshape", d, (), f"tensor {name} has shape [95, 32], the vision config says [96, 32]"
+
+    d = _copy(mm, tmp / "incomplete")
+    _rewrite_tensors(d, lambda s: {k: v for k, v in s.items() if not k.startswith("model.visual.merger.")})
+    yield "incomplete", d, (), "the vision tower is incomplete: no model.visual.merger.linear_fc1.weight"
+
+    d = _copy(mm, tmp / "vunknown")
+    _rewrite_tensors(
+        d, lambda s: {**s, "model.visual.blocks.0.attn.mystery": s["model.visual.blocks.0.norm1.bias"].clone()}
+    )
+    yield "vunknown", d, (), "unknown tensor model.visual.blocks.0.attn.mystery"
+
+    yield "text_only", dense, ("--mmproj", str(tmp / "p.gguf")), "text-only checkpoint"
+    yield "contradiction", mm, ("--mmproj", str(tmp / "p.gguf"), "--no-mmproj"), "contradict"
+    yield "bad_type", mm, ("--mmproj-type", "Q4_K_M"), "--mmproj-type Q4_K_M is not one of F32, F16, BF16, Q8_0"
+
+
+def test_bad_projector_inputs_fail_in_one_line_leaving_neither_file(ckpts, tmp_path):
+    for name, src, extra, expect in _projector_cases(ckpts["dense-multimodal"], ckpts["dense"], tmp_path):
+        out = tmp_path / f"{name}.gguf"
+        r = _ours(src, out, "BF16", *extra)
+        lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+        assert r.returncode != 0, (name, r.stderr)
+        assert expect in r.stderr and (len(lines) == 1 or name == "contradiction"), (name, r.stderr)
+        assert not out.exists() and not list(tmp_path.glob("*.partial")), name
+        assert not list(tmp_path.glob("mmproj-*")) and not (tmp_path / "p.gguf").exists(), name
 
 
 def test_refusals_name_the_fix(ckpts, tmp_path):

@@ -278,6 +278,57 @@ def _randomize(model) -> None:
                 p.copy_(0.2 * torch.randn_like(p))
 
 
+# the released checkpoints' special tokens around an image (ids of the real vocabulary)
+VISION_START_TOKEN_ID, VISION_END_TOKEN_ID, IMAGE_TOKEN_ID, VIDEO_TOKEN_ID = 248053, 248054, 248056, 248057
+# as released (Qwen3.5's processor: 16-pixel patches, 2x2 merge, mean and std 0.5)
+PREPROCESSOR_CONFIG = {
+    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor",
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+}
+
+
+def vision_config(cfg: TinyConfig, **overrides):
+    """A tiny Qwen3.5 vision tower config: released patch, merge and temporal sizes, a 4x4 grid of
+    learned positions (64-pixel images at the native size), out_hidden_size = the text width."""
+    from transformers import Qwen3_5VisionConfig
+
+    kw = dict(
+        depth=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=16,
+        out_hidden_size=cfg.hidden_size,
+    )
+    return Qwen3_5VisionConfig(**{**kw, **overrides})
+
+
+def vision_tower(config, seed: int) -> dict:
+    """The vision tower's tensors (names under ``model.visual.``), random, with the layer norms'
+    weights and biases spread too."""
+    import torch
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
+
+    torch.manual_seed(seed + 1)
+    model = Qwen3_5VisionModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def _mtp_tensors(state: dict, cfg, prefix: str) -> dict:
     """A random MTP head shaped like the released ones: fc, norms and one full-attention block
     (a copy of the last layer's shapes, which is a full-attention layer in the 3:1 layout)."""
@@ -304,12 +355,14 @@ def make_checkpoint(
     mtp: bool = False,
     fused_experts: bool = True,
     shards: int = 1,
+    vision: dict | None = None,
 ) -> Path:
     """Write a Qwen3.5 checkpoint to out (replaced atomically).
 
     moe: Qwen3_5Moe (8 experts, top-2, shared expert); layout: "causal" (``*ForCausalLM``, flat
     config, ``model.*``) or "multimodal" (``*ForConditionalGeneration``, ``text_config``,
-    ``model.language_model.*`` and a ``model.visual.*`` tensor, as released); mtp: add an MTP
+    ``model.language_model.*`` and a random ``model.visual.*`` vision tower with its
+    ``preprocessor_config.json``, as released; vision: overrides of its config); mtp: add an MTP
     head (``mtp.*``, ``mtp_num_hidden_layers``); fused_experts: ``mlp.experts.gate_up_proj`` /
     ``down_proj`` as released, else one tensor per expert (transformers' own save format).
     """
@@ -339,14 +392,20 @@ def make_checkpoint(
                 ("model.language_model." + k[len("model.") :] if k.startswith("model.") else k): v
                 for k, v in state.items()
             }
-            state["model.visual.patch_embed.proj.weight"] = torch.randn(32, 3, 2, 16, 16)
+            vision = vision_config(cfg, **(vision or {}))
+            state.update({"model.visual." + k: v for k, v in vision_tower(vision, cfg.seed).items()})
             conf = {
                 "architectures": [f"{arch}ForConditionalGeneration"],
                 "model_type": "qwen3_5_moe" if moe else "qwen3_5",
                 "text_config": text,
-                "vision_config": {"depth": 1, "hidden_size": 32, "out_hidden_size": cfg.hidden_size},
+                "vision_config": {k: v for k, v in vision.to_dict().items() if not k.startswith("_")},
+                "image_token_id": IMAGE_TOKEN_ID,
+                "video_token_id": VIDEO_TOKEN_ID,
+                "vision_start_token_id": VISION_START_TOKEN_ID,
+                "vision_end_token_id": VISION_END_TOKEN_ID,
                 "tie_word_embeddings": config.tie_word_embeddings,
             }
+            (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=1))
         else:
             conf = {**text, "architectures": [f"{arch}ForCausalLM"]}
         (tmp / "config.json").write_text(json.dumps(conf, indent=1))

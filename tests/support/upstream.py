@@ -27,18 +27,32 @@ def _has_mtp(hf_dir: Path) -> bool:
     return bool(text.get("mtp_num_hidden_layers") or cfg.get("mtp_num_hidden_layers"))
 
 
-def convert(hf_dir: Path, out: Path, outtype: str = "f16", mtp: str = "keep") -> Path:
+def convert(hf_dir: Path, out: Path, outtype: str = "f16", mtp: str = "keep", mmproj: bool = False) -> Path:
     """Convert hf_dir to out with upstream's converter; raises UpstreamError with its last lines.
 
-    mtp: keep (the nextn block when the checkpoint has one), drop (--no-mtp), only (--mtp)."""
+    mtp: keep (the nextn block when the checkpoint has one), drop (--no-mtp), only (--mtp).
+    mmproj: the vision projector instead of the text model (--mmproj); out may then be a folder,
+    where upstream names the file itself (the path written is returned)."""
     script = LLAMA_DIR / "convert_hf_to_gguf.py"
     if not script.exists():
         raise UpstreamError(f"{script} is missing; run `make setup` to prepare the pinned llama.cpp tree")
     if outtype not in OUTTYPES:
         raise UpstreamError(f"upstream's converter writes {', '.join(OUTTYPES)}, not {outtype!r}")
+    if mmproj and out.is_dir():
+        before = set(out.iterdir())
+        cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(out), "--outtype", outtype, "--mmproj"]
+        r = subprocess.run(
+            cmd, env=dict(os.environ, PYTHONPATH=str(LLAMA_DIR / "gguf-py")), capture_output=True, text=True
+        )
+        if r.returncode != 0:
+            raise UpstreamError(f"upstream convert_hf_to_gguf.py --mmproj failed on {hf_dir}:\n{r.stderr[-600:]}")
+        (made,) = set(out.iterdir()) - before
+        return made
     tmp = out.with_name(out.name + ".partial")
     cmd = [sys.executable, str(script), str(hf_dir), "--outfile", str(tmp), "--outtype", outtype]
-    if mtp == "only":
+    if mmproj:
+        cmd.append("--mmproj")
+    elif mtp == "only":
         cmd.append("--mtp")
     elif mtp == "drop" or not _has_mtp(hf_dir):
         cmd.append("--no-mtp")  # upstream asserts on a checkpoint without MTP otherwise
