@@ -188,7 +188,8 @@ class Engine:
         self.used = [0.0] * self.n_slots
         self.queue: deque[Job] = deque()
         self.cache_ram, self.cache_dir = cache_ram, cache_dir
-        self.saved: OrderedDict[str, _Saved] = OrderedDict()
+        self.saved: OrderedDict[str, _Saved] = OrderedDict()  # the engine thread's alone (see _publish_memory)
+        self._memory = (0, 0)  # (checkpoint bytes, saved-state bytes) as last published
         self.on_step = on_step
         self.counters = {
             "reused": 0,
@@ -249,10 +250,20 @@ class Engine:
 
     @property
     def checkpoint_bytes(self) -> int:
-        return sum(c.checkpoint_bytes for c in self.caches)
+        """Bytes of recurrent-state checkpoints the slots hold (any thread may read it)."""
+        return self._memory[0]
 
     @property
     def saved_bytes(self) -> int:
+        """Bytes of conversation states kept in RAM (any thread may read it)."""
+        return self._memory[1]
+
+    def _publish_memory(self) -> None:
+        """The engine thread sums its dictionaries and publishes the totals as one tuple: a reader
+        on another thread (the metrics) never iterates them while they change."""
+        self._memory = (sum(c.checkpoint_bytes for c in self.caches), self._saved_now())
+
+    def _saved_now(self) -> int:
         return sum(s.nbytes for s in self.saved.values())
 
     # ---------------------------------------------------------------- the loop
@@ -272,6 +283,7 @@ class Engine:
                 for slot, a in enumerate(self.active):
                     if a is not None:
                         self._fail(slot, f"the model failed: {e}")
+            self._publish_memory()
             if self.on_step is not None:
                 self.on_step(self)
         with self._cv:
@@ -534,7 +546,7 @@ class Engine:
         self._evict()
 
     def _evict(self) -> None:
-        while self.saved_bytes > self.cache_ram:
+        while self._saved_now() > self.cache_ram:
             newest = next(reversed(self.saved), None)
             for k, s in self.saved.items():  # least recently used first; the newest stays
                 if s.state is not None and k != newest:

@@ -644,9 +644,9 @@ def server_target(client) -> Target:
     return t
 
 
-def server_client(gguf: Path):
-    """A TestClient of the real app on gguf (2 slots of 1024 tokens), with its engine running;
-    close() stops both."""
+def server_client(gguf: Path, cache_ram: int = 1 << 30):
+    """A TestClient of the real app on gguf (2 slots of 1024 tokens, cache_ram bytes for saved
+    conversation states), with its engine running; close() stops both."""
     from fastapi.testclient import TestClient
 
     from qwen35.bindings.engine import Engine
@@ -654,7 +654,7 @@ def server_client(gguf: Path):
     from qwen35.bindings.server import ServerConfig, create_app
 
     m = Model.load(gguf, n_ctx=2048, n_seq_max=2, n_threads=1)
-    engine = Engine(m, max_queue=8)
+    engine = Engine(m, max_queue=8, cache_ram=cache_ram)
     app = create_app(m, engine, ServerConfig(model_name="fuzz", reasoning=False))
     engine.start()
     client = TestClient(app)
@@ -666,4 +666,5 @@ def server_client(gguf: Path):
         m.close()
 
     client.shutdown = close  # type: ignore[attr-defined]
+    client.engine = engine  # type: ignore[attr-defined]
     return client
