@@ -199,6 +199,7 @@ class Model:
         self.architecture = _meta(model_p, "general.architecture")
         self.chat_template = _meta(model_p, "tokenizer.chat_template")
         self._template = None
+        self.projector = None  # vision.Projector when loaded with mmproj=
         # general.sampling.* of the GGUF: what SamplingParams fields left None resolve to
         self.recommended_sampling = recommended(
             {
@@ -231,6 +232,7 @@ class Model:
         rpc_servers: list[str] | None = None,
         check_fit: bool = True,
         load_mtp: bool = False,
+        mmproj: str | Path | None = None,
     ) -> Model:
         """repack: let llama.cpp move weights into its CPU extra buffer types (AMX, repacked
         layouts; llama.cpp's default). None = on, except on CPUs with AMX, where the pinned
@@ -247,7 +249,8 @@ class Model:
         up front, with the numbers, a model whose weights do not fit where they would go.
         load_mtp: also load the GGUF's MTP (NextN) block and give it a draft context, for
         speculative decoding (``Chat(..., speculative="mtp")``); the GGUF must have one
-        (``qwen35-convert --mtp keep``, the default)."""
+        (``qwen35-convert --mtp keep``, the default). mmproj: the vision projector GGUF
+        (``mmproj-*.gguf``, written by qwen35-convert beside the model): images in prompts."""
         path = Path(path)
         if path.is_dir() and (path / "config.json").is_file():
             raise ModelError(
@@ -320,7 +323,15 @@ class Model:
                     raise ModelError(f"could not create the MTP draft context for {path}; lower n_ctx")
                 native.ext().set_embeddings_nextn(ctx_p, True, False)  # the target's hidden row of every token
                 mtp = MTPHead(model_p, mtp_ctx, n_seq_max)
-            return cls(path, model_p, ctx_p, n_ctx, mtp)
+            m = cls(path, model_p, ctx_p, n_ctx, mtp)
+            if mmproj is not None:
+                from .vision import ImageError, Projector
+
+                try:  # on failure the handler below frees what m holds
+                    m.projector = Projector.load(m, mmproj, n_threads=n_threads)
+                except ImageError as e:
+                    raise ModelError(str(e)) from None
+            return m
         except BaseException:
             if mtp is not None:
                 mtp.close()
@@ -335,6 +346,9 @@ class Model:
     def close(self) -> None:
         import llama_cpp
 
+        if self.projector is not None:
+            self.projector.close()
+            self.projector = None
         if self._one is not None:
             llama_cpp.llama_batch_free(self._one)
             self._one = None
@@ -483,6 +497,35 @@ class Model:
         if self.mtp is not None:
             self.mtp.remove(seq_id, p0)
         return True
+
+    def eval_prompt(self, text: str, images: list = (), *, seq_id: int = 0, pos: int = 0) -> tuple[np.ndarray, int]:
+        """Evaluate a rendered prompt whose images the chat template placed
+        (``<|vision_start|><|image_pad|><|vision_end|>`` each) at position pos of a sequence: the
+        logits after its last token and the position after it (an image advances it by its grid
+        side, not its token count: M-RoPE). images: anything ``vision.load_image`` takes."""
+        from .vision import ImageError, load_image
+
+        if not images:
+            tokens = self.tokenize(text)
+            return self._decode_seq(tokens, pos, seq_id), pos + len(tokens)
+        if self.projector is None:
+            raise ModelError(f"{self.path.name} was loaded without a vision projector; pass mmproj= to take images")
+        try:
+            chunks = self.projector.tokenize(text, [load_image(i) for i in images])
+        except ImageError as e:
+            raise ModelError(str(e)) from None
+        logits = None
+        for c in chunks:
+            if c.tokens is not None:
+                if c.tokens:
+                    logits = self._decode_seq(c.tokens, pos, seq_id)
+                    pos += len(c.tokens)
+            else:
+                pos = self.projector.decode(c, self.projector.encode(c), pos, seq_id)
+                logits = None
+        if logits is None:
+            raise ModelError("a prompt must end with text after its last image")
+        return logits, pos
 
     def eval_all(self, tokens: list[int], pos: int, seq_id: int) -> np.ndarray:
         """Evaluate tokens at positions pos.. of a sequence; the logits of every one [n, n_vocab]
