@@ -282,12 +282,48 @@ class Chat:
         self.cache = PromptCache(model, seq_id, checkpoint_every=checkpoint_every, budget_bytes=checkpoint_budget)
         self._assistant_start = model.tokenize("<|im_start|>assistant", special=True)
         self.last: Reply | None = None
+        self.images: dict = {}  # image id -> vision.Image, for the {"type": "image", "image": id} parts of messages
 
     # ---------------------------------------------------------------- conversation
     def reset(self) -> None:
         """Forget the conversation (the system message stays) and the cached tokens."""
         self.messages = [m for m in self.messages if m["role"] == "system"]
+        self.images = {}
         self.cache.reset()
+
+    def _user_message(self, user, images) -> tuple[dict, dict]:
+        """The user message as the conversation keeps it, and the images it brings (id -> Image).
+        user: text, or OpenAI content parts (text, image_url, image); images: more images (paths,
+        bytes, data URLs, ...), placed before the text. Every image is decoded now: a bad one is
+        refused before anything changes."""
+        from .vision import ImageError, load_image
+
+        parts = user if isinstance(user, list) else ([{"type": "text", "text": user}] if user is not None else [])
+        parts = [*({"type": "image", "image": im} for im in images or ()), *parts]
+        content, new = [], {}
+        for part in parts:
+            if isinstance(part, str):
+                part = {"type": "text", "text": part}
+            if not isinstance(part, dict):
+                raise ImageError(f"a message part must be text or an image, not a {type(part).__name__}")
+            if part.get("type") == "text" or ("text" in part and "type" not in part):
+                content.append({"type": "text", "text": str(part.get("text", ""))})
+                continue
+            im = load_image(part)
+            new[im.id] = im
+            content.append({"type": "image", "image": im.id})
+        if new:
+            if self.model.projector is None:
+                raise ImageError(
+                    f"{self.model.path.name} was loaded without a vision projector; load it with "
+                    "mmproj=PATH (the mmproj-*.gguf qwen35-convert wrote beside it) to send images"
+                )
+            if self.speculative:
+                raise ImageError("images and speculative='mtp' do not go together yet; use a chat without speculation")
+        if not new and all(c["type"] == "text" for c in content):
+            text = "".join(c["text"] for c in content)
+            return {"role": "user", "content": text}, {}
+        return {"role": "user", "content": content}, new
 
     def add_tool_result(self, content: str | dict, name: str | None = None) -> None:
         msg = {"role": "tool", "content": content if isinstance(content, str) else json.dumps(content)}
@@ -303,14 +339,18 @@ class Chat:
         response_format: dict | None = None,
         tool_choice: str | dict | None = None,
         parallel_tool_calls: bool = True,
+        images: list | None = None,
     ) -> Reply:
-        """The reply to user (None: to the conversation as it is, e.g. after a tool result)."""
+        """The reply to user (None: to the conversation as it is, e.g. after a tool result).
+        user: text or OpenAI content parts; images: paths, bytes, data URLs or Pillow images
+        shown before the text (the model needs its projector: ``Model.load(mmproj=...)``)."""
         for _ in self.stream(
             user,
             sampling,
             response_format=response_format,
             tool_choice=tool_choice,
             parallel_tool_calls=parallel_tool_calls,
+            images=images,
         ):
             pass
         return self.last
@@ -320,12 +360,40 @@ class Chat:
         model's recommendation."""
         return (sampling or self.sampling_params).resolve(self.model.recommended_sampling)
 
-    def _prompt(self, messages: list[dict], max_tokens: int) -> tuple[list[int], list[int], list[dict]]:
+    def _tokens_of(self, text: str, messages: list[dict], images: dict) -> tuple[list[int], dict]:
+        """The rendered prompt's tokens, each image a run of placeholders (session.py), and the
+        image chunks by where their runs start."""
+        from .session import image_placeholder
+
+        order = [
+            part["image"]
+            for m in messages
+            if isinstance(m.get("content"), list)
+            for part in m["content"]
+            if isinstance(part, dict) and part.get("type") == "image"
+        ]
+        if not order:
+            return self.model.tokenize(text), {}
+        chunks = self.model.projector.tokenize(text, [images[i] for i in order])
+        tokens, at = [], {}
+        for c in chunks:
+            if c.tokens is not None:
+                tokens.extend(c.tokens)
+            else:
+                at[len(tokens)] = c
+                tokens.extend([image_placeholder(c.image)] * c.n_tokens)
+        return tokens, at
+
+    def _prompt(
+        self, messages: list[dict], max_tokens: int, images: dict | None = None
+    ) -> tuple[list[int], list[int], list[dict], dict]:
         """The prompt of messages, after dropping the oldest exchanges if the overflow policy
-        allows; returns (tokens, assistant-turn starts, the messages it renders)."""
+        allows; returns (tokens, assistant-turn starts, the messages it renders, image chunks by
+        start)."""
+        images = {**self.images, **(images or {})}
         while True:
             text = self.model.render(messages, enable_thinking=self.enable_thinking, tools=self.tools)
-            tokens = self.model.tokenize(text)
+            tokens, at = self._tokens_of(text, messages, images)
             limit = self.model.n_ctx_seq
             if len(tokens) + max_tokens <= limit:
                 break
@@ -349,7 +417,7 @@ class Chat:
             messages = messages[: droppable[0]] + messages[nxt:]
         n = len(self._assistant_start)
         marks = [i for i in range(len(tokens) - n + 1) if tokens[i : i + n] == self._assistant_start]
-        return tokens, marks, messages
+        return tokens, marks, messages, at
 
     def stream(
         self,
@@ -359,9 +427,13 @@ class Chat:
         response_format: dict | None = None,
         tool_choice: str | dict | None = None,
         parallel_tool_calls: bool = True,
+        images: list | None = None,
     ) -> Iterator[Event]:
         """Add the user message (if any) and generate the reply as events; the whole reply is in
         ``self.last`` afterwards and the assistant message is appended to the conversation.
+        user: text or OpenAI content parts (``image_url`` data URLs, local paths); images: more
+        images before the text. An image that does not decode, or a model without a projector,
+        raises ImageError before anything changes.
 
         sampling: None fields (all of them by default) take the GGUF's recommended sampling
         (``SamplingParams.resolve``). response_format: OpenAI's ``{"type": "json_object"}`` or
@@ -389,11 +461,18 @@ class Chat:
             ban = self.model.tokenize(TOOL_OPEN, special=True)
             if len(ban) == 1:
                 params = replace(params, logit_bias={**params.logit_bias, ban[0]: -math.inf})
-        asked = [*self.messages, {"role": "user", "content": user}] if user is not None else list(self.messages)
-        prompt, marks, messages = self._prompt(asked, params.max_tokens)
+        new_images: dict = {}
+        if user is not None or images:
+            msg, new_images = self._user_message(user, images)
+            asked = [*self.messages, msg]
+        else:
+            asked = list(self.messages)
+        prompt, marks, messages, at = self._prompt(asked, params.max_tokens, new_images)
         sampler = self.model.sampler(params, grammar=cons.grammar)
         try:
-            yield from self._reply(sampler, params, prompt, marks, asked, messages, cons.calls_allowed, t_start)
+            yield from self._reply(
+                sampler, params, prompt, marks, asked, messages, cons.calls_allowed, t_start, at, new_images
+            )
         finally:
             sampler.close()
 
@@ -407,9 +486,15 @@ class Chat:
         messages: list[dict],
         calls: bool,
         t_start: float,
+        at: dict | None = None,
+        new_images: dict | None = None,
     ) -> Iterator[Event]:
         t0 = time.perf_counter()
-        logits, u = self.cache.eval(prompt, marks=marks)
+        try:
+            logits, u = self.cache.eval(prompt, marks=marks, images=at)
+        finally:
+            if at:
+                self.model.projector.release(next(iter(at.values())))
         t1 = time.perf_counter()
         parser = ToolCallParser(self.tools) if calls else None
         text = _ReplyText(self.model, parser, self.enable_thinking, params.stop)
@@ -441,6 +526,8 @@ class Chat:
                 Speculation(*spec) if self.speculative else None,
             )
             self.messages, self.last = [*messages, msg], reply  # one statement: both or neither
+            kept = {p.get("image") for m in self.messages if isinstance(m.get("content"), list) for p in m["content"]}
+            self.images = {k: v for k, v in {**self.images, **(new_images or {})}.items() if k in kept}
             return rest
 
         finish = "length"
@@ -507,6 +594,10 @@ class Chat:
 
         from . import statefile
 
+        if self.images:
+            raise ModelError(
+                "saving a chat with images is not supported yet; reset the chat or save one without images"
+            )
         self.cache.sync()  # after an interrupted turn: save a state that matches the tokens
         state = self.model.seq_state(self.cache.seq_id)
         tensors = {

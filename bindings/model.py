@@ -515,14 +515,17 @@ class Model:
         except ImageError as e:
             raise ModelError(str(e)) from None
         logits = None
-        for c in chunks:
-            if c.tokens is not None:
-                if c.tokens:
-                    logits = self._decode_seq(c.tokens, pos, seq_id)
-                    pos += len(c.tokens)
-            else:
-                pos = self.projector.decode(c, self.projector.encode(c), pos, seq_id)
-                logits = None
+        try:
+            for c in chunks:
+                if c.tokens is not None:
+                    if c.tokens:
+                        logits = self._decode_seq(c.tokens, pos, seq_id)
+                        pos += len(c.tokens)
+                else:
+                    pos = self.projector.decode(c, self.projector.encode(c), pos, seq_id)
+                    logits = None
+        finally:
+            self.projector.release(next(c for c in chunks if c.image is not None))
         if logits is None:
             raise ModelError("a prompt must end with text after its last image")
         return logits, pos

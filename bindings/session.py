@@ -10,6 +10,13 @@ newest checkpoint at or before the divergence point, drops the KV cache past it,
 from there. A divergence within the last ``n_rs_seq`` tokens is undone by llama.cpp's own
 recurrent-state rollback, without a checkpoint.
 
+Images (with a vision projector) sit in ``tokens`` as runs of one negative placeholder per
+embedding, the same value for every embedding of one image (derived from the hash of its
+pixels), so an image seen before matches like text. An image of n embeddings advances the
+M-RoPE position by its grid side, not by n: ``runs`` records each image's place, and positions
+in the sequence are computed from it (``pos``). A checkpoint is taken after every image, and the
+embeddings of recent images are kept, so an image is encoded once.
+
 An operation cut short (Ctrl-C, a failed decode) may leave the sequence holding more or other
 than ``tokens`` says. The cache notes what it was about to change before it changes it, and its
 next use puts the sequence back in step from the newest checkpoint before that point (or from
@@ -31,6 +38,13 @@ if TYPE_CHECKING:
     from .model import Model
 
 PARTIAL_ONLY = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
+EMBEDDINGS_BUDGET = 256 << 20  # bytes of image embeddings kept for re-use
+
+
+def image_placeholder(image_id: str) -> int:
+    """The value every embedding of an image holds in a token list: negative (no vocabulary id
+    is), from the image's pixel hash."""
+    return -1 - int(image_id[:15], 16)
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,9 @@ class PromptCache:
         self.tokens: list[int] = []
         self.checkpoints: OrderedDict[int, bytes] = OrderedDict()  # position -> state after tokens[:position]
         self.checkpoint_hidden: dict[int, np.ndarray] = {}  # position -> target hidden row at position - 1 (MTP)
+        self.runs: list[tuple[int, int, int]] = []  # images in tokens: (start, embeddings, positions advanced)
+        self.embeddings: OrderedDict[str, np.ndarray] = OrderedDict()  # image id -> embeddings, newest last
+        self.images_encoded = 0  # images run through the vision tower (the rest came from embeddings)
         self._last_logits: np.ndarray | None = None
         self._unsure: int | None = None  # an operation did not finish: the sequence may differ from tokens past this
         self.reset()  # the cache owns its sequence: whatever an earlier user left there goes
@@ -73,8 +90,24 @@ class PromptCache:
     def _clear(self) -> None:
         self.model.seq_rm(self.seq_id, 0)
         self.tokens, self._last_logits = [], None
+        self.runs = []
         self.checkpoints.clear()
         self.checkpoint_hidden.clear()
+
+    def pos(self, k: int) -> int:
+        """The sequence position after the first k entries of tokens (k at an image's edge)."""
+        return k + sum(n_pos - n for s, n, n_pos in self.runs if s + n <= k)
+
+    def _cut_runs(self, n: int) -> None:
+        self.runs = [r for r in self.runs if r[0] + r[1] <= n]
+
+    @staticmethod
+    def _snap(k: int, runs) -> int:
+        """k, or the start of the image it falls inside (a sequence cannot end within an image)."""
+        for s, n, *_ in runs:
+            if s < k < s + n:
+                return s
+        return k
 
     @contextmanager
     def changing(self, keep: int | None = None):
@@ -95,8 +128,9 @@ class PromptCache:
         restore the newest checkpoint it did not touch, else start over. Nothing when in step."""
         if self._unsure is None:
             return
-        n = min(self._unsure, len(self.tokens))
+        n = self._snap(min(self._unsure, len(self.tokens)), self.runs)
         del self.tokens[n:]
+        self._cut_runs(n)
         for p in [p for p in self.checkpoints if p > n]:
             del self.checkpoints[p]
             self.checkpoint_hidden.pop(p, None)
@@ -134,19 +168,24 @@ class PromptCache:
             return False
         # the KV cache (full-attention layers) past the checkpoint goes; the recurrent part now
         # ends at pos - 1, so removing [pos, end) leaves it alone
-        if not self.model.seq_rm(self.seq_id, pos):
+        if not self.model.seq_rm(self.seq_id, self.pos(pos)):
             return False
         if self.model.mtp is not None and pos in self.checkpoint_hidden:
             self.model.mtp.set_hidden(self.seq_id, pos - 1, self.checkpoint_hidden[pos])
         self.checkpoints.move_to_end(pos)
         self.tokens = self.tokens[:pos]
+        self._cut_runs(pos)
         return True
 
     # ---------------------------------------------------------------- eval
-    def eval(self, prompt: list[int], marks: Iterable[int] = ()) -> tuple[np.ndarray, Reuse]:
+    def eval(
+        self, prompt: list[int], marks: Iterable[int] = (), images: dict | None = None
+    ) -> tuple[np.ndarray, Reuse]:
         """Make the sequence hold exactly prompt; returns the logits after its last token and
         what was reused. marks: positions (token counts) at which to take a checkpoint when
-        they are evaluated, e.g. the start of each assistant turn."""
+        they are evaluated, e.g. the start of each assistant turn. images: start in prompt ->
+        the image's vision.Chunk, for each run of image placeholders in prompt (see
+        ``vision.Projector.tokenize``); the model must have its projector."""
         if not prompt:
             raise ValueError("empty prompt")
         if len(prompt) > self.model.n_ctx:
@@ -156,36 +195,72 @@ class PromptCache:
                 f"{len(prompt)} tokens exceed n_ctx={self.model.n_ctx}; load the model with a "
                 "larger n_ctx or shorten the conversation"
             )
-        with self.changing():
-            return self._eval(prompt, marks)
+        images = images or {}
+        if images and self.model.projector is None:
+            from .model import ModelError
 
-    def _eval(self, prompt: list[int], marks: Iterable[int]) -> tuple[np.ndarray, Reuse]:
+            raise ModelError(
+                f"{self.model.path.name} was loaded without a vision projector; pass mmproj= to take images"
+            )
+        if prompt[-1] < 0:
+            raise ValueError("a prompt must end with text after its last image")
+        with self.changing():
+            return self._eval(prompt, marks, images)
+
+    def _eval(self, prompt: list[int], marks: Iterable[int], images: dict) -> tuple[np.ndarray, Reuse]:
         if (
             self.tokens == prompt[: len(self.tokens)]
             and len(self.tokens) == len(prompt)
             and self._last_logits is not None
         ):
             return self._last_logits, Reuse(len(prompt), len(prompt), 0)
-        restored, rolled = self.prepare(prompt)
+        spans = sorted((s, s + c.n_tokens) for s, c in images.items())
+        restored, rolled = self.prepare(prompt, spans)
         reused = len(self.tokens)
         todo = prompt[reused:]
-        stops = self.checkpoint_stops(prompt, marks)
+        # a checkpoint after every image, besides the marks: a later turn that changes what
+        # follows an image goes back to it, not to before it
+        stops = self.checkpoint_stops(prompt, [*marks, *(e for s, e in spans if e < len(prompt))])
+        stops = sorted({q for q in (self._snap(p, spans) for p in stops) if q > reused})
         start = reused
         for end in [*stops, len(prompt)]:
-            part = prompt[start:end]
-            if part and end < len(prompt):  # up to a checkpoint: no logits needed
-                self.model._decode(part, start, seq_id=self.seq_id, last_logits=False)
+            while start < end:
+                image = next(((s, e) for s, e in spans if start <= s < end), None)
+                stop = image[0] if image else end
+                part = prompt[start:stop]
+                if part and stop == len(prompt):  # the prompt's last tokens: their logits
+                    self._last_logits = self.model._decode_seq(part, self.pos(start), self.seq_id)
+                elif part:
+                    self.model._decode(part, self.pos(start), seq_id=self.seq_id, last_logits=False)
                 self.tokens.extend(part)
-            elif part:
-                self._last_logits = self.model._decode_seq(part, start, self.seq_id)
-                self.tokens.extend(part)
+                if image:
+                    self._decode_image(prompt, image, images[image[0]])
+                start = image[1] if image else end
             if end < len(prompt):
                 self._save_checkpoint()
             self._unsure = len(self.tokens)  # in step up to here: a later interruption keeps this part
-            start = end
         return self._last_logits.copy(), Reuse(len(prompt), reused, len(todo), restored, rolled)
 
-    def prepare(self, prompt: list[int]) -> tuple[int | None, int]:
+    def _decode_image(self, prompt: list[int], span: tuple[int, int], chunk) -> None:
+        """Decode an image's embeddings (encoded now, or kept from before) after tokens."""
+        import numpy as np
+
+        s, e = span
+        if chunk.image in self.embeddings:
+            embd = self.embeddings[chunk.image]
+            self.embeddings.move_to_end(chunk.image)
+        else:
+            embd = self.model.projector.encode(chunk)
+            self.images_encoded += 1
+            self.embeddings[chunk.image] = embd
+            while sum(x.nbytes for x in self.embeddings.values()) > EMBEDDINGS_BUDGET and len(self.embeddings) > 1:
+                self.embeddings.popitem(last=False)
+        start = self.pos(s)
+        end = self.model.projector.decode(chunk, np.asarray(embd), start, self.seq_id)
+        self.tokens.extend(prompt[s:e])
+        self.runs.append((s, e - s, end - start))
+
+    def prepare(self, prompt: list[int], spans: list[tuple[int, int]] = ()) -> tuple[int | None, int]:
         """Cut the sequence back to the longest part of prompt it can keep, leaving at least the
         last prompt token to evaluate (for its logits): by recurrent rollback within n_rs_seq
         tokens, else from the newest checkpoint at or before the divergence, else from nothing.
@@ -195,14 +270,15 @@ class PromptCache:
             if a != b:
                 break
             common += 1
-        target = min(common, len(prompt) - 1)
+        target = self._snap(self._snap(min(common, len(prompt) - 1), spans), self.runs)
         restored, rolled = None, 0
         if target < len(self.tokens):
             self._keep_only(target)
             n_back = len(self.tokens) - target
-            if target > 0 and n_back <= self.model.n_rs_seq and self.model.seq_rm(self.seq_id, target):
+            if target > 0 and n_back <= self.model.n_rs_seq and self.model.seq_rm(self.seq_id, self.pos(target)):
                 rolled = n_back
                 self.tokens = self.tokens[:target]
+                self._cut_runs(target)
             else:
                 usable = [p for p in self.checkpoints if p <= target]
                 if usable and self._restore(max(usable)):
@@ -222,7 +298,7 @@ class PromptCache:
             if a != b:
                 break
             common += 1
-        target = min(common, len(prompt) - 1)
+        target = self._snap(min(common, len(prompt) - 1), self.runs)
         if target >= len(self.tokens) or (target > 0 and len(self.tokens) - target <= self.model.n_rs_seq):
             return target
         return max((p for p in self.checkpoints if p <= target), default=0)
@@ -252,6 +328,7 @@ class PromptCache:
         """Take over a sequence whose state was restored from a saved session (call it inside
         ``changing(0)`` around that restore)."""
         self.tokens = list(tokens)
+        self.runs = []
         self._last_logits = logits.copy() if logits.size else None
         self.checkpoints = OrderedDict(sorted(checkpoints.items()))
         self.checkpoint_hidden = dict(checkpoint_hidden or {})
@@ -259,7 +336,7 @@ class PromptCache:
     def extend(self, tokens: list[int]) -> np.ndarray:
         """Evaluate tokens after the cached ones; the logits of every one [n, n_vocab]."""
         with self.changing():
-            logits = self.model.eval_all(tokens, len(self.tokens), self.seq_id)
+            logits = self.model.eval_all(tokens, self.pos(len(self.tokens)), self.seq_id)
             self.tokens.extend(tokens)
             self._last_logits = logits[-1].copy()
         return logits
@@ -272,7 +349,7 @@ class PromptCache:
 
     def _truncate(self, n: int, last_logits: np.ndarray) -> None:
         if n < len(self.tokens):
-            if not self.model.seq_rm(self.seq_id, n):
+            if not self.model.seq_rm(self.seq_id, self.pos(n)):
                 from .model import ModelError
 
                 raise ModelError(
@@ -281,6 +358,7 @@ class PromptCache:
                     "n_rs_seq or draft fewer tokens"
                 )
             del self.tokens[n:]
+            self._cut_runs(n)
             for p in [p for p in self.checkpoints if p > n]:
                 del self.checkpoints[p]
                 self.checkpoint_hidden.pop(p, None)
@@ -289,6 +367,6 @@ class PromptCache:
     def append(self, token: int) -> np.ndarray:
         """Evaluate one more token (generation); returns its logits."""
         with self.changing():
-            self._last_logits = self.model._decode_seq([token], len(self.tokens), self.seq_id)
+            self._last_logits = self.model._decode_seq([token], self.pos(len(self.tokens)), self.seq_id)
             self.tokens.append(token)
         return self._last_logits  # callers must not modify it (it is also the cache's copy)

@@ -156,7 +156,8 @@ class Chunk:
     image: str | None = None
     n_tokens: int = 0
     n_pos: int = 0
-    _ptr: object = None  # the libmtmd chunk (owned by Projector._chunks)
+    _ptr: object = None  # the libmtmd chunk, valid until Projector.release of its prompt
+    _owner: object = None  # the libmtmd chunk list it belongs to
 
 
 def _NO_CALLBACK():
@@ -170,7 +171,7 @@ class Projector:
 
     def __init__(self, model, path: Path, ctx_p):
         self.model, self.path, self._ctx = model, path, ctx_p
-        self._held: list = []  # libmtmd chunk lists of tokenized prompts, freed on close()
+        self._held: dict = {}  # libmtmd chunk lists of tokenized prompts not yet released
 
     @classmethod
     def load(cls, model, path: str | Path, *, n_threads: int | None = None) -> Projector:
@@ -214,7 +215,7 @@ class Projector:
     def close(self) -> None:
         from llama_cpp import mtmd_cpp as mt
 
-        for chunks in self._held:
+        for chunks in self._held.values():
             mt.mtmd_input_chunks_free(chunks)
         self._held.clear()
         if self._ctx:
@@ -222,7 +223,8 @@ class Projector:
             self._ctx = None
 
     def tokenize(self, text: str, images: list[Image]) -> list[Chunk]:
-        """text with one TEMPLATE_IMAGE (or libmtmd's marker) per image, in order -> chunks."""
+        """text with one TEMPLATE_IMAGE (or libmtmd's marker) per image, in order -> chunks.
+        The image chunks hold libmtmd data until ``release`` of any of them."""
         from llama_cpp import mtmd_cpp as mt
 
         marker = mt.mtmd_default_marker().decode()
@@ -249,7 +251,8 @@ class Projector:
         finally:
             for bm in bitmaps:
                 mt.mtmd_bitmap_free(bm)
-        self._held.append(chunks)
+        owner = ctypes.cast(chunks, ctypes.c_void_p).value
+        self._held[owner] = chunks
         out = []
         for i in range(mt.mtmd_input_chunks_size(chunks)):
             c = mt.mtmd_input_chunks_get(chunks, i)
@@ -265,9 +268,19 @@ class Projector:
                         n_tokens=mt.mtmd_input_chunk_get_n_tokens(c),
                         n_pos=mt.mtmd_input_chunk_get_n_pos(c),
                         _ptr=c,
+                        _owner=owner,
                     )
                 )
         return out
+
+    def release(self, chunk: Chunk) -> None:
+        """Free the libmtmd data (preprocessed pixels) of the prompt chunk came from; its image
+        chunks cannot be encoded or decoded afterwards."""
+        from llama_cpp import mtmd_cpp as mt
+
+        chunks = self._held.pop(chunk._owner, None)
+        if chunks is not None:
+            mt.mtmd_input_chunks_free(chunks)
 
     def encode(self, chunk: Chunk) -> np.ndarray:
         """The image chunk's embeddings, [n_tokens, n_embd] float32 (runs the vision tower)."""

@@ -211,3 +211,108 @@ def test_a_model_without_or_with_a_wrong_projector_says_so(models, tmp_path):
         pytest.raises(ModelError, match="places 1 images but 2 were given"),
     ):
         m.eval_prompt("<|vision_start|><|image_pad|><|vision_end|>Hi", [_image(64, 64)] * 2)
+
+
+# ---------------------------------------------------------------- conversations with images
+
+TOL_REUSE = 1e-4  # as test_session.py: reused and fresh prefills of the same tokens, F32 KV cache
+
+
+def _png(px: np.ndarray) -> bytes:
+    from PIL import Image as PILImage
+
+    buf = io.BytesIO()
+    PILImage.fromarray(px).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _chat_model(models, n_seq_max=2):
+    from qwen35.bindings.model import Model
+
+    _, gguf, mmproj = models["dense"]
+    return Model.load(
+        gguf, n_ctx=1024, n_seq_max=n_seq_max, n_threads=usable_cpus(), kv_type="f32", flash_attn=False, mmproj=mmproj
+    )
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_turns_with_images_reuse_the_cache_and_encode_each_image_once(models, thinking):
+    """Turn 2 adds a second image: the first is neither evaluated nor encoded again, and the
+    logits after reuse equal a fresh prefill's of the same prompt (on another sequence)."""
+    from qwen35.bindings.chat import Chat
+    from qwen35.bindings.sampling import SamplingParams
+    from qwen35.bindings.session import PromptCache
+
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+    img1, img2 = _image(64, 96), _image(96, 64)
+    with _chat_model(models) as m:
+        chat = Chat(m, enable_thinking=thinking)
+        r1 = chat.send("What is in the picture?", greedy, images=[_png(img1)])
+        assert chat.cache.images_encoded == 1 and r1.usage.prompt_tokens > 6
+        assert chat.messages[-2]["content"][0]["type"] == "image"
+        msg, new = chat._user_message(
+            [{"type": "text", "text": "And in this one?"}, {"type": "image", "image": img2}], None
+        )
+        prompt, marks, _, at = chat._prompt([*chat.messages, msg], 6, new)
+        reused, u = chat.cache.eval(prompt, marks, at)
+        assert chat.cache.images_encoded == 2  # the second image only
+        first_image_end = min(at) + at[min(at)].n_tokens
+        assert u.reused_tokens >= first_image_end, (u, first_image_end)
+        fresh = PromptCache(m, seq_id=1)
+        again, f = fresh.eval(prompt, marks, at)
+        m.projector.release(next(iter(at.values())))
+        assert f.reused_tokens == 0 and fresh.images_encoded == 2
+        assert np.abs(reused - again).max() <= TOL_REUSE, np.abs(reused - again).max()
+        assert chat.cache.pos(len(prompt)) == fresh.pos(len(prompt)) < len(prompt)  # M-RoPE: fewer positions
+
+
+def test_a_reply_about_an_image_is_the_same_from_a_resumed_or_a_fresh_chat(models):
+    """The second turn's greedy reply (image in the first turn, reused) equals the reply of a
+    chat that is sent the same two turns on a fresh sequence after a reset."""
+    from qwen35.bindings.chat import Chat
+    from qwen35.bindings.sampling import SamplingParams
+
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    url = "data:image/png;base64," + base64.b64encode(_png(_image(64, 128))).decode()
+    turn1 = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe it."}]
+    with _chat_model(models) as m:
+        a = Chat(m, enable_thinking=False)
+        a.send(turn1, greedy)
+        ra = a.send("What colour?", greedy)
+        assert ra.usage.reused_tokens > 0 and a.cache.images_encoded == 1
+        b = Chat(m, enable_thinking=False, seq_id=1)
+        b.messages = [dict(x) for x in a.messages[:-1]]
+        b.images = dict(a.images)
+        rb = b.send(None, greedy)
+        assert rb.usage.reused_tokens == 0
+        assert rb.tokens == ra.tokens
+
+
+def test_bad_images_in_a_chat_leave_the_conversation_as_it_was(models, tmp_path):
+    from qwen35.bindings.chat import Chat
+    from qwen35.bindings.model import Model
+    from qwen35.bindings.sampling import SamplingParams
+    from qwen35.bindings.vision import ImageError
+
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    with _chat_model(models, n_seq_max=1) as m:
+        chat = Chat(m, enable_thinking=False)
+        chat.send("Hello.", greedy)
+        before = [dict(x) for x in chat.messages]
+        for bad, expect in (
+            (b"GIF89a not really", "is not an image Pillow can read"),
+            (tmp_path / "absent.png", "cannot read image"),
+            ("https://example.com/a.png", "is remote"),
+        ):
+            with pytest.raises(ImageError, match=expect):
+                chat.send("Look.", greedy, images=[bad])
+            assert chat.messages == before and chat.images == {}
+        with pytest.raises(Exception, match="not supported yet"):
+            chat.send("Look.", greedy, images=[_png(_image(64, 64))])
+            chat.save(tmp_path / "c.qwen35-chat")
+    _, gguf, _ = models["dense"]
+    with Model.load(gguf, n_ctx=256, n_threads=1) as plain:
+        chat = Chat(plain)
+        with pytest.raises(ImageError, match="without a vision projector; load it with mmproj="):
+            chat.send("Look.", greedy, images=[_png(_image(64, 64))])
+        assert chat.messages == []
