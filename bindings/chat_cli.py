@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-HELP = """commands: /think on|off  /reset  /save FILE  /load FILE  /stats  /help  /quit
+HELP = """commands: /image FILE  /think on|off  /reset  /save FILE  /load FILE  /stats  /help  /quit
 multi-line input: end a line with \\ to continue it, or enclose lines in triple quotes (\"\"\")
 Ctrl-C stops a reply (what came is kept); Ctrl-D or /quit leaves"""
 OVERFLOW = {"error": "error", "drop-oldest": "drop_oldest"}
@@ -81,6 +81,14 @@ def chat(
         metavar="error|drop-oldest",
         help="When the conversation outgrows --ctx: refuse the message, or drop the oldest exchanges (with a note).",
     ),
+    image: list[Path] = typer.Option(
+        None, "--image", help="An image for the first message (repeatable; in the chat: /image FILE)."
+    ),
+    mmproj: Path = typer.Option(
+        None,
+        "--mmproj",
+        help="The vision projector GGUF (default with --image: the one mmproj-*.gguf beside the model).",
+    ),
 ) -> None:
     """Chat with a Qwen3.5 GGUF; each turn evaluates only what is new."""
     from rich.console import Console
@@ -89,6 +97,7 @@ def chat(
 
     from .chat import Chat, ContextOverflow
     from .model import Model, ModelError, SamplingParams
+    from .vision import ImageError, load_image
 
     try:
         sampling = SamplingParams(
@@ -118,6 +127,9 @@ def chat(
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     spec = speculative is not None
     _print_notes()
+    pending = [load_image(p) for p in image or ()]  # decoded now: a bad file stops here, before loading
+    if mmproj is None and pending:
+        mmproj = _find_projector(model)
     with Model.load(
         model,
         n_ctx=n_ctx,
@@ -125,6 +137,7 @@ def chat(
         n_threads=threads or None,
         load_mtp=spec,
         n_rs_seq=max(draft_max, 1) if spec else None,
+        mmproj=mmproj,
     ) as m:
         session = Chat(
             m,
@@ -138,7 +151,7 @@ def chat(
         )
         if prompt is not None:
             try:
-                _turn(session, prompt, sampling, out, err, quiet=as_json)
+                _turn(session, prompt, sampling, out, err, quiet=as_json, images=pending)
             except ContextOverflow as e:
                 raise ModelError(_overflow_line(e, interactive=False)) from None
             except (Interrupted, KeyboardInterrupt):
@@ -153,10 +166,13 @@ def chat(
                 import readline  # noqa: F401  (line editing and history for input())
         err.print(
             f"{m.path.name}: {m.n_ctx} tokens of context, thinking {'on' if think else 'off'}, "
+            f"images {'on (' + m.projector.path.name + ')' if m.projector else 'off (--mmproj)'}, "
             f"sampling: {session.sampling(sampling).describe()}. {HELP}",
             style="dim",
             markup=False,
         )
+        if pending:
+            err.print(f"{len(pending)} image(s) go with your first message", style="dim")
         while True:
             try:
                 text = _read_message()
@@ -171,14 +187,17 @@ def chat(
                 continue
             last = session.last
             try:
-                if text.startswith("/"):
+                if text.startswith("/image"):
+                    _attach(session, text, pending, err)
+                elif text.startswith("/"):
                     if _command(session, text, err):
                         return
                 else:
-                    _turn(session, text, sampling, out, err)
+                    _turn(session, text, sampling, out, err, images=pending)
+                    pending = []  # sent (a refused message keeps them for the next try)
             except ContextOverflow as e:
                 err.print(f"error: {_overflow_line(e, interactive=True)}", style="red", markup=False)
-            except ModelError as e:
+            except (ModelError, ImageError) as e:
                 err.print(f"error: {e}", style="red", markup=False)
             except (Interrupted, KeyboardInterrupt):
                 out.print()
@@ -217,7 +236,32 @@ def _overflow_line(e, interactive: bool) -> str:
     )
 
 
-def _turn(session, text: str | None, sampling, out, err, quiet: bool = False) -> None:
+def _find_projector(model: Path) -> Path:
+    """The one mmproj-*.gguf beside model (qwen35-convert writes it there)."""
+    from .vision import ImageError
+
+    found = sorted(model.resolve().parent.glob("mmproj-*.gguf"))
+    if len(found) != 1:
+        where = f"{len(found)} mmproj-*.gguf files" if found else "no mmproj-*.gguf"
+        raise ImageError(f"--image needs the vision projector: {model.parent} has {where}; pass --mmproj FILE")
+    return found[0]
+
+
+def _attach(session, text: str, pending: list, err) -> None:
+    """/image FILE: decode it now; it goes with the next message."""
+    from .vision import ImageError, load_image
+
+    path = text.partition(" ")[2].strip()
+    if not path:
+        raise ImageError("/image needs a file: /image cat.png")
+    if session.model.projector is None:
+        raise ImageError("this model was loaded without a vision projector; restart with --mmproj FILE")
+    im = load_image(Path(path).expanduser())
+    pending.append(im)
+    err.print(f"image {path} ({im.width}x{im.height}) goes with your next message", style="dim", markup=False)
+
+
+def _turn(session, text: str | None, sampling, out, err, quiet: bool = False, images=None) -> None:
     """One reply, streamed to the terminal: reasoning dimmed, tool calls in colour."""
     from contextlib import closing
 
@@ -225,7 +269,7 @@ def _turn(session, text: str | None, sampling, out, err, quiet: bool = False) ->
     from .toolcalls import MalformedToolCall, ToolCall
 
     shown_reasoning = False
-    with closing(session.stream(text, sampling)) as events:  # Ctrl-C: the chat keeps what came, now
+    with closing(session.stream(text, sampling, images=images or None)) as events:  # Ctrl-C: the chat keeps what came
         for e in events:
             if quiet:
                 continue

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qwen35.cpus import usable_cpus
@@ -331,3 +332,72 @@ def test_help_shows_flags_as_flags():
     ):
         r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "--" in r.stdout and "<bool>" not in r.stdout, r.stdout
+
+
+@pytest.fixture(scope="module")
+def vision_gguf(tmp_path_factory, lib_dir):
+    """A multimodal checkpoint converted as users do: the projector lands beside the model."""
+    from support import tiny
+
+    from qwen35.converter.convert import convert
+
+    d = tmp_path_factory.mktemp("chatcli-vision")
+    (d / "models").mkdir()
+    out = d / "models" / "q8.gguf"
+    s = convert(tiny.make_checkpoint(d / "hf", layout="multimodal"), out, file_type="Q8_0")
+    assert s.mmproj and Path(s.mmproj["path"]).parent == out.parent
+    png = d / "picture.png"
+    from PIL import Image as PILImage
+
+    PILImage.fromarray(np.random.default_rng(5).integers(0, 256, (96, 128, 3), dtype=np.uint8)).save(png)
+    return out, Path(s.mmproj["path"]), png
+
+
+def test_one_shot_with_an_image_answers_as_the_python_api(vision_gguf):
+    """--image finds the projector beside the model; the reply and its usage are the Chat API's."""
+    from qwen35.bindings.chat import Chat
+    from qwen35.bindings.model import Model
+    from qwen35.bindings.sampling import SamplingParams
+
+    gguf, mmproj, png = vision_gguf
+    argv = [QWEN35, "chat", str(gguf), "-p", "What is it?", "--image", str(png), "-n", "5", "--temp", "0", "--json"]
+    r = subprocess.run([*argv, "--threads", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    with Model.load(gguf, n_ctx=8192, n_threads=1, mmproj=mmproj) as m:
+        ref = Chat(m).send("What is it?", SamplingParams(temperature=0, max_tokens=5), images=[png])
+    assert out["content"] == ref.content and out["reasoning"] == ref.reasoning
+    assert out["usage"]["prompt_tokens"] == ref.usage.prompt_tokens
+    # the image is in the prompt: 12 embeddings (96x128 pixels, 32-pixel merged patches)
+    r = subprocess.run([*argv[:5], *argv[7:], "--threads", "1"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["usage"]["prompt_tokens"] == ref.usage.prompt_tokens - 12 - 2  # and vision start, end
+    # without a projector to find: one line naming the fix
+    lone = gguf.parent.parent / "lone.gguf"
+    os.link(gguf, lone)  # a hard link: the same file, in a folder without a projector
+    r = subprocess.run([QWEN35, "chat", str(lone), "-p", "Hi", "--image", str(png)], capture_output=True, text=True)
+    assert r.returncode == 1 and "pass --mmproj FILE" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_image_command_in_a_terminal(vision_gguf, tmp_path):
+    gguf, mmproj, png = vision_gguf
+    t = Terminal([QWEN35, "chat", str(gguf), "--mmproj", str(mmproj), "-n", "3", "--no-think", "--threads", "1"])
+    t.expect(r"images on \(" + re.escape(mmproj.name) + r"\)")
+    t.expect(r"> ")
+    t.send(f"/image {tmp_path / 'nope.png'}")
+    t.expect(r"error: cannot read image")
+    t.send(f"/image {png}")
+    t.expect(r"\(128x96\) goes with your next message")
+    t.send("What is it?")
+    t.expect(r"\n> ")
+    t.send("/stats")
+    with_image = t.expect(r"prompt (\d+) tokens")
+    t.send("/reset")
+    t.expect(r"conversation cleared")
+    t.send("What is it?")
+    t.expect(r"\n> ")
+    t.send("/stats")
+    without = t.expect(r"prompt (\d+) tokens")
+    assert int(with_image.group(1)) == int(without.group(1)) + 12 + 2
+    t.send("/quit")
+    assert t.p.wait(timeout=60) == 0
