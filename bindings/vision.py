@@ -201,6 +201,8 @@ class Projector:
         native.load()
         from llama_cpp import mtmd_cpp as mt
 
+        native.route_mtmd_log()
+
         p = mt.mtmd_context_params_default()
         p.use_gpu = False
         p.print_timings = False

@@ -10,6 +10,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 GPU_SIZES_GB = (8, 12, 16, 24, 48, 80)
 KV_ELEMENT_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
@@ -37,6 +39,7 @@ class Report:
     bits_per_weight: float
     hparams: dict
     memory: dict = field(default_factory=dict)
+    projector: dict | None = None  # the vision projector counted in the plan: path, bytes, params, types
 
 
 def _from_gguf(path: Path) -> Report:
@@ -78,8 +81,28 @@ def _from_gguf(path: Path) -> Report:
     return Report(str(path), h["arch"], blocks, n_params, wbytes, dict(types), 8 * wbytes / max(n_params, 1), hp)
 
 
+def _projector_gguf(path: Path) -> dict:
+    from qwen35.gguf_scan import scan
+
+    s = scan(path)
+    if s.get("general.architecture") != "clip" or not s.get("clip.has_vision_encoder"):
+        raise ValueError(f"{path} is not a vision projector (general.architecture {s.get('general.architecture')!r})")
+    n = 0
+    for t in s.tensors:
+        k = 1
+        for d in t.ne:
+            k *= d
+        n += k
+    return {
+        "path": str(path),
+        "bytes": sum(t.nbytes for t in s.tensors),
+        "params": n,
+        "tensors_per_type": dict(Counter(t.qtype.name for t in s.tensors)),
+    }
+
+
 def _from_hf(path: Path, file_type: str) -> Report:
-    from .convert import make_plan
+    from .convert import make_plan, projector_type
 
     plan = make_plan(path, file_type)
     c = plan.ckpt.config
@@ -102,6 +125,15 @@ def _from_hf(path: Path, file_type: str) -> Report:
         context_length=c["max_position_embeddings"],
     )
     types = Counter(t.qtype.name for t in plan.tensors)
+    proj = None
+    if plan.projector is not None:
+        pt = plan.projector.tensors
+        proj = {
+            "path": f"planned, {projector_type(file_type)}",
+            "bytes": plan.projector.total_bytes,
+            "params": sum(int(np.prod(t.out.shape)) for t in pt),
+            "tensors_per_type": dict(Counter(t.qtype.name for t in pt)),
+        }
     return Report(
         str(path),
         plan.ckpt.arch,
@@ -111,16 +143,24 @@ def _from_hf(path: Path, file_type: str) -> Report:
         dict(types),
         8 * plan.total_bytes / max(plan.n_params, 1),
         hp,
+        projector=proj,
     )
 
 
 def inspect(
-    path: str | Path, *, ctx: int = 4096, kv_type: str = "f16", parallel: int = 1, file_type: str = "BF16"
+    path: str | Path,
+    *,
+    ctx: int = 4096,
+    kv_type: str = "f16",
+    parallel: int = 1,
+    file_type: str = "BF16",
+    mmproj: str | Path | bool | None = None,
 ) -> Report:
     """Report for a GGUF file or, planned as if converted to file_type, a Hugging Face directory.
 
     ctx is the total context of all sequences (llama.cpp's -c); each of the parallel sequences
-    also holds its fixed recurrent state."""
+    also holds its fixed recurrent state. mmproj: the vision projector GGUF to count in the plan
+    (None: the one mmproj-*.gguf beside a GGUF, or the one a checkpoint would get; False: none)."""
     if parallel < 1:
         raise ValueError(f"--parallel {parallel}: use 1 or more sequences")
     if ctx < 1:
@@ -129,17 +169,27 @@ def inspect(
         raise ValueError(f"--kv-type {kv_type} is not one of {', '.join(KV_ELEMENT_BYTES)}")
     path = Path(path)
     rep = _from_hf(path, file_type) if path.is_dir() else _from_gguf(path)
+    if mmproj is False:
+        rep.projector = None
+    elif mmproj is not None:
+        rep.projector = _projector_gguf(Path(mmproj))
+    elif not path.is_dir():
+        found = sorted(path.resolve().parent.glob("mmproj-*.gguf"))
+        if len(found) == 1:
+            rep.projector = _projector_gguf(found[0])
     hp = rep.hparams
     n_attn = rep.blocks[: hp["n_layer"]].count("A")
     n_lin = rep.blocks[: hp["n_layer"]].count("L")
     kv = ctx * kv_bytes_per_token(n_attn, hp["n_kv_head"], hp["head_dim"], kv_type)
     state = parallel * recurrent_bytes_per_seq(n_lin, hp["conv_kernel"], hp["n_k"], hp["d_k"], hp["n_v"], hp["d_v"])
-    total = rep.weight_bytes + kv + state
+    proj = rep.projector["bytes"] if rep.projector else 0
+    total = rep.weight_bytes + kv + state + proj
     rep.memory = {
         "ctx": ctx,
         "kv_type": kv_type,
         "parallel": parallel,
         "weights": rep.weight_bytes,
+        "projector": proj,
         "kv_cache": kv,
         "recurrent_state": state,
         "total": total,
@@ -165,6 +215,7 @@ def render(rep: Report) -> str:
         f"  weights          {m['weights'] / gib:8.2f} GiB",
         f"  KV cache         {m['kv_cache'] / gib:8.2f} GiB   (full-attention layers only)",
         f"  recurrent state  {m['recurrent_state'] / gib:8.2f} GiB   (fixed per sequence, F32)",
+        *([f"  vision projector {m['projector'] / gib:8.2f} GiB   ({rep.projector['path']})"] if rep.projector else []),
         f"  total            {m['total'] / gib:8.2f} GiB   + compute buffers",
         "  fits in         " + (", ".join(f"{g} GB" for g in m["fits_gb"]) or "none of 8-80 GB"),
     ]

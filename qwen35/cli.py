@@ -51,13 +51,25 @@ def inspect_cmd(
     kv_type: str = typer.Option("f16", "--kv-type", help="KV cache type: f32, f16, bf16, q8_0, q4_0."),
     parallel: int = typer.Option(1, "--parallel", help="Sequences served at once (each keeps its own state)."),
     file_type: str = typer.Option("BF16", "--type", help="For a HF directory: plan as if converted to this type."),
+    mmproj: str = typer.Option(
+        None,
+        "--mmproj",
+        help="The vision projector to count (default: the one mmproj-*.gguf beside the model; 'none' for none).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
 ) -> None:
     """Architecture, block map, tensor types and sizes, and a memory plan."""
     from qwen35.converter.inspect import as_dict, inspect, render
 
     try:
-        rep = inspect(path, ctx=ctx, kv_type=kv_type, parallel=parallel, file_type=file_type.upper())
+        rep = inspect(
+            path,
+            ctx=ctx,
+            kv_type=kv_type,
+            parallel=parallel,
+            file_type=file_type.upper(),
+            mmproj=False if mmproj == "none" else mmproj,
+        )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None

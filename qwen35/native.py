@@ -136,6 +136,15 @@ def _route_native_log() -> None:
         _llama_log.setLevel(logging.ERROR)
 
 
+def route_mtmd_log() -> None:
+    """libmtmd's (and its vision encoder's) log to the same logger as llama.cpp's; call once
+    libmtmd is loaded."""
+    from llama_cpp import mtmd_cpp
+
+    if _log_callback is not None:
+        mtmd_cpp.mtmd_helper_log_set(_log_callback, ctypes.c_void_p(0))
+
+
 @contextmanager
 def quiet_errors():
     """Around a llama.cpp call that reports failure in its log or on stderr (the grammar parser

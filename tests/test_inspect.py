@@ -79,6 +79,48 @@ def test_cli_reports_agree_for_hf_dir_and_gguf(moe):
     assert "KV cache" in text and "fits in" in text
 
 
+def test_the_vision_projector_is_counted_as_llama_cpp_loads_it(tmp_path, lib_dir):
+    """Beside a GGUF (as qwen35-convert writes it) or planned for a checkpoint: the projector's
+    weights are in the plan, in the bytes llama.cpp's vision loader reports."""
+    from support import tiny
+
+    from qwen35.bindings.model import Model
+    from qwen35.converter.convert import convert
+    from qwen35.converter.inspect import inspect
+
+    hf = tiny.make_checkpoint(tmp_path / "hf", layout="multimodal")
+    (tmp_path / "m").mkdir()
+    gguf = tmp_path / "m" / "q8.gguf"
+    proj = Path(convert(hf, gguf, file_type="Q8_0").mmproj["path"])
+    rep = inspect(gguf)
+    assert rep.projector["path"] == str(proj) and rep.memory["projector"] == rep.projector["bytes"] > 0
+    assert (
+        rep.memory["total"]
+        == rep.weight_bytes + rep.memory["kv_cache"] + rep.memory["recurrent_state"] + rep.projector["bytes"]
+    )
+    planned = inspect(hf, file_type="Q8_0")
+    assert planned.projector["bytes"] == rep.projector["bytes"]
+    assert planned.projector["tensors_per_type"] == rep.projector["tensors_per_type"] == {"F32": 24, "Q8_0": 10}
+    assert inspect(gguf, mmproj=False).projector is None
+    cap = _Capture()
+    log = logging.getLogger("qwen35.llama_cpp")
+    log.addHandler(cap)
+    old = log.level
+    log.setLevel(logging.DEBUG)
+    try:
+        with Model.load(gguf, n_ctx=256, n_threads=1, mmproj=proj):
+            pass
+    finally:
+        log.removeHandler(cap)
+        log.setLevel(old)
+    size = float(re.search(r"model size:\s+([\d.]+) MiB", "\n".join(cap.lines)).group(1))
+    assert abs(rep.projector["bytes"] / 2**20 - size) <= 0.005, (rep.projector["bytes"] / 2**20, size)
+    text = subprocess.run([QWEN35, "inspect", str(gguf)], capture_output=True, text=True, check=True).stdout
+    assert "vision projector" in text and proj.name in text
+    text = subprocess.run([QWEN35, "inspect", str(gguf), "--mmproj", "none"], capture_output=True, text=True).stdout
+    assert "vision projector" not in text
+
+
 @pytest.mark.quick
 def test_inspect_errors_are_one_line(tmp_path):
     import numpy as np
