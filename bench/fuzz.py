@@ -37,6 +37,7 @@ TARGETS = [
     "saved-chat",
     "saved-chat-sealed",
     "reply",
+    "image",
     "server-body",
 ]
 
@@ -65,6 +66,8 @@ def build(names: list[str], work: Path):
         if "server-body" in wanted:
             out["server-body"] = fuzz.server_target(fuzz.server_client(gguf))
     out["reply"] = fuzz.reply_target()
+    if "image" in wanted:
+        out["image"] = fuzz.image_target()
     return {n: out[n] for n in names}
 
 

@@ -16,6 +16,7 @@ import binascii
 import ctypes
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,10 @@ def _decode(data: bytes, what: str) -> Image:
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageError(f"{what} is {len(data) / 2**20:.1f} MiB; images up to {MAX_IMAGE_BYTES >> 20} MiB are taken")
     try:
-        with PILImage.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():  # the size is checked below, in one line
+            warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
+            im = PILImage.open(io.BytesIO(data))
+        with im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise ImageError(
                     f"{what} is {im.width}x{im.height} pixels; images up to {MAX_IMAGE_PIXELS // 10**6} "
@@ -116,8 +120,8 @@ def load_image(src) -> Image:
             data = src.read_bytes()
         except ImageError:
             raise
-        except OSError as e:
-            raise ImageError(f"cannot read image {src}: {e.strerror or e}") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+            raise ImageError(f"cannot read image {str(src)[:80]!r}: {getattr(e, 'strerror', None) or e}") from None
         return _decode(data, str(src))
     if isinstance(src, str):
         return _from_url(src)

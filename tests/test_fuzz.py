@@ -43,6 +43,7 @@ def targets(work, micro):
     names = [(t.name, t.ne[0]) for t in scan(micro).tensors if len(t.ne) == 2][:6]
     out.update({t.name: t for t in fuzz.imatrix_targets(work, names)})
     out["reply"] = fuzz.reply_target()
+    out["image"] = fuzz.image_target()
     return out
 
 
@@ -68,6 +69,7 @@ def _fuzz(target, n: int) -> None:
         ("imatrix-gguf", 1000),
         ("imatrix-dat", 1000),
         ("reply", 1500),
+        ("image", 1500),
     ],
 )
 def test_parsers_take_or_refuse_in_one_line(targets, name, n):

@@ -117,7 +117,7 @@ def _check_exact_after(chat, fresh: Fresh, speculative: bool = False):
     """The next turn: its prompt's logits equal a fresh prefill's; then a full reply (with MTP,
     the head must still be in step, or it raises, and the reply equal the plain one)."""
     chat.messages.append({"role": "user", "content": Q[2]})
-    prompt, marks, _ = chat._prompt(chat.messages, S.max_tokens)
+    prompt, marks, _, _ = chat._prompt(chat.messages, S.max_tokens)
     logits, _ = chat.cache.eval(prompt, marks=marks)
     diff = np.abs(logits - fresh.last_logits(prompt)).max()
     assert diff <= TOL, diff

@@ -139,7 +139,7 @@ def test_prompt_cache_stays_exact_after_rejected_drafts(f32):
             c.send(q, SamplingParams(temperature=0, max_tokens=48))
         assert c.last.speculation.drafted > c.last.speculation.accepted  # drafts were rejected, rolled back
         c.messages.append({"role": "user", "content": "And in one line?"})
-        prompt, marks, _ = c._prompt(c.messages, 1)
+        prompt, marks, _, _ = c._prompt(c.messages, 1)
         logits, usage = c.cache.eval(prompt, marks=marks)
         assert usage.reused_tokens > 0
     with _load(path) as fresh:

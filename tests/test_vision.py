@@ -173,6 +173,7 @@ def test_bad_images_are_one_error_naming_them(tmp_path, monkeypatch):
         ("data:image/png,rawbytes", "must be data:image/...;base64"),
         ("https://example.com/cat.png", "is remote"),
         (tmp_path / "missing.png", "cannot read image"),
+        ("a.png\x00", "cannot read image"),  # found by fuzzing: a NUL byte in a path was a ValueError
         ({"type": "text", "text": "hi"}, "is not an image"),
         ({"type": "image_url"}, "needs"),
         (3.5, "cannot make an image of a float"),

@@ -484,6 +484,41 @@ TOOLS = [
 ]
 
 
+def image_target() -> Target:
+    """Image bytes as users send them (PNG, JPEG, GIF, WebP, a data URL in a content part)
+    through load_image: an Image, or ImageError in one line."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from qwen35.bindings.vision import ImageError, load_image
+
+    px = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    seeds = []
+    for fmt, mode in (("PNG", "RGB"), ("PNG", "RGBA"), ("JPEG", "RGB"), ("GIF", "P"), ("WEBP", "RGB")):
+        buf = io.BytesIO()
+        PILImage.fromarray(px).convert(mode).save(buf, format=fmt)
+        seeds.append(buf.getvalue())
+    url = "data:image/png;base64," + base64.b64encode(seeds[0]).decode()
+    part = {"type": "image_url", "image_url": {"url": url}}
+
+    def run(data: bytes) -> None:
+        if data.startswith(b"{"):
+            try:
+                src = json.loads(data)
+            except ValueError as e:
+                raise Refused("not JSON") from e
+        else:
+            src = data
+        im = load_image(src)
+        if len(im.rgb) != im.width * im.height * 3:
+            raise Finding(f"an image of {im.width}x{im.height} with {len(im.rgb)} bytes")
+
+    return Target("image", [*seeds, dumps(part)], run, (ImageError, Refused), json_seeds=None, native=True)
+
+
 def reply_target() -> Target:
     """The reply path's text side: UTF-8 across token boundaries, stop strings, </think>, and the
     tool-call parser with schema conversion, fed the reply in arbitrary pieces."""
