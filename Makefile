@@ -75,9 +75,12 @@ test: setup cuda-deps upstream-lib
 
 # The unpatched libllama the tests compare against (tests/test_native.py runs this target too, for
 # pytest run alone), built here with every core: inside a pinned test worker it would get one.
+# The tests only load it, so it is compiled without optimisation (1.8 min instead of 4.8 here);
+# `make llama-upstream` builds the optimised one that benchmarks run.
 upstream-lib:
 	@$(TREE) prepare $(UP_SRC) --upstream
-	@$(TREE) build $(UP_SRC) build/upstream-cpu --upstream --backend cpu --targets llama --jobs $(JOBS)
+	@$(TREE) build $(UP_SRC) build/upstream-stock --upstream --backend cpu --targets llama --jobs $(JOBS) \
+		--cmake-arg=-DCMAKE_BUILD_TYPE=None --cmake-arg=-DCMAKE_C_FLAGS=-O0 --cmake-arg=-DCMAKE_CXX_FLAGS=-O0
 
 patches-export:
 	@$(TREE) export $(SRC)

@@ -525,9 +525,10 @@ class Chat:
                 text.tokens,
                 Speculation(*spec) if self.speculative else None,
             )
-            self.messages, self.last = [*messages, msg], reply  # one statement: both or neither
-            kept = {p.get("image") for m in self.messages if isinstance(m.get("content"), list) for p in m["content"]}
-            self.images = {k: v for k, v in {**self.images, **(new_images or {})}.items() if k in kept}
+            after = [*messages, msg]
+            kept = {p.get("image") for m in after if isinstance(m.get("content"), list) for p in m["content"]}
+            images = {k: v for k, v in {**self.images, **(new_images or {})}.items() if k in kept}
+            self.messages, self.last, self.images = after, reply, images  # one statement: all or none
             return rest
 
         finish = "length"

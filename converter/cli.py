@@ -132,7 +132,7 @@ def convert(
             print(f"{t['name']:40s} {t['shape']!s:24s} {t['type'] + mark:8s} {t['bytes']:>14,d}")
         if raised:
             print(f"* more bits than llama-quantize's choice for {type_}, from --recipe {recipe} or --tensor-type")
-        if s.mmproj:
+        if s.mmproj and not s.mmproj.get("kept"):
             print(f"\nvision projector ({s.mmproj['path']}):")
             for t in s.mmproj["plan"]:
                 print(f"{t['name']:40s} {t['shape']!s:24s} {t['type']:8s} {t['bytes']:>14,d}")
@@ -143,7 +143,11 @@ def convert(
         + ", ".join(f"{n} {k}" for k, n in sorted(s.tensors_per_type.items()))
         + f", {s.seconds:.1f} s"
     )
-    if s.mmproj:
+    if s.mmproj and s.mmproj.get("kept"):
+        typer.echo(
+            f"note: kept {s.mmproj['path']}, the projector of an earlier conversion (--force rewrites it)", err=True
+        )
+    elif s.mmproj:
         p = s.mmproj
         print(
             f"{'planned' if dry_run else 'wrote'} {p['path']}: {_human(p['bytes'])}, {p['params']:,} parameters "

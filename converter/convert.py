@@ -411,7 +411,8 @@ def convert(
 
     mmproj: where to write the vision projector GGUF (a path), False for none, None for
     upstream's default name (mmproj-Name-TYPE.gguf) beside out when the checkpoint has a vision
-    tower. Both files are written before either appears."""
+    tower; a file of that name (an earlier conversion's: the name has the checkpoint and the
+    type) is kept unless force. Both files are written before either appears."""
     t0 = time.perf_counter()
     want = None if mmproj is None or mmproj is True else bool(mmproj)
     try:
@@ -428,6 +429,10 @@ def convert(
         if proj_out.resolve() == out.resolve():
             plan.ckpt.close()
             raise ConvertError(f"--mmproj {proj_out} is the model's own output file; name another")
+    kept = None  # a projector of the default name left by an earlier conversion of this checkpoint
+    if proj_out is not None and not isinstance(mmproj, (str, Path)) and proj_out.exists() and not force:
+        kept, proj_out = proj_out, None
+        plan.projector = None
     counts = Counter(t.qtype.name for t in plan.tensors)
     summary = Summary(
         str(out),
@@ -454,7 +459,9 @@ def convert(
         ]
         try:
             summary.bytes = _planned_file_bytes(plan, split_max_size)
-            if plan.projector is not None:
+            if kept is not None:
+                summary.mmproj = {"path": str(kept), "kept": True, "bytes": kept.stat().st_size}
+            elif plan.projector is not None:
                 summary.mmproj = _projector_summary(plan.projector, proj_out, _planned_projector_bytes(plan))
                 summary.mmproj["plan"] = [
                     {"name": t.out.name, "shape": list(reversed(t.shape)), "type": t.qtype.name, "bytes": t.nbytes}
@@ -519,6 +526,8 @@ def convert(
     summary.bytes = sum(f.stat().st_size for f in finals)
     if proj_out is not None:
         summary.mmproj = _projector_summary(plan.projector, proj_out, proj_out.stat().st_size)
+    elif kept is not None:
+        summary.mmproj = {"path": str(kept), "kept": True, "bytes": kept.stat().st_size}
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -97,7 +97,8 @@ def test_interactive_chat_in_a_terminal(gguf, tmp_path):
             "3",
         ]
     )
-    t.expect(r"thinking off, sampling: temperature [\d.]+, top-k 7, ")  # the banner names the sampling in use
+    # the banner names the sampling in use, and that images need a projector
+    t.expect(r"thinking off, images off \(--mmproj\), sampling: temperature [\d.]+, top-k 7, ")
     t.expect(r"> ")
     t.send("Hello, how are you?")
     t.expect(r"\n> ")
@@ -297,7 +298,7 @@ def test_reasoning_and_replies_are_shown_verbatim():
     class Session:
         last = None
 
-        def stream(self, text, sampling):
+        def stream(self, text, sampling, images=None):
             yield ReasoningDelta("x is list[int], [bold]not bold[/bold] and [/x] ")
             yield ContentDelta("dict[str, int] [/y]")
 

@@ -114,9 +114,7 @@ def test_identical_to_upstream_converter(ckpts, tmp_path, variant, type_, mtp):
     "variant,type_",
     [
         ("dense-multimodal", "F32"),
-        ("dense-multimodal", "F16"),
         ("dense-multimodal", "BF16"),
-        ("dense-multimodal", "Q8_0"),
         ("moe-multimodal-mtp-sharded", "F16"),
         ("moe-per-expert", "Q8_0"),
     ],
@@ -159,6 +157,19 @@ def test_projector_types_and_paths_as_asked(ckpts, tmp_path):
     r = _ours(src, tmp_path / "w.gguf", "Q8_0", "--mmproj", str(tmp_path / "w2.gguf"))
     assert r.returncode == 0, r.stderr
     assert s["mmproj"]["bytes"] == (tmp_path / "w2.gguf").stat().st_size  # planned = written
+    # a second quantization beside the first: the projector of the default name is kept, not a refusal
+    (tmp_path / "two").mkdir()
+    assert _ours(src, tmp_path / "two" / "a.gguf", "Q4_K_M").returncode == 0
+    (proj,) = (tmp_path / "two").glob("mmproj-*-F16.gguf")
+    before = proj.stat().st_mtime_ns
+    r = _ours(src, tmp_path / "two" / "b.gguf", "Q5_K_M")
+    assert r.returncode == 0 and f"note: kept {proj}" in r.stderr, r.stderr
+    assert proj.stat().st_mtime_ns == before and (tmp_path / "two" / "b.gguf").exists()
+    r = _ours(src, tmp_path / "two" / "c.gguf", "Q5_K_M", "--force")
+    assert r.returncode == 0 and proj.stat().st_mtime_ns != before
+    # an explicit --mmproj path that exists is refused like the model's own output
+    r = _ours(src, tmp_path / "two" / "d.gguf", "Q5_K_M", "--mmproj", str(proj))
+    assert r.returncode == 1 and "--force" in r.stderr and not (tmp_path / "two" / "d.gguf").exists()
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -355,8 +366,8 @@ def test_every_tensor_shape_is_checked_against_the_config(ckpts, tmp_path):
         ("dense", narrower("model.norm.weight"), "model.norm.weight has shape [63]"),
         (
             "moe-per-expert",
-            narrower("model.layers.1.mlp.experts.3.down_proj.weight"),
-            "model.layers.1.mlp.experts.3.down_proj.weight has shape [63, 32], expected [64, 32]",
+            narrower("model.language_model.layers.1.mlp.experts.3.down_proj.weight"),
+            "model.language_model.layers.1.mlp.experts.3.down_proj.weight has shape [63, 32], expected [64, 32]",
         ),
     ]
     for i, (variant, edit, expect) in enumerate(cases):

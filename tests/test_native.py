@@ -53,7 +53,7 @@ def upstream_libllama() -> Path:
     """libllama from the same pinned sdist without the series: the Makefile's `upstream-lib`, which
     `make test` runs before the workers start (here a no-op then; it builds when pytest runs alone)."""
     subprocess.run(["make", "-s", "-C", str(ROOT), "upstream-lib", f"PYTHON={sys.executable}"], check=True)
-    return ROOT / "build/upstream-cpu/bin/libllama.so"
+    return ROOT / "build/upstream-stock/bin/libllama.so"
 
 
 def test_stock_llama_cpp_is_refused_with_the_fix(upstream_libllama):
