@@ -403,6 +403,23 @@ def test_a_config_with_values_of_the_wrong_kind_is_one_line(ckpts, tmp_path, cha
     assert not (tmp_path / "c.gguf").exists()
 
 
+def test_a_tower_nested_under_the_language_model_converts_the_same(ckpts, tmp_path):
+    """Some fine-tunes save the tower as model.language_model.visual.* (upstream writes an empty
+    projector for them, llama.cpp#22656): the same projector and model as the released layout."""
+    src = ckpts["dense-multimodal"]
+    d = _copy(src, tmp_path / "nested")
+    _rewrite_tensors(
+        d, lambda s: {k.replace("model.visual.", "model.language_model.visual.", 1): v for k, v in s.items()}
+    )
+    for name, ck in (("a", src), ("b", d)):
+        assert (
+            _ours(ck, tmp_path / f"{name}.gguf", "Q8_0", "--mmproj", str(tmp_path / f"{name}-mm.gguf")).returncode == 0
+        )
+    named = ("general.name", "general.basename")  # from the folder names, which differ here
+    assert differences(tmp_path / "a-mm.gguf", tmp_path / "b-mm.gguf", skip=named) == []
+    assert differences(tmp_path / "a.gguf", tmp_path / "b.gguf", skip=named) == []
+
+
 def _projector_cases(mm: Path, dense: Path, tmp: Path):
     d = _copy(mm, tmp / "out_hidden")
     c = json.loads((d / "config.json").read_text())
