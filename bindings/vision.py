@@ -16,6 +16,7 @@ import binascii
 import ctypes
 import hashlib
 import io
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,7 +212,7 @@ class Projector:
         p.use_gpu = False
         p.print_timings = False
         p.warmup = False
-        p.n_threads = n_threads or max(1, __import__("os").cpu_count() or 1)
+        p.n_threads = n_threads or max(1, os.cpu_count() or 1)
         ctx = mt.mtmd_init_from_file(str(path).encode(), model._model, p)
         native.take_interrupt()
         if not ctx:

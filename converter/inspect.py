@@ -42,6 +42,17 @@ class Report:
     projector: dict | None = None  # the vision projector counted in the plan: path, bytes, params, types
 
 
+def _n_params(tensors) -> int:
+    """Elements of the scanned tensors (Python ints: no overflow whatever the sizes)."""
+    n = 0
+    for t in tensors:
+        k = 1
+        for d in t.ne:
+            k *= d
+        n += k
+    return n
+
+
 def _from_gguf(path: Path) -> Report:
     from qwen35.gguf_scan import qwen35_hparams, scan_model
 
@@ -54,12 +65,7 @@ def _from_gguf(path: Path) -> Report:
     h = qwen35_hparams(s)  # GGUFScanError (a ValueError) names what is wrong
     n_layer, n_mtp = h["n_layer"], h["n_mtp"]
     blocks = "".join("L" if r else "A" for r in h["recurrent"]) + "M" * n_mtp
-    n_params = 0
-    for t in s.tensors:
-        n = 1
-        for d in t.ne:
-            n *= d
-        n_params += n
+    n_params = _n_params(s.tensors)
     hp = dict(
         n_layer=n_layer,
         n_mtp=n_mtp,
@@ -87,16 +93,10 @@ def _projector_gguf(path: Path) -> dict:
     s = scan(path)
     if s.get("general.architecture") != "clip" or not s.get("clip.has_vision_encoder"):
         raise ValueError(f"{path} is not a vision projector (general.architecture {s.get('general.architecture')!r})")
-    n = 0
-    for t in s.tensors:
-        k = 1
-        for d in t.ne:
-            k *= d
-        n += k
     return {
         "path": str(path),
         "bytes": sum(t.nbytes for t in s.tensors),
-        "params": n,
+        "params": _n_params(s.tensors),
         "tensors_per_type": dict(Counter(t.qtype.name for t in s.tensors)),
     }
 

@@ -35,25 +35,31 @@ class _Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-@pytest.mark.parametrize("ctx,kv_type", [(4096, "f16"), (8192, "q8_0"), (2048, "f32")])
-def test_memory_plan_matches_llama_cpp_allocation(moe, ctx, kv_type):
+def _load_log(gguf, **kw) -> str:
+    """What llama.cpp (and libmtmd) log while Model.load(gguf, **kw) loads the model."""
     from qwen35.bindings.model import Model
-    from qwen35.converter.inspect import inspect
 
-    _, gguf = moe
-    plan = inspect(gguf, ctx=ctx, kv_type=kv_type).memory
     cap = _Capture()
     log = logging.getLogger("qwen35.llama_cpp")
     log.addHandler(cap)
     old = log.level
     log.setLevel(logging.DEBUG)
     try:
-        with Model.load(gguf, n_ctx=ctx, n_threads=usable_cpus(), kv_type=kv_type):
+        with Model.load(gguf, **kw):
             pass
     finally:
         log.removeHandler(cap)
         log.setLevel(old)
-    text = "\n".join(cap.lines)
+    return "\n".join(cap.lines)
+
+
+@pytest.mark.parametrize("ctx,kv_type", [(4096, "f16"), (8192, "q8_0"), (2048, "f32")])
+def test_memory_plan_matches_llama_cpp_allocation(moe, ctx, kv_type):
+    from qwen35.converter.inspect import inspect
+
+    _, gguf = moe
+    plan = inspect(gguf, ctx=ctx, kv_type=kv_type).memory
+    text = _load_log(gguf, n_ctx=ctx, n_threads=usable_cpus(), kv_type=kv_type)
     kv = float(re.search(r"CPU KV buffer size =\s+([\d.]+) MiB", text).group(1))
     rs = float(re.search(r"CPU RS buffer size =\s+([\d.]+) MiB", text).group(1))
     assert abs(plan["kv_cache"] / 2**20 - kv) <= 0.005
@@ -84,7 +90,6 @@ def test_the_vision_projector_is_counted_as_llama_cpp_loads_it(tmp_path, lib_dir
     weights are in the plan, in the bytes llama.cpp's vision loader reports."""
     from support import tiny
 
-    from qwen35.bindings.model import Model
     from qwen35.converter.convert import convert
     from qwen35.converter.inspect import inspect
 
@@ -102,18 +107,9 @@ def test_the_vision_projector_is_counted_as_llama_cpp_loads_it(tmp_path, lib_dir
     assert planned.projector["bytes"] == rep.projector["bytes"]
     assert planned.projector["tensors_per_type"] == rep.projector["tensors_per_type"] == {"F32": 24, "Q8_0": 10}
     assert inspect(gguf, mmproj=False).projector is None
-    cap = _Capture()
-    log = logging.getLogger("qwen35.llama_cpp")
-    log.addHandler(cap)
-    old = log.level
-    log.setLevel(logging.DEBUG)
-    try:
-        with Model.load(gguf, n_ctx=256, n_threads=1, mmproj=proj):
-            pass
-    finally:
-        log.removeHandler(cap)
-        log.setLevel(old)
-    size = float(re.search(r"model size:\s+([\d.]+) MiB", "\n".join(cap.lines)).group(1))
+    size = float(
+        re.search(r"model size:\s+([\d.]+) MiB", _load_log(gguf, n_ctx=256, n_threads=1, mmproj=proj)).group(1)
+    )
     assert abs(rep.projector["bytes"] / 2**20 - size) <= 0.005, (rep.projector["bytes"] / 2**20, size)
     text = subprocess.run([QWEN35, "inspect", str(gguf)], capture_output=True, text=True, check=True).stdout
     assert "vision projector" in text and proj.name in text
